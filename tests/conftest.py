@@ -1,0 +1,134 @@
+"""Shared fixtures: real files in tmp folders, a real (tiny) ONNX model, real SQLite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from worker.config import Config, load_config
+from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from worker.preprocess import PreprocessSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
+SHIPPED_MODEL = REPO / "models" / "mammo-cnn-256.onnx"
+
+
+def make_mean_model(
+    path: Path, size: int = 32, threshold: float = 0.5, version: str = "test-mean-1"
+) -> Path:
+    """A real ONNX graph: score = sigmoid(8 * (mean pixel - 0.25)). Brighter tissue, higher score.
+
+    Built with onnx.helper so the worker's tests need no TensorFlow.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", size, size, 1])
+    out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])
+    nodes = [
+        helper.make_node("ReduceMean", [INPUT_NAME, "axes"], ["m"], keepdims=0),
+        helper.make_node("Unsqueeze", ["m", "one"], ["m2"]),
+        helper.make_node("Sub", ["m2", "b"], ["c"]),
+        helper.make_node("Mul", ["c", "a"], ["d"]),
+        helper.make_node("Sigmoid", ["d"], [OUTPUT_NAME]),
+    ]
+    inits = [
+        helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("b", TensorProto.FLOAT, [], [0.25]),
+        helper.make_tensor("a", TensorProto.FLOAT, [], [8.0]),
+    ]
+    graph = helper.make_graph(nodes, "mean_model", [inp], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    meta = ModelMetadata(
+        preprocess=PreprocessSettings(size=size),
+        threshold=threshold,
+        model_version=version,
+        threshold_rule="fixed for tests",
+        metrics={"auc": 0.5},
+    )
+    for k, v in meta.to_props().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_mammo_like(
+    path: Path,
+    size: tuple[int, int] = (96, 80),
+    bright: float = 0.6,
+    white_background: bool = False,
+    dtype: type = np.uint8,
+    seed: int = 0,
+) -> Path:
+    """A synthetic 'breast': an ellipse of tissue on a dark background touching the left side."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    maxv = 65535 if dtype == np.uint16 else 255
+    img = np.zeros((h, w), dtype=np.float64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((xx / (0.6 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2) <= 1.0
+    img[mask] = bright + rng.normal(0, 0.03, mask.sum())
+    img = np.clip(img, 0, 1)
+    if white_background:
+        img = 1.0 - img
+    arr = np.round(img * maxv).astype(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), arr):
+        raise RuntimeError(f"could not write {path}")
+    return path
+
+
+@pytest.fixture
+def mean_model(tmp_path: Path) -> Path:
+    return make_mean_model(tmp_path / "models" / "mean.onnx")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, mean_model: Path) -> Iterator[Path]:
+    """A config folder with its own config.toml pointing at the tiny model."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "config.toml").write_text(
+        "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
+        "[database]\nurl = 'sqlite:///screen.db'\n"
+        f"[model]\npath = '{mean_model.relative_to(tmp_path).as_posix()}'\n"
+        "[worker]\nsettle_seconds = 0.2\nrescan_seconds = 1.0\nbatch_size = 8\n"
+    )
+    yield tmp_path
+
+
+@pytest.fixture
+def config(workdir: Path) -> Config:
+    return load_config(workdir / "config.toml")
+
+
+def dev_pool_images(n: int, label: str | None = None) -> list[Path]:
+    """The first n dev-pool images (sorted, so tests are repeatable)."""
+    if not DATA.is_dir():
+        pytest.skip(f"dev pool not found at {DATA}")
+    labels = [label] if label else ["benign", "malignant"]
+    out: list[Path] = []
+    for lab in labels:
+        out += sorted((DATA / "images" / lab).glob("*.jpg"))[: n // len(labels) or 1]
+    return out[:n]
+
+
+def copy_into(paths: list[Path], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        dest = folder / p.name
+        shutil.copyfile(p, dest)
+        out.append(dest)
+    return out

@@ -1,0 +1,139 @@
+"""The Python API behind the CLI: build the worker's parts from a Config and run them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import func, select
+
+from worker.config import Config
+from worker.pipeline import FileResult, Pipeline, ensure_folders
+from worker.scorer import Scorer
+from worker.store import ImageRecord, Store
+from worker.watcher import InboxWatcher, scan_inbox
+
+log = logging.getLogger("mammo_screen")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One line per event on stderr: journald keeps stderr and adds its own timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("mammo_screen")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def open_store(config: Config) -> Store:
+    if config.database_url.startswith("sqlite:///"):
+        Path(config.database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return Store(config.database_url, config.busy_timeout_seconds)
+
+
+@dataclass
+class Worker:
+    config: Config
+    store: Store
+    scorer: Scorer
+    pipeline: Pipeline
+    watcher: InboxWatcher
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+def open_worker(config: Config, polling: bool | None = None) -> Worker:
+    """Load the model first (the likeliest mistake), then check folders, then the database."""
+    scorer = Scorer(config.model_path, config.model_sha256, config.model_threads)
+    ensure_folders(config)
+    store = open_store(config)
+    pipeline = Pipeline(config, store, scorer)
+    return Worker(config, store, scorer, pipeline, InboxWatcher(config, pipeline, polling))
+
+
+def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s received: finishing the current batch", signal.Signals(signum).name)
+        stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def run_watch(config: Config, polling: bool | None = None) -> None:
+    worker = open_worker(config, polling)
+    previous = _install_stop_handlers(worker.watcher.stop)
+    try:
+        worker.watcher.watch()
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        worker.close()
+
+
+def run_process(
+    config: Config, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
+) -> list[FileResult]:
+    worker = open_worker(config)
+    previous = _install_stop_handlers(worker.watcher.stop)
+    try:
+        return worker.watcher.run_once(timeout=timeout, progress=progress)
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        worker.close()
+
+
+def status(config: Config) -> dict[str, Any]:
+    """Backlog, last activity, counts, and the model in use, without loading ONNX Runtime's
+    session for scoring (a status check should be cheap)."""
+    store = open_store(config)
+    try:
+        counts = store.counts_by_status()
+        with store.read() as s:
+            last = s.scalar(select(func.max(ImageRecord.received_at)))
+            owed = s.scalar(
+                select(func.count()).select_from(ImageRecord).where(ImageRecord.moved_at.is_(None))
+            )
+    finally:
+        store.dispose()
+    backlog = (
+        sum(1 for _ in scan_inbox(config.inbox, config.recursive))
+        if config.inbox.is_dir()
+        else None
+    )
+    model: dict[str, Any] = {"path": str(config.model_path)}
+    try:
+        scorer = Scorer(config.model_path, config.model_sha256)
+        model.update(
+            version=scorer.version,
+            threshold=scorer.threshold,
+            input_size=scorer.metadata.preprocess.size,
+        )
+    except Exception as exc:  # status reports a broken model rather than failing
+        model["error"] = str(exc)
+    return {
+        "inbox": str(config.inbox),
+        "backlog": backlog,
+        "unfinished_rows": owed,
+        "last_received": None if last is None else last.isoformat() + "Z",
+        "counts": counts,
+        "model": model,
+        "database": config.database_url,
+        "now": dt.datetime.now(dt.UTC).isoformat(),
+    }

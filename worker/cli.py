@@ -1,0 +1,334 @@
+"""`screen`: a thin click layer over worker.app and friends.
+
+Training and export commands import TensorFlow only when they run, so the worker's commands
+work in an install without the [train] extra.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker.config import Config, ConfigError, load_config
+from worker.scorer import ModelLoadError
+
+_USER_ERRORS = (ConfigError, ModelLoadError, FileNotFoundError, PermissionError, NotADirectoryError)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an operator's mistake into one line and exit status 1, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _config(ctx: click.Context, **overrides: Any) -> Config:
+    names = {
+        "inbox": "paths.inbox",
+        "processed": "paths.processed",
+        "quarantine": "paths.quarantine",
+        "database": "database.url",
+        "model": "model.path",
+        "batch_size": "worker.batch_size",
+    }
+    mapped = {names[k]: v for k, v in overrides.items() if k in names}
+    return load_config(ctx.obj.get("config"), mapped)
+
+
+def _since(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"not an ISO date or time: {value!r}", param_hint="--since"
+        ) from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    return parsed
+
+
+def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that override single config keys for the commands that run the worker."""
+    for option in reversed(
+        [
+            click.option(
+                "--inbox", type=click.Path(path_type=Path), help="Overrides [paths] inbox."
+            ),
+            click.option(
+                "--processed", type=click.Path(path_type=Path), help="Overrides [paths] processed."
+            ),
+            click.option(
+                "--quarantine",
+                type=click.Path(path_type=Path),
+                help="Overrides [paths] quarantine.",
+            ),
+            click.option("--database", help="Overrides [database] url, e.g. sqlite:///screen.db."),
+            click.option(
+                "--model", type=click.Path(path_type=Path), help="Overrides [model] path."
+            ),
+            click.option(
+                "--batch-size", type=click.IntRange(min=1), help="Overrides [worker] batch_size."
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--database", help="Overrides [database] url.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Config file (default: $MAMMO_SCREEN_CONFIG, else ./config.toml, else built-in defaults).",
+)
+@click.option(
+    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+)
+@click.version_option(package_name="mammo-screen")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
+    """mammo-screen: score mammograms dropped into an inbox folder and record every result.
+
+    A research tool, not a medical device.
+
+    \b
+    Example:
+      screen watch                     # run the worker on the default config
+      screen results --format csv      # what was scored
+      screen report                    # counts and, with outcomes, confusion figures
+    """
+    from worker.app import setup_logging
+
+    setup_logging(log_level)
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_path
+
+
+@cli.command()
+@worker_options
+@click.option("--polling/--no-polling", default=None, help="Poll the folder (network filesystems).")
+@click.pass_context
+@_user_errors
+def watch(ctx: click.Context, polling: bool | None, **overrides: Any) -> None:
+    """Watch the inbox and score every new file until SIGTERM or Ctrl-C.
+
+    \b
+    Example:
+      screen watch --inbox /data/inbox
+    """
+    from worker.app import run_watch
+
+    run_watch(_config(ctx, **overrides), polling)
+
+
+@cli.command()
+@worker_options
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Seconds to wait for files still being written (default: [worker] stale_write_seconds).",
+)
+@click.pass_context
+@_user_errors
+def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None:
+    """Score everything in the inbox now, then exit.
+
+    \b
+    Example:
+      screen process --inbox ./backlog
+    """
+    from worker.app import run_process
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"\rprocessed {done}/{total}", nl=False, err=True)
+
+    results = run_process(_config(ctx, **overrides), timeout, progress)
+    if results:
+        click.echo("", err=True)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to do"
+    click.echo(f"processed {len(results)} file(s): {summary}")
+
+
+@cli.command()
+@store_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@click.option("--since", help="Only images received at or after this ISO time (UTC).")
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path), help="Write to a file instead of stdout."
+)
+@click.pass_context
+@_user_errors
+def results(
+    ctx: click.Context, database: str | None, fmt: str, since: str | None, output: Path | None
+) -> None:
+    """List every recorded image with its score, label, model version and status.
+
+    \b
+    Example:
+      screen results --format json --since 2026-01-01
+    """
+    from worker.app import open_store
+    from worker.results import format_rows, result_rows
+
+    store = open_store(_config(ctx, database=database))
+    try:
+        text = format_rows(result_rows(store, _since(since)), fmt)
+    finally:
+        store.dispose()
+    if output:
+        output.write_text(text)
+    else:
+        click.echo(text, nl=fmt == "json")
+
+
+@cli.group()
+def outcomes() -> None:
+    """Ground truth (e.g. biopsy results) for screened images."""
+
+
+@outcomes.command("import")
+@store_options
+@click.argument("csv_file", type=click.Path(path_type=Path))
+@click.pass_context
+@_user_errors
+def outcomes_import(ctx: click.Context, database: str | None, csv_file: Path) -> None:
+    """Import true labels from CSV_FILE (columns: filename or sha256, and label).
+
+    \b
+    Example:
+      screen outcomes import biopsy.csv
+    """
+    from worker.app import open_store
+    from worker.results import OutcomeFileError, import_outcomes
+
+    store = open_store(_config(ctx, database=database))
+    try:
+        summary = import_outcomes(store, csv_file)
+    except OutcomeFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.dispose()
+    click.echo(f"matched {summary.matched} row(s), recorded {summary.updated} outcome(s)")
+    if summary.unmatched:
+        click.echo(f"{len(summary.unmatched)} row(s) matched no screened image:", err=True)
+        for name in summary.unmatched[:20]:
+            click.echo(f"  {name}", err=True)
+        if len(summary.unmatched) > 20:
+            click.echo(f"  ... and {len(summary.unmatched) - 20} more", err=True)
+    if summary.invalid:
+        click.echo(f"{len(summary.invalid)} row(s) had an invalid label:", err=True)
+        for line in summary.invalid[:20]:
+            click.echo(f"  {line}", err=True)
+
+
+@cli.command()
+@store_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option("--since", help="Only images received at or after this ISO time (UTC).")
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    help="Also draw confusion matrix and ROC to this PNG.",
+)
+@click.pass_context
+@_user_errors
+def report(
+    ctx: click.Context, database: str | None, fmt: str, since: str | None, plot: Path | None
+) -> None:
+    """Summarise what was screened; with outcomes, confusion figures and ROC AUC per model.
+
+    \b
+    Example:
+      screen report --format json --plot report.png
+    """
+    from worker.app import open_store
+    from worker.report import build_report, format_report, plot_report
+
+    since_dt = _since(since)
+    store = open_store(_config(ctx, database=database))
+    try:
+        click.echo(format_report(build_report(store, since_dt), fmt))
+        if plot:
+            plot_report(store, plot, since_dt)
+            click.echo(f"wrote {plot}", err=True)
+    finally:
+        store.dispose()
+
+
+@cli.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.pass_context
+@_user_errors
+def status(ctx: click.Context, fmt: str) -> None:
+    """Show the backlog, last activity, counts and the model in use.
+
+    \b
+    Example:
+      screen status --format json
+    """
+    from worker.app import status as get_status
+
+    info = get_status(_config(ctx))
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2))
+        return
+    model = info["model"]
+    click.echo(f"inbox: {info['inbox']} (backlog {info['backlog']})")
+    click.echo(f"database: {info['database']}")
+    click.echo(f"last received: {info['last_received'] or 'never'}")
+    click.echo(
+        "counts: " + (", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())) or "none")
+    )
+    click.echo(f"unfinished rows: {info['unfinished_rows']}")
+    if "error" in model:
+        click.echo(f"model: {model['path']} NOT USABLE: {model['error']}")
+    else:
+        click.echo(
+            f"model: {model['path']} version {model['version']} threshold {model['threshold']:.4f}"
+        )
+
+
+def _register_optional_commands() -> None:
+    # These modules import TensorFlow only inside their command functions.
+    from export.commands import export
+    from trainer.commands import train
+
+    cli.add_command(train)
+    cli.add_command(export)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    cli(obj={}, prog_name=Path(sys.argv[0]).name if sys.argv else "screen")

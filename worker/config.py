@@ -1,0 +1,186 @@
+"""Settings from `config.toml`: a fixed schema, defaults, overrides, one-line errors.
+
+Every key the worker understands is declared in SCHEMA; anything else is a mistake the operator
+should hear about (a typo in a key silently falling back to a default is how audit trails rot).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_CONFIG = "MAMMO_SCREEN_CONFIG"
+DEFAULT_CONFIG_NAME = "config.toml"
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or value; the message names the key."""
+
+
+# section -> key -> (type, default). "path" values are resolved against the config's folder.
+SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
+    "paths": {
+        "inbox": ("path", "data/inbox"),
+        "processed": ("path", "data/processed"),
+        "quarantine": ("path", "data/quarantine"),
+    },
+    "database": {
+        "url": ("str", "sqlite:///data/screen.db"),
+        "busy_timeout_seconds": ("float", 30.0),
+    },
+    "model": {
+        "path": ("path", "models/mammo-cnn-256.onnx"),
+        "sha256": ("str", ""),
+        "threads": ("int", 0),
+    },
+    "worker": {
+        "batch_size": ("int", 16),
+        "settle_seconds": ("float", 1.0),
+        "rescan_seconds": ("float", 30.0),
+        "polling": ("bool", False),
+        "recursive": ("bool", True),
+        "max_pixels": ("int", 100_000_000),
+        "max_attempts": ("int", 3),
+        "stale_write_seconds": ("float", 3600.0),
+    },
+}
+
+_POSITIVE = {
+    "worker.batch_size",
+    "worker.settle_seconds",
+    "worker.rescan_seconds",
+    "worker.max_pixels",
+    "worker.max_attempts",
+    "worker.stale_write_seconds",
+    "database.busy_timeout_seconds",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    base_dir: Path
+    source: Path | None
+    inbox: Path
+    processed: Path
+    quarantine: Path
+    database_url: str
+    busy_timeout_seconds: float
+    model_path: Path
+    model_sha256: str
+    model_threads: int
+    batch_size: int
+    settle_seconds: float
+    rescan_seconds: float
+    polling: bool
+    recursive: bool
+    max_pixels: int
+    max_attempts: int
+    stale_write_seconds: float
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    ok = {
+        "str": isinstance(value, str),
+        "path": isinstance(value, str) and value != "",
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[kind]
+    if not ok:
+        want = {"path": "a non-empty path string", "str": "a string"}.get(kind, f"a {kind}")
+        raise ConfigError(f"config key {name}: expected {want}, got {value!r}")
+    if kind == "float":
+        value = float(value)
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(f"config key {name}: must be positive, got {value!r}")
+    if name == "model.threads" and value < 0:
+        raise ConfigError(f"config key {name}: must be 0 (automatic) or more, got {value!r}")
+    return value
+
+
+def _resolve_sqlite_url(url: str, base: Path) -> str:
+    # SQLAlchemy resolves relative SQLite paths against the process's cwd; we want the config's.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        rel = url[len(prefix) :]
+        if rel:
+            return prefix + str((base / rel).resolve())
+    return url
+
+
+def default_config_path() -> Path | None:
+    env = os.environ.get(ENV_CONFIG)
+    if env:
+        return Path(env)
+    local = Path.cwd() / DEFAULT_CONFIG_NAME
+    return local if local.is_file() else None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (or the default), check every key, apply `overrides` ("section.key": value).
+
+    Overrides come from command-line options, which are already typed; relative override paths
+    are taken against the current directory, as a user typing them would expect.
+    """
+    source = Path(path) if path is not None else default_config_path()
+    raw: dict[str, Any] = {}
+    if source is not None:
+        try:
+            with source.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a folder, not a file: {source}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    base = (source.parent if source is not None else Path.cwd()).resolve()
+
+    values: dict[str, Any] = {}
+    for section, content in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown config section [{section}] in {source}")
+        if not isinstance(content, dict):
+            raise ConfigError(f"config [{section}] must be a table")
+        for key, value in content.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"unknown config key {section}.{key} in {source}")
+            kind = SCHEMA[section][key][0]
+            value = _coerce(f"{section}.{key}", kind, value)
+            values[f"{section}.{key}"] = base / value if kind == "path" else value
+    for section, keys in SCHEMA.items():
+        for key, (kind, default) in keys.items():
+            values.setdefault(f"{section}.{key}", base / default if kind == "path" else default)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = name.partition(".")
+        if key not in SCHEMA.get(section, {}):
+            raise ConfigError(f"unknown config key {name}")
+        kind = SCHEMA[section][key][0]
+        value = Path(value).resolve() if kind == "path" else _coerce(name, kind, value)
+        values[name] = value
+
+    return Config(
+        base_dir=base,
+        source=source.resolve() if source is not None else None,
+        inbox=Path(values["paths.inbox"]),
+        processed=Path(values["paths.processed"]),
+        quarantine=Path(values["paths.quarantine"]),
+        database_url=_resolve_sqlite_url(values["database.url"], base),
+        busy_timeout_seconds=values["database.busy_timeout_seconds"],
+        model_path=Path(values["model.path"]),
+        model_sha256=values["model.sha256"],
+        model_threads=values["model.threads"],
+        batch_size=values["worker.batch_size"],
+        settle_seconds=values["worker.settle_seconds"],
+        rescan_seconds=values["worker.rescan_seconds"],
+        polling=values["worker.polling"],
+        recursive=values["worker.recursive"],
+        max_pixels=values["worker.max_pixels"],
+        max_attempts=values["worker.max_attempts"],
+        stale_write_seconds=values["worker.stale_write_seconds"],
+    )

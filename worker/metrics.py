@@ -1,0 +1,106 @@
+"""Binary-classification arithmetic shared by the trainer's validation and `screen report`.
+
+NumPy only, so the worker can report without scikit-learn or TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Confusion:
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def confusion_at(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:
+    """Confusion counts with positive = score >= threshold (the label the worker records)."""
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(scores, dtype=np.float64) >= threshold
+    return Confusion(
+        tp=int(np.sum(pred & y)),
+        fp=int(np.sum(pred & ~y)),
+        tn=int(np.sum(~pred & ~y)),
+        fn=int(np.sum(~pred & y)),
+    )
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half. None if one class."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and thresholds, from (0, 0) to (1, 1)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    thresholds = np.unique(s)[::-1]
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    tpr = [0.0] + [float(np.sum((s >= t) & y)) / n_pos for t in thresholds]
+    fpr = [0.0] + [float(np.sum((s >= t) & ~y)) / n_neg for t in thresholds]
+    return np.array(fpr), np.array(tpr), np.concatenate([[np.inf], thresholds])
+
+
+def summary(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The figures `screen report` and the model card show for one set of scored images."""
+    c = confusion_at(y_true, scores, threshold)
+    auc = roc_auc(y_true, scores)
+    return {
+        "n": c.n,
+        "threshold": float(threshold),
+        **c.as_dict(),
+        "accuracy": _ratio(c.tp + c.tn, c.n),
+        "sensitivity": _ratio(c.tp, c.tp + c.fn),
+        "specificity": _ratio(c.tn, c.tn + c.fp),
+        "ppv": _ratio(c.tp, c.tp + c.fp),
+        "npv": _ratio(c.tn, c.tn + c.fn),
+        "auc": auc,
+    }
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, scores: np.ndarray, target: float = 0.9) -> float:
+    """The highest threshold whose sensitivity reaches `target` (screening favours recall).
+
+    Taking the highest such threshold keeps specificity as high as that sensitivity allows.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.sort(s[y])[::-1]
+    if len(pos) == 0:
+        return 0.5
+    k = int(np.ceil(target * len(pos)))  # need at least k positives at or above the threshold
+    k = min(max(k, 1), len(pos))
+    return float(pos[k - 1])

@@ -1,0 +1,87 @@
+"""The contract between the exporter and the worker: what an ONNX model carries about itself.
+
+The exporter writes these keys into the ONNX ``metadata_props``; the worker reads them back
+and refuses a model that lacks them. Plain Python so both sides can import it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.preprocess import PREPROCESS_VERSION, PreprocessSettings
+
+PREFIX = "mammo_screen."
+KEY_PREPROCESS = PREFIX + "preprocess"
+KEY_THRESHOLD = PREFIX + "threshold"
+KEY_THRESHOLD_RULE = PREFIX + "threshold_rule"
+KEY_CLASS_NAMES = PREFIX + "class_names"
+KEY_MODEL_VERSION = PREFIX + "model_version"
+KEY_METRICS = PREFIX + "metrics"
+KEY_TRAINING = PREFIX + "training"
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "score"
+DEFAULT_CLASS_NAMES = ("benign", "malignant")
+
+
+class ModelMetadataError(ValueError):
+    """A model file that does not carry (valid) mammo-screen metadata."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    preprocess: PreprocessSettings
+    threshold: float
+    model_version: str
+    class_names: tuple[str, str] = DEFAULT_CLASS_NAMES
+    threshold_rule: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_props(self) -> dict[str, str]:
+        return {
+            KEY_PREPROCESS: self.preprocess.to_json(),
+            KEY_THRESHOLD: repr(float(self.threshold)),
+            KEY_THRESHOLD_RULE: self.threshold_rule,
+            KEY_CLASS_NAMES: json.dumps(list(self.class_names)),
+            KEY_MODEL_VERSION: self.model_version,
+            KEY_METRICS: json.dumps(self.metrics, sort_keys=True),
+            KEY_TRAINING: json.dumps(self.training, sort_keys=True),
+        }
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
+        missing = [k for k in (KEY_PREPROCESS, KEY_THRESHOLD, KEY_MODEL_VERSION) if k not in props]
+        if missing:
+            raise ModelMetadataError(
+                f"model has no mammo-screen metadata ({', '.join(missing)} missing); "
+                "export it with `screen export`"
+            )
+        try:
+            pre = PreprocessSettings.from_json(props[KEY_PREPROCESS])
+            threshold = float(props[KEY_THRESHOLD])
+            names = tuple(json.loads(props.get(KEY_CLASS_NAMES, json.dumps(DEFAULT_CLASS_NAMES))))
+            metrics = json.loads(props.get(KEY_METRICS, "{}"))
+            training = json.loads(props.get(KEY_TRAINING, "{}"))
+        except (ValueError, TypeError) as exc:
+            raise ModelMetadataError(f"model metadata is invalid: {exc}") from exc
+        if pre.version != PREPROCESS_VERSION:
+            raise ModelMetadataError(
+                f"model was trained with preprocessing v{pre.version}, this worker has "
+                f"v{PREPROCESS_VERSION}; retrain or upgrade"
+            )
+        if len(names) != 2 or not 0.0 <= threshold <= 1.0:
+            raise ModelMetadataError(
+                "model metadata needs two class names and a threshold in [0, 1]"
+            )
+        return cls(
+            preprocess=pre,
+            threshold=threshold,
+            model_version=props[KEY_MODEL_VERSION],
+            class_names=(str(names[0]), str(names[1])),
+            threshold_rule=props.get(KEY_THRESHOLD_RULE, ""),
+            metrics=metrics,
+            training=training,
+        )

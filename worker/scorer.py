@@ -1,0 +1,85 @@
+"""Load an exported ONNX model and score preprocessed images with ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from worker.model_metadata import ModelMetadata, ModelMetadataError
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be used; the message is one line for the operator."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Scorer:
+    """An ONNX Runtime session plus the metadata that says how to feed it."""
+
+    def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"model file not found: {self.path}")
+        if expected_sha256:
+            actual = file_sha256(self.path)
+            if actual != expected_sha256.lower():
+                raise ModelLoadError(
+                    f"model {self.path} has SHA-256 {actual}, config expects {expected_sha256}"
+                )
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types for bad files
+            raise ModelLoadError(
+                f"cannot load model {self.path}: {str(exc).splitlines()[0]}"
+            ) from exc
+        props = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.metadata = ModelMetadata.from_props(props)
+        except ModelMetadataError as exc:
+            raise ModelLoadError(f"{self.path}: {exc}") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelLoadError(f"{self.path}: expected one input, found {len(inputs)}")
+        self.input_name = inputs[0].name
+        size = self.metadata.preprocess.size
+        shape = inputs[0].shape
+        if len(shape) != 4 or shape[1:] not in ([size, size, 1], (size, size, 1)):
+            raise ModelLoadError(
+                f"{self.path}: input shape {shape} does not match preprocessing size {size}"
+            )
+
+    @property
+    def version(self) -> str:
+        return self.metadata.model_version
+
+    @property
+    def threshold(self) -> float:
+        return self.metadata.threshold
+
+    def label_for(self, score: float) -> str:
+        benign, malignant = self.metadata.class_names
+        return malignant if score >= self.threshold else benign
+
+    def score_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Scores (probability of the positive class) for preprocessed (H, W, 1) arrays."""
+        if not images:
+            return np.zeros((0,), dtype=np.float32)
+        batch = np.stack(images).astype(np.float32, copy=False)
+        (out,) = self.session.run(None, {self.input_name: batch})
+        return np.asarray(out, dtype=np.float32).reshape(len(images))

@@ -1,0 +1,168 @@
+"""The screening record: one row per file received, its fate, and the known outcomes.
+
+A file's life is an explicit state machine, every step committed before the filesystem is
+touched:
+
+    received --> scored | duplicate | quarantined     (status, committed with the planned
+                                                        destination in `final_path`)
+             --> moved                                 (`moved_at` set after the file moved)
+
+A row whose status is final but whose `moved_at` is empty is a move still owed; start-up
+reconciliation finishes it. A partial unique index makes it impossible to hold two unfinished
+rows for the same inbox path and content, so a restart can never record a file twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+RECEIVED = "received"
+SCORED = "scored"
+DUPLICATE = "duplicate"
+QUARANTINED = "quarantined"
+STATUSES = (RECEIVED, SCORED, DUPLICATE, QUARANTINED)
+FINAL_STATUSES = (SCORED, DUPLICATE, QUARANTINED)
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC: SQLite has no time zones, so every stored time is UTC by convention."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRecord(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    filename: Mapped[str] = mapped_column(Text)  # path relative to the inbox, as dropped
+    source_path: Mapped[str] = mapped_column(Text)  # absolute path in the inbox
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    scored_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    score: Mapped[float | None] = mapped_column(Float, default=None)
+    label: Mapped[str | None] = mapped_column(String(32), default=None)
+    threshold: Mapped[float | None] = mapped_column(Float, default=None)
+    model_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("images.id"), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    final_path: Mapped[str | None] = mapped_column(Text, default=None)
+    moved_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (
+        # At most one unfinished row per (inbox path, content): the exactly-once guard.
+        Index(
+            "uq_images_open_file",
+            "source_path",
+            "sha256",
+            unique=True,
+            sqlite_where=text("moved_at IS NULL"),
+            postgresql_where=text("moved_at IS NULL"),
+        ),
+    )
+
+
+class Outcome(Base):
+    """Ground truth (e.g. biopsy result) for an image's content, keyed by its SHA-256."""
+
+    __tablename__ = "outcomes"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str | None] = mapped_column(Text, default=None)
+    imported_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Store:
+    """SQLAlchemy engine set up for many readers and one writer on SQLite.
+
+    WAL lets `screen report` read while the worker writes; a busy timeout waits instead of
+    failing; write transactions start with BEGIN IMMEDIATE so that the busy handler applies
+    (a deferred transaction that upgrades to a write fails at once with "database is locked").
+    """
+
+    def __init__(self, url: str, busy_timeout_seconds: float = 30.0) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": busy_timeout_seconds, "check_same_thread": False}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            self._setup_sqlite(busy_timeout_seconds)
+        Base.metadata.create_all(self.engine)
+        self._writer = self.engine.execution_options(mammo_immediate=True)
+
+    def _setup_sqlite(self, busy_timeout_seconds: float) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            immediate = conn.get_execution_options().get("mammo_immediate", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction, committed on success, rolled back on any exception."""
+        with Session(self._writer, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ---- queries used by several commands -------------------------------------------------
+
+    def counts_by_status(self, since: dt.datetime | None = None) -> dict[str, int]:
+        with self.read() as s:
+            q = select(ImageRecord.status, func.count()).group_by(ImageRecord.status)
+            if since is not None:
+                q = q.where(ImageRecord.received_at >= since)
+            return {status: n for status, n in s.execute(q)}
+
+    def all_images(self, since: dt.datetime | None = None) -> list[ImageRecord]:
+        with self.read() as s:
+            q = select(ImageRecord).order_by(ImageRecord.id)
+            if since is not None:
+                q = q.where(ImageRecord.received_at >= since)
+            return list(s.scalars(q))
+
+    def outcomes(self) -> dict[str, str]:
+        with self.read() as s:
+            return {o.sha256: o.label for o in s.scalars(select(Outcome))}

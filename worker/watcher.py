@@ -1,0 +1,239 @@
+"""Find inbox files and hand them to the pipeline once they are completely written.
+
+Events from watchdog are only hints: a start-up scan and a periodic rescan find whatever the
+events missed (files that arrived while the worker was down, an overflowed inotify queue, a
+network filesystem with no events). A file is read only after its size and mtime have held
+still for `settle_seconds` across two looks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from worker.config import Config
+from worker.pipeline import FileResult, Pipeline
+
+log = logging.getLogger("mammo_screen")
+
+# Names that copy tools and editors use while a file is still being written.
+_TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart")
+
+
+def is_ignored_name(name: str) -> bool:
+    lower = name.lower()
+    return name.startswith((".", "~$", "~")) or lower.endswith(_TEMP_SUFFIXES)
+
+
+def scan_inbox(inbox: Path, recursive: bool = True) -> Iterator[Path]:
+    """Regular files under the inbox, skipping temporary names and not following symlinks."""
+    try:
+        entries = list(os.scandir(inbox))
+    except OSError as exc:
+        log.error("cannot scan folder=%s error=%s", inbox, exc)
+        return
+    for entry in sorted(entries, key=lambda e: e.name):
+        if is_ignored_name(entry.name):
+            continue
+        if entry.is_symlink():
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                yield from scan_inbox(Path(entry.path), recursive)
+        elif entry.is_file(follow_symlinks=False):
+            yield Path(entry.path)
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    changed_at: float  # monotonic time of the last observed change
+
+
+class SettleTracker:
+    """Decides when a file has stopped changing. Pure bookkeeping over stat results."""
+
+    def __init__(self, settle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle_seconds = settle_seconds
+        self.clock = clock
+        self._seen: dict[Path, _Seen] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._seen
+
+    def observe(self, path: Path) -> None:
+        try:
+            st = path.stat(follow_symlinks=False) if hasattr(path, "stat") else os.stat(path)
+        except OSError:
+            self._seen.pop(path, None)
+            return
+        now = self.clock()
+        prev = self._seen.get(path)
+        if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
+
+    def ready(self, limit: int) -> list[Path]:
+        """Up to `limit` files unchanged for settle_seconds (re-checked with a fresh stat)."""
+        out: list[Path] = []
+        for path in list(self._seen):
+            self.observe(path)
+            seen = self._seen.get(path)
+            if seen is None:
+                continue
+            if self.clock() - seen.changed_at >= self.settle_seconds:
+                out.append(path)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def forget(self, path: Path) -> None:
+        self._seen.pop(path, None)
+
+    def pending(self) -> list[Path]:
+        return list(self._seen)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, hints: queue.Queue[Path]) -> None:
+        self.hints = hints
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("deleted", "closed_no_write", "opened"):
+            return
+        target = getattr(event, "dest_path", "") or event.src_path
+        if isinstance(target, bytes):
+            target = os.fsdecode(target)
+        self.hints.put(Path(target))
+
+
+class InboxWatcher:
+    """Runs the pipeline over the inbox: once (`run_once`) or until stopped (`watch`)."""
+
+    def __init__(self, config: Config, pipeline: Pipeline, polling: bool | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.polling = config.polling if polling is None else polling
+        self.tracker = SettleTracker(config.settle_seconds)
+        self.hints: queue.Queue[Path] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.processed = 0
+        self.last_activity: float | None = None
+
+    def _accept(self, path: Path) -> bool:
+        try:
+            rel = path.relative_to(self.config.inbox)
+        except ValueError:
+            return False
+        if any(is_ignored_name(part) for part in rel.parts):
+            return False
+        if not self.config.recursive and len(rel.parts) > 1:
+            return False
+        return not path.is_symlink() and path.is_file()
+
+    def rescan(self) -> int:
+        n = 0
+        for path in scan_inbox(self.config.inbox, self.config.recursive):
+            if path not in self.tracker:
+                self.tracker.observe(path)
+                n += 1
+        return n
+
+    def _drain_hints(self) -> None:
+        while True:
+            try:
+                path = self.hints.get_nowait()
+            except queue.Empty:
+                return
+            if path.is_dir() and self.config.recursive:
+                for inner in scan_inbox(path, True):
+                    self.tracker.observe(inner)
+            elif self._accept(path):
+                self.tracker.observe(path)
+
+    def _process_ready(self) -> list[FileResult]:
+        batch = self.tracker.ready(self.config.batch_size)
+        if not batch:
+            return []
+        results = self.pipeline.process(batch)
+        for path in batch:
+            self.tracker.forget(path)
+        self.processed += len(results)
+        self.last_activity = time.time()
+        return results
+
+    def run_once(
+        self, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> list[FileResult]:
+        """Process everything in the inbox now, then return. Files still being written after
+        `timeout` seconds (default: stale_write_seconds) are left and reported."""
+        self.pipeline.reconcile()
+        self.rescan()
+        total = len(self.tracker)
+        deadline = time.monotonic() + (
+            self.config.stale_write_seconds if timeout is None else timeout
+        )
+        results: list[FileResult] = []
+        while len(self.tracker) and not self.stop_event.is_set():
+            done = self._process_ready()
+            results.extend(done)
+            if progress is not None and done:
+                progress(len(results), total)
+            if not done:
+                if time.monotonic() > deadline:
+                    for path in self.tracker.pending():
+                        log.warning("still being written file=%s (left in inbox)", path)
+                    break
+                time.sleep(min(0.2, self.config.settle_seconds / 2))
+        return results
+
+    def watch(self, ready: threading.Event | None = None) -> None:
+        """Watch until `stop_event` is set; the batch in progress is finished first."""
+        self.pipeline.reconcile()
+        observer = PollingObserver(timeout=1.0) if self.polling else Observer()
+        observer.schedule(
+            _Handler(self.hints), str(self.config.inbox), recursive=self.config.recursive
+        )
+        observer.start()
+        log.info(
+            "watching inbox=%s model=%s polling=%s",
+            self.config.inbox,
+            self.pipeline.scorer.version,
+            self.polling,
+        )
+        try:
+            next_scan = 0.0
+            if ready is not None:
+                ready.set()
+            while not self.stop_event.is_set():
+                if time.monotonic() >= next_scan:
+                    self.rescan()
+                    next_scan = time.monotonic() + self.config.rescan_seconds
+                self._drain_hints()
+                if not self._process_ready():
+                    # Wait for a hint or the next settle check, whichever is first.
+                    try:
+                        path = self.hints.get(timeout=min(0.25, self.config.settle_seconds / 2))
+                        self.hints.put(path)
+                    except queue.Empty:
+                        pass
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            log.info("stopped processed=%d", self.processed)
+
+    def stop(self) -> None:
+        self.stop_event.set()
