@@ -85,8 +85,11 @@ def write_mammo_like(
         img = 1.0 - img
     arr = np.round(img * maxv).astype(dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), arr):
-        raise RuntimeError(f"could not write {path}")
+    ext = path.suffix.lower() if path.suffix.lower() in {".png", ".jpg", ".tif", ".pgm"} else ".png"
+    ok, buf = cv2.imencode(ext, arr)
+    if not ok:
+        raise RuntimeError(f"could not encode {path}")
+    path.write_bytes(buf.tobytes())
     return path
 
 

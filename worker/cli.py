@@ -332,3 +332,7 @@ _register_optional_commands()
 
 def main() -> None:
     cli(obj={}, prog_name=Path(sys.argv[0]).name if sys.argv else "screen")
+
+
+if __name__ == "__main__":
+    main()

@@ -262,9 +262,12 @@ class Pipeline:
 
 
 def ensure_folders(config: Config) -> None:
-    """Create the output folders; the inbox must exist and be readable (a user mistake if not)."""
-    if not config.inbox.is_dir():
-        raise FileNotFoundError(f"inbox folder does not exist: {config.inbox}")
+    """Create missing folders; an inbox that exists but cannot be read is a user mistake."""
+    if config.inbox.exists() and not config.inbox.is_dir():
+        raise NotADirectoryError(f"inbox is not a folder: {config.inbox}")
+    if not config.inbox.exists():
+        config.inbox.mkdir(parents=True)
+        log.info("created inbox folder=%s", config.inbox)
     if not os.access(config.inbox, os.R_OK | os.X_OK):
         raise PermissionError(f"inbox folder is not readable: {config.inbox}")
     for folder in (config.processed, config.quarantine):

@@ -77,6 +77,10 @@ def decode_image(data: bytes, max_pixels: int = PreprocessSettings.max_pixels) -
         raise ImageError(
             f"image too large: {header.width}x{header.height} pixels, over max_pixels={max_pixels}"
         )
+    if header.format == "JPEG" and b"\xff\xd9" not in data[-4096:]:
+        # libjpeg pads a truncated JPEG with grey and returns it; the end-of-image marker
+        # cannot occur inside entropy-coded data, so its absence means the file was cut.
+        raise ImageError("truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, dtype=np.uint8)
     # ANYDEPTH keeps 16-bit samples; not passing IMREAD_UNCHANGED keeps EXIF orientation applied.
     img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)

@@ -1,0 +1,129 @@
+"""The pipeline on real files, a real ONNX Runtime session and a real SQLite database."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests.conftest import copy_into, dev_pool_images, write_mammo_like
+from worker.app import open_worker
+from worker.config import Config
+from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord
+
+
+def _rows(config: Config) -> list[tuple]:
+    db = config.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as con:
+        return con.execute(
+            "SELECT filename, status, score, label, error, duplicate_of, moved_at IS NOT NULL "
+            "FROM images ORDER BY id"
+        ).fetchall()
+
+
+def test_scores_quarantines_and_moves(config: Config) -> None:
+    write_mammo_like(config.inbox / "good.png")
+    write_mammo_like(config.inbox / "good 16bit ü.png", dtype=__import__("numpy").uint16, seed=3)
+    (config.inbox / "notes.txt").write_text("not an image")
+    (config.inbox / "empty.jpg").write_bytes(b"")
+    worker = open_worker(config)
+    results = worker.watcher.run_once(timeout=10)
+    worker.close()
+    assert len(results) == 4
+    rows = {r[0]: r for r in _rows(config)}
+    assert rows["good.png"][1] == SCORED and 0 < rows["good.png"][2] < 1
+    assert rows["good 16bit ü.png"][1] == SCORED
+    assert rows["notes.txt"][1] == QUARANTINED and "not a supported image" in rows["notes.txt"][4]
+    assert rows["empty.jpg"][4] == "empty file"
+    assert all(r[6] for r in rows.values()), "every row records its move"
+    assert list(config.inbox.iterdir()) == []
+    assert (config.processed / "good.png").exists()
+    assert (config.quarantine / "notes.txt").exists()
+
+
+def test_same_content_twice_is_a_duplicate_not_rescored(config: Config) -> None:
+    src = write_mammo_like(config.inbox / "a.png")
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=10)
+    shutil.copyfile(config.processed / "a.png", config.inbox / "a-again.png")
+    shutil.copyfile(config.processed / "a.png", config.inbox / "a.png")  # same name too
+    worker.watcher.run_once(timeout=10)
+    worker.close()
+    rows = _rows(config)
+    assert [r[1] for r in rows] == [SCORED, DUPLICATE, DUPLICATE]
+    assert rows[1][5] == 1 and rows[1][2] == rows[0][2]
+    # the second 'a.png' did not overwrite the first in processed/
+    assert len(list(config.processed.iterdir())) == 3
+    assert not src.exists()
+
+
+def test_restart_after_commit_before_move_moves_without_rescoring(config: Config) -> None:
+    """Simulate a crash between the decision's commit and the file move."""
+    path = write_mammo_like(config.inbox / "a.png")
+    worker = open_worker(config)
+    data = path.read_bytes()
+    record = worker.pipeline._receive(path, data)
+    worker.pipeline._commit_decisions(
+        {record.id: {"status": SCORED, "score": 0.7, "label": "malignant"}}
+    )
+    worker.close()
+    assert path.exists()  # "crashed" before the move
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=10)
+    worker.close()
+    rows = _rows(config)
+    assert len(rows) == 1 and rows[0][1] == SCORED and rows[0][2] == 0.7 and rows[0][6]
+    assert (config.processed / "a.png").exists() and not path.exists()
+
+
+def test_restart_after_receipt_scores_the_same_row(config: Config) -> None:
+    path = write_mammo_like(config.inbox / "a.png")
+    worker = open_worker(config)
+    worker.pipeline._receive(path, path.read_bytes())  # crash right after receipt
+    worker.close()
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=10)
+    with worker.store.read() as s:
+        rows = list(s.scalars(select(ImageRecord)))
+    worker.close()
+    assert len(rows) == 1 and rows[0].status == SCORED and rows[0].attempts == 2
+
+
+def test_batches_agree_with_single_scoring(config: Config) -> None:
+    imgs = dev_pool_images(10)
+    copy_into(imgs, config.inbox)
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=10)
+    with worker.store.read() as s:
+        batched = {r.filename: r.score for r in s.scalars(select(ImageRecord))}
+    from worker.preprocess import preprocess_file
+
+    for p in imgs:
+        single = worker.scorer.score_batch([preprocess_file(p, worker.pipeline.settings)])[0]
+        assert batched[p.name] == pytest.approx(float(single), abs=1e-6)
+    worker.close()
+
+
+def test_subfolders_and_temporary_names(config: Config) -> None:
+    write_mammo_like(config.inbox / "site-a" / "x.png")
+    write_mammo_like(config.inbox / "copying.png.part")
+    write_mammo_like(config.inbox / ".hidden.png")
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=10)
+    worker.close()
+    assert [r[0] for r in _rows(config)] == ["site-a/x.png"]
+    assert (config.processed / "site-a" / "x.png").exists()
+    assert (config.inbox / "copying.png.part").exists()
+
+
+def test_symlink_is_not_followed(config: Config, tmp_path: Path) -> None:
+    outside = write_mammo_like(tmp_path / "outside" / "secret.png")
+    (config.inbox / "link.png").symlink_to(outside)
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=5)
+    worker.close()
+    assert _rows(config) == []
+    assert outside.exists()

@@ -1,0 +1,136 @@
+"""Outcomes import and the report's figures, checked against an independent computation."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import DATA, copy_into, dev_pool_images
+from worker.cli import cli
+from worker.config import Config
+from worker.report import build_report
+from worker.store import SCORED, ImageRecord, Store
+
+
+def _run(workdir: Path, *args: str) -> str:
+    result = CliRunner().invoke(
+        cli, ["--config", str(workdir / "config.toml"), *args], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _insert(store: Store, rows: list[tuple[str, str, float, str]], threshold: float = 0.5) -> None:
+    with store.write() as s:
+        for name, sha, score, version in rows:
+            s.add(
+                ImageRecord(
+                    filename=name,
+                    source_path="/in/" + name,
+                    sha256=sha,
+                    size_bytes=1,
+                    status=SCORED,
+                    score=score,
+                    threshold=threshold,
+                    label="malignant" if score >= threshold else "benign",
+                    model_version=version,
+                    attempts=1,
+                )
+            )
+
+
+def test_report_by_hand(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    _insert(
+        store,
+        [
+            ("a", "1", 0.9, "m1"),
+            ("b", "2", 0.6, "m1"),
+            ("c", "3", 0.2, "m1"),
+            ("d", "4", 0.7, "m1"),
+            ("e", "5", 0.4, "m1"),
+            ("f", "6", 0.1, "m1"),
+            ("g", "7", 0.8, "m2"),
+        ],
+    )
+    csv_file = tmp_path / "truth.csv"
+    csv_file.write_text(
+        "sha256,label\n1,malignant\n2,malignant\n3,malignant\n"
+        "4,benign\n5,benign\n6,benign\n7,benign\n"
+    )
+    from worker.results import import_outcomes
+
+    summary = import_outcomes(store, csv_file)
+    assert summary.matched == 7 and not summary.unmatched
+    rep = build_report(store)
+    m1 = next(m for m in rep["models"] if m["model_version"] == "m1")
+    assert (m1["tp"], m1["fp"], m1["tn"], m1["fn"]) == (2, 1, 2, 1)
+    assert m1["accuracy"] == pytest.approx(4 / 6)
+    assert m1["sensitivity"] == pytest.approx(2 / 3) and m1["specificity"] == pytest.approx(2 / 3)
+    assert m1["ppv"] == pytest.approx(2 / 3) and m1["npv"] == pytest.approx(2 / 3)
+    assert m1["auc"] == pytest.approx(7 / 9)  # 0.9>3, 0.6>2 (0.4,0.1), 0.2>1 (0.1)
+    m2 = next(m for m in rep["models"] if m["model_version"] == "m2")
+    assert m2["fp"] == 1 and m2["auc"] is None
+    assert rep["by_label"] == {"benign": 3, "malignant": 4}
+
+
+def test_outcomes_import_reports_unmatched_names(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    _insert(store, [("sub/a.png", "aa", 0.9, "m1")])
+    csv_file = tmp_path / "truth.csv"
+    csv_file.write_text(
+        "filename,label\na.png,malignant\nmissing.png,benign\nsub/a.png,1\na.png,maybe\n"
+    )
+    from worker.results import import_outcomes
+
+    s = import_outcomes(store, csv_file)
+    assert s.matched == 2 and s.unmatched == ["missing.png"] and len(s.invalid) == 1
+    assert store.outcomes() == {"aa": "malignant"}
+
+
+def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) -> None:
+    """process -> results -> outcomes import -> report json, checked independently."""
+    imgs = dev_pool_images(40)
+    copy_into(imgs, config.inbox)
+    _run(workdir, "process", "--timeout", "20")
+    rows = list(csv.DictReader(io.StringIO(_run(workdir, "results", "--format", "csv"))))
+    assert len(rows) == 40 and {r["status"] for r in rows} == {"scored"}
+    assert {"filename", "sha256", "score", "label", "model_version", "status"} <= set(rows[0])
+
+    truth = {}
+    with (DATA / "labels.csv").open() as fh:
+        for r in csv.DictReader(fh):
+            truth[Path(r["filename"]).name] = r["label"]
+    outcome_csv = workdir / "biopsy.csv"
+    outcome_csv.write_text(
+        "filename,label\n"
+        + "".join(f"{r['filename']},{truth[r['filename']]}\n" for r in rows)
+        + "nobody.jpg,benign\n"
+    )
+    result = CliRunner().invoke(
+        cli, ["--config", str(workdir / "config.toml"), "outcomes", "import", str(outcome_csv)]
+    )
+    assert result.exit_code == 0 and "nobody.jpg" in result.output
+
+    rep = json.loads(
+        _run(workdir, "report", "--format", "json", "--plot", str(workdir / "rep.png"))
+    )
+    (m,) = rep["models"]
+    # independent computation from the results listing
+    y = [truth[r["filename"]] == "malignant" for r in rows]
+    s = [float(r["score"]) for r in rows]
+    t = float(rows[0]["threshold"])
+    tp = sum(1 for yi, si in zip(y, s, strict=True) if yi and si >= t)
+    fp = sum(1 for yi, si in zip(y, s, strict=True) if not yi and si >= t)
+    assert (m["tp"], m["fp"]) == (tp, fp)
+    assert m["tn"] + m["fp"] == y.count(False) and m["tp"] + m["fn"] == y.count(True)
+    pos = [si for yi, si in zip(y, s, strict=True) if yi]
+    neg = [si for yi, si in zip(y, s, strict=True) if not yi]
+    pairs = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    assert m["auc"] == pytest.approx(pairs / (len(pos) * len(neg)))
+    assert (workdir / "rep.png").stat().st_size > 1000

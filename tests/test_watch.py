@@ -1,0 +1,134 @@
+"""A real watchdog observer on a real inbox: files dropped while it runs get recorded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, write_mammo_like
+from worker.app import open_worker
+from worker.config import Config
+from worker.watcher import SettleTracker
+
+
+def _wait_for_rows(db: str, n: int, timeout: float = 20.0) -> list[tuple]:
+    deadline = time.monotonic() + timeout
+    rows: list[tuple] = []
+    while time.monotonic() < deadline:
+        if Path(db).exists():
+            with sqlite3.connect(db) as con:
+                try:
+                    rows = con.execute(
+                        "SELECT filename, status, moved_at FROM images ORDER BY id"
+                    ).fetchall()
+                except sqlite3.OperationalError:
+                    rows = []
+            if len(rows) >= n and all(r[2] for r in rows):
+                return rows
+        time.sleep(0.1)
+    return rows
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_watcher_records_dropped_files(config: Config, polling: bool) -> None:
+    write_mammo_like(config.inbox / "before.png")  # present at start: found by the scan
+    worker = open_worker(config, polling=polling)
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
+    thread.start()
+    try:
+        assert ready.wait(10)
+        # copy-then-rename, the recommended way to drop a file
+        tmp = write_mammo_like(config.inbox / "during.png.part", seed=2)
+        tmp.rename(config.inbox / "during.png")
+        write_mammo_like(config.inbox / "direct.png", seed=3)
+        (config.inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+        db = config.database_url.removeprefix("sqlite:///")
+        rows = _wait_for_rows(db, 4)
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+    assert not thread.is_alive()
+    assert sorted((r[0], r[1]) for r in rows) == [
+        ("before.png", "scored"),
+        ("broken.jpg", "quarantined"),
+        ("direct.png", "scored"),
+        ("during.png", "scored"),
+    ]
+
+
+def test_slow_writer_is_not_read_early(config: Config) -> None:
+    """A file written in pieces over longer than settle_seconds is read once, complete."""
+    worker = open_worker(config)
+    thread = threading.Thread(target=worker.watcher.watch)
+    thread.start()
+    try:
+        data = write_mammo_like(config.inbox.parent / "src.png", size=(300, 300)).read_bytes()
+        target = config.inbox / "slow.png"
+        with target.open("wb") as fh:
+            for i in range(0, len(data), len(data) // 5 + 1):
+                fh.write(data[i : i + len(data) // 5 + 1])
+                fh.flush()
+                os.fsync(fh.fileno())
+                time.sleep(0.1)
+        rows = _wait_for_rows(config.database_url.removeprefix("sqlite:///"), 1)
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+    assert rows and rows[0][:2] == ("slow.png", "scored")
+
+
+def test_settle_tracker_waits_for_stillness(tmp_path: Path) -> None:
+    now = [0.0]
+    tracker = SettleTracker(1.0, clock=lambda: now[0])
+    p = tmp_path / "f"
+    p.write_bytes(b"a")
+    tracker.observe(p)
+    assert tracker.ready(10) == []
+    now[0] = 0.6
+    p.write_bytes(b"ab")  # grows: the clock restarts
+    assert tracker.ready(10) == []
+    now[0] = 1.5
+    assert tracker.ready(10) == []
+    now[0] = 1.7
+    assert tracker.ready(10) == [p]
+    p.unlink()
+    assert tracker.ready(10) == [] and len(tracker) == 0
+
+
+def test_sigterm_stops_the_watch_command_cleanly(workdir: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(workdir / "config.toml"), "watch"],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        db = str(workdir / "screen.db")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not Path(db).exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.1)
+        write_mammo_like(workdir / "inbox" / "x.png")
+        rows = _wait_for_rows(db, 1)
+        assert rows and rows[0][1] == "scored"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "stopped" in err
+    assert "Traceback" not in err
