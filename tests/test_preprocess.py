@@ -34,7 +34,7 @@ def test_output_shape_dtype_and_range(tmp_path: Path) -> None:
     x = preprocess_file(p, PreprocessSettings(size=64))
     assert x.shape == (64, 64, 1)
     assert x.dtype == np.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= 0.0 and x.max() <= 1.0
 
 
 @pytest.mark.parametrize("size", [32, 256, 640])
