@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from worker.config import Config
+from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.scorer import Scorer
 from worker.store import ImageRecord, Store
@@ -79,7 +80,8 @@ def run_watch(config: Config, polling: bool | None = None) -> None:
     worker = open_worker(config, polling)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        worker.watcher.watch()
+        with InboxLock(config.inbox):
+            worker.watcher.watch()
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
@@ -92,7 +94,8 @@ def run_process(
     worker = open_worker(config)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        return worker.watcher.run_once(timeout=timeout, progress=progress)
+        with InboxLock(config.inbox):
+            return worker.watcher.run_once(timeout=timeout, progress=progress)
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)

@@ -17,9 +17,17 @@ from typing import Any
 import click
 
 from worker.config import Config, ConfigError, load_config
+from worker.lock import InboxBusyError
 from worker.scorer import ModelLoadError
 
-_USER_ERRORS = (ConfigError, ModelLoadError, FileNotFoundError, PermissionError, NotADirectoryError)
+_USER_ERRORS = (
+    ConfigError,
+    ModelLoadError,
+    InboxBusyError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

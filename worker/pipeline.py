@@ -4,22 +4,28 @@ Order of work for a batch, each step durable before the next:
 1. read bytes, hash them, and record (or find, after a crash) the file's row: `received`;
 2. preprocess and score the new ones, then commit every outcome with its planned destination;
 3. move each file, then commit `moved_at`.
-A crash between any two steps leaves a row that `reconcile()` finishes on the next start.
+A crash between any two steps leaves a row that the next run finishes: `reconcile()` owes the
+moves, and the inbox scan finds the rest. Every step is also written to the `events` table.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from worker.config import Config
+from worker.faults import crash_point
+from worker.paths import display_name, path_from_db, path_to_db
 from worker.preprocess import ImageError, PreprocessSettings, preprocess_bytes
 from worker.scorer import Scorer
 from worker.store import (
@@ -28,6 +34,7 @@ from worker.store import (
     QUARANTINED,
     RECEIVED,
     SCORED,
+    Event,
     ImageRecord,
     Store,
     utcnow,
@@ -50,16 +57,24 @@ class FileResult:
 
 def relative_name(path: Path, inbox: Path) -> str:
     try:
-        return path.relative_to(inbox).as_posix()
+        return display_name(path.relative_to(inbox).as_posix())
     except ValueError:
-        return path.name
+        return display_name(path.name)
 
 
-def _unique_destination(folder: Path, rel: str, record_id: int) -> Path:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _unique_destination(folder: Path, rel: Path, record_id: int) -> Path:
     dest = folder / rel
     if not dest.exists():
         return dest
     return dest.with_name(f"{dest.stem}.{record_id}{dest.suffix}")
+
+
+def _event(s: Session, image_id: int | None, kind: str, detail: str | None = None) -> None:
+    s.add(Event(image_id=image_id, kind=kind, detail=detail, at=utcnow()))
 
 
 class Pipeline:
@@ -77,13 +92,19 @@ class Pipeline:
             max_pixels=min(pre.max_pixels, config.max_pixels),
             version=pre.version,
         )
+        # Read failures of files that have no row yet: path -> count.
+        self.read_failures: dict[Path, int] = {}
 
     # ---- step 1: record receipt ------------------------------------------------------------
 
     def _receive(self, path: Path, data: bytes) -> ImageRecord:
-        """Find the file's unfinished row (a restart) or insert a new `received` one."""
-        digest = hashlib.sha256(data).hexdigest()
-        source = str(path)
+        """Find the file's unfinished row (a restart) or insert a new `received` one.
+
+        Each receipt of an undecided row counts an attempt: a file that crashes the worker
+        every time (a decoder bug) is quarantined after max_attempts instead of looping.
+        """
+        digest = _sha256(data)
+        source = path_to_db(path)
         with self.store.write() as s:
             row = s.scalars(
                 select(ImageRecord).where(
@@ -103,20 +124,31 @@ class Pipeline:
                     attempts=0,
                 )
                 s.add(row)
+                s.flush()
+                _event(s, row.id, "received", f"{len(data)} bytes")
             if row.status == RECEIVED:
                 row.attempts += 1
+                if row.attempts > 1:
+                    _event(s, row.id, "retry", f"attempt {row.attempts}")
+                if row.attempts > self.config.max_attempts:
+                    self._decide(
+                        s,
+                        row,
+                        QUARANTINED,
+                        error=f"gave up after {row.attempts - 1} attempts "
+                        f"(last: {row.error or 'worker stopped while handling it'})",
+                    )
             s.flush()
             s.expunge(row)
             return row
 
     def _find_original(self, record: ImageRecord) -> ImageRecord | None:
-        """The earliest other row with the same content that was scored or is being scored."""
+        """The earliest other row with the same content (scored, pending or quarantined)."""
         with self.store.read() as s:
             return s.scalars(
                 select(ImageRecord)
                 .where(
                     ImageRecord.sha256 == record.sha256,
-                    ImageRecord.id != record.id,
                     ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
                     ImageRecord.id < record.id,
                 )
@@ -127,32 +159,24 @@ class Pipeline:
 
     def process(self, paths: list[Path]) -> list[FileResult]:
         received: list[tuple[Path, ImageRecord, bytes]] = []
-        results: list[FileResult] = []
         for path in paths:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                log.info("vanished file=%s (gone before it was read)", path)
+            data = self._read(path)
+            if data is None:
                 continue
-            except IsADirectoryError:
-                continue
-            except OSError as exc:
-                log.warning("unreadable file=%s error=%s (will retry)", path, exc)
-                continue
-            record = self._receive(path, data)
-            received.append((path, record, data))
+            received.append((path, self._receive(path, data), data))
+            crash_point("after_receive")
 
-        to_score: list[tuple[Path, ImageRecord, np.ndarray]] = []
-        decided: dict[int, dict[str, object]] = {}
-        for path, record, data in received:
+        to_score: list[tuple[ImageRecord, np.ndarray]] = []
+        decided: dict[int, dict[str, Any]] = {}
+        for _, record, data in received:
             if record.status in FINAL_STATUSES:
-                continue  # already decided before a restart: only the move is owed
+                continue  # decided before a restart: only the move is owed
             original = self._find_original(record)
             if original is not None:
                 decided[record.id] = {"status": DUPLICATE, "duplicate_of": original.id}
                 continue
             try:
-                to_score.append((path, record, preprocess_bytes(data, self.settings)))
+                to_score.append((record, preprocess_bytes(data, self.settings)))
             except ImageError as exc:
                 decided[record.id] = {"status": QUARANTINED, "error": str(exc)}
             except Exception as exc:  # a decoder bug must not stop the worker
@@ -160,26 +184,114 @@ class Pipeline:
                     "status": QUARANTINED,
                     "error": f"preprocessing failed: {exc!r}",
                 }
+        crash_point("after_preprocess")
 
-        if to_score:
-            scores = self.scorer.score_batch([img for _, _, img in to_score])
-            now = utcnow()
-            for (_, record, _), score in zip(to_score, scores, strict=True):
-                decided[record.id] = {
-                    "status": SCORED,
-                    "score": float(score),
-                    "label": self.scorer.label_for(float(score)),
-                    "threshold": self.scorer.threshold,
-                    "model_version": self.scorer.version,
-                    "scored_at": now,
-                }
-
+        decided.update(self._score(to_score))
         self._commit_decisions(decided)
-        for path, record, _ in received:
-            results.append(self._move(path, record.id))
-        return results
+        crash_point("after_decision")
+        return [self._move(path, record.id, data) for path, record, data in received]
 
-    def _commit_decisions(self, decided: dict[int, dict[str, object]]) -> None:
+    def _read(self, path: Path) -> bytes | None:
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            log.info("vanished file=%s (gone before it was read)", display_name(path))
+            self.read_failures.pop(path, None)
+            return None
+        except OSError as exc:
+            n = self.read_failures.get(path, 0) + 1
+            self.read_failures[path] = n
+            if n >= self.config.max_attempts:
+                self._quarantine_unreadable(path, exc, n)
+            else:
+                log.warning(
+                    "unreadable file=%s attempt=%d error=%s (will retry)",
+                    display_name(path),
+                    n,
+                    exc.strerror,
+                )
+            return None
+        self.read_failures.pop(path, None)
+        return data
+
+    def _quarantine_unreadable(self, path: Path, exc: OSError, attempts: int) -> None:
+        """A file that cannot even be read: record it without a hash, then move it aside."""
+        self.read_failures.pop(path, None)
+        with self.store.write() as s:
+            row = ImageRecord(
+                filename=relative_name(path, self.config.inbox),
+                source_path=path_to_db(path),
+                sha256=None,
+                size_bytes=None,
+                status=RECEIVED,
+                attempts=attempts,
+                received_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            self._decide(
+                s, row, QUARANTINED, error=f"unreadable after {attempts} attempts: {exc.strerror}"
+            )
+            rid = row.id
+        self._move(path, rid, None)
+
+    def _score(self, items: list[tuple[ImageRecord, np.ndarray]]) -> dict[int, dict[str, Any]]:
+        """Score in one ONNX Runtime call; if the batch fails, one by one to isolate the cause."""
+        if not items:
+            return {}
+        try:
+            scores = list(self.scorer.score_batch([img for _, img in items]))
+        except Exception as exc:
+            if len(items) == 1:
+                log.error("scoring failed file=%s error=%r", items[0][0].filename, exc)
+                return {}  # stays `received`: retried, then quarantined after max_attempts
+            out: dict[int, dict[str, Any]] = {}
+            for item in items:
+                out.update(self._score([item]))
+            return out
+        now = utcnow()
+        return {
+            record.id: {
+                "status": SCORED,
+                "score": float(score),
+                "label": self.scorer.label_for(float(score)),
+                "threshold": self.scorer.threshold,
+                "model_version": self.scorer.version,
+                "scored_at": now,
+            }
+            for (record, _), score in zip(items, scores, strict=True)
+        }
+
+    def _decide(self, s: Session, row: ImageRecord, status: str, **fields: Any) -> None:
+        """Set a final status and the planned destination, inside the caller's transaction."""
+        row.status = status
+        for key, value in fields.items():
+            setattr(row, key, value)
+        folder = self.config.quarantine if status == QUARANTINED else self.config.processed
+        rel = path_from_db(row.source_path)
+        try:
+            rel = rel.relative_to(self.config.inbox)
+        except ValueError:
+            rel = Path(rel.name)
+        row.final_path = path_to_db(_unique_destination(folder, rel, row.id))
+        detail = (
+            row.error
+            if status == QUARANTINED
+            else (f"score={row.score:.4f} label={row.label}" if row.score is not None else None)
+        )
+        _event(s, row.id, status, detail)
+        log_fn = log.warning if status == QUARANTINED else log.info
+        log_fn(
+            "%s file=%s id=%d score=%s label=%s%s",
+            status,
+            row.filename,
+            row.id,
+            "-" if row.score is None else f"{row.score:.4f}",
+            row.label or "-",
+            f" reason={row.error}" if row.error else "",
+        )
+
+    def _commit_decisions(self, decided: dict[int, dict[str, Any]]) -> None:
         if not decided:
             return
         with self.store.write() as s:
@@ -188,77 +300,111 @@ class Pipeline:
             }
             # Originals first, so that a duplicate in the same batch can copy their result.
             for rid in sorted(decided):
-                row, fields = rows[rid], decided[rid]
-                for key, value in fields.items():
-                    setattr(row, key, value)
-                if row.status == DUPLICATE:
-                    original = rows.get(row.duplicate_of) or s.get(ImageRecord, row.duplicate_of)
+                row, fields = rows[rid], dict(decided[rid])
+                if row.status in FINAL_STATUSES:
+                    continue
+                status = fields.pop("status")
+                if status == DUPLICATE:
+                    original = rows.get(fields["duplicate_of"]) or s.get(
+                        ImageRecord, fields["duplicate_of"]
+                    )
                     if original is not None and original.status == QUARANTINED:
-                        row.status = QUARANTINED
-                        row.error = f"duplicate of #{original.id}, quarantined: {original.error}"
-                    elif original is not None:
-                        row.score, row.label = original.score, original.label
-                        row.threshold, row.model_version = (
-                            original.threshold,
-                            original.model_version,
+                        status = QUARANTINED
+                        fields["error"] = (
+                            f"duplicate of #{original.id}, quarantined: {original.error}"
                         )
-                        row.scored_at = original.scored_at
-                folder = (
-                    self.config.quarantine if row.status == QUARANTINED else self.config.processed
-                )
-                row.final_path = str(_unique_destination(folder, row.filename, row.id))
-                log_fn = log.warning if row.status == QUARANTINED else log.info
-                log_fn(
-                    "%s file=%s id=%d score=%s label=%s%s",
-                    row.status,
-                    row.filename,
-                    row.id,
-                    "-" if row.score is None else f"{row.score:.4f}",
-                    row.label or "-",
-                    f" reason={row.error}" if row.error else "",
-                )
+                    elif original is not None and original.status == SCORED:
+                        fields.update(
+                            score=original.score,
+                            label=original.label,
+                            threshold=original.threshold,
+                            model_version=original.model_version,
+                            scored_at=original.scored_at,
+                        )
+                self._decide(s, row, status, **fields)
 
     # ---- step 3: move, then record the move ------------------------------------------------
 
-    def _move(self, path: Path, record_id: int) -> FileResult:
+    def _move(self, path: Path, record_id: int, data: bytes | None) -> FileResult:
         with self.store.read() as s:
             row = s.get(ImageRecord, record_id)
             assert row is not None
+        result = FileResult(path, row.id, row.status, row.score, row.label, row.error)
         if row.status not in FINAL_STATUSES or row.final_path is None:
-            return FileResult(path, row.id, row.status, error=row.error)
-        dest = Path(row.final_path)
+            return result
+        dest = path_from_db(row.final_path)
+        note = "moved"
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
+            if (
+                path.exists()
+                and row.sha256 is not None
+                and not _same_content(path, row.sha256, data)
+            ):
+                # Replaced under us after it was read: the new content is a new file, which
+                # the scan will find; the old content is gone, so there is nothing to move.
+                note = "replaced"
+            elif path.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(path), str(dest))
+                crash_point("after_move")
             elif not dest.exists():
-                log.warning("missing file=%s id=%d (gone before it could be moved)", path, row.id)
+                note = "missing"
         except OSError as exc:
-            # The decision is committed; the move is retried by the next reconcile.
-            log.error("move failed file=%s id=%d error=%s", path, row.id, exc)
-            return FileResult(path, row.id, row.status, row.score, row.label, row.error)
+            # The decision is committed; the move is owed and retried by reconcile().
+            level = log.error if exc.errno == errno.ENOSPC else log.warning
+            level(
+                "move failed file=%s id=%d error=%s (will retry)",
+                row.filename,
+                row.id,
+                exc.strerror,
+            )
+            return result
         with self.store.write() as s:
             fresh = s.get(ImageRecord, record_id)
             assert fresh is not None
-            fresh.moved_at = utcnow()
-        return FileResult(path, row.id, row.status, row.score, row.label, row.error)
+            if fresh.moved_at is None:
+                fresh.moved_at = utcnow()
+                if note != "moved":
+                    fresh.final_path = None
+                    _event(
+                        s,
+                        fresh.id,
+                        note,
+                        "file changed in the inbox before it could be moved"
+                        if note == "replaced"
+                        else "file gone before it could be moved",
+                    )
+                else:
+                    _event(s, fresh.id, "moved", display_name(dest))
+        if note != "moved":
+            log.warning("%s file=%s id=%d (not moved)", note, row.filename, row.id)
+        return result
 
     def reconcile(self) -> int:
-        """Finish the moves that a crash left owed. Returns how many rows it finished."""
+        """Finish the moves that a crash or a full disk left owed. Returns how many."""
         with self.store.read() as s:
             owed = list(
                 s.scalars(
                     select(ImageRecord).where(
-                        ImageRecord.moved_at.is_(None),
-                        ImageRecord.status.in_(FINAL_STATUSES),
+                        ImageRecord.moved_at.is_(None), ImageRecord.status.in_(FINAL_STATUSES)
                     )
                 )
             )
         for row in owed:
-            self._move(Path(row.source_path), row.id)
+            self._move(path_from_db(row.source_path), row.id, None)
         if owed:
             log.info("reconciled moves=%d", len(owed))
         return len(owed)
+
+
+def _same_content(path: Path, sha256: str, data: bytes | None) -> bool:
+    try:
+        current = path.read_bytes()
+    except OSError:
+        return False
+    if data is not None and len(current) == len(data):
+        return current == data
+    return _sha256(current) == sha256
 
 
 def ensure_folders(config: Config) -> None:
@@ -268,7 +414,7 @@ def ensure_folders(config: Config) -> None:
     if not config.inbox.exists():
         config.inbox.mkdir(parents=True)
         log.info("created inbox folder=%s", config.inbox)
-    if not os.access(config.inbox, os.R_OK | os.X_OK):
-        raise PermissionError(f"inbox folder is not readable: {config.inbox}")
+    if not os.access(config.inbox, os.R_OK | os.X_OK | os.W_OK):
+        raise PermissionError(f"inbox folder is not readable and writable: {config.inbox}")
     for folder in (config.processed, config.quarantine):
         folder.mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,9 @@ class ImageRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     filename: Mapped[str] = mapped_column(Text)  # path relative to the inbox, as dropped
     source_path: Mapped[str] = mapped_column(Text)  # absolute path in the inbox
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    # NULL only for a file that could never be read (quarantined after max_attempts).
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), index=True)
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     scored_at: Mapped[dt.datetime | None] = mapped_column(default=None)
@@ -84,6 +85,18 @@ class ImageRecord(Base):
             postgresql_where=text("moved_at IS NULL"),
         ),
     )
+
+
+class Event(Base):
+    """The history of each file: every attempt, failure, decision and move, in order."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Outcome(Base):

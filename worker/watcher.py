@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -59,6 +60,7 @@ class _Seen:
     size: int
     mtime_ns: int
     changed_at: float  # monotonic time of the last observed change
+    first_seen: float
 
 
 class SettleTracker:
@@ -77,14 +79,16 @@ class SettleTracker:
 
     def observe(self, path: Path) -> None:
         try:
-            st = path.stat(follow_symlinks=False) if hasattr(path, "stat") else os.stat(path)
+            st = os.stat(path, follow_symlinks=False)
         except OSError:
             self._seen.pop(path, None)
             return
         now = self.clock()
         prev = self._seen.get(path)
-        if prev is None or (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
+        if prev is None:
+            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now, now)
+        elif (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now, prev.first_seen)
 
     def ready(self, limit: int) -> list[Path]:
         """Up to `limit` files unchanged for settle_seconds (re-checked with a fresh stat)."""
@@ -99,6 +103,15 @@ class SettleTracker:
                 if len(out) >= limit:
                     break
         return out
+
+    def stale(self, after_seconds: float) -> list[Path]:
+        """Files seen for longer than `after_seconds` that have not yet settled."""
+        now = self.clock()
+        return [
+            p
+            for p, s in self._seen.items()
+            if now - s.first_seen > after_seconds and now - s.changed_at < self.settle_seconds
+        ]
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -132,6 +145,8 @@ class InboxWatcher:
         self.stop_event = threading.Event()
         self.processed = 0
         self.last_activity: float | None = None
+        self._backoff = 0.0
+        self._reported_stale: set[Path] = set()
 
     def _accept(self, path: Path) -> bool:
         try:
@@ -168,12 +183,36 @@ class InboxWatcher:
         batch = self.tracker.ready(self.config.batch_size)
         if not batch:
             return []
-        results = self.pipeline.process(batch)
+        try:
+            results = self.pipeline.process(batch)
+        except (OperationalError, OSError) as exc:
+            # Database busy past its timeout, disk full, ...: nothing is lost (rows and files
+            # stay as they were), so back off and let the next scan pick the files up again.
+            self._backoff = min(max(self._backoff * 2, 0.5), 30.0)
+            log.error(
+                "batch failed error=%s (retrying in %.1fs)", str(exc).splitlines()[0], self._backoff
+            )
+            for path in batch:
+                self.tracker.forget(path)
+            self.stop_event.wait(self._backoff)
+            return []
+        self._backoff = 0.0
         for path in batch:
             self.tracker.forget(path)
         self.processed += len(results)
         self.last_activity = time.time()
         return results
+
+    def _report_stale(self) -> None:
+        """Files that have kept changing for longer than stale_write_seconds: say so, once."""
+        for path in self.tracker.stale(self.config.stale_write_seconds):
+            if path not in self._reported_stale:
+                self._reported_stale.add(path)
+                log.warning(
+                    "incomplete file=%s still being written after %.0fs (waiting)",
+                    path,
+                    self.config.stale_write_seconds,
+                )
 
     def run_once(
         self, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
@@ -220,7 +259,9 @@ class InboxWatcher:
                 ready.set()
             while not self.stop_event.is_set():
                 if time.monotonic() >= next_scan:
+                    self.pipeline.reconcile()  # moves owed after a full disk, for example
                     self.rescan()
+                    self._report_stale()
                     next_scan = time.monotonic() + self.config.rescan_seconds
                 self._drain_hints()
                 if not self._process_ready():
