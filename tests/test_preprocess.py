@@ -199,3 +199,32 @@ def test_settings_round_trip_and_validation() -> None:
         PreprocessSettings(polarity="maybe")
     with pytest.raises(ValueError, match="unknown"):
         PreprocessSettings.from_json('{"size": 64, "colour": true}')
+
+
+def test_orient_left_mirrors_right_sided_breasts(tmp_path: Path) -> None:
+    p = write_mammo_like(tmp_path / "a.png", size=(96, 96))  # breast touches the left edge
+    mirrored = cv2.flip(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), 1)
+    s = PreprocessSettings(size=64, orient="left")
+    a = preprocess_bytes(p.read_bytes(), s)
+    b = preprocess_bytes(_png_bytes(mirrored), s)
+    assert np.abs(a - b).max() < 1e-6
+    assert a[:, :32].sum() > a[:, 32:].sum()
+
+
+def test_crop_keeps_the_breast_and_drops_background(tmp_path: Path) -> None:
+    arr = np.zeros((400, 400), np.uint8)
+    arr[100:300, 0:150] = 180  # the breast
+    arr[380:390, 380:395] = 255  # a small burned-in marker
+    full = preprocess_bytes(_png_bytes(arr), PreprocessSettings(size=100))
+    cropped = preprocess_bytes(_png_bytes(arr), PreprocessSettings(size=100, crop=True))
+    assert (cropped > 0.5).mean() > 2 * (full > 0.5).mean()
+    assert cropped[95:, 95:].max() < 0.5  # the marker is outside the crop
+
+
+def test_old_settings_json_gets_new_defaults() -> None:
+    old = (
+        '{"corner_fraction": 0.05, "max_pixels": 100, "pad_square": true, '
+        '"polarity": "auto", "size": 64, "version": 1}'
+    )
+    s = PreprocessSettings.from_json(old)
+    assert s.crop is False and s.orient == "none"

@@ -10,6 +10,7 @@ moves, and the inbox scan finds the rest. Every step is also written to the `eve
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from worker.config import Config
 from worker.faults import crash_point
 from worker.paths import display_name, path_from_db, path_to_db
-from worker.preprocess import ImageError, PreprocessSettings, preprocess_bytes
+from worker.preprocess import ImageError, preprocess_bytes
 from worker.scorer import Scorer
 from worker.store import (
     DUPLICATE,
@@ -84,14 +85,7 @@ class Pipeline:
         self.scorer = scorer
         pre = scorer.metadata.preprocess
         # The model decides the preprocessing; the config may only tighten the size limit.
-        self.settings = PreprocessSettings(
-            size=pre.size,
-            polarity=pre.polarity,
-            pad_square=pre.pad_square,
-            corner_fraction=pre.corner_fraction,
-            max_pixels=min(pre.max_pixels, config.max_pixels),
-            version=pre.version,
-        )
+        self.settings = dataclasses.replace(pre, max_pixels=min(pre.max_pixels, config.max_pixels))
         # Read failures of files that have no row yet: path -> count.
         self.read_failures: dict[Path, int] = {}
 

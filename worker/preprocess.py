@@ -37,6 +37,8 @@ class PreprocessSettings:
     pad_square: bool = True  # pad to a square (dark) before resizing, keeping the aspect ratio
     corner_fraction: float = 0.05  # side of the corner patches used to judge the background
     max_pixels: int = 100_000_000  # refuse larger images from the header, before decoding
+    crop: bool = False  # crop to the breast's bounding box (largest bright region) first
+    orient: str = "none"  # "left": mirror images so the breast touches the left edge
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
@@ -48,6 +50,8 @@ class PreprocessSettings:
             raise ValueError(f"corner_fraction must be in (0, 0.5), got {self.corner_fraction}")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be positive")
+        if self.orient not in ("none", "left"):
+            raise ValueError(f"orient must be 'none' or 'left', got {self.orient!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -142,11 +146,42 @@ def pad_to_square(img: np.ndarray) -> np.ndarray:
     return out
 
 
+def breast_on_right(img: np.ndarray) -> bool:
+    """True when more tissue lies in the right half than the left (background is dark)."""
+    half = img.shape[1] // 2
+    return float(img[:, half:].sum()) > float(img[:, :half].sum())
+
+
+def breast_bbox(img: np.ndarray, margin: float = 0.02) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the largest bright region, with a small margin.
+
+    Otsu's threshold on a smoothed copy separates tissue from background; the largest
+    connected component is the breast (burned-in labels and markers are small).
+    """
+    small = cv2.GaussianBlur((img * 255).astype(np.uint8), (5, 5), 0)
+    _, mask = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    h, w = img.shape[:2]
+    if n <= 1:
+        return 0, h, 0, w
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, bw, bh = (int(v) for v in stats[k, :4])
+    if bw * bh < 0.05 * h * w:  # nothing breast-sized found: keep the whole image
+        return 0, h, 0, w
+    m = int(round(margin * max(h, w)))
+    return max(0, y - m), min(h, y + bh + m), max(0, x - m), min(w, x + bw + m)
+
+
 def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """A decoded grey image (uint8/uint16) -> float32 array of shape (size, size, 1) in [0, 1]."""
     x = to_unit_float(img)
     if settings.polarity == "auto":
         x = normalise_polarity(x, settings.corner_fraction)
+    if settings.orient == "left" and breast_on_right(x):
+        x = np.ascontiguousarray(x[:, ::-1])
+    if settings.crop:
+        top, bottom, left, right = breast_bbox(x)
+        x = x[top:bottom, left:right]
     if settings.pad_square:
         x = pad_to_square(x)
     if x.shape[0] != settings.size or x.shape[1] != settings.size:
