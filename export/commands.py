@@ -1,0 +1,73 @@
+"""``export``: the click command over :func:`export.onnx_export.export_to_onnx`.
+
+TensorFlow, tf2onnx and onnx are imported inside the command, so that importing this module
+to register the command in the worker's CLI costs nothing and needs no [train] extra.
+Run standalone with ``python -m export.commands KERAS_MODEL --out MODEL.onnx``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("export")
+@click.argument("keras_model", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="ONNX file to write (replaced atomically).")
+@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=None,
+              help="The training run's metrics.json [default: next to KERAS_MODEL]: threshold, "
+                   "preprocessing, validation figures and training record for the metadata.")
+@click.option("--parity-images", default=8, show_default=True, type=click.IntRange(min=0),
+              help="How many validation images Keras and ONNX Runtime must score alike.")
+@click.option("--images", "images_source", type=click.Path(path_type=Path), default=None,
+              help="Where the run's validation images are (the training SOURCE) "
+                   "[default: the source recorded in metrics.json].")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Largest allowed |keras - onnx| score difference.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_images: int,
+           images_source: Path | None, tolerance: float, opset: int) -> None:
+    """Convert a trained KERAS_MODEL (best.keras) to an ONNX model the worker can serve.
+
+    The ONNX file carries the preprocessing settings, the decision threshold and its rule,
+    the class names, a content-hash model version, the validation figures and the training
+    record. The export fails unless Keras and ONNX Runtime agree within --tolerance on real
+    validation images, and unless the worker's loader accepts the file.
+
+    Example:
+
+        screen export runs/cnn256/best.keras --out models/mammo-cnn-256.onnx
+    """
+    if not keras_model.is_file():
+        raise click.ClickException(f"Keras model not found: {keras_model}")
+    metrics_path = metrics_path or keras_model.parent / "metrics.json"
+    if not metrics_path.is_file():
+        raise click.ClickException(
+            f"{metrics_path} not found: pass the training run's metrics.json with --metrics"
+        )
+    # Deferred: this pulls in TensorFlow and tf2onnx.
+    from export.onnx_export import (
+        ExportError,
+        export_to_onnx,
+        metadata_from_run,
+        read_run_metrics,
+        validation_image_paths,
+    )
+
+    try:
+        run = read_run_metrics(metrics_path)
+        source = images_source or Path(run.get("training", {}).get("source", ""))
+        base = source.parent if source.is_file() else source
+        paths = validation_image_paths(metrics_path.parent, base, parity_images)
+        report = export_to_onnx(keras_model, out_path, parity_images=paths, tolerance=tolerance,
+                                opset=opset, **metadata_from_run(run))
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.describe())
+
+
+if __name__ == "__main__":
+    export(prog_name="python -m export.commands")

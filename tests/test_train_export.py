@@ -1,0 +1,136 @@
+"""Train one short epoch on real dev-pool images, export to ONNX, and serve it with the worker.
+
+Small on purpose (about 40 images at 64 px, one epoch): this checks the plumbing, not the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import DATA
+from trainer.dataset import discover, limit_samples
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+pytestmark = pytest.mark.train
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 40 dev-pool images (whole patients, both classes) and their labels.csv, copied."""
+    labels = DATA / "labels.csv"
+    if not labels.is_file():
+        pytest.skip(f"dev pool not found at {DATA}")
+    root = tmp_path_factory.mktemp("pool")
+    with labels.open(newline="") as fh:
+        rows = {row["filename"]: row for row in csv.DictReader(fh)}
+    chosen = limit_samples(discover(labels), 40, seed=1)
+    with (root / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["filename", "label", "patient_id", "laterality"])
+        for s in chosen:
+            rel = s.path.relative_to(DATA).as_posix()
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s.path, root / rel)
+            row = rows[rel]
+            writer.writerow([rel, row["label"], row["patient_id"], row["laterality"]])
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.commands import train
+
+    out = tmp_path_factory.mktemp("run")
+    result = CliRunner().invoke(train, [
+        str(small_pool / "labels.csv"), "--out", str(out), "--size", str(SIZE), "--epochs", "1",
+        "--batch-size", "16", "--val-fraction", "0.3", "--seed", "0", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+def test_training_writes_the_run_folder(run_dir: Path) -> None:
+    for name in ("best.keras", "metrics.json", "history.csv", "val_predictions.csv",
+                 "confusion.png", "roc.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    image = metrics["validation"]["image"]
+    assert image["tp"] + image["fn"] + image["fp"] + image["tn"] == image["n"]
+    assert image["sensitivity"] >= 0.9  # the threshold rule, on the validation split itself
+    assert metrics["threshold_rule"].startswith("highest threshold with validation sensitivity")
+    assert metrics["split"]["strategy"] == "patient"
+    assert metrics["preprocess"]["size"] == SIZE
+    assert metrics["validation"]["breast"]["n"] >= 2
+    with (run_dir / "val_predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == image["n"]
+    assert not any(Path(r["filename"]).is_absolute() for r in rows)
+
+
+def test_export_parity_and_worker_loading(run_dir: Path, small_pool: Path) -> None:
+    import keras
+
+    from export.onnx_export import (
+        export_to_onnx,
+        load_parity_images,
+        metadata_from_run,
+        read_run_metrics,
+    )
+    from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
+    from worker.scorer import Scorer
+
+    run = read_run_metrics(run_dir / "metrics.json")
+    kwargs = metadata_from_run(run)
+    paths = sorted((small_pool / "images").rglob("*.jpg"))[:8]
+    report = export_to_onnx(run_dir / "best.keras", run_dir / "model.onnx",
+                            parity_images=paths, **kwargs)
+    assert report.parity_images == 8
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert re.fullmatch(rf"cnn{SIZE}-[0-9a-f]{{12}}", report.model_version)
+
+    scorer = Scorer(report.path)
+    assert scorer.session.get_inputs()[0].name == INPUT_NAME
+    assert scorer.session.get_outputs()[0].name == OUTPUT_NAME
+    meta = scorer.metadata
+    assert meta.model_version == report.model_version
+    assert meta.threshold == pytest.approx(run["threshold"])
+    assert meta.threshold_rule == run["threshold_rule"]
+    assert meta.preprocess == kwargs["preprocess"] and meta.preprocess.size == SIZE
+    assert meta.class_names == ("benign", "malignant")
+    assert meta.metrics["validation_image"]["auc"] == pytest.approx(
+        run["validation"]["image"]["auc"])
+    assert meta.training["seed"] == 0 and meta.training["split"]["strategy"] == "patient"
+    assert meta.training["command"].startswith("train ")
+    assert "--epochs 1 " in meta.training["command"]
+
+    # The worker's path (preprocess + ORT) against Keras, independently of the export's check.
+    images = load_parity_images(paths, meta.preprocess)
+    keras_scores = keras.saving.load_model(run_dir / "best.keras").predict(images, verbose=0)
+    onnx_scores = scorer.score_batch(list(images))
+    assert np.max(np.abs(keras_scores.reshape(-1) - onnx_scores)) < 1e-4
+
+
+def test_export_command_is_content_versioned(run_dir: Path, tmp_path: Path) -> None:
+    from export.commands import export
+    from worker.scorer import Scorer
+
+    versions = []
+    for name in ("a.onnx", "b.onnx"):
+        result = CliRunner().invoke(export, [str(run_dir / "best.keras"), "--out",
+                                             str(tmp_path / name), "--parity-images", "4"])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        assert "on 4 images" in result.output
+        versions.append(Scorer(tmp_path / name).version)
+    # Same weights, same version, although the metadata (export time) differs.
+    assert versions[0] == versions[1]

@@ -1,0 +1,105 @@
+"""``train``: the click command over :func:`trainer.train.train`.
+
+Keras (and so TensorFlow) is imported inside the command, so that importing this module to
+register the command in the worker's CLI costs nothing and needs no [train] extra.
+Run standalone with ``python -m trainer.commands SOURCE --out DIR``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+
+def invocation(ctx: click.Context) -> str:
+    """The command with every option spelled out (defaults too), for the run's record:
+    rerunning it reproduces the run even if a default changes later."""
+    words = [ctx.command_path]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if isinstance(param, click.Argument):
+            words.append(shlex.quote(str(value)))
+        elif isinstance(param, click.Option) and value is not None:
+            if param.is_flag and param.secondary_opts:
+                words.append(param.opts[0] if value else param.secondary_opts[0])
+            elif param.is_flag:
+                if value:
+                    words.append(param.opts[0])
+            else:
+                words += [param.opts[0], shlex.quote(str(value))]
+    return " ".join(words)
+
+
+@click.command("train")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="Run folder for best.keras, metrics.json and the plots.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
+              help="Square input size in pixels (stored in the model's preprocessing).")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam's initial learning rate (cosine decay over the epochs).")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of patients (per class stratum) held out for validation.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds the patient split, the weights and the augmentation.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only about this many images (whole patients), for a quick trial.")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
+              help="Stop after this many epochs without a better validation AUC.")
+@click.option("--sensitivity", "sensitivity_target", default=0.9, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Validation sensitivity the decision threshold must reach.")
+@click.option("--no-augment", is_flag=True, help="Train without random flips, rotations, etc.")
+@click.option("--patient-regex", default=None,
+              help=r"Folder layouts: regex whose first group in a file name is the patient id, "
+                   r"e.g. '^(\d+)_'.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar per epoch, or one line per epoch (for log files).")
+def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int, lr: float,
+          val_fraction: float, seed: int, limit: int | None, patience: int | None,
+          sensitivity_target: float, no_augment: bool, patient_regex: str | None,
+          progress: bool) -> None:
+    """Train the CNN on SOURCE and write the best epoch and its validation figures to --out.
+
+    SOURCE is a folder with benign/ and malignant/ (optionally under train/ valid/ test/), a
+    folder holding labels.csv, or a CSV with filename,label[,patient_id] columns. Images are
+    split by patient; the threshold is the highest one that keeps validation sensitivity at
+    the --sensitivity target.
+
+    Example:
+
+        screen train ../shared/data/mammo-3383/labels.csv --out runs/cnn256 --epochs 20
+    """
+    from trainer.dataset import DatasetError, discover
+
+    try:  # layout mistakes surface here in a second, before Keras is even imported
+        discover(source, patient_regex)
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    # Deferred: this pulls in Keras and its backend.
+    from trainer.train import TrainConfig
+    from trainer.train import train as run_training
+
+    cfg = TrainConfig(
+        source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
+        sensitivity_target=sensitivity_target, augment=not no_augment,
+        patient_regex=patient_regex, verbose=1 if progress else 2,
+        command=invocation(click.get_current_context()),
+    )
+    try:
+        result = run_training(cfg)
+    except DatasetError as exc:  # layout, label and split problems: the user's to fix
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"best model: {result.model_path}")
+    click.echo(f"next: screen export {result.model_path} --out models/model.onnx "
+               f"--metrics {result.out_dir / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    train(prog_name="python -m trainer.commands")
