@@ -229,6 +229,12 @@ def hardware() -> str:
     except Exception:  # not every backend implements device listing
         devices = "unknown devices"
     cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model; platform.processor() often says only "x86_64"
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return (f"{cpu}, {os.cpu_count()} CPU core(s); Keras {keras.__version__}, "
             f"backend {keras.backend.backend()} on {devices}")
 
