@@ -92,9 +92,8 @@ _LITE0_STAGES: tuple[_Stage, ...] = (
     _Stage(1, 3, 1, 6, 192, 320),
 )
 
-# Same initialisers as keras.applications.EfficientNet, for weights=None.
+# Same conv initialiser as keras.applications.EfficientNet, for weights=None.
 _CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
-_DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_out", "uniform")
 
 
 def _tf_same_pad(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
@@ -211,8 +210,9 @@ def build_efficientnet_lite0(size: int, weights: str | Path | None = "pretrained
     x = backbone(_grey_to_normalised_rgb(inputs))
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", kernel_initializer=_DENSE_INIT,
-                           name=OUTPUT_NAME)(x)
+    # Glorot init (not applications' fan_out scaling, which for one unit gives weights up to
+    # +-1 and a sigmoid saturated from the first step on 1280 pretrained features).
+    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
     return keras.Model(inputs, outputs, name=f"efficientnet_lite0_{size}")
 
 
