@@ -134,3 +134,52 @@ def test_export_command_is_content_versioned(run_dir: Path, tmp_path: Path) -> N
         versions.append(Scorer(tmp_path / name).version)
     # Same weights, same version, although the metadata (export time) differs.
     assert versions[0] == versions[1]
+
+
+def test_trained_model_served_by_a_real_watcher(run_dir: Path, small_pool: Path,
+                                                tmp_path: Path) -> None:
+    """train -> export -> `screen watch` on a real inbox -> rows read back from SQLite."""
+    import sqlite3
+    import threading
+    import time
+
+    from export.onnx_export import export_to_onnx, metadata_from_run, read_run_metrics
+    from worker.app import open_worker
+    from worker.config import load_config
+
+    model = tmp_path / "served.onnx"
+    export_to_onnx(run_dir / "best.keras", model,
+                   parity_images=sorted((small_pool / "images").rglob("*.jpg"))[:4],
+                   **metadata_from_run(read_run_metrics(run_dir / "metrics.json")))
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "c.toml").write_text(
+        f"[model]\npath = '{model.name}'\n[paths]\ninbox = 'inbox'\nprocessed = 'done'\n"
+        "quarantine = 'bad'\n[database]\nurl = 'sqlite:///s.db'\n"
+        "[worker]\nsettle_seconds = 0.2\n")
+    worker = open_worker(load_config(tmp_path / "c.toml"))
+    thread = threading.Thread(target=worker.watcher.watch)
+    thread.start()
+    dropped = sorted((small_pool / "images").rglob("*.jpg"))[:6]
+    try:
+        time.sleep(0.5)
+        for p in dropped:
+            shutil.copyfile(p, tmp_path / "inbox" / (p.name + ".part"))
+            (tmp_path / "inbox" / (p.name + ".part")).rename(tmp_path / "inbox" / p.name)
+        deadline = time.monotonic() + 30
+        rows: list[tuple] = []
+        while time.monotonic() < deadline:
+            with sqlite3.connect(tmp_path / "s.db") as con:
+                rows = con.execute("SELECT filename, status, score, label, model_version "
+                                   "FROM images WHERE moved_at IS NOT NULL").fetchall()
+            if len(rows) == len(dropped):
+                break
+            time.sleep(0.2)
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+    assert sorted(r[0] for r in rows) == sorted(p.name for p in dropped)
+    version = worker.scorer.version
+    for _, status, score, label, model_version in rows:
+        assert status == "scored" and 0.0 <= score <= 1.0 and model_version == version
+        assert label == ("malignant" if score >= worker.scorer.threshold else "benign")
