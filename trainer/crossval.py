@@ -33,11 +33,10 @@ import keras
 import numpy as np
 
 from trainer.dataset import Sample, discover, kfold_by_patient, limit_samples
+from trainer.model import ARCHES, build_model, default_lr
 from trainer.train import ArrayBatches, breast_level, class_weights, preprocess_samples
 from worker.metrics import confusion_at, roc_auc, threshold_for_sensitivity
 from worker.preprocess import PreprocessSettings
-
-ARCHES = ("cnn", "lite0")
 
 
 @dataclass
@@ -59,22 +58,6 @@ class CVConfig:
     limit: int | None = None
     sensitivity_target: float = 0.9
     name: str = ""
-
-
-def build_model(arch: str, size: int, weights: str | None = "pretrained") -> keras.Model:
-    if arch == "cnn":
-        from trainer.model import build_cnn
-
-        return build_cnn(size)
-    if arch == "lite0":
-        from trainer.efficientnet_lite import build_efficientnet_lite0
-
-        return build_efficientnet_lite0(size, weights=weights)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
-
-
-def default_lr(arch: str, weights: str | None) -> float:
-    return 3e-4 if arch == "lite0" and weights else 1e-3
 
 
 def fit_and_score(

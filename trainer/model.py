@@ -72,3 +72,23 @@ def with_augmentation(model: keras.Model, augment: keras.Sequential) -> keras.Mo
     size = model.input_shape[1]
     inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
     return keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_train")
+
+
+ARCHES = ("cnn", "lite0")
+
+
+def build_model(arch: str, size: int, weights: str | None = "pretrained") -> keras.Model:
+    """``cnn``: the small CNN from scratch; ``lite0``: EfficientNet-Lite0, ImageNet-initialised
+    from the weights package unless ``weights`` is None (random init, for comparison)."""
+    if arch == "cnn":
+        return build_cnn(size)
+    if arch == "lite0":
+        from trainer.efficientnet_lite import build_efficientnet_lite0
+
+        return build_efficientnet_lite0(size, weights=weights)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
+
+
+def default_lr(arch: str, weights: str | None) -> float:
+    """Fine-tuning pretrained weights wants a gentler start than training from scratch."""
+    return 3e-4 if arch == "lite0" and weights else 1e-3

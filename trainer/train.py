@@ -40,7 +40,7 @@ from trainer.dataset import (
     split_by_patient,
     split_strategy,
 )
-from trainer.model import build_augmentation, build_cnn, with_augmentation
+from trainer.model import build_augmentation, build_model, default_lr, with_augmentation
 from trainer.plots import plot_confusion, plot_roc
 from worker.metrics import roc_auc, summary, threshold_for_sensitivity
 from worker.preprocess import ImageError, PreprocessSettings, preprocess_file
@@ -58,7 +58,11 @@ class TrainConfig:
     size: int = 256
     epochs: int = 20
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | None = None  # None: 1e-3 from scratch, 3e-4 when fine-tuning pretrained lite0
+    arch: str = "cnn"  # "cnn" (small, from scratch) or "lite0" (EfficientNet-Lite0)
+    weights: str | None = "pretrained"  # lite0 only: ImageNet weights, or None for random init
+    crop: bool = False  # preprocessing: crop to the breast first
+    orient: str = "none"  # preprocessing: "left" mirrors so the breast faces one way
     val_fraction: float = 0.2
     seed: int = 0
     sensitivity_target: float = 0.9
@@ -292,7 +296,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     verbose = cfg.verbose != 0
     settings = PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.arch, cfg.weights)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or lr <= 0:
         raise ValueError("epochs and batch size must be at least 1 and lr positive")
 
     # 1. images and the patient split
@@ -325,14 +330,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 3. model, and augmentation that exists only in the training wrapper
     keras.utils.set_random_seed(cfg.seed)
-    model = build_cnn(cfg.size)
+    model = build_model(cfg.arch, cfg.size, cfg.weights)
     fit_model = with_augmentation(model, build_augmentation(cfg.seed)) if cfg.augment else model
     weights = class_weights(y_train)
     train_data = ArrayBatches(x_train, y_train, cfg.batch_size, weights, shuffle=True,
                               seed=cfg.seed)
     val_data = ArrayBatches(x_val, y_val, cfg.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
-        cfg.lr, decay_steps=cfg.epochs * len(train_data), alpha=0.02
+        lr, decay_steps=cfg.epochs * len(train_data), alpha=0.02
     )
     fit_model.compile(
         optimizer=keras.optimizers.Adam(schedule),
@@ -399,7 +404,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             "size": cfg.size,
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
+            "lr": lr,
+            "arch": cfg.arch,
+            "weights": cfg.weights if cfg.arch == "lite0" else None,
             "schedule": "Adam, cosine decay to 2% over all epochs",
             "loss": "binary cross-entropy, balanced class weights",
             "class_weights": weights,
