@@ -247,3 +247,48 @@ def test_bad_input_catalogue(workdir: Path, tmp_path: Path) -> None:
     assert "link.png" not in rows and outside.exists()
     assert (workdir / "processed" / "folder" / "inner.png").exists()
     assert os.path.exists(os.fsencode(workdir / "processed") + b"/latin1-\xe9.png")
+
+
+def _peak_rss_mb(workdir: Path) -> tuple[int, float]:
+    """Run `screen process` in a fresh wrapper; its return code and the worker's peak RSS."""
+    wrapper = ("import resource, subprocess, sys; "
+               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+               "stderr=subprocess.DEVNULL); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "worker",
+                           "--config", str(workdir / "config.toml"), "process", "--batch-size",
+                           "16"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=1800)
+    return proc.returncode, int(proc.stdout.strip().splitlines()[-1]) / 1024
+
+
+def _burst(workdir: Path, n: int, prefix: str) -> tuple[list[str], float]:
+    inbox = workdir / "inbox"
+    src = write_mammo_like(workdir / "src.png", size=(200, 160)).read_bytes()
+    names = []
+    for i in range(n):
+        # Distinct content per file (one byte appended after IEND is ignored by decoders),
+        # so every file is scored rather than recognised as a duplicate.
+        name = f"{prefix}{i:05d}.png"
+        (inbox / name).write_bytes(src + i.to_bytes(4, "big"))
+        names.append(name)
+    rc, rss = _peak_rss_mb(workdir)
+    assert rc == 0
+    return names, rss
+
+
+def test_burst_quick(workdir: Path) -> None:
+    names, _ = _burst(workdir, 300, "b")
+    counts = assert_exactly_once(workdir, names)
+    assert counts == {"scored": 300}
+
+
+@pytest.mark.slow
+def test_burst_2000_memory_does_not_grow_with_backlog(workdir: Path) -> None:
+    small, rss_small = _burst(workdir, 250, "s")
+    big, rss_big = _burst(workdir, 2000, "b")
+    counts = assert_exactly_once(workdir, small + big)
+    print(f"\nburst: 250 files peak RSS {rss_small:.0f} MB, 2000 files {rss_big:.0f} MB")
+    assert counts == {"scored": 2250}
+    assert rss_big < 1.25 * rss_small
