@@ -127,3 +127,25 @@ def test_symlink_is_not_followed(config: Config, tmp_path: Path) -> None:
     worker.close()
     assert _rows(config) == []
     assert outside.exists()
+
+
+def test_status_reports_backlog_counts_and_model(workdir: Path, config: Config) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    write_mammo_like(config.inbox / "a.png")
+    (config.inbox / "b.txt").write_text("x")
+    run = ["--config", str(workdir / "config.toml")]
+    before = json.loads(CliRunner().invoke(cli, [*run, "status", "--format", "json"]).stdout)
+    assert before["backlog"] == 2 and before["counts"] == {}
+    assert before["model"]["version"] == "test-mean-1"
+    assert CliRunner().invoke(cli, [*run, "process"]).exit_code == 0
+    after = json.loads(CliRunner().invoke(cli, [*run, "status", "--format", "json"]).stdout)
+    assert after["backlog"] == 0 and after["unfinished_rows"] == 0
+    assert after["counts"] == {"quarantined": 1, "scored": 1}
+    assert after["last_received"] is not None
+    text = CliRunner().invoke(cli, [*run, "status"]).stdout
+    assert "backlog 0" in text and "test-mean-1" in text
