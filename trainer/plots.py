@@ -24,7 +24,7 @@ def plot_confusion(y_true: np.ndarray, scores: np.ndarray, threshold: float, pat
     # Rows: true class; columns: predicted class (benign first, as the labels are 0/1).
     counts = np.array([[c.tn, c.fp], [c.fn, c.tp]])
     row_totals = counts.sum(axis=1, keepdims=True).clip(min=1)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(4.6, 3.8), dpi=100)
     ax.imshow(counts / row_totals, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(2):
         for j in range(2):
