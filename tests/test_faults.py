@@ -44,7 +44,9 @@ def drop_files(inbox: Path, n: int, seed: int = 0, prefix: str = "img") -> list[
     names = []
     for i in range(n):
         name = f"{prefix}{i:04d}.png"
-        write_mammo_like(inbox / name, size=(64, 48), seed=rng.randrange(max(n // 2, 1)))
+        # About half the contents repeat within a drop (duplicates); drops differ by seed.
+        write_mammo_like(inbox / name, size=(64, 48),
+                         seed=seed * 100_000 + rng.randrange(max(n // 2, 1)))
         names.append(name)
     for i, data in enumerate([b"", b"not an image", b"\xff\xd8\xff\xe0 truncated"]):
         name = f"{prefix}bad{i}.jpg"
@@ -263,7 +265,7 @@ def _peak_rss_mb(workdir: Path) -> tuple[int, float]:
     return proc.returncode, int(proc.stdout.strip().splitlines()[-1]) / 1024
 
 
-def _burst(workdir: Path, n: int, prefix: str) -> tuple[list[str], float]:
+def _burst(workdir: Path, n: int, prefix: str, first: int = 0) -> tuple[list[str], float]:
     inbox = workdir / "inbox"
     src = write_mammo_like(workdir / "src.png", size=(200, 160)).read_bytes()
     names = []
@@ -271,7 +273,7 @@ def _burst(workdir: Path, n: int, prefix: str) -> tuple[list[str], float]:
         # Distinct content per file (one byte appended after IEND is ignored by decoders),
         # so every file is scored rather than recognised as a duplicate.
         name = f"{prefix}{i:05d}.png"
-        (inbox / name).write_bytes(src + i.to_bytes(4, "big"))
+        (inbox / name).write_bytes(src + (first + i).to_bytes(4, "big"))
         names.append(name)
     rc, rss = _peak_rss_mb(workdir)
     assert rc == 0
@@ -287,7 +289,7 @@ def test_burst_quick(workdir: Path) -> None:
 @pytest.mark.slow
 def test_burst_2000_memory_does_not_grow_with_backlog(workdir: Path) -> None:
     small, rss_small = _burst(workdir, 250, "s")
-    big, rss_big = _burst(workdir, 2000, "b")
+    big, rss_big = _burst(workdir, 2000, "b", first=250)
     counts = assert_exactly_once(workdir, small + big)
     print(f"\nburst: 250 files peak RSS {rss_small:.0f} MB, 2000 files {rss_big:.0f} MB")
     assert counts == {"scored": 2250}
