@@ -149,3 +149,36 @@ def test_status_reports_backlog_counts_and_model(workdir: Path, config: Config) 
     assert after["last_received"] is not None
     text = CliRunner().invoke(cli, [*run, "status"]).stdout
     assert "backlog 0" in text and "test-mean-1" in text
+
+
+def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
+    config: Config,
+) -> None:
+    path = write_mammo_like(config.inbox / "a.png", seed=1)
+    worker = open_worker(config)
+    record = worker.pipeline._receive(path, path.read_bytes())
+    worker.pipeline._commit_decisions({record.id: {"status": SCORED, "score": 0.2,
+                                                   "label": "benign"}})
+    write_mammo_like(path, seed=2)  # replaced under us, after reading and scoring
+    worker.pipeline.reconcile()
+    assert path.exists()  # the new content was not moved under the old row
+    worker.watcher.run_once(timeout=10)
+    with worker.store.read() as s:
+        rows = list(s.scalars(select(ImageRecord).order_by(ImageRecord.id)))
+        kinds = [e for (e,) in s.execute(
+            __import__("sqlalchemy").text("SELECT kind FROM events WHERE image_id = 1"))]
+    worker.close()
+    assert [r.status for r in rows] == [SCORED, SCORED]
+    assert rows[0].sha256 != rows[1].sha256 and rows[0].final_path is None
+    assert "replaced" in kinds
+    assert not path.exists() and (config.processed / "a.png").exists()
+
+
+def test_file_deleted_while_it_waits_leaves_no_row(config: Config) -> None:
+    path = write_mammo_like(config.inbox / "a.png")
+    worker = open_worker(config)
+    worker.watcher.rescan()
+    path.unlink()
+    assert worker.watcher.run_once(timeout=2) == []
+    worker.close()
+    assert _rows(config) == []

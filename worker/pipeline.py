@@ -187,7 +187,15 @@ class Pipeline:
 
     def _read(self, path: Path) -> bytes | None:
         try:
+            before = os.stat(path)
             data = path.read_bytes()
+            after = os.stat(path)
+            if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+                len(data) != after.st_size
+            ):
+                # Still being written after all: leave it for the next look, record nothing.
+                log.info("changed while read file=%s (will retry)", display_name(path))
+                return None
         except (FileNotFoundError, IsADirectoryError):
             log.info("vanished file=%s (gone before it was read)", display_name(path))
             self.read_failures.pop(path, None)

@@ -197,8 +197,11 @@ class InboxWatcher:
             self.stop_event.wait(self._backoff)
             return []
         self._backoff = 0.0
+        handled = {r.path for r in results}
         for path in batch:
             self.tracker.forget(path)
+            if path not in handled and os.path.lexists(path):
+                self.tracker.observe(path)  # changed while read, or a read error: look again
         self.processed += len(results)
         self.last_activity = time.time()
         return results
