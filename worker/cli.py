@@ -168,11 +168,19 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
     """
     from worker.app import run_process
 
+    tty = sys.stderr.isatty()
+    shown = [0]
+
     def progress(done: int, total: int) -> None:
-        click.echo(f"\rprocessed {done}/{total}", nl=False, err=True)
+        # A live counter on a terminal; in a log, a line per tenth of the backlog.
+        if tty:
+            click.echo(f"\rprocessed {done}/{total}", nl=False, err=True)
+        elif done == total or done - shown[0] >= max(total // 10, 1):
+            shown[0] = done
+            click.echo(f"processed {done}/{total}", err=True)
 
     results = run_process(_config(ctx, **overrides), timeout, progress)
-    if results:
+    if results and tty:
         click.echo("", err=True)
     counts: dict[str, int] = {}
     for r in results:
