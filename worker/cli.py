@@ -98,6 +98,9 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+since_option = click.option("--since", help="Only images received at or after this ISO time (UTC).")
+
+
 def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--database", help="Overrides [database] url.")(fn)
 
@@ -194,7 +197,7 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
 )
-@click.option("--since", help="Only images received at or after this ISO time (UTC).")
+@since_option
 @click.option(
     "--output", "-o", type=click.Path(path_type=Path), help="Write to a file instead of stdout."
 )
@@ -268,7 +271,7 @@ def outcomes_import(ctx: click.Context, database: str | None, csv_file: Path) ->
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
-@click.option("--since", help="Only images received at or after this ISO time (UTC).")
+@since_option
 @click.option(
     "--plot",
     type=click.Path(path_type=Path),
