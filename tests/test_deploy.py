@@ -49,3 +49,11 @@ def test_unit_has_the_promised_hardening() -> None:
         assert line in text
     config = (REPO / "deploy" / "config.service.toml").read_text()
     assert config.count("/srv/mammo-screen") >= 4  # everything it writes is under the one path
+
+
+def test_service_config_is_valid() -> None:
+    from worker.config import load_config
+
+    cfg = load_config(REPO / "deploy" / "config.service.toml")
+    assert cfg.inbox == Path("/srv/mammo-screen/inbox")
+    assert cfg.database_url == "sqlite:////srv/mammo-screen/screen.db"

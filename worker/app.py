@@ -103,8 +103,8 @@ def run_process(
 
 
 def status(config: Config) -> dict[str, Any]:
-    """Backlog, last activity, counts, and the model in use, without loading ONNX Runtime's
-    session for scoring (a status check should be cheap)."""
+    """Backlog, last activity, counts, and the model in use. The model is loaded (not run)
+    so that a broken or mismatched model file shows up here, not only at the next start."""
     store = open_store(config)
     try:
         counts = store.counts_by_status()
