@@ -11,7 +11,20 @@ from typing import Any
 import numpy as np
 
 from worker.metrics import roc_curve, summary
-from worker.store import DUPLICATE, QUARANTINED, SCORED, Store
+from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord, Store
+
+
+def scored_with_outcome(
+    images: list[ImageRecord], outcomes: dict[str, str]
+) -> dict[str, list[tuple[int, float, float]]]:
+    """Per model version, (truth, score, threshold) of the scored images with a known outcome."""
+    groups: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in images:
+        if r.status != SCORED or r.score is None or r.sha256 not in outcomes:
+            continue
+        truth = 1 if outcomes[r.sha256] == "malignant" else 0
+        groups[r.model_version or "?"].append((truth, r.score, r.threshold or 0.5))
+    return groups
 
 
 def build_report(store: Store, since: dt.datetime | None = None) -> dict[str, Any]:
@@ -26,13 +39,7 @@ def build_report(store: Store, since: dt.datetime | None = None) -> dict[str, An
     by_label = Counter(r.label for r in images if r.status == SCORED and r.label)
     reasons = Counter((r.error or "").split(":")[0] for r in images if r.status == QUARANTINED)
 
-    groups: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-    for r in images:
-        if r.status != SCORED or r.score is None or r.sha256 not in outcomes:
-            continue
-        truth = 1 if outcomes[r.sha256] == "malignant" else 0
-        groups[r.model_version or "?"].append((truth, r.score, r.threshold or 0.5))
-
+    groups = scored_with_outcome(images, outcomes)
     models = []
     for version, rows in sorted(groups.items()):
         y = np.array([t for t, _, _ in rows])
@@ -112,7 +119,7 @@ def plot_report(store: Store, out: Path, since: dt.datetime | None = None) -> in
     import matplotlib.pyplot as plt
 
     report = build_report(store, since)
-    outcomes = store.outcomes()
+    groups = scored_with_outcome(store.all_images(since), store.outcomes())
     versions = [m["model_version"] for m in report["models"]]
     n = max(len(versions), 1)
     fig, axes = plt.subplots(n, 2, figsize=(9, 4 * n), squeeze=False)
@@ -120,17 +127,9 @@ def plot_report(store: Store, out: Path, since: dt.datetime | None = None) -> in
         for ax in axes[0]:
             ax.text(0.5, 0.5, "no scored images with a known outcome", ha="center", va="center")
             ax.axis("off")
-    images = store.all_images(since)
     for row, m in enumerate(report["models"]):
-        ys, ss = [], []
-        for r in images:
-            if (
-                r.status == SCORED
-                and r.model_version == m["model_version"]
-                and r.sha256 in outcomes
-            ):
-                ys.append(1 if outcomes[r.sha256] == "malignant" else 0)
-                ss.append(r.score)
+        ys = [t for t, _, _ in groups[m["model_version"]]]
+        ss = [sc for _, sc, _ in groups[m["model_version"]]]
         cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
         ax = axes[row][0]
         ax.imshow(cm, cmap="Blues")
