@@ -208,6 +208,8 @@ class InboxWatcher:
 
     def _report_stale(self) -> None:
         """Files that have kept changing for longer than stale_write_seconds: say so, once."""
+        # Forget files no longer waiting, so the set stays as small as the backlog.
+        self._reported_stale.intersection_update(self.tracker.pending())
         for path in self.tracker.stale(self.config.stale_write_seconds):
             if path not in self._reported_stale:
                 self._reported_stale.add(path)
@@ -243,8 +245,10 @@ class InboxWatcher:
         return results
 
     def watch(self, ready: threading.Event | None = None) -> None:
-        """Watch until `stop_event` is set; the batch in progress is finished first."""
-        self.pipeline.reconcile()
+        """Watch until `stop_event` is set; the batch in progress is finished first.
+
+        The first pass of the loop reconciles and scans at once, and again every
+        rescan_seconds."""
         observer = PollingObserver(timeout=1.0) if self.polling else Observer()
         observer.schedule(
             _Handler(self.hints), str(self.config.inbox), recursive=self.config.recursive
