@@ -43,8 +43,13 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Adam's initial learning rate, cosine decay over the epochs "
                    "[default: 1e-3 from scratch, 3e-4 fine-tuning lite0].")
-@click.option("--arch", type=click.Choice(["cnn", "lite0"]), default="cnn", show_default=True,
-              help="cnn: small CNN from scratch; lite0: EfficientNet-Lite0 fine-tuned.")
+@click.option("--arch", type=click.Choice(["cnn", "lite0", "lite0-probe"]), default="cnn",
+              show_default=True,
+              help="cnn: small CNN from scratch; lite0: EfficientNet-Lite0 fine-tuned; "
+                   "lite0-probe: frozen Lite0 ImageNet features + logistic regression "
+                   "(no epochs; --no-augment drops the mirrored copies).")
+@click.option("--pooling", type=click.Choice(["avg", "max", "avg+max"]), default="avg",
+              show_default=True, help="lite0-probe: which pooled features the head reads.")
 @click.option("--random-init", is_flag=True,
               help="lite0 without its ImageNet weights (for comparison).")
 @click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
@@ -69,7 +74,7 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
 def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
-          lr: float | None, arch: str, random_init: bool, crop: bool, orient: str,
+          lr: float | None, arch: str, pooling: str, random_init: bool, crop: bool, orient: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
           sensitivity_target: float, no_augment: bool, patient_regex: str | None,
           progress: bool) -> None:
@@ -97,6 +102,7 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
     cfg = TrainConfig(
         source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
+        pooling=pooling,
         val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
         sensitivity_target=sensitivity_target, augment=not no_augment,
         patient_regex=patient_regex, verbose=1 if progress else 2,

@@ -91,7 +91,7 @@ def predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return out
 
 
-def _metadata(source: Path) -> dict[str, dict[str, str]]:
+def pool_metadata(source: Path) -> dict[str, dict[str, str]]:
     """filename -> {machine, site} from the dev pool's labels.csv, for the shortcut checks."""
     if source.suffix.lower() != ".csv":
         return {}
@@ -109,8 +109,9 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return roc_auc(y, s) if len(y) else None
 
 
-def _figures(
-    cfg: CVConfig,
+def cv_figures(
+    folds: int,
+    sensitivity_target: float,
     samples: Sequence[Sample],
     y: np.ndarray,
     oof: np.ndarray,
@@ -119,11 +120,11 @@ def _figures(
 ) -> dict[str, Any]:
     """AUCs (per fold, pooled, breast, machine 49) and the confusion at the threshold rule,
     each fold's threshold chosen on the other folds' out-of-fold scores."""
-    fold_auc = [_auc(y[fold_of == k], oof[fold_of == k]) for k in range(cfg.folds)]
+    fold_auc = [_auc(y[fold_of == k], oof[fold_of == k]) for k in range(folds)]
     conf = np.zeros(4, dtype=int)
-    for k in range(cfg.folds):
+    for k in range(folds):
         other, this = fold_of != k, fold_of == k
-        t = threshold_for_sensitivity(y[other], oof[other], cfg.sensitivity_target)
+        t = threshold_for_sensitivity(y[other], oof[other], sensitivity_target)
         c = confusion_at(y[this], oof[this], t)
         conf += np.array([c.tp, c.fp, c.tn, c.fn])
     tp, fp, tn, fn = (int(v) for v in conf)
@@ -152,7 +153,7 @@ def cross_validate(cfg: CVConfig) -> dict[str, Any]:
     x, samples, _ = preprocess_samples(samples, settings, threads=8, verbose=False)
     y = np.array([s.label for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
-    meta = _metadata(Path(cfg.source))
+    meta = pool_metadata(Path(cfg.source))
     machine = np.array([meta.get(str(s.path.resolve()), {}).get("machine", "") for s in samples])
     site = np.array([meta.get(str(s.path.resolve()), {}).get("site", "") for s in samples])
 
@@ -178,10 +179,11 @@ def cross_validate(cfg: CVConfig) -> dict[str, Any]:
         | {"source": str(cfg.source), "lr": cfg.lr or default_lr(cfg.arch, cfg.weights)},
         "images": len(samples),
         "machine49_images": int((machine == "49").sum()),
-        **_figures(cfg, samples, y, oof, fold_of, machine),
+        **cv_figures(cfg.folds, cfg.sensitivity_target, samples, y, oof, fold_of, machine),
     }
     if cfg.tta:
-        result["tta"] = _figures(cfg, samples, y, oof_tta, fold_of, machine)
+        result["tta"] = cv_figures(cfg.folds, cfg.sensitivity_target, samples, y, oof_tta,
+                                   fold_of, machine)
     if cfg.loso and len(set(site) - {""}) > 1:
         loso = {}
         for held in sorted(set(site) - {""}):

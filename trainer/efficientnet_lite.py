@@ -180,7 +180,7 @@ def build_efficientnet_lite0_backbone(size: int, drop_connect_rate: float = 0.2,
     return keras.Model(inputs, x, name=name)
 
 
-def _grey_to_normalised_rgb(inputs: keras.KerasTensor) -> keras.KerasTensor:
+def grey_to_normalised_rgb(inputs: keras.KerasTensor) -> keras.KerasTensor:
     # Repeat the grey channel (Concatenate exports to ONNX as one Concat) and apply the
     # checkpoint's fixed normalisation as a layer, so the ONNX graph carries it.
     x = layers.Concatenate(axis=-1, name="grey_to_rgb")([inputs, inputs, inputs])
@@ -205,9 +205,9 @@ def build_efficientnet_lite0(size: int, weights: str | Path | None = "pretrained
     inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
     backbone = build_efficientnet_lite0_backbone(size, drop_connect_rate)
     if weights is not None:
-        load_torch_weights(backbone, _resolve_weights(weights), classifier=None)
+        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
     backbone.trainable = train_backbone
-    x = backbone(_grey_to_normalised_rgb(inputs))
+    x = backbone(grey_to_normalised_rgb(inputs))
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     # Glorot init (not applications' fan_out scaling, which for one unit gives weights up to
@@ -230,7 +230,7 @@ def build_efficientnet_lite0_imagenet(size: int = 224,
     classifier = layers.Dense(_IMAGENET_CLASSES, name="imagenet_logits")
     outputs = classifier(x)
     if weights is not None:
-        load_torch_weights(backbone, _resolve_weights(weights), classifier=classifier)
+        load_torch_weights(backbone, resolve_weights(weights), classifier=classifier)
     return keras.Model(inputs, outputs, name="efficientnet_lite0_imagenet")
 
 
@@ -258,7 +258,7 @@ def find_pretrained_weights() -> Path:
     return candidates[0]
 
 
-def _resolve_weights(weights: str | Path) -> Mapping[str, np.ndarray]:
+def resolve_weights(weights: str | Path) -> Mapping[str, np.ndarray]:
     if str(weights) == "pretrained":
         path = find_pretrained_weights()
         digest = hashlib.sha256(path.read_bytes()).hexdigest()

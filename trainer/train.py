@@ -42,6 +42,7 @@ from trainer.dataset import (
 )
 from trainer.model import build_augmentation, build_model, default_lr, with_augmentation
 from trainer.plots import plot_confusion, plot_roc
+from trainer.probe import PROBE_ARCH, fit_probe_model
 from worker.metrics import roc_auc, summary, threshold_for_sensitivity
 from worker.preprocess import ImageError, PreprocessSettings, preprocess_file
 
@@ -59,7 +60,8 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32
     lr: float | None = None  # None: 1e-3 from scratch, 3e-4 when fine-tuning pretrained lite0
-    arch: str = "cnn"  # "cnn" (small, from scratch) or "lite0" (EfficientNet-Lite0)
+    arch: str = "cnn"  # "cnn" (small, from scratch), "lite0" (EfficientNet-Lite0, fine-tuned)
+    # or "lite0-probe" (frozen Lite0 ImageNet features + logistic regression, no epochs)
     weights: str | None = "pretrained"  # lite0 only: ImageNet weights, or None for random init
     crop: bool = False  # preprocessing: crop to the breast first
     orient: str = "none"  # preprocessing: "left" mirrors so the breast faces one way
@@ -70,8 +72,7 @@ class TrainConfig:
     patience: int | None = None  # early stopping on validation AUC; None trains every epoch
     augment: bool = True
     patient_regex: str | None = None  # folder layouts: patient id from the file name
-    crop: bool = False  # preprocessing: crop to the breast first (recorded in the model)
-    orient: str = "none"  # preprocessing: "left" mirrors breasts to face one way
+    pooling: str = "avg"  # lite0-probe only: pooled features the logistic head reads
     verbose: int | str = 1  # Keras fit verbosity: 1 progress bar, 2 one line per epoch
     preprocess_threads: int = 2
     command: str = ""  # the command line that started the run, recorded in metrics.json
@@ -282,8 +283,13 @@ def format_summary(metrics: dict[str, Any]) -> str:
     breast = metrics["validation"].get("breast")
     if breast:
         lines.append(f"  breast-level AUC {_fmt(breast['auc'])} over {breast['n']} breasts")
-    lines.append(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
-                 f"{metrics['training']['seconds']:.0f} s")
+    probe = metrics["training"].get("probe")
+    if probe:
+        lines.append(f"  linear probe ({probe['pooling']} pooling), penalty l2 {probe['l2']}, "
+                     f"{metrics['training']['seconds']:.0f} s")
+    else:
+        lines.append(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
+                     f"{metrics['training']['seconds']:.0f} s")
     return "\n".join(lines)
 
 
@@ -328,43 +334,73 @@ def train(cfg: TrainConfig) -> TrainResult:
     if verbose:
         print(f"split by {strategy}: train {describe(train_s)}, validation {describe(val_s)}")
 
-    # 3. model, and augmentation that exists only in the training wrapper
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.size, cfg.weights)
-    fit_model = with_augmentation(model, build_augmentation(cfg.seed)) if cfg.augment else model
-    weights = class_weights(y_train)
-    train_data = ArrayBatches(x_train, y_train, cfg.batch_size, weights, shuffle=True,
-                              seed=cfg.seed)
-    val_data = ArrayBatches(x_val, y_val, cfg.batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        lr, decay_steps=cfg.epochs * len(train_data), alpha=0.02
-    )
-    fit_model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
-                 # binned, so approximate: a training-progress hint only
-                 keras.metrics.AUC(num_thresholds=1000, name="auc")],
-    )
-
-    # 4. fit, keeping the epoch with the best validation AUC
     best_path = out / BEST_MODEL
-    checkpoint = BestCheckpoint(model, best_path)
-    # Order matters: the validation callback fills the logs the others read.
-    callbacks: list[keras.callbacks.Callback] = [
-        ValidationScores(model, val_data), checkpoint,
-        keras.callbacks.CSVLogger(str(out / HISTORY_FILE)),
-    ]
-    if cfg.patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
-                                                       patience=cfg.patience))
-    fit_started = time.time()
-    history = fit_model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
-                            verbose=cfg.verbose)
-    fit_seconds = time.time() - fit_started
-    epochs_run = len(history.history.get("loss", []))
-    if checkpoint.best_epoch < 0:  # AUC never finite (e.g. NaN loss): keep the last weights
-        model.save(best_path)
+    weights: dict[int, float] = class_weights(y_train)
+    if cfg.arch == PROBE_ARCH:
+        # 3-4. frozen features and a logistic head: no epochs to choose
+        if verbose:
+            print(f"fitting a linear probe on frozen Lite0 features ({cfg.pooling} pooling"
+                  f"{', with mirrored copies' if cfg.augment else ''})")
+        fit_started = time.time()
+        probe_fit = fit_probe_model(
+            x_train, y_train, [s.patient_id or str(s.path) for s in train_s], cfg.size,
+            cfg.pooling, mirrored=cfg.augment, seed=cfg.seed, batch_size=cfg.batch_size,
+            progress=verbose)
+        probe_fit.model.save(best_path)
+        model, epochs_run, best_epoch = probe_fit.model, 0, 0
+        fit_seconds = time.time() - fit_started
+        history_rows: list[dict[str, float]] = []
+        probe_info: dict[str, Any] | None = {
+            "pooling": cfg.pooling,
+            "mirrored_copies": cfg.augment,
+            "l2": probe_fit.probe.l2,
+            "l2_inner_cv_auc": {str(k): v for k, v in probe_fit.l2_auc.items()},
+            "penalty_rule": "best mean AUC over a 3-fold patient-grouped CV of the training "
+                            "split alone",
+        }
+    else:
+        # 3. model, and augmentation that exists only in the training wrapper
+        keras.utils.set_random_seed(cfg.seed)
+        model = build_model(cfg.arch, cfg.size, cfg.weights)
+        fit_model = (with_augmentation(model, build_augmentation(cfg.seed)) if cfg.augment
+                     else model)
+        train_data = ArrayBatches(x_train, y_train, cfg.batch_size, weights, shuffle=True,
+                                  seed=cfg.seed)
+        val_data = ArrayBatches(x_val, y_val, cfg.batch_size)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=cfg.epochs * len(train_data), alpha=0.02
+        )
+        fit_model.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
+                     # binned, so approximate: a training-progress hint only
+                     keras.metrics.AUC(num_thresholds=1000, name="auc")],
+        )
+
+        # 4. fit, keeping the epoch with the best validation AUC
+        checkpoint = BestCheckpoint(model, best_path)
+        # Order matters: the validation callback fills the logs the others read.
+        callbacks: list[keras.callbacks.Callback] = [
+            ValidationScores(model, val_data), checkpoint,
+            keras.callbacks.CSVLogger(str(out / HISTORY_FILE)),
+        ]
+        if cfg.patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                                           patience=cfg.patience))
+        fit_started = time.time()
+        history = fit_model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
+                                verbose=cfg.verbose)
+        fit_seconds = time.time() - fit_started
+        epochs_run = len(history.history.get("loss", []))
+        if checkpoint.best_epoch < 0:  # AUC never finite (e.g. NaN loss): keep the last weights
+            model.save(best_path)
+        best_epoch = checkpoint.best_epoch if checkpoint.best_epoch > 0 else epochs_run
+        history_rows = [
+            {k: float(v[i]) for k, v in history.history.items()} | {"epoch": i + 1}
+            for i in range(epochs_run)
+        ]
+        probe_info = None
 
     # 5. validation figures with the best epoch's weights
     best = keras.saving.load_model(best_path)
@@ -388,7 +424,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "image": summary(y_val, scores, threshold),
             "breast": breast,
         },
-        "best_epoch": checkpoint.best_epoch if checkpoint.best_epoch > 0 else epochs_run,
+        "best_epoch": best_epoch,
         "epochs_run": epochs_run,
         "split": {
             "strategy": strategy,
@@ -406,9 +442,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             "batch_size": cfg.batch_size,
             "lr": lr,
             "arch": cfg.arch,
-            "weights": cfg.weights if cfg.arch == "lite0" else None,
-            "schedule": "Adam, cosine decay to 2% over all epochs",
-            "loss": "binary cross-entropy, balanced class weights",
+            "weights": cfg.weights if cfg.arch == "lite0" else (
+                "pretrained" if cfg.arch == PROBE_ARCH else None),
+            "probe": probe_info,
+            "schedule": ("none: logistic regression by Newton's method"
+                         if probe_info else "Adam, cosine decay to 2% over all epochs"),
+            "loss": "binary cross-entropy, balanced class weights"
+                    + (", L2 penalty" if probe_info else ""),
             "class_weights": weights,
             "augment": cfg.augment,
             "seed": cfg.seed,
@@ -428,8 +468,4 @@ def train(cfg: TrainConfig) -> TrainResult:
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if verbose:
         print(format_summary(metrics))
-    rows = [
-        {k: float(v[i]) for k, v in history.history.items()} | {"epoch": i + 1}
-        for i in range(epochs_run)
-    ]
-    return TrainResult(out_dir=out, model_path=best_path, metrics=metrics, history=rows)
+    return TrainResult(out_dir=out, model_path=best_path, metrics=metrics, history=history_rows)

@@ -1,0 +1,133 @@
+"""The linear-probe recipe: NumPy logistic regression, frozen features, the whole model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import DATA
+from trainer.logistic import (
+    _sigmoid,
+    balanced_weights,
+    choose_l2,
+    fit_logistic,
+    fit_probe,
+)
+
+
+def _toy(n: int = 600, d: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    w = np.zeros(d)
+    w[:3] = (1.5, -1.0, 0.5)
+    y = (rng.random(n) < _sigmoid(x @ w - 0.7)).astype(float)
+    return x, y
+
+
+def test_fit_logistic_reaches_the_optimum_of_its_objective() -> None:
+    x, y = _toy()
+    sw = balanced_weights(y)
+    theta = fit_logistic(x, y, l2=0.05, sample_weight=sw)
+    # Gradient of mean_w(log loss) + l2/2 |coef|^2 vanishes at the returned point.
+    w = sw / sw.sum()
+    xa = np.hstack([x, np.ones((len(x), 1))])
+    grad = xa.T @ (w * (_sigmoid(xa @ theta) - y))
+    grad[:-1] += 0.05 * theta[:-1]
+    assert np.abs(grad).max() < 1e-9
+    # And it finds the planted signal: the three informative features dominate.
+    assert set(np.argsort(-np.abs(theta[:-1]))[:3]) == {0, 1, 2}
+
+
+def test_stronger_penalty_shrinks_the_coefficients() -> None:
+    x, y = _toy()
+    norms = [np.linalg.norm(fit_logistic(x, y, l2)[:-1]) for l2 in (0.001, 0.1, 10.0)]
+    assert norms[0] > norms[1] > norms[2]
+
+
+def test_balanced_weights_give_each_class_half_the_loss() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1])
+    w = balanced_weights(y)
+    assert w[y == 0].sum() == pytest.approx(w[y == 1].sum())
+    with pytest.raises(ValueError, match="both classes"):
+        balanced_weights(np.zeros(5))
+
+
+def test_dense_weights_fold_the_standardisation_in() -> None:
+    x, y = _toy()
+    x = x * np.linspace(0.1, 50, x.shape[1]) + 7.0  # unscaled raw features
+    probe = fit_probe(x, y, l2=0.1)
+    kernel, bias = probe.dense_weights()
+    raw = _sigmoid(x @ kernel[:, 0].astype(float) + float(bias[0]))
+    np.testing.assert_allclose(raw, probe.predict(x), atol=1e-5)
+
+
+def test_choose_l2_keeps_groups_whole_and_prefers_what_generalises() -> None:
+    x, y = _toy(n=900, d=200, seed=1)  # many noise features: some penalty must help
+    groups = np.repeat(np.arange(300), 3)
+    best, aucs = choose_l2(x, y, groups, (1e-4, 0.1, 1e4), folds=3)
+    assert len(aucs) == 3
+    assert best == 0.1
+    assert aucs[1] > aucs[0]
+
+
+keras = pytest.importorskip("keras")
+
+
+@pytest.mark.train
+def test_probe_model_scores_equal_the_fitted_probe_and_onnx(tmp_path: Path) -> None:
+    """The saved Keras model, the probe on its features, and the exported ONNX model agree."""
+    from trainer.features import build_feature_model, extract
+    from trainer.probe import fit_probe_model
+
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 64, 64, 1)).astype(np.float16)
+    y = np.array([0, 1] * 12)
+    groups = [f"p{i // 2}" for i in range(24)]
+    fit = fit_probe_model(x, y, groups, size=64, pooling="avg+max", mirrored=True,
+                          l2_grid=(0.1, 1.0), inner_folds=2, progress=False)
+    feats = extract(build_feature_model(64, pooling="avg+max"), x, progress=False)
+    assert feats.shape == (24, 2560)
+    keras_scores = np.asarray(fit.model.predict(x.astype(np.float32), verbose=0)).reshape(-1)
+    np.testing.assert_allclose(keras_scores, fit.probe.predict(feats.astype(np.float64)),
+                               atol=1e-4)
+    assert fit.probe.l2 in (0.1, 1.0) and set(fit.l2_auc) == {0.1, 1.0}
+
+
+@pytest.mark.train
+def test_probe_cv_reports_every_figure_from_cached_features(tmp_path: Path) -> None:
+    if not DATA.is_dir():
+        pytest.skip("dev pool not available")
+    from trainer.dataset import discover, limit_samples
+    from trainer.probe_cv import ProbeCVConfig, probe_cross_validate
+    from worker.preprocess import PreprocessSettings
+
+    # Cached "features" need not come from the network to test the CV bookkeeping: a column
+    # that carries the label (plus noise) must give a high AUC, pure noise must not.
+    samples = limit_samples([s for s in discover(DATA / "labels.csv") if s.split != "test"],
+                            120, 0)
+    y = np.array([s.label for s in samples], dtype=float)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(len(samples), 2 * 8))
+    signal = noise.copy()
+    signal[:, 0] += 3 * y
+    settings = PreprocessSettings(size=64).to_json()
+    paths = np.array([str(s.path) for s in samples])
+    for name, plain in (("signal", signal), ("noise", noise)):
+        np.savez(tmp_path / f"{name}.npz", paths=paths, settings=np.array(settings),
+                 plain=plain, flipped=plain + rng.normal(scale=0.3, size=plain.shape))
+    res = {}
+    for name in ("signal", "noise"):
+        cfg = ProbeCVConfig(source=DATA / "labels.csv", features=tmp_path / f"{name}.npz",
+                            folds=3, pooling="avg+max", tta=True, flip_train=True, name=name)
+        res[name] = probe_cross_validate(cfg)
+    good, bad = res["signal"], res["noise"]
+    assert good["auc_pooled"] > 0.9
+    assert bad["auc_pooled"] < 0.7
+    assert len(good["fold_auc"]) == 3 and good["images"] == len(samples)
+    c = good["confusion"]
+    assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == len(samples)
+    assert set(good["leave_one_site_out_auc"]) == {"site1", "site2"}
+    assert json.loads(json.dumps(good))["preprocessing"]["size"] == 64

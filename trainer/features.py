@@ -1,0 +1,122 @@
+"""Frozen EfficientNet-Lite0 features: pooled backbone outputs for every image, computed once.
+
+A linear probe on frozen ImageNet features is the cheapest honest use of pretraining on two
+CPU cores: the backbone runs forward once per image (and once more mirrored, for flip
+augmentation and test-time flip), and every later experiment is a fit on a small matrix.
+
+The feature model is exactly the front of the shipped probe model
+(:func:`trainer.efficientnet_lite.build_efficientnet_lite0` with ``pooling``), so features
+computed here and scores from the exported ONNX model agree.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from trainer.efficientnet_lite import (
+    build_efficientnet_lite0_backbone,
+    grey_to_normalised_rgb,
+    load_torch_weights,
+    resolve_weights,
+)
+from worker.model_metadata import INPUT_NAME
+
+POOLINGS = ("avg", "max", "avg+max")
+
+
+def build_feature_model(size: int, weights: str | Path | None = "pretrained",
+                        pooling: str = "avg+max") -> keras.Model:
+    """image (size, size, 1) in [0, 1] -> pooled features of the backbone's last maps:
+    ``avg`` (1280, global average), ``max`` (1280, global max) or ``avg+max`` (2560, average
+    then max). Frozen, so batch norms run in inference mode with their moving statistics."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
+    backbone = build_efficientnet_lite0_backbone(size)
+    if weights is not None:
+        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    backbone.trainable = False
+    maps = backbone(grey_to_normalised_rgb(inputs))
+    pools = []
+    if "avg" in pooling:
+        pools.append(layers.GlobalAveragePooling2D(name="gap")(maps))
+    if "max" in pooling:
+        pools.append(layers.GlobalMaxPooling2D(name="gmp")(maps))
+    pooled = pools[0] if len(pools) == 1 else layers.Concatenate(name="pool")(pools)
+    return keras.Model(inputs, pooled, name=f"lite0_features_{size}")
+
+
+def extract(model: keras.Model, x: np.ndarray, batch_size: int = 16, flip: bool = False,
+            progress: bool = True, label: str = "") -> np.ndarray:
+    """Features (N, 2560) float32 for the (N, s, s, 1) array ``x`` (mirrored left-right first
+    when ``flip``). Prints one progress line every ~10% when ``progress``."""
+    out = np.zeros((len(x), model.output_shape[-1]), dtype=np.float32)
+    started, step = time.time(), max(1, len(x) // 10)
+    for i in range(0, len(x), batch_size):
+        xb = np.asarray(x[i : i + batch_size], dtype=np.float32)
+        if flip:
+            xb = xb[:, :, ::-1, :]
+        out[i : i + len(xb)] = np.asarray(model.predict_on_batch(np.ascontiguousarray(xb)))
+        done = i + len(xb)
+        if progress and (done // step != i // step or done == len(x)):
+            rate = done / max(time.time() - started, 1e-9)
+            print(f"features{label}: {done}/{len(x)} images ({rate:.1f} img/s)", flush=True)
+    return out
+
+
+def select(features: np.ndarray, pooling: str) -> np.ndarray:
+    """The columns for ``pooling``: "avg", "max" or "avg+max" (all)."""
+    half = features.shape[1] // 2
+    if pooling == "avg":
+        return features[:, :half]
+    if pooling == "max":
+        return features[:, half:]
+    if pooling == "avg+max":
+        return features
+    raise ValueError(f"unknown pooling {pooling!r}: use avg, max or avg+max")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Compute and cache the features of a labelled pool for :mod:`trainer.probe_cv`."""
+    import argparse
+
+    from trainer.dataset import discover
+    from trainer.train import preprocess_samples
+    from worker.preprocess import PreprocessSettings
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("source", help="labels.csv or a labelled folder")
+    p.add_argument("--size", type=int, default=384)
+    p.add_argument("--crop", action="store_true")
+    p.add_argument("--orient", choices=("none", "left"), default="none")
+    p.add_argument("--flip", action="store_true", help="also the features of mirrored images")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True, help="an .npz file")
+    a = p.parse_args(argv)
+
+    settings = PreprocessSettings(size=a.size, crop=a.crop, orient=a.orient)
+    samples = [s for s in discover(a.source) if s.split != "test"]
+    x, samples, failed = preprocess_samples(samples, settings, threads=2, verbose=2)
+    if failed:
+        print(f"{len(failed)} images failed to preprocess and are left out", flush=True)
+    model = build_feature_model(a.size)
+    arrays = {"plain": extract(model, x, a.batch_size, label=" plain")}
+    if a.flip:
+        arrays["flipped"] = extract(model, x, a.batch_size, flip=True, label=" flipped")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        a.out,
+        paths=np.array([str(s.path) for s in samples]),
+        settings=np.array(settings.to_json()),
+        **arrays,
+    )
+    print(f"wrote {a.out} ({len(samples)} images)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

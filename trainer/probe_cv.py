@@ -1,0 +1,147 @@
+"""Patient-grouped cross-validation of linear probes on cached frozen features.
+
+Same folds, figures and shortcut checks as :mod:`trainer.crossval` (pooled and per-fold image
+AUC, breast-level AUC, AUC within machine 49, leave-one-site-out, sensitivity/specificity with
+each fold's threshold chosen on the other folds), for a logistic regression on features from
+:mod:`trainer.features`. The penalty is chosen inside each training fold by an inner
+patient-grouped CV, never on the fold being scored.
+
+    python -m trainer.features LABELS --size 384 --flip --out runs/features/s384.npz
+    python -m trainer.probe_cv LABELS runs/features/s384.npz --pooling avg --flip-train --tta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.crossval import cv_figures, pool_metadata
+from trainer.dataset import Sample, discover, kfold_by_patient
+from trainer.features import select
+from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
+from worker.metrics import roc_auc
+
+
+@dataclass
+class ProbeCVConfig:
+    source: str | Path
+    features: str | Path
+    pooling: str = "avg"
+    flip_train: bool = False  # add the mirrored images' features as extra training rows
+    tta: bool = False  # score = mean of the plain and mirrored images' decision values
+    folds: int = 5
+    seed: int = 0
+    inner_folds: int = 3
+    l2_grid: Sequence[float] = field(default_factory=lambda: L2_GRID)
+    sensitivity_target: float = 0.9
+    loso: bool = True
+    name: str = ""
+
+
+def load_features(path: str | Path, source: str | Path
+                  ) -> tuple[list[Sample], dict[str, np.ndarray], str]:
+    """Samples in the cached features' row order, their arrays, and the preprocessing JSON."""
+    data = np.load(path)
+    by_path = {str(s.path.resolve()): s for s in discover(source) if s.split != "test"}
+    samples = [by_path[str(Path(p).resolve())] for p in data["paths"].tolist()]
+    arrays = {k: data[k] for k in ("plain", "flipped") if k in data.files}
+    return samples, arrays, str(data["settings"])
+
+
+def _fit(cfg: ProbeCVConfig, feats: dict[str, np.ndarray], y: np.ndarray,
+         patients: np.ndarray, tr: np.ndarray, seed: int) -> LinearProbe:
+    x, yy, groups = feats["plain"][tr], y[tr], patients[tr]
+    if cfg.flip_train:
+        x = np.vstack([x, feats["flipped"][tr]])
+        yy, groups = np.concatenate([yy, yy]), np.concatenate([groups, groups])
+    l2, _ = choose_l2(x, yy, groups, cfg.l2_grid, cfg.inner_folds, seed)
+    return fit_probe(x, yy, l2)
+
+
+def _score(cfg: ProbeCVConfig, probe: LinearProbe, feats: dict[str, np.ndarray],
+           te: np.ndarray) -> np.ndarray:
+    d = probe.decision(feats["plain"][te])
+    if cfg.tta:
+        d = 0.5 * (d + probe.decision(feats["flipped"][te]))
+    return d
+
+
+def probe_cross_validate(cfg: ProbeCVConfig) -> dict[str, Any]:
+    started = time.time()
+    samples, raw, settings = load_features(cfg.features, cfg.source)
+    if (cfg.flip_train or cfg.tta) and "flipped" not in raw:
+        raise SystemExit(f"{cfg.features} has no mirrored features: extract with --flip")
+    feats = {k: select(v, cfg.pooling).astype(np.float64) for k, v in raw.items()}
+    y = np.array([s.label for s in samples])
+    patients = np.array([s.patient_id or str(s.path) for s in samples])
+    index = {s.path: i for i, s in enumerate(samples)}
+    meta = pool_metadata(Path(cfg.source))
+    machine = np.array([meta.get(str(s.path.resolve()), {}).get("machine", "") for s in samples])
+    site = np.array([meta.get(str(s.path.resolve()), {}).get("site", "") for s in samples])
+
+    oof = np.full(len(samples), np.nan)
+    fold_of = np.full(len(samples), -1)
+    chosen = []
+    for k, (tr_s, te_s) in enumerate(kfold_by_patient(samples, cfg.folds, cfg.seed)):
+        tr = np.array([index[s.path] for s in tr_s])
+        te = np.array([index[s.path] for s in te_s])
+        probe = _fit(cfg, feats, y, patients, tr, cfg.seed + k)
+        oof[te], fold_of[te] = _score(cfg, probe, feats, te), k
+        chosen.append(probe.l2)
+        print(f"[{cfg.name}] fold {k}: AUC {roc_auc(y[te], oof[te]):.3f} (l2 {probe.l2})",
+              flush=True)
+
+    result: dict[str, Any] = {
+        "config": asdict(cfg) | {"source": str(cfg.source), "features": str(cfg.features),
+                                 "l2_grid": list(cfg.l2_grid)},
+        "preprocessing": json.loads(settings),
+        "images": len(samples),
+        "l2_chosen": chosen,
+        **cv_figures(cfg.folds, cfg.sensitivity_target, samples, y, oof, fold_of, machine),
+    }
+    if cfg.loso and len(set(site) - {""}) > 1:
+        loso = {}
+        for held in sorted(set(site) - {""}):
+            tr, te = np.where(site != held)[0], np.where(site == held)[0]
+            probe = _fit(cfg, feats, y, patients, tr, cfg.seed + 100)
+            loso[f"site{held}"] = roc_auc(y[te], _score(cfg, probe, feats, te))
+        result["leave_one_site_out_auc"] = loso
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source")
+    p.add_argument("features")
+    p.add_argument("--pooling", choices=("avg", "max", "avg+max"), default="avg")
+    p.add_argument("--flip-train", action="store_true")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-loso", action="store_true")
+    p.add_argument("--name", default="")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    cfg = ProbeCVConfig(
+        source=a.source, features=a.features, pooling=a.pooling, flip_train=a.flip_train,
+        tta=a.tta, folds=a.folds, seed=a.seed, loso=not a.no_loso,
+        name=a.name or Path(a.features).stem,
+    )
+    result = probe_cross_validate(cfg)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
