@@ -131,3 +131,16 @@ def test_probe_cv_reports_every_figure_from_cached_features(tmp_path: Path) -> N
     assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == len(samples)
     assert set(good["leave_one_site_out_auc"]) == {"site1", "site2"}
     assert json.loads(json.dumps(good))["preprocessing"]["size"] == 64
+
+
+@pytest.mark.train
+def test_tap_model_pools_each_named_layer_by_average_and_max() -> None:
+    from trainer.features import build_feature_model, build_tap_model
+
+    taps = build_tap_model(64, ["block10_add", "head_relu"])
+    assert taps.output_shape == (None, 2 * 112 + 2 * 1280)
+    x = np.random.default_rng(1).random((2, 64, 64, 1)).astype(np.float32)
+    # The head tap's pooled columns are the plain feature model's features.
+    np.testing.assert_allclose(np.asarray(taps.predict_on_batch(x))[:, 224:],
+                               np.asarray(build_feature_model(64).predict_on_batch(x)),
+                               atol=1e-5)

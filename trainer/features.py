@@ -12,6 +12,7 @@ computed here and scores from the exported ONNX model agree.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -49,6 +50,25 @@ def build_feature_model(size: int, weights: str | Path | None = "pretrained",
         pools.append(layers.GlobalMaxPooling2D(name="gmp")(maps))
     pooled = pools[0] if len(pools) == 1 else layers.Concatenate(name="pool")(pools)
     return keras.Model(inputs, pooled, name=f"lite0_features_{size}")
+
+
+def build_tap_model(size: int, taps: Sequence[str],
+                    weights: str | Path | None = "pretrained") -> keras.Model:
+    """Like :func:`build_feature_model` with ``avg+max``, but pooling the outputs of the named
+    backbone layers (e.g. ``block10_add``, the end of the 112-channel stage), concatenated in
+    ``taps`` order: mid-level features for the probe, from one forward pass."""
+    inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
+    backbone = build_efficientnet_lite0_backbone(size)
+    if weights is not None:
+        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    tapped = keras.Model(backbone.input, [backbone.get_layer(t).output for t in taps])
+    tapped.trainable = False
+    maps = tapped(grey_to_normalised_rgb(inputs))
+    pools = []
+    for t, m in zip(taps, maps if len(taps) > 1 else [maps], strict=True):
+        pools += [layers.GlobalAveragePooling2D(name=f"{t}_gap")(m),
+                  layers.GlobalMaxPooling2D(name=f"{t}_gmp")(m)]
+    return keras.Model(inputs, layers.Concatenate(name="pool")(pools), name=f"lite0_taps_{size}")
 
 
 def extract(model: keras.Model, x: np.ndarray, batch_size: int = 16, flip: bool = False,
@@ -96,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--orient", choices=("none", "left"), default="none")
     p.add_argument("--flip", action="store_true", help="also the features of mirrored images")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--taps", default=None,
+                   help="comma-separated backbone layers to pool instead of the head "
+                        "(e.g. block10_add,block14_add); use the features with avg+max")
     p.add_argument("--out", type=Path, required=True, help="an .npz file")
     a = p.parse_args(argv)
 
@@ -104,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     x, samples, failed = preprocess_samples(samples, settings, threads=2, verbose=2)
     if failed:
         print(f"{len(failed)} images failed to preprocess and are left out", flush=True)
-    model = build_feature_model(a.size)
+    model = (build_tap_model(a.size, a.taps.split(",")) if a.taps
+             else build_feature_model(a.size))
     arrays = {"plain": extract(model, x, a.batch_size, label=" plain")}
     if a.flip:
         arrays["flipped"] = extract(model, x, a.batch_size, flip=True, label=" flipped")

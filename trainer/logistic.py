@@ -15,7 +15,7 @@ import numpy as np
 from worker.metrics import roc_auc
 
 # Penalties searched by the inner CV (features standardised, so one grid fits all sizes).
-L2_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, sample_weight: np.ndar
     for _ in range(max_iter):
         p = _sigmoid(xa @ theta)
         grad = xa.T @ (sw * (p - y)) + penalty * theta
-        hess = (xa * (sw * p * (1 - p))[:, None]).T @ xa
+        z = xa * np.sqrt(sw * p * (1 - p))[:, None]
+        hess = z.T @ z  # Z'Z: NumPy hands this to BLAS syrk, half the work of a general product
         hess[np.diag_indices_from(hess)] += penalty + 1e-10
         step = np.linalg.solve(hess, grad)
         theta -= step
@@ -111,7 +112,7 @@ def choose_l2(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid: Sequence[f
         w = balanced_weights(y[tr]) if balanced else None
         theta = None
         for j, l2 in enumerate(grid):
-            theta = fit_logistic(xs_tr, y[tr], l2, w, start=theta)
+            theta = fit_logistic(xs_tr, y[tr], l2, w, start=theta, tol=1e-6)
             scores[k, j] = roc_auc(y[te], xs_te @ theta[:-1])
     means = scores.mean(axis=0)
     best = int(np.argmax(means))  # first max = strongest penalty among ties
