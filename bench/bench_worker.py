@@ -28,7 +28,7 @@ from worker.preprocess import preprocess_bytes  # noqa: E402
 from worker.scorer import Scorer  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
-MODEL = REPO / "models" / "mammo-cnn-256.onnx"
+MODEL = REPO / "models" / "mammo-lite0-probe-256.onnx"
 
 
 def _median_time(fn, repeats: int) -> float:

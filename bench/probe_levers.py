@@ -39,18 +39,20 @@ def main() -> None:
     p.add_argument("source")
     p.add_argument("features_dir", type=Path)
     p.add_argument("levers", nargs="+",
-                   help="FEATURES:POOLING[:flip][:tta], e.g. s384:avg:flip:tta")
+                   help="FEATURES[,FEATURES...]:POOLING[:flip][:tta], e.g. s384:avg:flip:tta "
+                        "or s256,s384:avg (feature sets side by side)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for lever in a.levers:
         stem, pooling, *flags = lever.split(":")
-        cfg = ProbeCVConfig(source=a.source, features=a.features_dir / f"{stem}.npz",
+        cfg = ProbeCVConfig(source=a.source,
+                            features=[a.features_dir / f"{x}.npz" for x in stem.split(",")],
                             pooling=pooling, flip_train="flip" in flags, tta="tta" in flags,
                             name=lever)
         result = probe_cross_validate(cfg)
-        (a.out / f"{lever.replace(':', '_').replace('+', '')}.json").write_text(
+        (a.out / f"{lever.replace(':', '_').replace('+', '').replace(',', '-')}.json").write_text(
             json.dumps(result, indent=2) + "\n")
         rows.append(row(lever, result))
         print(rows[-1], f"({result['seconds']:.0f} s)", flush=True)

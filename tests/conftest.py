@@ -17,7 +17,7 @@ from worker.preprocess import PreprocessSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
-SHIPPED_MODEL = REPO / "models" / "mammo-cnn-256.onnx"
+SHIPPED_MODEL = REPO / "models" / "mammo-lite0-probe-256.onnx"
 
 
 def make_mean_model(

@@ -77,19 +77,26 @@ keras = pytest.importorskip("keras")
 
 
 @pytest.mark.train
-def test_probe_model_scores_equal_the_fitted_probe_and_onnx(tmp_path: Path) -> None:
-    """The saved Keras model, the probe on its features, and the exported ONNX model agree."""
-    from trainer.features import build_feature_model, extract
+@pytest.mark.parametrize(("pooling", "taps", "width"), [
+    ("avg+max", None, 2560),
+    ("avg", ("block10_add", "block15_project_bn"), 2 * 112 + 2 * 320),
+    ("avg", ("block15_project_bn",), 2 * 320),
+])
+def test_probe_model_scores_equal_the_fitted_probe(pooling: str, taps: tuple[str, ...] | None,
+                                                   width: int) -> None:
+    """The whole image -> score model computes the fitted probe on the fitted features."""
+    from trainer.features import build_feature_model, build_tap_model, extract
     from trainer.probe import fit_probe_model
 
     rng = np.random.default_rng(0)
     x = rng.random((24, 64, 64, 1)).astype(np.float16)
     y = np.array([0, 1] * 12)
     groups = [f"p{i // 2}" for i in range(24)]
-    fit = fit_probe_model(x, y, groups, size=64, pooling="avg+max", mirrored=True,
-                          l2_grid=(0.1, 1.0), inner_folds=2, progress=False)
-    feats = extract(build_feature_model(64, pooling="avg+max"), x, progress=False)
-    assert feats.shape == (24, 2560)
+    fit = fit_probe_model(x, y, groups, size=64, pooling=pooling, mirrored=True,
+                          l2_grid=(0.1, 1.0), inner_folds=2, progress=False, taps=taps)
+    extractor = build_tap_model(64, taps) if taps else build_feature_model(64, pooling=pooling)
+    feats = extract(extractor, x, progress=False)
+    assert feats.shape == (24, width)
     keras_scores = np.asarray(fit.model.predict(x.astype(np.float32), verbose=0)).reshape(-1)
     np.testing.assert_allclose(keras_scores, fit.probe.predict(feats.astype(np.float64)),
                                atol=1e-4)
@@ -130,7 +137,7 @@ def test_probe_cv_reports_every_figure_from_cached_features(tmp_path: Path) -> N
     c = good["confusion"]
     assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == len(samples)
     assert set(good["leave_one_site_out_auc"]) == {"site1", "site2"}
-    assert json.loads(json.dumps(good))["preprocessing"]["size"] == 64
+    assert json.loads(json.dumps(good))["preprocessing"][0]["size"] == 64
 
 
 @pytest.mark.train

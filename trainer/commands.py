@@ -50,6 +50,10 @@ def invocation(ctx: click.Context) -> str:
                    "(no epochs; --no-augment drops the mirrored copies).")
 @click.option("--pooling", type=click.Choice(["avg", "max", "avg+max"]), default="avg",
               show_default=True, help="lite0-probe: which pooled features the head reads.")
+@click.option("--taps", default="",
+              help="lite0-probe: comma-separated backbone layers whose average- and "
+                   "max-pooled outputs the head reads instead, e.g. "
+                   "block10_add,block14_add,block15_project_bn (mid-level features).")
 @click.option("--random-init", is_flag=True,
               help="lite0 without its ImageNet weights (for comparison).")
 @click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
@@ -74,7 +78,8 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
 def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
-          lr: float | None, arch: str, pooling: str, random_init: bool, crop: bool, orient: str,
+          lr: float | None, arch: str, pooling: str, taps: str, random_init: bool, crop: bool,
+          orient: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
           sensitivity_target: float, no_augment: bool, patient_regex: str | None,
           progress: bool) -> None:
@@ -102,7 +107,7 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
     cfg = TrainConfig(
         source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
-        pooling=pooling,
+        pooling=pooling, taps=tuple(t.strip() for t in taps.split(",") if t.strip()),
         val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
         sensitivity_target=sensitivity_target, augment=not no_augment,
         patient_regex=patient_regex, verbose=1 if progress else 2,

@@ -64,8 +64,9 @@ def build_tap_model(size: int, taps: Sequence[str],
     tapped = keras.Model(backbone.input, [backbone.get_layer(t).output for t in taps])
     tapped.trainable = False
     maps = tapped(grey_to_normalised_rgb(inputs))
+    maps = list(maps) if isinstance(maps, list | tuple) else [maps]  # one tap: one tensor
     pools = []
-    for t, m in zip(taps, maps if len(taps) > 1 else [maps], strict=True):
+    for t, m in zip(taps, maps, strict=True):
         pools += [layers.GlobalAveragePooling2D(name=f"{t}_gap")(m),
                   layers.GlobalMaxPooling2D(name=f"{t}_gmp")(m)]
     return keras.Model(inputs, layers.Concatenate(name="pool")(pools), name=f"lite0_taps_{size}")

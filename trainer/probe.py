@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from trainer.features import build_feature_model, extract
+from trainer.features import build_feature_model, build_tap_model, extract
 from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
 from worker.model_metadata import OUTPUT_NAME
 
@@ -36,10 +36,13 @@ class ProbeFit:
 
 
 def build_probe_model(size: int, pooling: str, probe: LinearProbe | None = None,
-                      weights: str | Path | None = "pretrained") -> keras.Model:
-    """image (size, size, 1) -> score: the frozen feature model with ``pooling``, then
-    Dense(1, sigmoid) (holding ``probe`` when given)."""
-    features = build_feature_model(size, weights, pooling)
+                      weights: str | Path | None = "pretrained",
+                      taps: Sequence[str] | None = None) -> keras.Model:
+    """image (size, size, 1) -> score: the frozen feature model with ``pooling`` (or, with
+    ``taps``, average and max pooling of each named backbone layer), then Dense(1, sigmoid)
+    (holding ``probe`` when given)."""
+    features = (build_tap_model(size, taps, weights) if taps
+                else build_feature_model(size, weights, pooling))
     head = layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)
     outputs = head(features.output)
     if probe is not None:
@@ -50,12 +53,13 @@ def build_probe_model(size: int, pooling: str, probe: LinearProbe | None = None,
 def fit_probe_model(x_train: np.ndarray, y_train: np.ndarray, groups: Sequence[str],
                     size: int, pooling: str = "avg", mirrored: bool = True,
                     l2_grid: Sequence[float] = L2_GRID, inner_folds: int = 3, seed: int = 0,
-                    batch_size: int = 16, progress: bool = True) -> ProbeFit:
+                    batch_size: int = 16, progress: bool = True,
+                    taps: Sequence[str] | None = None) -> ProbeFit:
     """Extract features of the training images (and of their mirror images when ``mirrored``:
     the probe's flip augmentation), choose the penalty by an inner patient-grouped CV of the
     training data alone, fit, and return the whole image -> score model."""
     started = time.time()
-    model = build_probe_model(size, pooling)
+    model = build_probe_model(size, pooling, taps=taps)
     # The model minus its head is the feature extractor: the fitted features are exactly the
     # ones the saved model computes.
     extractor = keras.Model(model.input, model.get_layer(OUTPUT_NAME).input)

@@ -32,7 +32,7 @@ from worker.metrics import roc_auc
 @dataclass
 class ProbeCVConfig:
     source: str | Path
-    features: str | Path
+    features: str | Path | Sequence[str | Path]  # several: their pooled columns side by side
     pooling: str = "avg"
     flip_train: bool = False  # add the mirrored images' features as extra training rows
     tta: bool = False  # score = mean of the plain and mirrored images' decision values
@@ -42,6 +42,8 @@ class ProbeCVConfig:
     l2_grid: Sequence[float] = field(default_factory=lambda: L2_GRID)
     sensitivity_target: float = 0.9
     loso: bool = True
+    train_fraction: float = 1.0  # < 1: train each fold on this share of its patients (a
+    # learning curve; the scored folds stay whole)
     name: str = ""
 
 
@@ -57,6 +59,11 @@ def load_features(path: str | Path, source: str | Path
 
 def _fit(cfg: ProbeCVConfig, feats: dict[str, np.ndarray], y: np.ndarray,
          patients: np.ndarray, tr: np.ndarray, seed: int) -> LinearProbe:
+    if cfg.train_fraction < 1.0:
+        pool = np.unique(patients[tr])
+        keep = np.random.default_rng(seed).choice(
+            pool, max(2, round(cfg.train_fraction * len(pool))), replace=False)
+        tr = tr[np.isin(patients[tr], keep)]
     x, yy, groups = feats["plain"][tr], y[tr], patients[tr]
     if cfg.flip_train:
         x = np.vstack([x, feats["flipped"][tr]])
@@ -75,10 +82,16 @@ def _score(cfg: ProbeCVConfig, probe: LinearProbe, feats: dict[str, np.ndarray],
 
 def probe_cross_validate(cfg: ProbeCVConfig) -> dict[str, Any]:
     started = time.time()
-    samples, raw, settings = load_features(cfg.features, cfg.source)
-    if (cfg.flip_train or cfg.tta) and "flipped" not in raw:
-        raise SystemExit(f"{cfg.features} has no mirrored features: extract with --flip")
-    feats = {k: select(v, cfg.pooling).astype(np.float64) for k, v in raw.items()}
+    paths = [cfg.features] if isinstance(cfg.features, str | Path) else list(cfg.features)
+    loaded = [load_features(p, cfg.source) for p in paths]
+    samples, _, settings = loaded[0]
+    if any([s.path for s in other] != [s.path for s in samples] for other, _, _ in loaded):
+        raise SystemExit("feature files list different images: extract them from one pool")
+    kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
+    if (cfg.flip_train or cfg.tta) and "flipped" not in kinds:
+        raise SystemExit(f"{cfg.features} lack mirrored features: extract with --flip")
+    feats = {k: np.hstack([select(raw[k], cfg.pooling) for _, raw, _ in loaded])
+             .astype(np.float64) for k in kinds}
     y = np.array([s.label for s in samples])
     patients = np.array([s.patient_id or str(s.path) for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
@@ -99,9 +112,10 @@ def probe_cross_validate(cfg: ProbeCVConfig) -> dict[str, Any]:
               flush=True)
 
     result: dict[str, Any] = {
-        "config": asdict(cfg) | {"source": str(cfg.source), "features": str(cfg.features),
+        "config": asdict(cfg) | {"source": str(cfg.source),
+                                 "features": [str(p) for p in paths],
                                  "l2_grid": list(cfg.l2_grid)},
-        "preprocessing": json.loads(settings),
+        "preprocessing": [json.loads(s) for _, _, s in loaded],
         "images": len(samples),
         "l2_chosen": chosen,
         **cv_figures(cfg.folds, cfg.sensitivity_target, samples, y, oof, fold_of, machine),
@@ -127,12 +141,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-loso", action="store_true")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on this share of each fold's training patients (learning curve)")
     p.add_argument("--name", default="")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     cfg = ProbeCVConfig(
         source=a.source, features=a.features, pooling=a.pooling, flip_train=a.flip_train,
         tta=a.tta, folds=a.folds, seed=a.seed, loso=not a.no_loso,
+        train_fraction=a.train_fraction,
         name=a.name or Path(a.features).stem,
     )
     result = probe_cross_validate(cfg)

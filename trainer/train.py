@@ -73,6 +73,7 @@ class TrainConfig:
     augment: bool = True
     patient_regex: str | None = None  # folder layouts: patient id from the file name
     pooling: str = "avg"  # lite0-probe only: pooled features the logistic head reads
+    taps: tuple[str, ...] = ()  # lite0-probe only: pool these backbone layers instead
     verbose: int | str = 1  # Keras fit verbosity: 1 progress bar, 2 one line per epoch
     preprocess_threads: int = 2
     command: str = ""  # the command line that started the run, recorded in metrics.json
@@ -339,19 +340,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.arch == PROBE_ARCH:
         # 3-4. frozen features and a logistic head: no epochs to choose
         if verbose:
-            print(f"fitting a linear probe on frozen Lite0 features ({cfg.pooling} pooling"
+            what = f"avg+max of {', '.join(cfg.taps)}" if cfg.taps else cfg.pooling
+            print(f"fitting a linear probe on frozen Lite0 features ({what} pooling"
                   f"{', with mirrored copies' if cfg.augment else ''})")
         fit_started = time.time()
         probe_fit = fit_probe_model(
             x_train, y_train, [s.patient_id or str(s.path) for s in train_s], cfg.size,
             cfg.pooling, mirrored=cfg.augment, seed=cfg.seed, batch_size=cfg.batch_size,
-            progress=verbose)
+            progress=verbose, taps=cfg.taps or None)
         probe_fit.model.save(best_path)
         model, epochs_run, best_epoch = probe_fit.model, 0, 0
         fit_seconds = time.time() - fit_started
         history_rows: list[dict[str, float]] = []
         probe_info: dict[str, Any] | None = {
-            "pooling": cfg.pooling,
+            "pooling": "avg+max of " + ", ".join(cfg.taps) if cfg.taps else cfg.pooling,
             "mirrored_copies": cfg.augment,
             "l2": probe_fit.probe.l2,
             "l2_inner_cv_auc": {str(k): v for k, v in probe_fit.l2_auc.items()},
