@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from worker.config import SCHEMA  # noqa: E402
 from worker.preprocess import preprocess_bytes  # noqa: E402
 from worker.scorer import Scorer  # noqa: E402
 
@@ -54,7 +55,7 @@ def bench_components(images: list[Path], model: Path) -> dict[str, float]:
     return out
 
 
-def bench_burst(images: list[Path], n: int, model: Path) -> dict[str, float]:
+def bench_burst(images: list[Path], n: int, model: Path, batch_size: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inbox = root / "inbox"
@@ -64,7 +65,7 @@ def bench_burst(images: list[Path], n: int, model: Path) -> dict[str, float]:
         (root / "config.toml").write_text(
             f"[model]\npath = '{model}'\n[paths]\ninbox = 'inbox'\nprocessed = 'out'\n"
             "quarantine = 'q'\n[database]\nurl = 'sqlite:///s.db'\n"
-            "[worker]\nsettle_seconds = 0.2\nbatch_size = 16\n"
+            f"[worker]\nsettle_seconds = 0.2\nbatch_size = {batch_size}\n"
         )
         t = time.perf_counter()
         # A fresh wrapper per burst, so RUSAGE_CHILDREN's peak is this worker's alone.
@@ -92,13 +93,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--batch-size", type=int, default=SCHEMA["worker"]["batch_size"][1],
+                        help="the worker's batch size [default: the config default]")
     args = parser.parse_args()
     images = sorted((DATA / "images").rglob("*.jpg"))[:200]
     if not images:
         raise SystemExit(f"no images under {DATA}")
     print(json.dumps({"components": bench_components(images, args.model)}, indent=2))
-    small = bench_burst(images, max(args.files // 4, 16), args.model)
-    big = bench_burst(images, args.files, args.model)
+    small = bench_burst(images, max(args.files // 4, 16), args.model, args.batch_size)
+    big = bench_burst(images, args.files, args.model, args.batch_size)
     print(json.dumps({"burst_small": small, "burst": big,
                       "rss_ratio_big_over_small": big["peak_rss_mb"] / small["peak_rss_mb"]},
                      indent=2))

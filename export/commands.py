@@ -39,7 +39,7 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
 
     Example:
 
-        screen export runs/cnn256/best.keras --out models/mammo-cnn-256.onnx
+        screen export runs/probe256/best.keras --out models/mammo-lite0-probe-256.onnx
     """
     if not keras_model.is_file():
         raise click.ClickException(f"Keras model not found: {keras_model}")

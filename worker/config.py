@@ -32,12 +32,12 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "busy_timeout_seconds": ("float", 30.0),
     },
     "model": {
-        "path": ("path", "models/mammo-cnn-256.onnx"),
+        "path": ("path", "models/mammo-lite0-probe-256.onnx"),
         "sha256": ("str", ""),
         "threads": ("int", 0),
     },
     "worker": {
-        "batch_size": ("int", 16),
+        "batch_size": ("int", 4),
         "settle_seconds": ("float", 1.0),
         "rescan_seconds": ("float", 30.0),
         "polling": ("bool", False),
