@@ -12,7 +12,6 @@ to mammograms beat the frozen probe on the same folds?
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
-from trainer.crossval import cv_figures, pool_metadata  # noqa: E402
+from trainer.crossval import cv_figures, emit, machine_and_site  # noqa: E402
 from trainer.dataset import discover, kfold_by_patient  # noqa: E402
 from trainer.efficientnet_lite import (  # noqa: E402
     build_efficientnet_lite0_backbone,
@@ -92,8 +91,7 @@ def main() -> None:
     a = p.parse_args()
     samples, plain, flipped = block14_maps(a.source, a.cache)
     y = np.array([s.label for s in samples])
-    meta = pool_metadata(Path(a.source))
-    machine = np.array([meta.get(str(s.path.resolve()), {}).get("machine", "") for s in samples])
+    machine, _ = machine_and_site(a.source, samples)
     index = {s.path: i for i, s in enumerate(samples)}
     oof, fold_of = np.full(len(y), np.nan), np.full(len(y), -1)
     for k, (tr_s, te_s) in enumerate(kfold_by_patient(samples, a.folds, 0)):
@@ -115,10 +113,7 @@ def main() -> None:
         print(f"fold {k}: AUC {roc_auc(y[te], oof[te]):.3f} ({time.time() - t:.0f} s)",
               flush=True)
     result = cv_figures(a.folds, 0.9, samples, y, oof, fold_of, machine)
-    text = json.dumps(result | {"epochs": a.epochs, "lr": a.lr}, indent=2)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(result | {"epochs": a.epochs, "lr": a.lr}, a.out)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,24 @@ def pool_metadata(source: Path) -> dict[str, dict[str, str]]:
         }
 
 
+def machine_and_site(source: str | Path, samples: Sequence[Sample]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's machine id and site id ("" where unknown), for the shortcut checks."""
+    meta = pool_metadata(Path(source))
+    rows = [meta.get(str(s.path.resolve()), {}) for s in samples]
+    return (np.array([r.get("machine", "") for r in rows]),
+            np.array([r.get("site", "") for r in rows]))
+
+
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """Print a CV result as JSON, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return roc_auc(y, s) if len(y) else None
 
@@ -153,9 +171,7 @@ def cross_validate(cfg: CVConfig) -> dict[str, Any]:
     x, samples, _ = preprocess_samples(samples, settings, threads=8, verbose=False)
     y = np.array([s.label for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
-    meta = pool_metadata(Path(cfg.source))
-    machine = np.array([meta.get(str(s.path.resolve()), {}).get("machine", "") for s in samples])
-    site = np.array([meta.get(str(s.path.resolve()), {}).get("site", "") for s in samples])
+    machine, site = machine_and_site(cfg.source, samples)
 
     oof = np.full(len(samples), np.nan)
     oof_tta = np.full(len(samples), np.nan)
@@ -234,12 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         limit=a.limit,
         name=a.name or a.arch,
     )
-    result = cross_validate(cfg)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    emit(cross_validate(cfg), a.out)
 
 
 if __name__ == "__main__":

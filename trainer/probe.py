@@ -11,7 +11,6 @@ with its standardisation folded in, so it saves, exports and serves like any oth
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ class ProbeFit:
     model: keras.Model
     probe: LinearProbe
     l2_auc: dict[float, float]  # inner-CV AUC of each penalty tried
-    features_seconds: float
 
 
 def build_probe_model(size: int, pooling: str, probe: LinearProbe | None = None,
@@ -58,7 +56,6 @@ def fit_probe_model(x_train: np.ndarray, y_train: np.ndarray, groups: Sequence[s
     """Extract features of the training images (and of their mirror images when ``mirrored``:
     the probe's flip augmentation), choose the penalty by an inner patient-grouped CV of the
     training data alone, fit, and return the whole image -> score model."""
-    started = time.time()
     model = build_probe_model(size, pooling, taps=taps)
     # The model minus its head is the feature extractor: the fitted features are exactly the
     # ones the saved model computes.
@@ -70,9 +67,8 @@ def fit_probe_model(x_train: np.ndarray, y_train: np.ndarray, groups: Sequence[s
                           label=" train mirrored")
         feats = np.vstack([feats, flipped])
         y, g = np.concatenate([y, y]), np.concatenate([g, g])
-    seconds = time.time() - started
     feats = feats.astype(np.float64)
     l2, aucs = choose_l2(feats, y, g, l2_grid, inner_folds, seed)
     probe = fit_probe(feats, y, l2)
     model.get_layer(OUTPUT_NAME).set_weights(list(probe.dense_weights()))
-    return ProbeFit(model, probe, dict(zip(sorted(l2_grid), aucs, strict=True)), seconds)
+    return ProbeFit(model, probe, dict(zip(sorted(l2_grid), aucs, strict=True)))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.crossval import cv_figures, pool_metadata
+from trainer.crossval import cv_figures, emit, machine_and_site
 from trainer.dataset import Sample, discover, kfold_by_patient
 from trainer.features import select
 from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
@@ -95,9 +95,7 @@ def probe_cross_validate(cfg: ProbeCVConfig) -> dict[str, Any]:
     y = np.array([s.label for s in samples])
     patients = np.array([s.patient_id or str(s.path) for s in samples])
     index = {s.path: i for i, s in enumerate(samples)}
-    meta = pool_metadata(Path(cfg.source))
-    machine = np.array([meta.get(str(s.path.resolve()), {}).get("machine", "") for s in samples])
-    site = np.array([meta.get(str(s.path.resolve()), {}).get("site", "") for s in samples])
+    machine, site = machine_and_site(cfg.source, samples)
 
     oof = np.full(len(samples), np.nan)
     fold_of = np.full(len(samples), -1)
@@ -152,12 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_fraction=a.train_fraction,
         name=a.name or Path(a.features).stem,
     )
-    result = probe_cross_validate(cfg)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    emit(probe_cross_validate(cfg), a.out)
 
 
 if __name__ == "__main__":
