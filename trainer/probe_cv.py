@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.crossval import cv_figures, emit, machine_and_site
+from trainer.crossval import cv_figures, emit, leave_one_site_out, machine_and_site
 from trainer.dataset import Sample, discover, kfold_by_patient
 from trainer.features import select
 from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
@@ -119,12 +119,9 @@ def probe_cross_validate(cfg: ProbeCVConfig) -> dict[str, Any]:
         **cv_figures(cfg.folds, cfg.sensitivity_target, samples, y, oof, fold_of, machine),
     }
     if cfg.loso and len(set(site) - {""}) > 1:
-        loso = {}
-        for held in sorted(set(site) - {""}):
-            tr, te = np.where(site != held)[0], np.where(site == held)[0]
-            probe = _fit(cfg, feats, y, patients, tr, cfg.seed + 100)
-            loso[f"site{held}"] = roc_auc(y[te], _score(cfg, probe, feats, te))
-        result["leave_one_site_out_auc"] = loso
+        result["leave_one_site_out_auc"] = leave_one_site_out(
+            site, y, lambda tr, te: _score(
+                cfg, _fit(cfg, feats, y, patients, tr, cfg.seed + 100), feats, te))
     result["seconds"] = round(time.time() - started, 1)
     return result
 
