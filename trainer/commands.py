@@ -59,6 +59,9 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
 @click.option("--orient", type=click.Choice(["none", "left"]), default="none", show_default=True,
               help="Preprocessing: 'left' mirrors images so the breast faces one way.")
+@click.option("--intensity", type=click.Choice(["range", "percentile", "equalise"]),
+              default="percentile", show_default=True,
+              help="Preprocessing: how grey levels are normalised within the breast.")
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of patients (per class stratum) held out for validation.")
@@ -79,7 +82,7 @@ def invocation(ctx: click.Context) -> str:
               help="A progress bar per epoch, or one line per epoch (for log files).")
 def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
           lr: float | None, arch: str, pooling: str, taps: str, random_init: bool, crop: bool,
-          orient: str,
+          orient: str, intensity: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
           sensitivity_target: float, no_augment: bool, patient_regex: str | None,
           progress: bool) -> None:
@@ -107,6 +110,7 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
     cfg = TrainConfig(
         source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
+        intensity=intensity,
         pooling=pooling, taps=tuple(t.strip() for t in taps.split(",") if t.strip()),
         val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
         sensitivity_target=sensitivity_target, augment=not no_augment,
@@ -120,6 +124,78 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
     click.echo(f"best model: {result.model_path}")
     click.echo(f"next: screen export {result.model_path} --out models/model.onnx "
                f"--metrics {result.out_dir / 'metrics.json'}")
+
+
+@click.command("panel")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--features", "feature_files", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Cached frozen features (python -m trainer.features): judge a linear probe "
+                   "on them. Several files: their columns side by side.")
+@click.option("--site-column", default=None,
+              help="CSV column naming each image's site, for leave-one-site-out.")
+@click.option("--machine-column", default=None,
+              help="CSV column naming each image's machine, for the machine-balanced AUC.")
+@click.option("--holdouts", default=10, show_default=True, type=click.IntRange(min=2),
+              help="Random patient hold-outs.")
+@click.option("--fraction", default=0.15, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of patients each hold-out keeps apart.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--flip-train/--no-flip-train", default=True, show_default=True,
+              help="Add mirrored images' features as training rows.")
+@click.option("--tta", is_flag=True, help="Score the mean of plain and mirrored decisions.")
+@click.option("--name", default=None, help="Name of the recipe in the output.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the panel as JSON here.")
+def panel(source: Path, feature_files: tuple[Path, ...], site_column: str | None,
+          machine_column: str | None, holdouts: int, fraction: float, seed: int,
+          flip_train: bool, tta: bool, name: str | None, out: Path | None) -> None:
+    """Judge a recipe on new women and new sites: leave-one-site-out, machine-balanced AUC,
+    repeated patient hold-outs, breast beside image level (see trainer/panel.py).
+
+    Example:
+
+        screen panel ../shared/data/mammo-3383/labels.csv --features runs/f.npz \
+            --site-column rsna_site_id --machine-column rsna_machine_id --out runs/panel.json
+    """
+    import json
+
+    import numpy as np
+
+    from trainer.dataset import DatasetError, read_columns
+    from trainer.panel import PanelData, format_panel, run_panel
+    from trainer.probe_cv import load_features, probe_fit_score
+
+    try:
+        loaded = [load_features(f, source) for f in feature_files]
+        samples = loaded[0][0]
+        if any([s.path for s in other] != [s.path for s in samples] for other, _, _ in loaded):
+            raise DatasetError("feature files list different images: extract them from one pool")
+        columns = [c for c in (site_column, machine_column) if c]
+        cols = read_columns(source, samples, columns)
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
+    feats = {k: np.hstack([raw[k] for _, raw, _ in loaded]).astype(np.float64) for k in kinds}
+    if (flip_train or tta) and "flipped" not in feats:
+        raise click.ClickException("--flip-train and --tta need features extracted with --flip")
+    blank = np.full(len(samples), "")
+    data = PanelData(samples, cols.get(site_column or "", blank),
+                     cols.get(machine_column or "", blank))
+    patients = np.array([s.patient_id or str(s.path) for s in samples])
+    label = name or "+".join(f.stem for f in feature_files)
+    result = run_panel(data, probe_fit_score(feats, data.y, patients, flip_train, tta),
+                       holdouts, fraction, seed,
+                       progress=lambda line: click.echo(f"[{label}] {line}"))
+    result["recipe"] = {"name": label, "kind": "linear probe on frozen features",
+                        "features": [str(f) for f in feature_files],
+                        "preprocessing": [json.loads(s) for _, _, s in loaded],
+                        "flip_train": flip_train, "tta": tta}
+    click.echo(format_panel(label, result))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

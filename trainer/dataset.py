@@ -288,6 +288,31 @@ def kfold_by_patient(
     return folds
 
 
+def read_columns(csv_path: str | Path, samples: Sequence[Sample], columns: Sequence[str]
+                 ) -> dict[str, np.ndarray]:
+    """The named CSV columns for each sample ("" where a row or value is missing): grouping
+    facts such as site or machine, for evaluation only, never model inputs."""
+    csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        csv_path = csv_path / CSV_NAME
+    if not csv_path.is_file():
+        if columns:
+            raise DatasetError(f"grouping columns need a labels CSV; {csv_path} is not one")
+        return {}
+    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        have = {c.strip().lower(): c for c in reader.fieldnames or []}
+        missing = [c for c in columns if c.lower() not in have]
+        if missing:
+            raise DatasetError(f"{csv_path} has no column {', '.join(missing)} "
+                               f"(has: {', '.join(have)})")
+        by_path = {str((csv_path.parent / r[have["filename"]].strip()).resolve()): r
+                   for r in reader}
+    rows = [by_path.get(str(s.path.resolve()), {}) for s in samples]
+    return {c: np.array([(r.get(have[c.lower()]) or "").strip() for r in rows])
+            for c in columns}
+
+
 def describe(samples: Sequence[Sample]) -> dict[str, int]:
     """Image, malignant-image and patient counts, for logs and the model card."""
     patients = {s.patient_id for s in samples if s.patient_id is not None}

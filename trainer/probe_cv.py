@@ -26,6 +26,7 @@ from trainer.crossval import cv_figures, emit, leave_one_site_out, machine_and_s
 from trainer.dataset import Sample, discover, kfold_by_patient
 from trainer.features import select
 from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
+from trainer.panel import FitScore
 from worker.metrics import roc_auc
 
 
@@ -78,6 +79,20 @@ def _score(cfg: ProbeCVConfig, probe: LinearProbe, feats: dict[str, np.ndarray],
     if cfg.tta:
         d = 0.5 * (d + probe.decision(feats["flipped"][te]))
     return d
+
+
+def probe_fit_score(feats: dict[str, np.ndarray], y: np.ndarray, patients: np.ndarray,
+                    flip_train: bool = True, tta: bool = False,
+                    l2_grid: Sequence[float] = L2_GRID, inner_folds: int = 3) -> FitScore:
+    """The probe recipe as a panel ``fit_score``: penalty chosen by an inner patient-grouped
+    CV of the training rows alone, fitted, and the test rows' decision values returned."""
+    cfg = ProbeCVConfig(source="", features="", flip_train=flip_train, tta=tta,
+                        l2_grid=l2_grid, inner_folds=inner_folds)
+
+    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        return _score(cfg, _fit(cfg, feats, y, patients, tr, seed), feats, te)
+
+    return fit_score
 
 
 def probe_cross_validate(cfg: ProbeCVConfig) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class TrainConfig:
     weights: str | None = "pretrained"  # lite0 only: ImageNet weights, or None for random init
     crop: bool = False  # preprocessing: crop to the breast first
     orient: str = "none"  # preprocessing: "left" mirrors so the breast faces one way
+    intensity: str = "percentile"  # preprocessing: worker.preprocess.INTENSITY_MODES
     val_fraction: float = 0.2
     seed: int = 0
     sensitivity_target: float = 0.9
@@ -302,7 +303,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     verbose = cfg.verbose != 0
-    settings = PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient)
+    settings = PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient,
+                                  intensity=cfg.intensity)
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.arch, cfg.weights)
     if cfg.epochs < 1 or cfg.batch_size < 1 or lr <= 0:
         raise ValueError("epochs and batch size must be at least 1 and lr positive")

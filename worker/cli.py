@@ -340,10 +340,11 @@ def status(ctx: click.Context, fmt: str) -> None:
 def _register_optional_commands() -> None:
     # These modules import TensorFlow only inside their command functions.
     from export.commands import export
-    from trainer.commands import train
+    from trainer.commands import panel, train
 
     cli.add_command(train)
     cli.add_command(export)
+    cli.add_command(panel)
 
 
 _register_optional_commands()

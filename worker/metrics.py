@@ -63,6 +63,22 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def weighted_roc_auc(y_true: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float | None:
+    """ROC AUC with a weight per image: the weighted share of (positive, negative) pairs in
+    which the positive scores higher, ties counted half. None without weight in both classes."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    w_pos, w_neg = float(w[y].sum()), float(w[~y].sum())
+    if w_pos <= 0 or w_neg <= 0:
+        return None
+    levels, inverse = np.unique(s, return_inverse=True)
+    neg_at = np.bincount(inverse, weights=np.where(~y, w, 0.0), minlength=len(levels))
+    neg_below = np.concatenate([[0.0], np.cumsum(neg_at)[:-1]])
+    credit = neg_below[inverse] + 0.5 * neg_at[inverse]
+    return float(np.sum(np.where(y, w, 0.0) * credit) / (w_pos * w_neg))
+
+
 def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False-positive rates, true-positive rates and thresholds, from (0, 0) to (1, 1)."""
     y = np.asarray(y_true).astype(bool)

@@ -54,6 +54,8 @@ class PreprocessSettings:
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
+        # JSON and asdict() give lists; a tuple keeps the settings hashable and comparable.
+        object.__setattr__(self, "percentiles", tuple(float(v) for v in self.percentiles))
         if not 16 <= self.size <= 4096:
             raise ValueError(f"size must be between 16 and 4096, got {self.size}")
         if self.polarity not in ("auto", "none"):
@@ -81,8 +83,6 @@ class PreprocessSettings:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown preprocessing settings: {sorted(unknown)}")
-        if "percentiles" in raw:  # JSON has lists, the dataclass a (hashable) tuple
-            raw["percentiles"] = tuple(raw["percentiles"])
         return cls(**raw)
 
 
