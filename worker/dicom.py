@@ -113,14 +113,24 @@ def is_dicom_file(path: str | Path) -> bool:
 def _dcmread(data: bytes, stop_before_pixels: bool) -> Dataset:
     force = data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             # pydicom warns about every odd value in real-world headers; refusals are ours.
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(
                 io.BytesIO(data), force=force, stop_before_pixels=stop_before_pixels
             )
     except Exception as exc:  # pydicom raises many types for cut or garbled headers
         raise ImageError(f"not a readable DICOM file: {_one_line(exc)}") from exc
+    # pydicom returns what it could read, without raising, when the bytes stop making sense.
+    if "Rows" not in ds and "SOPClassUID" not in ds:
+        if any("End of file reached" in str(w.message) for w in caught):
+            # Undefined-length elements end with a delimiter; compressed pixel data is one,
+            # and pydicom drops the whole data set when the file ends before it.
+            raise ImageError(
+                "truncated DICOM file: it ends inside its compressed pixel data or a sequence"
+            )
+        raise ImageError("not a readable DICOM file: no image attributes in the data set")
+    return ds
 
 
 def read_dicom(data: bytes) -> Dataset:
@@ -128,10 +138,7 @@ def read_dicom(data: bytes) -> Dataset:
 
     Raises :class:`ImageError` when the bytes are not a readable DICOM data set.
     """
-    ds = _dcmread(data, stop_before_pixels=True)
-    if "Rows" not in ds and "SOPClassUID" not in ds:
-        raise ImageError("not a readable DICOM file: no image attributes in the data set")
-    return ds
+    return _dcmread(data, stop_before_pixels=True)
 
 
 def transfer_syntax(ds: Dataset) -> UID:
@@ -220,9 +227,11 @@ def _int(value: object, default: int = 0) -> int:
         return default
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (pydicom lists each decoder plugin's error on its own)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- the pixels -------------------------------------------------------------------------------
