@@ -11,6 +11,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +430,31 @@ def test_trainer_discovers_and_preprocesses_dicom(tmp_path: Path) -> None:
     assert sorted(p.path.name for p in found) == ["2.25.99887766", "2.25.99887766"] + [
         "scan.dcm"
     ] * 2
+
+
+def test_live_watcher_picks_up_uid_named_and_extensionless_dicom(config: Config) -> None:
+    worker = open_worker(config)
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
+    thread.start()
+    db = config.database_url.removeprefix("sqlite:///")
+    rows: list[tuple] = []
+    try:
+        assert ready.wait(10)
+        # As a DICOM receiver writes: a temporary name, then a rename to the SOP Instance UID.
+        part = config.inbox / "1.2.840.113619.2.55.3.777.42.part"
+        part.write_bytes(dicom_bytes(mammo_like(seed=7)))
+        part.rename(config.inbox / "1.2.840.113619.2.55.3.777.42")
+        (config.inbox / "IMG00017").write_bytes(dicom_bytes(mammo_like(seed=8)))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(rows) < 2:
+            time.sleep(0.2)
+            with sqlite3.connect(db) as con:
+                rows = con.execute(
+                    "SELECT filename, status FROM images WHERE moved_at IS NOT NULL ORDER BY id"
+                ).fetchall()
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+    assert sorted(rows) == [("1.2.840.113619.2.55.3.777.42", SCORED), ("IMG00017", SCORED)]
