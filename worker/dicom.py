@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,24 +112,16 @@ def is_dicom_file(path: str | Path) -> bool:
 def _dcmread(data: bytes, stop_before_pixels: bool) -> Dataset:
     force = data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            # pydicom warns about every odd value in real-world headers; refusals are ours.
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(
-                io.BytesIO(data), force=force, stop_before_pixels=stop_before_pixels
-            )
+        return pydicom.dcmread(
+            io.BytesIO(data), force=force, stop_before_pixels=stop_before_pixels
+        )
     except Exception as exc:  # pydicom raises many types for cut or garbled headers
         raise ImageError(f"not a readable DICOM file: {_one_line(exc)}") from exc
+
+
+def _is_image(ds: Dataset) -> bool:
     # pydicom returns what it could read, without raising, when the bytes stop making sense.
-    if "Rows" not in ds and "SOPClassUID" not in ds:
-        if any("End of file reached" in str(w.message) for w in caught):
-            # Undefined-length elements end with a delimiter; compressed pixel data is one,
-            # and pydicom drops the whole data set when the file ends before it.
-            raise ImageError(
-                "truncated DICOM file: it ends inside its compressed pixel data or a sequence"
-            )
-        raise ImageError("not a readable DICOM file: no image attributes in the data set")
-    return ds
+    return "Rows" in ds or "SOPClassUID" in ds
 
 
 def read_dicom(data: bytes) -> Dataset:
@@ -138,7 +129,21 @@ def read_dicom(data: bytes) -> Dataset:
 
     Raises :class:`ImageError` when the bytes are not a readable DICOM data set.
     """
-    return _dcmread(data, stop_before_pixels=True)
+    ds = _dcmread(data, stop_before_pixels=True)
+    if not _is_image(ds):
+        raise ImageError("not a readable DICOM file: no image attributes in the data set")
+    return ds
+
+
+def _read_with_pixels(data: bytes) -> Dataset:
+    """The whole data set, Pixel Data as undecoded bytes."""
+    ds = _dcmread(data, stop_before_pixels=False)
+    if _is_image(ds):
+        return ds
+    # When the file ends inside an undefined-length element (compressed pixel data is one),
+    # pydicom drops the whole data set. If the header before the pixels reads, they were cut.
+    read_dicom(data)
+    raise ImageError("truncated DICOM pixel data: the file ends inside the compressed frames")
 
 
 def transfer_syntax(ds: Dataset) -> UID:
@@ -312,7 +317,7 @@ def decode_dicom(
 ) -> DicomImage:
     """Check the header, decode the pixels, and return the displayed image with its header."""
     policy = policy or DicomPolicy()
-    ds = _dcmread(data, stop_before_pixels=False)
+    ds = _read_with_pixels(data)
     check_header(ds, max_pixels, policy)
     uid = transfer_syntax(ds)
     if getattr(ds, "file_meta", None) is None:
@@ -320,9 +325,7 @@ def decode_dicom(
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: say how it was read
         ds.file_meta.TransferSyntaxUID = uid
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = ds.pixel_array
+        stored = ds.pixel_array
     except Exception as exc:  # each decoder plugin raises its own types for corrupt data
         raise ImageError(
             f"cannot decode DICOM pixel data ({uid.name}; corrupt or truncated): {_one_line(exc)}"
