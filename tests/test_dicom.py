@@ -210,7 +210,7 @@ def test_presentation_lut_shape_inverse_and_monochrome1_invert_once() -> None:
     plain = _decode(dicom_bytes(ramp12()))
     m2_inverse = _decode(dicom_bytes(ramp12(), PresentationLUTShape="INVERSE"))
     m2_identity = _decode(dicom_bytes(ramp12(), PresentationLUTShape="IDENTITY"))
-    # The DX/MG IODs require INVERSE with MONOCHROME1: one inversion, said twice.
+    # In an image, INVERSE restates MONOCHROME1 (PS3.3 C.7.6.1): one inversion, said twice.
     m1_inverse = _decode(
         dicom_bytes(ramp12(), photometric="MONOCHROME1", PresentationLUTShape="INVERSE")
     )

@@ -302,10 +302,11 @@ def to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
 def needs_inversion(ds: Dataset) -> bool:
     """Invert once when the image says minimum = white, however many times it says so.
 
-    MONOCHROME1 means the lowest value is displayed white (PS3.3 C.7.6.3.1.2), and the DX and
-    mammography IODs require Presentation LUT Shape INVERSE with MONOCHROME1 (PS3.3
-    C.8.11.1.1.x): both describe the same inversion, so it is applied once, not twice.
-    MONOCHROME2 with INVERSE is inverted too. pydicom never inverts by itself.
+    MONOCHROME1 means the lowest value is displayed white (PS3.3 C.7.6.3.1.2), and in an
+    image Presentation LUT Shape restates it (General Image Module, PS3.3 C.7.6.1: INVERSE
+    shall be used with MONOCHROME1, IDENTITY with MONOCHROME2): both describe the same
+    inversion, so it is applied once, not twice. MONOCHROME2 with INVERSE is honoured (it is
+    inverted). pydicom never inverts by itself.
     """
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
