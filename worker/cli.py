@@ -160,14 +160,25 @@ def watch(ctx: click.Context, polling: bool | None, **overrides: Any) -> None:
     default=None,
     help="Seconds to wait for files still being written (default: [worker] stale_write_seconds).",
 )
+@click.option(
+    "--settle-now",
+    is_flag=True,
+    help="Score every open exam at exit, without waiting for [worker] study_settle_seconds "
+    "(for a backlog that holds whole studies).",
+)
 @click.pass_context
 @_user_errors
-def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None:
-    """Score everything in the inbox now, then exit.
+def process(
+    ctx: click.Context, timeout: float | None, settle_now: bool, **overrides: Any
+) -> None:
+    """Score everything in the inbox now, then the exams whose study has settled, and exit.
+
+    Exams whose latest image arrived less than study_settle_seconds ago stay open: the next
+    `screen process` or `screen watch` scores them once settled, or --settle-now scores them now.
 
     \b
     Example:
-      screen process --inbox ./backlog
+      screen process --inbox ./backlog --settle-now
     """
     from worker.app import run_process
 
@@ -182,7 +193,8 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
             shown[0] = done
             click.echo(f"processed {done}/{total}", err=True)
 
-    results = run_process(_config(ctx, **overrides), timeout, progress)
+    outcome = run_process(_config(ctx, **overrides), timeout, progress, settle_now)
+    results = outcome.files
     if results and tty:
         click.echo("", err=True)
     counts: dict[str, int] = {}
@@ -190,6 +202,13 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
         counts[r.status] = counts.get(r.status, 0) + 1
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to do"
     click.echo(f"processed {len(results)} file(s): {summary}")
+    if outcome.exams_scored or outcome.exams_waiting:
+        waiting = (
+            f", {outcome.exams_waiting} waiting for their study to settle (--settle-now)"
+            if outcome.exams_waiting
+            else ""
+        )
+        click.echo(f"scored {len(outcome.exams_scored)} exam(s){waiting}")
 
 
 @cli.command()
