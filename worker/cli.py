@@ -216,6 +216,18 @@ def process(
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
 )
+@click.option(
+    "--level",
+    type=click.Choice(["image", "breast", "exam"]),
+    default="image",
+    show_default=True,
+    help="One row per image, per breast, or per exam (study).",
+)
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Breast and exam levels: every scoring of each exam, not only its latest.",
+)
 @since_option
 @click.option(
     "--output", "-o", type=click.Path(path_type=Path), help="Write to a file instead of stdout."
@@ -223,20 +235,37 @@ def process(
 @click.pass_context
 @_user_errors
 def results(
-    ctx: click.Context, database: str | None, fmt: str, since: str | None, output: Path | None
+    ctx: click.Context,
+    database: str | None,
+    fmt: str,
+    level: str,
+    history: bool,
+    since: str | None,
+    output: Path | None,
 ) -> None:
-    """List every recorded image with its score, label, model version and status.
+    """List recorded results: every image (score, label, model, status, identity), or each
+    breast or exam's latest scoring.
 
     \b
     Example:
       screen results --format json --since 2026-01-01
+      screen results --level exam --format csv   # patient_id,study_uid,n_images,score,label
     """
     from worker.app import open_store
+    from worker.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
     from worker.results import format_rows, result_rows
 
+    if history and level == "image":
+        raise click.UsageError("--history applies to --level breast or exam")
+    since_dt = _since(since)
     store = open_store(_config(ctx, database=database))
     try:
-        text = format_rows(result_rows(store, _since(since)), fmt)
+        if level == "exam":
+            text = format_rows(exam_rows(store, history, since_dt), fmt, EXAM_COLUMNS)
+        elif level == "breast":
+            text = format_rows(breast_rows(store, history, since_dt), fmt, BREAST_COLUMNS)
+        else:
+            text = format_rows(result_rows(store, since_dt), fmt)
     finally:
         store.dispose()
     if output:

@@ -449,13 +449,21 @@ def _latest_results(s: Session) -> list[ExamResult]:
     )
 
 
-def exam_rows(store: Store, history: bool = False) -> list[dict[str, Any]]:
-    """One row per exam (its latest scoring), or per scoring with `history`."""
+def _results(s: Session, history: bool, since: dt.datetime | None) -> list[ExamResult]:
+    if history:
+        results = list(s.scalars(select(ExamResult).order_by(ExamResult.id)))
+    else:
+        results = _latest_results(s)
+    return [r for r in results if since is None or r.scored_at >= since]
+
+
+def exam_rows(
+    store: Store, history: bool = False, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """One row per exam (its latest scoring), or per scoring with `history`; `since`
+    keeps scorings made at or after that time."""
     with store.read() as s:
-        if history:
-            results = list(s.scalars(select(ExamResult).order_by(ExamResult.id)))
-        else:
-            results = _latest_results(s)
+        results = _results(s, history, since)
         return [
             {
                 "patient_id": r.patient_id,
@@ -474,13 +482,12 @@ def exam_rows(store: Store, history: bool = False) -> list[dict[str, Any]]:
         ]
 
 
-def breast_rows(store: Store, history: bool = False) -> list[dict[str, Any]]:
+def breast_rows(
+    store: Store, history: bool = False, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
     """One row per breast of each exam's latest scoring (or of every scoring)."""
     with store.read() as s:
-        if history:
-            results = list(s.scalars(select(ExamResult).order_by(ExamResult.id)))
-        else:
-            results = _latest_results(s)
+        results = _results(s, history, since)
         by_id = {r.id: r for r in results}
         breasts = s.scalars(
             select(BreastResult)
