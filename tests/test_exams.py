@@ -12,6 +12,8 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -433,3 +435,41 @@ def test_screen_process_end_to_end_exam_results_and_outbox(tmp_path: Path) -> No
     assert [r["outbox"] for r in js] == ["S1.001.json", "S2.001.json"]
     bad = _screen(tmp_path, "results", "--history")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def _wait_for_document(outbox: Path, n_images: int, timeout: float = 30.0) -> dict | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in sorted(outbox.glob("*.json")) if outbox.is_dir() else []:
+            doc = json.loads(path.read_text())  # complete, or not there: written atomically
+            if doc["n_images"] == n_images:
+                return doc
+        time.sleep(0.1)
+    return None
+
+
+def test_screen_watch_scores_settled_exams_and_rescores_after_a_late_image(
+    workdir: Path,
+) -> None:
+    _set(workdir, filename_pattern=PATTERN, study_settle_seconds=1.0)
+    config = load_config(workdir / "config.toml")
+    _drop(config, "P1_S1_L_CC.png", 0.3)
+    _drop(config, "P1_S1_R_CC.png", 0.4)
+    worker = open_worker(config)
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
+    thread.start()
+    try:
+        assert ready.wait(10)
+        first = _wait_for_document(config.outbox, 2)
+        assert first is not None, "exam not scored by the watch loop"
+        _drop(config, "P1_S1_L_MLO.png", 0.5)
+        second = _wait_for_document(config.outbox, 3)
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+    assert not thread.is_alive()
+    assert second is not None and second["seq"] == first["seq"] + 1
+    assert second["supersedes"] == f"S1.{first['seq']:03d}.json"
+    assert (config.outbox / second["supersedes"]).exists()  # the earlier document stays
