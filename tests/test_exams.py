@@ -424,6 +424,8 @@ def test_screen_process_end_to_end_exam_results_and_outbox(tmp_path: Path) -> No
     for e in exams:
         assert e["label"] == ("malignant" if float(e["score"]) >= 0.5 else "benign")
 
+    status = json.loads(_screen(tmp_path, "status", "--format", "json").stdout)
+    assert status["exams"] == {"scored": 2}
     docs = sorted((tmp_path / "outbox").iterdir())
     assert [d.name for d in docs] == ["S1.001.json", "S2.001.json"]
     for d in docs:

@@ -20,7 +20,7 @@ from worker.exams import ExamBook, ExamScoring
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.scorer import Scorer
-from worker.store import ImageRecord, Store
+from worker.store import Exam, ImageRecord, Store
 from worker.watcher import InboxWatcher, scan_inbox
 
 log = logging.getLogger("mammo_screen")
@@ -131,6 +131,10 @@ def status(config: Config) -> dict[str, Any]:
             owed = s.scalar(
                 select(func.count()).select_from(ImageRecord).where(ImageRecord.moved_at.is_(None))
             )
+            exams = {
+                status: n
+                for status, n in s.execute(select(Exam.status, func.count()).group_by(Exam.status))
+            }
     finally:
         store.dispose()
     backlog = (
@@ -154,6 +158,7 @@ def status(config: Config) -> dict[str, Any]:
         "unfinished_rows": owed,
         "last_received": None if last is None else last.isoformat() + "Z",
         "counts": counts,
+        "exams": exams,  # open (waiting for their study to settle) and scored
         "model": model,
         "database": config.database_url,
         "now": dt.datetime.now(dt.UTC).isoformat(),

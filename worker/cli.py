@@ -377,6 +377,9 @@ def status(ctx: click.Context, fmt: str) -> None:
         "counts: " + (", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())) or "none")
     )
     click.echo(f"unfinished rows: {info['unfinished_rows']}")
+    click.echo(
+        "exams: " + (", ".join(f"{k} {v}" for k, v in sorted(info["exams"].items())) or "none")
+    )
     if "error" in model:
         click.echo(f"model: {model['path']} NOT USABLE: {model['error']}")
     else:
