@@ -30,6 +30,7 @@ from worker.exams import (
     aggregate,
     breast_rows,
     exam_rows,
+    join_exam,
     score_exam,
     write_atomically,
 )
@@ -40,7 +41,7 @@ from worker.model_metadata import (
     ModelMetadataError,
 )
 from worker.preprocess import PreprocessSettings
-from worker.store import ExamResult, ImageRecord, Store, utcnow
+from worker.store import SCORED, ExamResult, ImageRecord, Store, utcnow
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_(?P<study_uid>[^_/]+)_(?P<laterality>[LRU])_(?P<view>[A-Z]+)\."
 
@@ -291,6 +292,30 @@ def test_duplicates_and_quarantined_images_do_not_count(workdir: Path) -> None:
     (row,) = exam_rows(worker.store)
     assert row["n_images"] == 1 and row["seq"] == 1  # neither reopened nor counted it
     assert [b["laterality"] for b in breast_rows(worker.store)] == ["L"]
+
+
+def test_an_instance_sent_twice_counts_once_as_its_latest_copy(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    now = utcnow()
+    with store.write() as s:
+        for i, (sop, lat, score) in enumerate(
+            [("1.1", "L", 0.9), ("1.2", "R", 0.2), ("1.1", "L", 0.3), (None, "L", 0.5)]
+        ):
+            row = ImageRecord(
+                filename=f"{i}.dcm", source_path=f"/in/{i}.dcm", sha256=f"{i:064d}", status=SCORED,
+                attempts=1, score=score, label="benign", study_uid="9.9", laterality=lat,
+                sop_instance_uid=sop, patient_id="P",
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            join_exam(s, row, now)
+    meta = ModelMetadata(PreprocessSettings(size=32), 0.5, "v1")  # breast mean, exam max
+    book = ExamBook(store, meta, tmp_path / "outbox", 0.0, lambda: now)
+    (scoring,) = book.step()
+    store.dispose()
+    assert scoring.score == pytest.approx(max((0.3 + 0.5) / 2, 0.2))
+    doc = json.loads(scoring.outbox_path.read_text())
+    assert [i["filename"] for i in doc["images"]] == ["1.dcm", "2.dcm", "3.dcm"]
 
 
 # ---- the outbox ----------------------------------------------------------------------------

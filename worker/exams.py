@@ -4,7 +4,9 @@ An exam is a study: all images with the same Study Instance UID (from the DICOM 
 sidecar CSV or the file-name pattern). An image without one belongs to no exam and is listed
 at image level only: an exam result nobody can attach to a patient's study would be of no use
 downstream, and a plain inbox without identity keeps working exactly as before. Only `scored`
-images count: duplicates and quarantined files never enter a breast or an exam.
+images count: duplicates and quarantined files never enter a breast or an exam, and a DICOM
+instance received twice with different bytes (same SOP Instance UID) counts once, as its
+latest copy.
 
 An exam's life, each step committed before the next touches the disk:
 
@@ -154,6 +156,19 @@ def join_exam(s: Session, row: ImageRecord, now: dt.datetime) -> None:
 # ---- scoring settled exams and writing their outbox documents -----------------------------
 
 
+def _one_per_instance(images: list[ImageRecord]) -> list[ImageRecord]:
+    """One image per SOP Instance UID, the latest received: a DICOM instance sent again with
+    other bytes (re-encoded by a PACS, say) is the same image and must not count twice."""
+    latest: dict[str, ImageRecord] = {}
+    out = []
+    for r in images:
+        if r.sop_instance_uid is None:
+            out.append(r)
+        else:
+            latest[r.sop_instance_uid] = r  # ordered by id: the last one wins
+    return sorted(out + list(latest.values()), key=lambda r: r.id)
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64].lstrip(".") or "exam"
 
@@ -234,7 +249,7 @@ class ExamBook:
                 .where(ImageRecord.status == SCORED, ImageRecord.study_uid == exam.study_uid)
                 .order_by(ImageRecord.id)
             )
-            images = [r for r in s.scalars(q) if r.score is not None]
+            images = _one_per_instance([r for r in s.scalars(q) if r.score is not None])
             if not images:  # cannot happen through join_exam; do not loop on it
                 exam.status = ExamStatus.SCORED.value
                 _exam_event(s, exam.id, "exam_skipped", "no scored image")
