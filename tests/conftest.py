@@ -21,7 +21,11 @@ SHIPPED_MODEL = REPO / "models" / "mammo-lite0-probe-256.onnx"
 
 
 def make_mean_model(
-    path: Path, size: int = 32, threshold: float = 0.5, version: str = "test-mean-1"
+    path: Path,
+    size: int = 32,
+    threshold: float = 0.5,
+    version: str = "test-mean-1",
+    aggregation: dict[str, str] | None = None,
 ) -> Path:
     """A real ONNX graph: score = sigmoid(8 * (mean pixel - 0.25)). Brighter tissue, higher score.
 
@@ -54,6 +58,7 @@ def make_mean_model(
         model_version=version,
         threshold_rule="fixed for tests",
         metrics={"auc": 0.5},
+        **({"aggregation": aggregation} if aggregation is not None else {}),
     )
     for k, v in meta.to_props().items():
         entry = model.metadata_props.add()

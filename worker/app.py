@@ -16,10 +16,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from worker.config import Config
+from worker.exams import ExamBook, ExamScoring
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.scorer import Scorer
-from worker.store import ImageRecord, Store
+from worker.store import Exam, ImageRecord, Store
 from worker.watcher import InboxWatcher, scan_inbox
 
 log = logging.getLogger("mammo_screen")
@@ -48,6 +49,7 @@ class Worker:
     scorer: Scorer
     pipeline: Pipeline
     watcher: InboxWatcher
+    exams: ExamBook
 
     def close(self) -> None:
         self.store.dispose()
@@ -59,7 +61,9 @@ def open_worker(config: Config, polling: bool | None = None) -> Worker:
     ensure_folders(config)
     store = open_store(config)
     pipeline = Pipeline(config, store, scorer)
-    return Worker(config, store, scorer, pipeline, InboxWatcher(config, pipeline, polling))
+    exams = ExamBook(store, scorer.metadata, config.outbox, config.study_settle_seconds)
+    watcher = InboxWatcher(config, pipeline, polling, exams)
+    return Worker(config, store, scorer, pipeline, watcher, exams)
 
 
 def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:
@@ -88,14 +92,28 @@ def run_watch(config: Config, polling: bool | None = None) -> None:
         worker.close()
 
 
+@dataclass(frozen=True)
+class ProcessSummary:
+    files: list[FileResult]
+    exams_scored: list[ExamScoring]
+    exams_waiting: int  # open exams whose study has not been quiet for study_settle_seconds
+
+
 def run_process(
-    config: Config, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
-) -> list[FileResult]:
+    config: Config,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    settle_now: bool = False,
+) -> ProcessSummary:
+    """Handle the inbox now, then score settled exams (every open one with `settle_now`)."""
     worker = open_worker(config)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
         with InboxLock(config.inbox):
-            return worker.watcher.run_once(timeout=timeout, progress=progress)
+            files = worker.watcher.run_once(
+                timeout=timeout, progress=progress, settle_now=settle_now
+            )
+            return ProcessSummary(files, worker.watcher.exams_scored, worker.exams.waiting())
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
@@ -113,6 +131,10 @@ def status(config: Config) -> dict[str, Any]:
             owed = s.scalar(
                 select(func.count()).select_from(ImageRecord).where(ImageRecord.moved_at.is_(None))
             )
+            exams = {
+                status: n
+                for status, n in s.execute(select(Exam.status, func.count()).group_by(Exam.status))
+            }
     finally:
         store.dispose()
     backlog = (
@@ -136,6 +158,7 @@ def status(config: Config) -> dict[str, Any]:
         "unfinished_rows": owed,
         "last_received": None if last is None else last.isoformat() + "Z",
         "counts": counts,
+        "exams": exams,  # open (waiting for their study to settle) and scored
         "model": model,
         "database": config.database_url,
         "now": dt.datetime.now(dt.UTC).isoformat(),

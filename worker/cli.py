@@ -160,14 +160,25 @@ def watch(ctx: click.Context, polling: bool | None, **overrides: Any) -> None:
     default=None,
     help="Seconds to wait for files still being written (default: [worker] stale_write_seconds).",
 )
+@click.option(
+    "--settle-now",
+    is_flag=True,
+    help="Score every open exam at exit, without waiting for [worker] study_settle_seconds "
+    "(for a backlog that holds whole studies).",
+)
 @click.pass_context
 @_user_errors
-def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None:
-    """Score everything in the inbox now, then exit.
+def process(
+    ctx: click.Context, timeout: float | None, settle_now: bool, **overrides: Any
+) -> None:
+    """Score everything in the inbox now, then the exams whose study has settled, and exit.
+
+    Exams whose latest image arrived less than study_settle_seconds ago stay open: the next
+    `screen process` or `screen watch` scores them once settled, or --settle-now scores them now.
 
     \b
     Example:
-      screen process --inbox ./backlog
+      screen process --inbox ./backlog --settle-now
     """
     from worker.app import run_process
 
@@ -182,7 +193,8 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
             shown[0] = done
             click.echo(f"processed {done}/{total}", err=True)
 
-    results = run_process(_config(ctx, **overrides), timeout, progress)
+    outcome = run_process(_config(ctx, **overrides), timeout, progress, settle_now)
+    results = outcome.files
     if results and tty:
         click.echo("", err=True)
     counts: dict[str, int] = {}
@@ -190,12 +202,31 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
         counts[r.status] = counts.get(r.status, 0) + 1
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to do"
     click.echo(f"processed {len(results)} file(s): {summary}")
+    if outcome.exams_scored or outcome.exams_waiting:
+        waiting = (
+            f", {outcome.exams_waiting} waiting for their study to settle (--settle-now)"
+            if outcome.exams_waiting
+            else ""
+        )
+        click.echo(f"scored {len(outcome.exams_scored)} exam(s){waiting}")
 
 
 @cli.command()
 @store_options
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@click.option(
+    "--level",
+    type=click.Choice(["image", "breast", "exam"]),
+    default="image",
+    show_default=True,
+    help="One row per image, per breast, or per exam (study).",
+)
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Breast and exam levels: every scoring of each exam, not only its latest.",
 )
 @since_option
 @click.option(
@@ -204,20 +235,37 @@ def process(ctx: click.Context, timeout: float | None, **overrides: Any) -> None
 @click.pass_context
 @_user_errors
 def results(
-    ctx: click.Context, database: str | None, fmt: str, since: str | None, output: Path | None
+    ctx: click.Context,
+    database: str | None,
+    fmt: str,
+    level: str,
+    history: bool,
+    since: str | None,
+    output: Path | None,
 ) -> None:
-    """List every recorded image with its score, label, model version and status.
+    """List recorded results: every image (score, label, model, status, identity), or each
+    breast or exam's latest scoring.
 
     \b
     Example:
       screen results --format json --since 2026-01-01
+      screen results --level exam --format csv   # patient_id,study_uid,n_images,score,label
     """
     from worker.app import open_store
+    from worker.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
     from worker.results import format_rows, result_rows
 
+    if history and level == "image":
+        raise click.UsageError("--history applies to --level breast or exam")
+    since_dt = _since(since)
     store = open_store(_config(ctx, database=database))
     try:
-        text = format_rows(result_rows(store, _since(since)), fmt)
+        if level == "exam":
+            text = format_rows(exam_rows(store, history, since_dt), fmt, EXAM_COLUMNS)
+        elif level == "breast":
+            text = format_rows(breast_rows(store, history, since_dt), fmt, BREAST_COLUMNS)
+        else:
+            text = format_rows(result_rows(store, since_dt), fmt)
     finally:
         store.dispose()
     if output:
@@ -329,6 +377,9 @@ def status(ctx: click.Context, fmt: str) -> None:
         "counts: " + (", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())) or "none")
     )
     click.echo(f"unfinished rows: {info['unfinished_rows']}")
+    click.echo(
+        "exams: " + (", ".join(f"{k} {v}" for k, v in sorted(info["exams"].items())) or "none")
+    )
     if "error" in model:
         click.echo(f"model: {model['path']} NOT USABLE: {model['error']}")
     else:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.identity import IdentityConfigError, compile_pattern
+
 ENV_CONFIG = "MAMMO_SCREEN_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
 
@@ -26,6 +28,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "inbox": ("path", "data/inbox"),
         "processed": ("path", "data/processed"),
         "quarantine": ("path", "data/quarantine"),
+        "outbox": ("path", "data/outbox"),
     },
     "database": {
         "url": ("str", "sqlite:///data/screen.db"),
@@ -45,6 +48,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_pixels": ("int", 100_000_000),
         "max_attempts": ("int", 3),
         "stale_write_seconds": ("float", 3600.0),
+        "study_settle_seconds": ("float", 60.0),
+    },
+    "identity": {
+        "filename_pattern": ("str", ""),
+        "sidecar_csv": ("optpath", ""),
     },
     "dicom": {
         "allowed_modalities": ("strlist", ["MG"]),
@@ -61,6 +69,7 @@ _POSITIVE = {
     "worker.stale_write_seconds",
     "database.busy_timeout_seconds",
 }
+_NON_NEGATIVE = {"worker.study_settle_seconds"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class Config:
     inbox: Path
     processed: Path
     quarantine: Path
+    outbox: Path
     database_url: str
     busy_timeout_seconds: float
     model_path: Path
@@ -85,12 +95,16 @@ class Config:
     stale_write_seconds: float
     dicom_allowed_modalities: tuple[str, ...]
     dicom_allow_for_processing: bool
+    study_settle_seconds: float
+    filename_pattern: str
+    sidecar_csv: Path | None  # None: no sidecar
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
     ok = {
         "str": isinstance(value, str),
         "path": isinstance(value, str) and value != "",
+        "optpath": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
@@ -103,6 +117,7 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             "path": "a non-empty path string",
             "str": "a string",
             "strlist": "a non-empty list of strings",
+            "optpath": "a path string ('' for none)",
         }.get(kind, f"a {kind}")
         raise ConfigError(f"config key {name}: expected {want}, got {value!r}")
     if kind == "float":
@@ -111,8 +126,24 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         value = tuple(v.strip().upper() for v in value)  # DICOM code strings are upper case
     if name in _POSITIVE and value <= 0:
         raise ConfigError(f"config key {name}: must be positive, got {value!r}")
+    if name in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"config key {name}: must be 0 or more, got {value!r}")
+    if name == "identity.filename_pattern":
+        try:
+            compile_pattern(value)
+        except IdentityConfigError as exc:
+            raise ConfigError(f"config key {name}: {exc}") from None
     if name == "model.threads" and value < 0:
         raise ConfigError(f"config key {name}: must be 0 (automatic) or more, got {value!r}")
+    return value
+
+
+def _resolve(kind: str, value: Any, base: Path) -> Any:
+    """Paths are relative to `base`; an empty optional path means none."""
+    if kind == "path":
+        return base / value
+    if kind == "optpath":
+        return (base / value) if value else None
     return value
 
 
@@ -165,10 +196,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(f"unknown config key {section}.{key} in {source}")
             kind = SCHEMA[section][key][0]
             value = _coerce(f"{section}.{key}", kind, value)
-            values[f"{section}.{key}"] = base / value if kind == "path" else value
+            values[f"{section}.{key}"] = _resolve(kind, value, base)
     for section, keys in SCHEMA.items():
         for key, (kind, default) in keys.items():
-            values.setdefault(f"{section}.{key}", base / default if kind == "path" else default)
+            values.setdefault(f"{section}.{key}", _resolve(kind, default, base))
     for name, value in (overrides or {}).items():
         if value is None:
             continue
@@ -176,7 +207,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if key not in SCHEMA.get(section, {}):
             raise ConfigError(f"unknown config key {name}")
         kind = SCHEMA[section][key][0]
-        value = Path(value).resolve() if kind == "path" else _coerce(name, kind, value)
+        if kind == "path":
+            value = Path(value).resolve()
+        elif kind == "optpath":
+            value = Path(value).resolve() if str(value) else None
+        else:
+            value = _coerce(name, kind, value)
         values[name] = value
 
     return Config(
@@ -185,6 +221,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         inbox=Path(values["paths.inbox"]),
         processed=Path(values["paths.processed"]),
         quarantine=Path(values["paths.quarantine"]),
+        outbox=Path(values["paths.outbox"]),
         database_url=_resolve_sqlite_url(values["database.url"], base),
         busy_timeout_seconds=values["database.busy_timeout_seconds"],
         model_path=Path(values["model.path"]),
@@ -200,4 +237,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         stale_write_seconds=values["worker.stale_write_seconds"],
         dicom_allowed_modalities=tuple(values["dicom.allowed_modalities"]),
         dicom_allow_for_processing=values["dicom.allow_for_processing"],
+        study_settle_seconds=values["worker.study_settle_seconds"],
+        filename_pattern=values["identity.filename_pattern"],
+        sidecar_csv=values["identity.sidecar_csv"],
     )

@@ -20,10 +20,26 @@ KEY_CLASS_NAMES = PREFIX + "class_names"
 KEY_MODEL_VERSION = PREFIX + "model_version"
 KEY_METRICS = PREFIX + "metrics"
 KEY_TRAINING = PREFIX + "training"
+KEY_AGGREGATION = PREFIX + "aggregation"
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "score"
 DEFAULT_CLASS_NAMES = ("benign", "malignant")
+# How image scores make a breast score, and breast scores an exam score. Models exported
+# before the key existed get the default.
+AGGREGATION_LEVELS = ("breast", "exam")
+AGGREGATION_RULES = ("mean", "max")
+DEFAULT_AGGREGATION = {"breast": "mean", "exam": "max"}
+
+
+def parse_aggregation(raw: Any) -> dict[str, str]:
+    """A checked {"breast": rule, "exam": rule}, each rule one of AGGREGATION_RULES."""
+    if not isinstance(raw, dict) or set(raw) != set(AGGREGATION_LEVELS):
+        raise ValueError(f"aggregation must have exactly the keys {list(AGGREGATION_LEVELS)}")
+    bad = {k: v for k, v in raw.items() if v not in AGGREGATION_RULES}
+    if bad:
+        raise ValueError(f"aggregation rules must be among {list(AGGREGATION_RULES)}: {bad}")
+    return {k: str(raw[k]) for k in AGGREGATION_LEVELS}
 
 
 class ModelMetadataError(ValueError):
@@ -39,6 +55,7 @@ class ModelMetadata:
     threshold_rule: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    aggregation: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_AGGREGATION))
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -49,6 +66,7 @@ class ModelMetadata:
             KEY_MODEL_VERSION: self.model_version,
             KEY_METRICS: json.dumps(self.metrics, sort_keys=True),
             KEY_TRAINING: json.dumps(self.training, sort_keys=True),
+            KEY_AGGREGATION: json.dumps(parse_aggregation(self.aggregation)),
         }
 
     @classmethod
@@ -65,6 +83,9 @@ class ModelMetadata:
             names = tuple(json.loads(props.get(KEY_CLASS_NAMES, json.dumps(DEFAULT_CLASS_NAMES))))
             metrics = json.loads(props.get(KEY_METRICS, "{}"))
             training = json.loads(props.get(KEY_TRAINING, "{}"))
+            aggregation = parse_aggregation(
+                json.loads(props.get(KEY_AGGREGATION, json.dumps(DEFAULT_AGGREGATION)))
+            )
         except (ValueError, TypeError) as exc:
             raise ModelMetadataError(f"model metadata is invalid: {exc}") from exc
         if pre.version != PREPROCESS_VERSION:
@@ -84,4 +105,5 @@ class ModelMetadata:
             threshold_rule=props.get(KEY_THRESHOLD_RULE, ""),
             metrics=metrics,
             training=training,
+            aggregation=aggregation,
         )

@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session
 
 from worker.config import Config
 from worker.dicom import DicomPolicy
+from worker.exams import join_exam
 from worker.faults import crash_point
+from worker.identity import IdentityReader
 from worker.paths import display_name, path_from_db, path_to_db
 from worker.preprocess import ImageError, preprocess_bytes
 from worker.scorer import Scorer
@@ -93,6 +95,7 @@ class Pipeline:
         )
         # Read failures of files that have no row yet: path -> count.
         self.read_failures: dict[Path, int] = {}
+        self.identity = IdentityReader(config.filename_pattern, config.sidecar_csv)
 
     # ---- step 1: record receipt ------------------------------------------------------------
 
@@ -167,25 +170,31 @@ class Pipeline:
 
         to_score: list[tuple[ImageRecord, np.ndarray]] = []
         decided: dict[int, dict[str, Any]] = {}
+        identities: dict[int, dict[str, Any]] = {}
         for _, record, data in received:
             if record.status in FINAL_STATUSES:
                 continue  # decided before a restart: only the move is owed
+            # Who and which breast, recorded with the decision whatever it is.
+            ident = self.identity.identify(record.filename, data).as_columns()
             original = self._find_original(record)
             if original is not None:
-                decided[record.id] = {"status": DUPLICATE, "duplicate_of": original.id}
+                decided[record.id] = {"status": DUPLICATE, "duplicate_of": original.id, **ident}
                 continue
+            identities[record.id] = ident
             try:
                 to_score.append((record, preprocess_bytes(data, self.settings, self.dicom_policy)))
             except ImageError as exc:
-                decided[record.id] = {"status": QUARANTINED, "error": str(exc)}
+                decided[record.id] = {"status": QUARANTINED, "error": str(exc), **ident}
             except Exception as exc:  # a decoder bug must not stop the worker
                 decided[record.id] = {
                     "status": QUARANTINED,
                     "error": f"preprocessing failed: {exc!r}",
+                    **ident,
                 }
         crash_point("after_preprocess")
 
-        decided.update(self._score(to_score))
+        for rid, fields in self._score(to_score).items():
+            decided[rid] = {**fields, **identities[rid]}
         self._commit_decisions(decided)
         crash_point("after_decision")
         return [self._move(path, record.id, data) for path, record, data in received]
@@ -329,6 +338,8 @@ class Pipeline:
                             scored_at=original.scored_at,
                         )
                 self._decide(s, row, status, **fields)
+                # A scored image joins its exam in the same commit as its score.
+                join_exam(s, row, utcnow())
 
     # ---- step 3: move, then record the move ------------------------------------------------
 
@@ -423,5 +434,5 @@ def ensure_folders(config: Config) -> None:
         log.info("created inbox folder=%s", config.inbox)
     if not os.access(config.inbox, os.R_OK | os.X_OK | os.W_OK):
         raise PermissionError(f"inbox folder is not readable and writable: {config.inbox}")
-    for folder in (config.processed, config.quarantine):
+    for folder in (config.processed, config.quarantine, config.outbox):
         folder.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,11 @@ RESULT_COLUMNS = (
     "duplicate_of",
     "final_path",
     "outcome",
+    "patient_id",
+    "study_uid",
+    "laterality",
+    "view",
+    "sop_instance_uid",
 )
 
 VALID_LABELS = ("benign", "malignant")
@@ -60,19 +65,27 @@ def result_rows(store: Store, since: dt.datetime | None = None) -> list[dict[str
                 "duplicate_of": r.duplicate_of,
                 "final_path": r.final_path,
                 "outcome": outcomes.get(r.sha256),
+                "patient_id": r.patient_id,
+                "study_uid": r.study_uid,
+                "laterality": r.laterality,
+                "view": r.view,
+                "sop_instance_uid": r.sop_instance_uid,
             }
         )
     return rows
 
 
-def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+def format_rows(
+    rows: list[dict[str, Any]], fmt: str, columns: tuple[str, ...] = RESULT_COLUMNS
+) -> str:
+    """JSON (every key of each row) or CSV (exactly `columns`, in that order)."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in RESULT_COLUMNS})
+        writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
     return buf.getvalue()
 
 

@@ -10,13 +10,22 @@ touched:
 A row whose status is final but whose `moved_at` is empty is a move still owed; start-up
 reconciliation finishes it. A partial unique index makes it impossible to hold two unfinished
 rows for the same inbox path and content, so a restart can never record a file twice.
+
+Scored images join an exam (`exams`, one row per study); each scoring of an exam is a row of
+`exam_results` (with its `breast_results`), kept forever, so a rescored exam keeps its history
+(see worker/exams.py for that state machine).
+
+A database made by an earlier release is upgraded in place when opened: missing tables are
+created and missing nullable columns added (`UPGRADE_COLUMNS`); nothing is dropped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -29,6 +38,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
 )
@@ -41,6 +51,13 @@ DUPLICATE = "duplicate"
 QUARANTINED = "quarantined"
 STATUSES = (RECEIVED, SCORED, DUPLICATE, QUARANTINED)
 FINAL_STATUSES = (SCORED, DUPLICATE, QUARANTINED)
+
+log = logging.getLogger("mammo_screen")
+
+
+class ExamStatus(StrEnum):
+    OPEN = "open"  # waiting for its study to be quiet (new, or reopened by a late image)
+    SCORED = "scored"  # its latest scoring covers every image it has
 
 
 def utcnow() -> dt.datetime:
@@ -73,6 +90,12 @@ class ImageRecord(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     final_path: Mapped[str | None] = mapped_column(Text, default=None)
     moved_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Identity (worker/identity.py): only what joining a breast and an exam needs.
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    study_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    laterality: Mapped[str | None] = mapped_column(String(1), default=None)  # L, R
+    view: Mapped[str | None] = mapped_column(String(16), default=None)  # CC, MLO, ...
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
 
     __table_args__ = (
         # At most one unfinished row per (inbox path, content): the exactly-once guard.
@@ -94,9 +117,79 @@ class Event(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    # Set for an exam's events (scored, reopened, outbox written); image_id is then NULL.
+    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id"), default=None, index=True)
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Exam(Base):
+    """One exam: a study, by Study Instance UID (images without one belong to no exam).
+
+    `status` is an ExamStatus: `open` while it waits for its study to be quiet for
+    study_settle_seconds after `last_image_at`, `scored` after; a later image reopens it.
+    """
+
+    __tablename__ = "exams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_image_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    scorings: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ExamResult(Base):
+    """One scoring of an exam; a rescoring adds a row, so earlier scores stay on record.
+
+    The outbox document is planned (`outbox_path`) in the same commit as the scores and
+    written after it; `outbox_written_at` is set once the file is in place.
+    """
+
+    __tablename__ = "exam_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # 1 for the first scoring of the exam, then 2...
+    scored_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    study_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    n_images: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(32))
+    threshold: Mapped[float] = mapped_column(Float)
+    threshold_rule: Mapped[str | None] = mapped_column(Text, default=None)
+    model_version: Mapped[str] = mapped_column(String(128))
+    breast_rule: Mapped[str] = mapped_column(String(16))
+    exam_rule: Mapped[str] = mapped_column(String(16))
+    image_ids: Mapped[str] = mapped_column(Text)  # JSON list of the images this scoring used
+    outbox_path: Mapped[str | None] = mapped_column(Text, default=None)
+    outbox_written_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("uq_exam_results_seq", "exam_id", "seq", unique=True),)
+
+
+class BreastResult(Base):
+    """One breast of one exam scoring."""
+
+    __tablename__ = "breast_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exam_result_id: Mapped[int] = mapped_column(ForeignKey("exam_results.id"), index=True)
+    laterality: Mapped[str] = mapped_column(String(1))
+    n_images: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(32))
+
+
+# Nullable columns added after the first release: added in place to an older database.
+UPGRADE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "images": ("patient_id", "study_uid", "laterality", "view", "sop_instance_uid"),
+    "events": ("exam_id",),
+}
 
 
 class Outcome(Base):
@@ -128,6 +221,7 @@ class Store:
         if self.is_sqlite:
             self._setup_sqlite(busy_timeout_seconds)
         Base.metadata.create_all(self.engine)
+        self._upgrade()
         self._writer = self.engine.execution_options(mammo_immediate=True)
 
     def _setup_sqlite(self, busy_timeout_seconds: float) -> None:
@@ -145,6 +239,24 @@ class Store:
         def _on_begin(conn: Any) -> None:
             immediate = conn.get_execution_options().get("mammo_immediate", False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    def _upgrade(self) -> None:
+        """Add the columns an older database lacks (create_all makes only missing tables)."""
+        with self.engine.begin() as conn:
+            for table_name, columns in UPGRADE_COLUMNS.items():
+                table = Base.metadata.tables[table_name]
+                present = {c["name"] for c in inspect(conn).get_columns(table_name)}
+                missing = [name for name in columns if name not in present]
+                for name in missing:
+                    col = table.c[name]
+                    ddl = col.type.compile(dialect=conn.dialect)
+                    for fk in col.foreign_keys:
+                        ddl += f" REFERENCES {fk.column.table.name} ({fk.column.name})"
+                    conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {ddl}")
+                if missing:
+                    log.info("upgraded database table=%s added=%s", table_name, ",".join(missing))
+                    for index in table.indexes:
+                        index.create(conn, checkfirst=True)
 
     @contextmanager
     def write(self) -> Iterator[Session]:

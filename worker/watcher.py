@@ -23,6 +23,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from worker.config import Config
+from worker.exams import ExamBook, ExamScoring
 from worker.pipeline import FileResult, Pipeline
 
 log = logging.getLogger("mammo_screen")
@@ -136,9 +137,17 @@ class _Handler(FileSystemEventHandler):
 class InboxWatcher:
     """Runs the pipeline over the inbox: once (`run_once`) or until stopped (`watch`)."""
 
-    def __init__(self, config: Config, pipeline: Pipeline, polling: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        polling: bool | None = None,
+        exams: ExamBook | None = None,
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.exams = exams
+        self.exams_scored: list[ExamScoring] = []
         self.polling = config.polling if polling is None else polling
         self.tracker = SettleTracker(config.settle_seconds)
         self.hints: queue.Queue[Path] = queue.Queue()
@@ -206,6 +215,15 @@ class InboxWatcher:
         self.last_activity = time.time()
         return results
 
+    def _exam_step(self, settle_now: bool = False) -> None:
+        """Score the exams whose study has settled; a failure waits for the next step."""
+        if self.exams is None:
+            return
+        try:
+            self.exams_scored.extend(self.exams.step(settle_now))
+        except (OperationalError, OSError) as exc:
+            log.error("exam step failed error=%s (will retry)", str(exc).splitlines()[0])
+
     def _report_stale(self) -> None:
         """Files that have kept changing for longer than stale_write_seconds: say so, once."""
         # Forget files no longer waiting, so the set stays as small as the backlog.
@@ -220,10 +238,15 @@ class InboxWatcher:
                 )
 
     def run_once(
-        self, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
+        self,
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        settle_now: bool = False,
     ) -> list[FileResult]:
         """Process everything in the inbox now, then return. Files still being written after
-        `timeout` seconds (default: stale_write_seconds) are left and reported."""
+        `timeout` seconds (default: stale_write_seconds) are left and reported. At the end,
+        exams whose study has settled are scored (with `settle_now`, every open exam);
+        the others stay open for a later run."""
         self.pipeline.reconcile()
         self.rescan()
         total = len(self.tracker)
@@ -242,6 +265,7 @@ class InboxWatcher:
                         log.warning("still being written file=%s (left in inbox)", path)
                     break
                 time.sleep(min(0.2, self.config.settle_seconds / 2))
+        self._exam_step(settle_now)
         return results
 
     def watch(self, ready: threading.Event | None = None) -> None:
@@ -262,6 +286,7 @@ class InboxWatcher:
         )
         try:
             next_scan = 0.0
+            next_exam_step = 0.0
             if ready is not None:
                 ready.set()
             while not self.stop_event.is_set():
@@ -271,7 +296,11 @@ class InboxWatcher:
                     self._report_stale()
                     next_scan = time.monotonic() + self.config.rescan_seconds
                 self._drain_hints()
-                if not self._process_ready():
+                done = self._process_ready()
+                if time.monotonic() >= next_exam_step:
+                    self._exam_step()
+                    next_exam_step = time.monotonic() + 1.0
+                if not done:
                     # Wait for a hint or the next settle check, whichever is first.
                     try:
                         path = self.hints.get(timeout=min(0.25, self.config.settle_seconds / 2))
