@@ -37,6 +37,15 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypa
     assert cfg.processed == tmp_path / "sub" / "data" / "processed"
 
 
+def test_dicom_keys(tmp_path: Path) -> None:
+    assert load_config(REPO / "config.toml").dicom_allowed_modalities == ("MG",)
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[dicom]\nallowed_modalities = ['mg', 'DX']\nallow_for_processing = true\n")
+    cfg = load_config(cfg_file)
+    assert cfg.dicom_allowed_modalities == ("MG", "DX")
+    assert cfg.dicom_allow_for_processing is True
+
+
 def test_overrides_replace_single_keys(tmp_path: Path) -> None:
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text("[worker]\nbatch_size = 4\n")
@@ -55,6 +64,9 @@ def test_overrides_replace_single_keys(tmp_path: Path) -> None:
         ("[worker]\npolling = 'yes'\n", "worker.polling"),
         ("[paths]\ninbox = ''\n", "paths.inbox"),
         ("[paths\n", "not valid TOML"),
+        ("[dicom]\nallowed_modalities = 'MG'\n", "dicom.allowed_modalities"),
+        ("[dicom]\nallowed_modalities = []\n", "dicom.allowed_modalities"),
+        ("[dicom]\nallow_for_processing = 1\n", "dicom.allow_for_processing"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, match: str) -> None:

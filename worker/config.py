@@ -46,6 +46,10 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_attempts": ("int", 3),
         "stale_write_seconds": ("float", 3600.0),
     },
+    "dicom": {
+        "allowed_modalities": ("strlist", ["MG"]),
+        "allow_for_processing": ("bool", False),
+    },
     "receive": {
         "ae_title": ("ae_title", "MAMMO_SCREEN"),
         "bind": ("str", "127.0.0.1"),
@@ -85,6 +89,8 @@ class Config:
     max_pixels: int
     max_attempts: int
     stale_write_seconds: float
+    dicom_allowed_modalities: tuple[str, ...]
+    dicom_allow_for_processing: bool
     receive_ae_title: str
     receive_bind: str
     receive_port: int
@@ -114,12 +120,21 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
+        "strlist": isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(v, str) and v.strip() for v in value),
     }[kind]
     if not ok:
-        want = {"path": "a non-empty path string", "str": "a string"}.get(kind, f"a {kind}")
+        want = {
+            "path": "a non-empty path string",
+            "str": "a string",
+            "strlist": "a non-empty list of strings",
+        }.get(kind, f"a {kind}")
         raise ConfigError(f"config key {name}: expected {want}, got {value!r}")
     if kind == "float":
         value = float(value)
+    if kind == "strlist":
+        value = tuple(v.strip().upper() for v in value)  # DICOM code strings are upper case
     if name in _POSITIVE and value <= 0:
         raise ConfigError(f"config key {name}: must be positive, got {value!r}")
     if name == "model.threads" and value < 0:
@@ -229,6 +244,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         max_pixels=values["worker.max_pixels"],
         max_attempts=values["worker.max_attempts"],
         stale_write_seconds=values["worker.stale_write_seconds"],
+        dicom_allowed_modalities=tuple(values["dicom.allowed_modalities"]),
+        dicom_allow_for_processing=values["dicom.allow_for_processing"],
         receive_ae_title=values["receive.ae_title"],
         receive_bind=values["receive.bind"],
         receive_port=values["receive.port"],

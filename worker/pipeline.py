@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.config import Config
+from worker.dicom import DicomPolicy
 from worker.faults import crash_point
 from worker.paths import display_name, path_from_db, path_to_db
 from worker.preprocess import ImageError, preprocess_bytes
@@ -86,6 +87,10 @@ class Pipeline:
         pre = scorer.metadata.preprocess
         # The model decides the preprocessing; the config may only tighten the size limit.
         self.settings = dataclasses.replace(pre, max_pixels=min(pre.max_pixels, config.max_pixels))
+        self.dicom_policy = DicomPolicy(
+            allowed_modalities=frozenset(config.dicom_allowed_modalities),
+            allow_for_processing=config.dicom_allow_for_processing,
+        )
         # Read failures of files that have no row yet: path -> count.
         self.read_failures: dict[Path, int] = {}
 
@@ -170,7 +175,7 @@ class Pipeline:
                 decided[record.id] = {"status": DUPLICATE, "duplicate_of": original.id}
                 continue
             try:
-                to_score.append((record, preprocess_bytes(data, self.settings)))
+                to_score.append((record, preprocess_bytes(data, self.settings, self.dicom_policy)))
             except ImageError as exc:
                 decided[record.id] = {"status": QUARANTINED, "error": str(exc)}
             except Exception as exc:  # a decoder bug must not stop the worker

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from worker.image_header import read_header
+
+if TYPE_CHECKING:
+    from worker.dicom import DicomPolicy
 
 # Bump when the arithmetic below changes in a way that changes pixels: a model records the
 # version it was trained with and the worker refuses a mismatch.
@@ -66,17 +70,29 @@ class PreprocessSettings:
         return cls(**raw)
 
 
-def decode_image(data: bytes, max_pixels: int = PreprocessSettings.max_pixels) -> np.ndarray:
-    """Decode JPEG/PNG/PGM/TIFF bytes to one grey channel, 8- or 16-bit, EXIF-oriented.
+def decode_image(
+    data: bytes,
+    max_pixels: int = PreprocessSettings.max_pixels,
+    dicom: DicomPolicy | None = None,
+) -> np.ndarray:
+    """Decode DICOM/JPEG/PNG/PGM/TIFF bytes to one grey channel.
 
-    The header is read first so that a huge or bomb-like image is refused before any pixel
-    buffer is allocated.
+    DICOM (recognised by content, whatever the file's name) becomes the displayed picture as
+    float32 in [0, 1] (see worker.dicom; `dicom` is the operator's policy, default MG only);
+    the other formats become 8- or 16-bit, EXIF-oriented. The header is read first so that a
+    huge or bomb-like image is refused before any pixel buffer is allocated.
     """
     if not data:
         raise ImageError("empty file")
+    # Imported here because worker.dicom imports ImageError from this module.
+    from worker import dicom as dicom_format
+
+    # DICOM first: a DICOM preamble may itself hold a TIFF header (dual-format files).
+    if dicom_format.is_dicom(data):
+        return dicom_format.decode_dicom(data, max_pixels, dicom).pixels
     header = read_header(data)
     if header is None:
-        raise ImageError("not a supported image (JPEG, PNG, PGM or TIFF)")
+        raise ImageError("not a supported image (DICOM, JPEG, PNG, PGM or TIFF)")
     if header.width * header.height > max_pixels:
         raise ImageError(
             f"image too large: {header.width}x{header.height} pixels, over max_pixels={max_pixels}"
@@ -191,10 +207,14 @@ def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarra
     return np.clip(x, 0.0, 1.0)[:, :, np.newaxis].astype(np.float32, copy=False)
 
 
-def preprocess_bytes(data: bytes, settings: PreprocessSettings) -> np.ndarray:
+def preprocess_bytes(
+    data: bytes, settings: PreprocessSettings, dicom: DicomPolicy | None = None
+) -> np.ndarray:
     """Decode, orient, fix polarity, resize and scale: the function trainer and worker share."""
-    return preprocess_array(decode_image(data, settings.max_pixels), settings)
+    return preprocess_array(decode_image(data, settings.max_pixels, dicom), settings)
 
 
-def preprocess_file(path: str | Path, settings: PreprocessSettings) -> np.ndarray:
-    return preprocess_bytes(Path(path).read_bytes(), settings)
+def preprocess_file(
+    path: str | Path, settings: PreprocessSettings, dicom: DicomPolicy | None = None
+) -> np.ndarray:
+    return preprocess_bytes(Path(path).read_bytes(), settings, dicom)
