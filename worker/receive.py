@@ -9,9 +9,9 @@ sender gets success (0x0000) only once the instance is safely on disk.
 Status answered per instance: 0x0000 stored; 0xA700 (out of resources) when it cannot be
 stored (inbox missing or not a folder, disk full, any write error): nothing was kept and the
 sender should retry; 0xC000 (cannot understand) when the dataset does not parse. A resend of
-an instance already in the inbox with identical bytes is acknowledged without a second copy; a
-different instance under the same UID gets its own name (`<uid>-1.dcm`, ...), never an
-overwrite.
+an instance still in the inbox (same transfer syntax, identical dataset bytes, whoever sent it)
+is acknowledged without a second copy; different content under the same UID gets its own name
+(`<uid>-1.dcm`, ...), never an overwrite.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.events import Event
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -183,10 +183,11 @@ class InboxWriter:
     def __init__(self, inbox: Path) -> None:
         self.inbox = inbox
 
-    def put(self, stem: str, data: bytes) -> Stored:
+    def put(self, stem: str, data: bytes, dataset_start: int, transfer_syntax: str) -> Stored:
+        """`data`: a whole DICOM file, its dataset from `dataset_start`, in `transfer_syntax`."""
         tmp = self._write_temp(data)
         try:
-            return self._publish(tmp, stem, data)
+            return self._publish(tmp, stem, (data, dataset_start, transfer_syntax))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -206,7 +207,7 @@ class InboxWriter:
         os.close(fd)
         return tmp
 
-    def _publish(self, tmp: Path, stem: str, data: bytes) -> Stored:
+    def _publish(self, tmp: Path, stem: str, instance: tuple[bytes, int, str]) -> Stored:
         n = 0
         while n < _MAX_SAME_UID:
             final = self.inbox / (f"{stem}.dcm" if n == 0 else f"{stem}-{n}.dcm")
@@ -214,7 +215,7 @@ class InboxWriter:
                 _fsync_dir(self.inbox)
                 return Stored(final, resend=False)
             try:
-                if final.read_bytes() == data:
+                if _same_instance(final, *instance):
                     return Stored(final, resend=True)
             except FileNotFoundError:
                 continue  # the worker just took it away: the name is free again
@@ -238,6 +239,20 @@ class InboxWriter:
             return False
         os.rename(tmp, final)
         return True
+
+
+def _same_instance(existing: Path, data: bytes, dataset_start: int, transfer_syntax: str) -> bool:
+    """Same transfer syntax and dataset bytes; the file meta may differ (another sender's AE
+    title in it), the instance does not."""
+    try:
+        meta, offset = split_dataset(existing)
+    except Exception:  # not a DICOM file we can read: certainly not the same instance
+        return False
+    if meta.get("TransferSyntaxUID") != transfer_syntax:
+        return False
+    with existing.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read() == memoryview(data)[dataset_start:]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -406,10 +421,12 @@ class Receiver:
             meta = event.file_meta
             meta.SourceApplicationEntityTitle = _calling_ae(event)
             data = b"".join(_file_parts(meta, dataset))
+            dataset_start = len(data) - len(dataset)
         except Exception as exc:  # a handler must answer; an exception would abort the sender
             return Refused(StoreStatus.CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}")
         try:
-            return self.writer.put(safe_stem(uid), data)
+            ts = str(event.context.transfer_syntax)
+            return self.writer.put(safe_stem(uid), data, dataset_start, ts)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             return Refused(StoreStatus.OUT_OF_RESOURCES, f"cannot write to the inbox: {reason}")
