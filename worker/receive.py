@@ -418,9 +418,9 @@ class Receiver:
             problem = dataset_problem(dataset, str(event.context.transfer_syntax), uid)
             if problem:
                 return Refused(StoreStatus.CANNOT_UNDERSTAND, problem)
-            meta = event.file_meta
-            meta.SourceApplicationEntityTitle = _calling_ae(event)
-            data = b"".join(_file_parts(meta, dataset))
+            # File meta from the request alone (no sender's AE title), so every resend of an
+            # instance makes the same bytes and the worker knows it as a duplicate by SHA-256.
+            data = b"".join(_file_parts(event.file_meta, dataset))
             dataset_start = len(data) - len(dataset)
         except Exception as exc:  # a handler must answer; an exception would abort the sender
             return Refused(StoreStatus.CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}")
@@ -437,12 +437,15 @@ class Receiver:
 
     def _on_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
+        called = getattr(requestor.primitive, "called_ae_title", "?")
         log.warning(
             "rejected association calling_ae=%s called_ae=%s from=%s "
-            "(check [receive] ae_title and allowed_calling_ae_titles)",
-            requestor.ae_title,
-            event.assoc.acceptor.ae_title,
+            "(this receiver is %s; allowed calling AE titles: %s)",
+            str(requestor.ae_title).strip(),
+            str(called).strip(),
             requestor.address,
+            self.config.receive_ae_title,
+            ",".join(self.config.receive_allowed_calling_ae_titles) or "any",
         )
 
 
