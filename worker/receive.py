@@ -460,8 +460,28 @@ def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
+class _OneLine(logging.Filter):
+    """A peer's protocol error is one log line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _forward_pynetdicom_problems() -> None:
+    """pynetdicom reports aborted associations and protocol errors on its own logger, which is
+    silent unless given a handler: give it ours, for warnings and errors only."""
+    ours, theirs = logging.getLogger("mammo_screen"), logging.getLogger("pynetdicom")
+    if ours.handlers:
+        theirs.handlers[:] = list(ours.handlers)
+        theirs.filters[:] = [_OneLine()]
+        theirs.setLevel(logging.WARNING)
+        theirs.propagate = False
+
+
 def run_receive(config: Config) -> None:
     """Receive until SIGTERM or Ctrl-C (the CLI's `screen receive`)."""
+    _forward_pynetdicom_problems()
     stop = threading.Event()
     receiver = Receiver(config)
     receiver.start()
