@@ -23,6 +23,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -121,7 +122,11 @@ def _synthetic(
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = folder / f"{transfer_syntax}-{seed}.dcm"
     folder.mkdir(parents=True, exist_ok=True)
-    if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+    if transfer_syntax in (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+    ):
         ds.file_meta.TransferSyntaxUID = transfer_syntax
         ds.save_as(path, enforce_file_format=True)
     elif transfer_syntax in (RLELossless, JPEG2000Lossless):
@@ -271,6 +276,7 @@ def test_datasets_land_byte_exact_with_their_transfer_syntax(
     synthetic = [
         _synthetic(src, ExplicitVRLittleEndian, seed=1),
         _synthetic(src, ImplicitVRLittleEndian, seed=2),
+        _synthetic(src, DeflatedExplicitVRLittleEndian, seed=10),
         _synthetic(src, RLELossless, seed=3),
         _synthetic(src, JPEG2000Lossless, seed=4),
         _synthetic(src, JPEGLosslessSV1, seed=5),
@@ -395,6 +401,14 @@ def test_dataset_problem_names_what_is_wrong(tmp_path: Path) -> None:
     )
     assert "differs" in (dataset_problem(data, ExplicitVRLittleEndian, "1.2.3") or "")
     assert dataset_problem(b"", ExplicitVRLittleEndian, uid) == "no SOP Instance UID in the dataset"
+    deflated = _synthetic(tmp_path, DeflatedExplicitVRLittleEndian, seed=9)
+    assert _dataset_bytes(deflated) != data  # really compressed
+    deflated_uid = _uid_of(deflated)
+    assert (
+        dataset_problem(_dataset_bytes(deflated), DeflatedExplicitVRLittleEndian, deflated_uid)
+        is None
+    )
+    assert "inflate" in (dataset_problem(data, DeflatedExplicitVRLittleEndian, uid) or "")
 
 
 def test_safe_stem_keeps_names_inside_the_inbox_and_visible() -> None:
