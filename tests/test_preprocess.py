@@ -17,6 +17,7 @@ from worker.preprocess import (
     ImageError,
     PreprocessSettings,
     background_is_bright,
+    breast_mask,
     decode_image,
     preprocess_bytes,
     preprocess_file,
@@ -65,8 +66,10 @@ def test_16bit_png_keeps_depth(tmp_path: Path) -> None:
     img = decode_image(data)
     assert img.dtype == np.uint16
     assert img.max() == 40100
-    x = preprocess_bytes(data, PreprocessSettings(size=64, polarity="none"))
-    assert x[30, 10, 0] == pytest.approx(40000 / 65535, abs=1e-4)
+    x = preprocess_bytes(data, PreprocessSettings(size=64, polarity="none", intensity="range",
+                                                  mask_background=False))
+    # By the image's own range (0..40100), not the dtype's.
+    assert x[30, 10, 0] == pytest.approx(40000 / 40100, abs=1e-4)
     assert x[30, 50, 0] > x[30, 10, 0]
 
 
@@ -84,7 +87,8 @@ def test_white_background_is_inverted(tmp_path: Path) -> None:
     a, b = preprocess_file(dark, s), preprocess_file(white, s)
     assert a[0, -1, 0] < 0.1 and b[0, -1, 0] < 0.1  # a background corner is dark in both
     assert np.abs(a - b).mean() < 0.02
-    raw = preprocess_file(white, PreprocessSettings(size=64, polarity="none"))
+    raw = preprocess_file(white, PreprocessSettings(size=64, polarity="none", intensity="range",
+                                                    mask_background=False))
     assert raw[0, -1, 0] > 0.9  # polarity="none" leaves it bright
 
 
@@ -228,3 +232,92 @@ def test_old_settings_json_gets_new_defaults() -> None:
     )
     s = PreprocessSettings.from_json(old)
     assert s.crop is False and s.orient == "none"
+
+
+# --- v2 intensity step: acquisition-invariant grey levels -----------------------------------
+
+
+def _dev_image() -> np.ndarray:
+    if not DATA.is_dir():
+        pytest.skip("dev pool not available")
+    with (DATA / "labels.csv").open() as fh:
+        first = next(csv.DictReader(fh))
+    return decode_image((DATA / first["filename"]).read_bytes())
+
+
+@pytest.mark.parametrize("mode", ["range", "percentile", "equalise"])
+def test_bit_depth_does_not_change_the_pixels(mode: str) -> None:
+    """8-bit, 12-bit-in-16-bit (the usual DICOM-to-PNG output) and full 16-bit copies of one
+    picture preprocess to the same array: the scale comes from the image, not its dtype."""
+    img8 = _dev_image()
+    s = PreprocessSettings(size=128, intensity=mode)
+    ref = preprocess_bytes(_png_bytes(img8), s)
+    for scaled in (img8.astype(np.uint16) * 16, img8.astype(np.uint16) * 257):
+        assert np.abs(preprocess_bytes(_png_bytes(scaled), s) - ref).max() < 1e-3
+
+
+def test_percentile_cancels_gain_and_offset() -> None:
+    img = _dev_image().astype(np.float64)
+    # Another detector: lower gain, a pedestal, stored in 12 bits.
+    other = np.round(img * 7.3 + 500).astype(np.uint16)
+    s = PreprocessSettings(size=128, intensity="percentile")
+    a = preprocess_bytes(_png_bytes(img.astype(np.uint8)), s)
+    b = preprocess_bytes(_png_bytes(other), s)
+    assert np.abs(a - b).max() < 1e-3
+    # "range" alone does not: the pedestal lifts the background into the image's range.
+    r = PreprocessSettings(size=128, intensity="range", mask_background=False)
+    with_pedestal = other.copy()
+    with_pedestal[:5, :5] = 0  # a dead corner: the image's range now starts below the pedestal
+    diff = preprocess_bytes(_png_bytes(with_pedestal), r) - preprocess_bytes(_png_bytes(other), r)
+    assert np.abs(diff).max() > 0.05
+
+
+def test_equalise_cancels_a_monotone_contrast_curve() -> None:
+    img = _dev_image().astype(np.float64) / 255.0
+    curved = np.round(65535 * img**2.2).astype(np.uint16)  # a vendor's gamma-like LUT
+    s = PreprocessSettings(size=128, intensity="equalise")
+    a = preprocess_bytes(_png_bytes(np.round(img * 65535).astype(np.uint16)), s)
+    b = preprocess_bytes(_png_bytes(curved), s)
+    assert np.abs(a - b).mean() < 0.01
+    # "percentile" is only affine-invariant: the curve shows through.
+    p = PreprocessSettings(size=128, intensity="percentile")
+    pa = preprocess_bytes(_png_bytes(np.round(img * 65535).astype(np.uint16)), p)
+    assert np.abs(pa - preprocess_bytes(_png_bytes(curved), p)).mean() > 0.03
+
+
+def test_mask_background_removes_burned_in_labels() -> None:
+    arr = np.zeros((200, 200), np.uint8)
+    yy, xx = np.mgrid[0:200, 0:200]
+    arr[((yy - 100) / 80.0) ** 2 + (xx / 90.0) ** 2 < 1] = 150  # breast against the left edge
+    arr[10:20, 160:190] = 255  # "R CC" label
+    masked = preprocess_bytes(_png_bytes(arr), PreprocessSettings(size=100))
+    kept = preprocess_bytes(_png_bytes(arr), PreprocessSettings(size=100, mask_background=False))
+    assert masked[5:10, 80:95].max() == 0.0
+    assert kept[5:10, 80:95].max() > 0.5
+    assert masked[50, 10, 0] > 0  # the breast itself stays
+
+
+def test_breast_mask_keeps_dark_fatty_tissue() -> None:
+    """High-contrast units show fat barely above the background: the mask must keep it (a
+    threshold between fat and dense tissue would cut the breast down to its dense core)."""
+    img = np.zeros((200, 200), np.float32)
+    yy, xx = np.mgrid[0:200, 0:200]
+    breast = ((yy - 100) / 90.0) ** 2 + (xx / 100.0) ** 2 < 1
+    img[breast] = 0.12  # fat
+    img[((yy - 100) / 30.0) ** 2 + ((xx - 30) / 30.0) ** 2 < 1] = 0.9  # dense core
+    img += np.random.default_rng(0).normal(0, 0.01, img.shape).astype(np.float32)
+    mask = breast_mask(np.clip(img, 0, 1))
+    assert (mask & breast).sum() / breast.sum() > 0.95
+    assert (mask & ~breast).sum() / (~breast).sum() < 0.02
+
+
+def test_unknown_intensity_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="intensity"):
+        PreprocessSettings(intensity="clahe")
+    with pytest.raises(ValueError, match="percentiles"):
+        PreprocessSettings(percentiles=(50.0, 10.0))
+
+
+def test_settings_round_trip_through_json() -> None:
+    s = PreprocessSettings(size=96, intensity="equalise", percentiles=(2.0, 98.0))
+    assert PreprocessSettings.from_json(s.to_json()) == s

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.dicom import is_dicom_file
 from worker.preprocess import IMAGE_EXTENSIONS
 
 CLASS_NAMES = ("benign", "malignant")
@@ -89,8 +90,12 @@ def _class_dirs(folder: Path) -> dict[int, list[Path]]:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    # DICOM by content: PACS exports are extensionless or named by SOP Instance UID.
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and (p.suffix.lower() in IMAGE_EXTENSIONS or is_dicom_file(p))
     )
 
 

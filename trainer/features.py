@@ -108,13 +108,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from trainer.dataset import discover
     from trainer.train import preprocess_samples
-    from worker.preprocess import PreprocessSettings
+    from worker.preprocess import INTENSITY_MODES, PreprocessSettings
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("source", help="labels.csv or a labelled folder")
     p.add_argument("--size", type=int, default=384)
     p.add_argument("--crop", action="store_true")
     p.add_argument("--orient", choices=("none", "left"), default="none")
+    p.add_argument("--intensity", choices=INTENSITY_MODES, default="percentile")
+    p.add_argument("--no-mask", action="store_true", help="keep what lies outside the breast")
     p.add_argument("--flip", action="store_true", help="also the features of mirrored images")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--taps", default=None,
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="an .npz file")
     a = p.parse_args(argv)
 
-    settings = PreprocessSettings(size=a.size, crop=a.crop, orient=a.orient)
+    settings = PreprocessSettings(size=a.size, crop=a.crop, orient=a.orient,
+                                  intensity=a.intensity, mask_background=not a.no_mask)
     samples = [s for s in discover(a.source) if s.split != "test"]
     x, samples, failed = preprocess_samples(samples, settings, threads=2, verbose=2)
     if failed:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,14 +112,16 @@ def is_dicom_file(path: str | Path) -> bool:
 def _dcmread(data: bytes, stop_before_pixels: bool) -> Dataset:
     force = data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
     try:
-        with warnings.catch_warnings():
-            # pydicom warns about every odd value in real-world headers; refusals are ours.
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(
-                io.BytesIO(data), force=force, stop_before_pixels=stop_before_pixels
-            )
+        return pydicom.dcmread(
+            io.BytesIO(data), force=force, stop_before_pixels=stop_before_pixels
+        )
     except Exception as exc:  # pydicom raises many types for cut or garbled headers
         raise ImageError(f"not a readable DICOM file: {_one_line(exc)}") from exc
+
+
+def _is_image(ds: Dataset) -> bool:
+    # pydicom returns what it could read, without raising, when the bytes stop making sense.
+    return "Rows" in ds or "SOPClassUID" in ds
 
 
 def read_dicom(data: bytes) -> Dataset:
@@ -129,9 +130,20 @@ def read_dicom(data: bytes) -> Dataset:
     Raises :class:`ImageError` when the bytes are not a readable DICOM data set.
     """
     ds = _dcmread(data, stop_before_pixels=True)
-    if "Rows" not in ds and "SOPClassUID" not in ds:
+    if not _is_image(ds):
         raise ImageError("not a readable DICOM file: no image attributes in the data set")
     return ds
+
+
+def _read_with_pixels(data: bytes) -> Dataset:
+    """The whole data set, Pixel Data as undecoded bytes."""
+    ds = _dcmread(data, stop_before_pixels=False)
+    if _is_image(ds):
+        return ds
+    # When the file ends inside an undefined-length element (compressed pixel data is one),
+    # pydicom drops the whole data set. If the header before the pixels reads, they were cut.
+    read_dicom(data)
+    raise ImageError("truncated DICOM pixel data: the file ends inside the compressed frames")
 
 
 def transfer_syntax(ds: Dataset) -> UID:
@@ -220,9 +232,11 @@ def _int(value: object, default: int = 0) -> int:
         return default
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (pydicom lists each decoder plugin's error on its own)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- the pixels -------------------------------------------------------------------------------
@@ -288,10 +302,11 @@ def to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
 def needs_inversion(ds: Dataset) -> bool:
     """Invert once when the image says minimum = white, however many times it says so.
 
-    MONOCHROME1 means the lowest value is displayed white (PS3.3 C.7.6.3.1.2), and the DX and
-    mammography IODs require Presentation LUT Shape INVERSE with MONOCHROME1 (PS3.3
-    C.8.11.1.1.x): both describe the same inversion, so it is applied once, not twice.
-    MONOCHROME2 with INVERSE is inverted too. pydicom never inverts by itself.
+    MONOCHROME1 means the lowest value is displayed white (PS3.3 C.7.6.3.1.2), and in an
+    image Presentation LUT Shape restates it (General Image Module, PS3.3 C.7.6.1: INVERSE
+    shall be used with MONOCHROME1, IDENTITY with MONOCHROME2): both describe the same
+    inversion, so it is applied once, not twice. MONOCHROME2 with INVERSE is honoured (it is
+    inverted). pydicom never inverts by itself.
     """
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
@@ -303,7 +318,7 @@ def decode_dicom(
 ) -> DicomImage:
     """Check the header, decode the pixels, and return the displayed image with its header."""
     policy = policy or DicomPolicy()
-    ds = _dcmread(data, stop_before_pixels=False)
+    ds = _read_with_pixels(data)
     check_header(ds, max_pixels, policy)
     uid = transfer_syntax(ds)
     if getattr(ds, "file_meta", None) is None:
@@ -311,9 +326,7 @@ def decode_dicom(
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: say how it was read
         ds.file_meta.TransferSyntaxUID = uid
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            stored = ds.pixel_array
+        stored = ds.pixel_array
     except Exception as exc:  # each decoder plugin raises its own types for corrupt data
         raise ImageError(
             f"cannot decode DICOM pixel data ({uid.name}; corrupt or truncated): {_one_line(exc)}"

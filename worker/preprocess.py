@@ -22,7 +22,16 @@ if TYPE_CHECKING:
 
 # Bump when the arithmetic below changes in a way that changes pixels: a model records the
 # version it was trained with and the worker refuses a mismatch.
-PREPROCESS_VERSION = 1
+# v2: intensity from the image's own range, then normalised within the breast (``intensity``).
+PREPROCESS_VERSION = 2
+
+# How the breast's grey levels are normalised (after polarity, at model size):
+#   "range":      the image's own darkest..brightest, nothing more (bit depth stops mattering);
+#   "percentile": the breast's own low..high percentiles map to 0..1 (any affine change of the
+#                 grey scale, such as another bit depth, window or detector gain, cancels out);
+#   "equalise":   each breast pixel becomes its rank among the breast's pixels (any monotone
+#                 contrast curve, such as a vendor's processing LUT or a SIGMOID window, cancels).
+INTENSITY_MODES = ("range", "percentile", "equalise")
 
 # cv2.imdecode reads from memory and these extensions are what the worker accepts.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".pnm", ".tif", ".tiff"})
@@ -43,6 +52,9 @@ class PreprocessSettings:
     max_pixels: int = 100_000_000  # refuse larger images from the header, before decoding
     crop: bool = False  # crop to the breast's bounding box (largest bright region) first
     orient: str = "none"  # "left": mirror images so the breast touches the left edge
+    intensity: str = "percentile"  # one of INTENSITY_MODES
+    percentiles: tuple[float, float] = (1.0, 99.0)  # "percentile": the breast's levels -> 0, 1
+    mask_background: bool = True  # zero everything outside the breast (burned-in labels, markers)
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
@@ -56,6 +68,12 @@ class PreprocessSettings:
             raise ValueError("max_pixels must be positive")
         if self.orient not in ("none", "left"):
             raise ValueError(f"orient must be 'none' or 'left', got {self.orient!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, "
+                             f"got {self.intensity!r}")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {lo}, {hi}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -67,6 +85,8 @@ class PreprocessSettings:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown preprocessing settings: {sorted(unknown)}")
+        if "percentiles" in raw:  # JSON has lists, the dataclass a (hashable) tuple
+            raw["percentiles"] = tuple(raw["percentiles"])
         return cls(**raw)
 
 
@@ -125,9 +145,18 @@ def _to_uint16(img: np.ndarray) -> np.ndarray:
 
 
 def to_unit_float(img: np.ndarray) -> np.ndarray:
-    """Integer image -> float32 in [0, 1] by its dtype's full range."""
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    return img.astype(np.float32) / np.float32(scale)
+    """Grey image (any dtype) -> float32 in [0, 1] by its own darkest and brightest pixel.
+
+    Not by the dtype's range: a 12-bit image stored in 16 bits (the usual DICOM-to-PNG output)
+    would otherwise come out 16 times too dark. The image's own range makes 8-bit, 12-bit and
+    16-bit copies of one picture the same array (up to rounding)."""
+    x = img.astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageError("image contains non-finite values")
+    if hi <= lo:  # a flat image: nothing to see, but not an error of the file
+        return np.zeros_like(x)
+    return (x - np.float32(lo)) / np.float32(hi - lo)
 
 
 def background_is_bright(img: np.ndarray, corner_fraction: float = 0.05) -> bool:
@@ -168,28 +197,73 @@ def breast_on_right(img: np.ndarray) -> bool:
     return float(img[:, half:].sum()) > float(img[:, :half].sum())
 
 
-def breast_bbox(img: np.ndarray, margin: float = 0.02) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the largest bright region, with a small margin.
+def _largest_bright_region(img: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(label image, stats row) of the largest bright connected region of a unit-float image
+    with a dark background, or None when there is no bright region.
 
-    Otsu's threshold on a smoothed copy separates tissue from background; the largest
-    connected component is the breast (burned-in labels and markers are small).
-    """
+    The triangle threshold on a smoothed copy separates tissue from background: it sits just
+    above the background's peak, so dark fatty tissue stays in (Otsu's threshold, between
+    the fat and the dense tissue on high-contrast units, cut the fat off). The largest
+    connected component is the breast (burned-in labels and markers are small)."""
     small = cv2.GaussianBlur((img * 255).astype(np.uint8), (5, 5), 0)
-    _, mask = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    h, w = img.shape[:2]
+    _, mask = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_TRIANGLE)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
-        return 0, h, 0, w
+        return None
     k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    x, y, bw, bh = (int(v) for v in stats[k, :4])
+    return labels == k, stats[k]
+
+
+def breast_mask(img: np.ndarray) -> np.ndarray:
+    """Boolean mask of the breast (the largest bright region); all True when none is found,
+    so that an unusual image is normalised as a whole rather than not at all."""
+    found = _largest_bright_region(img)
+    if found is None or found[1][cv2.CC_STAT_AREA] < 0.02 * img.size:
+        return np.ones(img.shape[:2], dtype=bool)
+    # Holes (dark fat inside the outline) belong to the breast: fill them.
+    mask = found[0].astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(mask, contours, -1, 1, thickness=cv2.FILLED)
+    return mask.astype(bool)
+
+
+def breast_bbox(img: np.ndarray, margin: float = 0.02) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the largest bright region, with a small margin."""
+    h, w = img.shape[:2]
+    found = _largest_bright_region(img)
+    if found is None:
+        return 0, h, 0, w
+    x, y, bw, bh = (int(v) for v in found[1][:4])
     if bw * bh < 0.05 * h * w:  # nothing breast-sized found: keep the whole image
         return 0, h, 0, w
     m = int(round(margin * max(h, w)))
     return max(0, y - m), min(h, y + bh + m), max(0, x - m), min(w, x + bw + m)
 
 
+def normalise_intensity(x: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """The breast's grey levels, made independent of how the picture was acquired and stored
+    (``settings.intensity``; see INTENSITY_MODES). ``x``: unit float, dark background."""
+    if settings.intensity == "range" and not settings.mask_background:
+        return x
+    mask = breast_mask(x)
+    tissue = x[mask]
+    if settings.intensity == "percentile":
+        lo, hi = (float(v) for v in np.percentile(tissue, settings.percentiles))
+        if hi - lo > 1.0 / 255:  # flat tissue has no levels to spread: leave it as it is
+            x = (x - np.float32(lo)) / np.float32(hi - lo)
+    elif settings.intensity == "equalise":
+        # Mid-rank of each level among the breast's pixels, so tied levels (8-bit sources)
+        # map to one value whatever their count.
+        levels = np.sort(tissue)
+        rank = (np.searchsorted(levels, x, "left") + np.searchsorted(levels, x, "right")) * 0.5
+        x = (rank / len(levels)).astype(np.float32)
+    if settings.mask_background:
+        x = np.where(mask, x, np.float32(0.0))
+    return x
+
+
 def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
-    """A decoded grey image (uint8/uint16) -> float32 array of shape (size, size, 1) in [0, 1]."""
+    """A decoded grey image (any dtype) -> float32 array of shape (size, size, 1) in [0, 1]."""
     x = to_unit_float(img)
     if settings.polarity == "auto":
         x = normalise_polarity(x, settings.corner_fraction)
@@ -204,13 +278,17 @@ def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarra
         shrinking = x.shape[0] > settings.size
         interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         x = cv2.resize(x, (settings.size, settings.size), interpolation=interp)
+    # At model size: the mask and the levels cost little there, and resizing is linear, so
+    # normalising after it gives the same invariances as before it.
+    x = normalise_intensity(x, settings)
     return np.clip(x, 0.0, 1.0)[:, :, np.newaxis].astype(np.float32, copy=False)
 
 
 def preprocess_bytes(
     data: bytes, settings: PreprocessSettings, dicom: DicomPolicy | None = None
 ) -> np.ndarray:
-    """Decode, orient, fix polarity, resize and scale: the function trainer and worker share."""
+    """Decode, fix polarity, orient, resize and normalise intensity: the function trainer and
+    worker share. `dicom`: the operator's DICOM policy (default: MG only)."""
     return preprocess_array(decode_image(data, settings.max_pixels, dicom), settings)
 
 
