@@ -66,13 +66,15 @@ def open_worker(config: Config, polling: bool | None = None) -> Worker:
     return Worker(config, store, scorer, pipeline, watcher, exams)
 
 
-def _install_stop_handlers(stop: Callable[[], None]) -> dict[int, Any]:
+def _install_stop_handlers(
+    stop: Callable[[], None], doing: str = "finishing the current batch"
+) -> dict[int, Any]:
     previous: dict[int, Any] = {}
     if threading.current_thread() is not threading.main_thread():
         return previous
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s received: finishing the current batch", signal.Signals(signum).name)
+        log.info("signal %s received: %s", signal.Signals(signum).name, doing)
         stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

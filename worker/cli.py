@@ -51,6 +51,9 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
         "database": "database.url",
         "model": "model.path",
         "batch_size": "worker.batch_size",
+        "ae_title": "receive.ae_title",
+        "bind": "receive.bind",
+        "port": "receive.port",
     }
     mapped = {names[k]: v for k, v in overrides.items() if k in names}
     return load_config(ctx.obj.get("config"), mapped)
@@ -209,6 +212,33 @@ def process(
             else ""
         )
         click.echo(f"scored {len(outcome.exams_scored)} exam(s){waiting}")
+
+
+@cli.command()
+@click.option("--inbox", type=click.Path(path_type=Path), help="Overrides [paths] inbox.")
+@click.option("--ae-title", help="Overrides [receive] ae_title.")
+@click.option("--bind", help="Overrides [receive] bind, e.g. 0.0.0.0 for every interface.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), help="Overrides [receive] port (0: any free port)."
+)
+@click.pass_context
+@_user_errors
+def receive(ctx: click.Context, **overrides: Any) -> None:
+    """Receive DICOM instances from a PACS or modality (C-STORE) into the inbox.
+
+    Runs until SIGTERM or Ctrl-C; `screen watch` scores what arrives.
+
+    \b
+    Example:
+      screen receive --port 11112 --ae-title MAMMO_SCREEN
+      storescu -aec MAMMO_SCREEN 127.0.0.1 11112 image.dcm   # from another terminal
+    """
+    from worker.receive import ReceiverStartError, run_receive
+
+    try:
+        run_receive(_config(ctx, **overrides))
+    except ReceiverStartError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

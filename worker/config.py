@@ -58,6 +58,12 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "allowed_modalities": ("strlist", ["MG"]),
         "allow_for_processing": ("bool", False),
     },
+    "receive": {
+        "ae_title": ("ae_title", "MAMMO_SCREEN"),
+        "bind": ("str", "127.0.0.1"),
+        "port": ("int", 11112),
+        "allowed_calling_ae_titles": ("ae_title_list", ()),
+    },
 }
 
 _POSITIVE = {
@@ -98,9 +104,29 @@ class Config:
     study_settle_seconds: float
     filename_pattern: str
     sidecar_csv: Path | None  # None: no sidecar
+    receive_ae_title: str
+    receive_bind: str
+    receive_port: int
+    receive_allowed_calling_ae_titles: tuple[str, ...]
+
+
+def _ae_title_problem(value: object) -> str | None:
+    """Why `value` is not a DICOM AE title (PS3.5: 1 to 16 characters, no backslash or control
+    characters, not only spaces), or None when it is one."""
+    if not isinstance(value, str):
+        return "expected a string"
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > 16:
+        return "at most 16 characters"
+    if any(c == "\\" or not c.isascii() or not c.isprintable() for c in value):
+        return "printable ASCII without backslash only"
+    return None
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
+    if kind in ("ae_title", "ae_title_list"):
+        return _coerce_ae_titles(name, kind, value)
     ok = {
         "str": isinstance(value, str),
         "path": isinstance(value, str) and value != "",
@@ -135,6 +161,10 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             raise ConfigError(f"config key {name}: {exc}") from None
     if name == "model.threads" and value < 0:
         raise ConfigError(f"config key {name}: must be 0 (automatic) or more, got {value!r}")
+    if name == "receive.port" and not 0 <= value <= 65535:
+        raise ConfigError(f"config key {name}: must be 0 (any free port) to 65535, got {value!r}")
+    if name == "receive.bind" and not value:
+        raise ConfigError(f"config key {name}: expected an address such as 127.0.0.1")
     return value
 
 
@@ -145,6 +175,20 @@ def _resolve(kind: str, value: Any, base: Path) -> Any:
     if kind == "optpath":
         return (base / value) if value else None
     return value
+def _coerce_ae_titles(name: str, kind: str, value: Any) -> str | tuple[str, ...]:
+    # Peers compare AE titles without their padding spaces, so neither do we.
+    if kind == "ae_title":
+        problem = _ae_title_problem(value)
+        if problem:
+            raise ConfigError(f"config key {name}: not a DICOM AE title ({problem}): {value!r}")
+        return value.strip()
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"config key {name}: expected a list of AE titles, got {value!r}")
+    for item in value:
+        problem = _ae_title_problem(item)
+        if problem:
+            raise ConfigError(f"config key {name}: not a DICOM AE title ({problem}): {item!r}")
+    return tuple(item.strip() for item in value)
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:
@@ -240,4 +284,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         study_settle_seconds=values["worker.study_settle_seconds"],
         filename_pattern=values["identity.filename_pattern"],
         sidecar_csv=values["identity.sidecar_csv"],
+        receive_ae_title=values["receive.ae_title"],
+        receive_bind=values["receive.bind"],
+        receive_port=values["receive.port"],
+        receive_allowed_calling_ae_titles=tuple(values["receive.allowed_calling_ae_titles"]),
     )

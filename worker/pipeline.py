@@ -425,14 +425,19 @@ def _same_content(path: Path, sha256: str, data: bytes | None) -> bool:
     return _sha256(current) == sha256
 
 
+def ensure_inbox(inbox: Path) -> None:
+    """Create a missing inbox; one that exists but cannot be used is a user mistake."""
+    if inbox.exists() and not inbox.is_dir():
+        raise NotADirectoryError(f"inbox is not a folder: {inbox}")
+    if not inbox.exists():
+        inbox.mkdir(parents=True)
+        log.info("created inbox folder=%s", inbox)
+    if not os.access(inbox, os.R_OK | os.X_OK | os.W_OK):
+        raise PermissionError(f"inbox folder is not readable and writable: {inbox}")
+
+
 def ensure_folders(config: Config) -> None:
     """Create missing folders; an inbox that exists but cannot be read is a user mistake."""
-    if config.inbox.exists() and not config.inbox.is_dir():
-        raise NotADirectoryError(f"inbox is not a folder: {config.inbox}")
-    if not config.inbox.exists():
-        config.inbox.mkdir(parents=True)
-        log.info("created inbox folder=%s", config.inbox)
-    if not os.access(config.inbox, os.R_OK | os.X_OK | os.W_OK):
-        raise PermissionError(f"inbox folder is not readable and writable: {config.inbox}")
+    ensure_inbox(config.inbox)
     for folder in (config.processed, config.quarantine, config.outbox):
         folder.mkdir(parents=True, exist_ok=True)
