@@ -101,7 +101,8 @@ def mean_model(tmp_path: Path) -> Path:
 @pytest.fixture
 def workdir(tmp_path: Path, mean_model: Path) -> Iterator[Path]:
     """A config folder with its own config.toml pointing at the tiny model."""
-    (tmp_path / "inbox").mkdir()
+    for folder in ("inbox", "processed", "quarantine"):
+        (tmp_path / folder).mkdir()
     (tmp_path / "config.toml").write_text(
         "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
         "[database]\nurl = 'sqlite:///screen.db'\n"

