@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from worker.config import Config, MissingPathError
+from worker.heartbeat import Heartbeat, running_workers
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.scorer import Scorer
@@ -73,6 +74,14 @@ class Worker:
     pipeline: Pipeline
     watcher: InboxWatcher
 
+    def heartbeat(self, command: str) -> Heartbeat:
+        """This worker's row in `workers`, beaten from the watcher's loop."""
+        beat = Heartbeat(
+            self.store, self.config, str(self.scorer.path), self.scorer.version, command
+        )
+        self.watcher.on_tick = beat.beat
+        return beat
+
     def close(self) -> None:
         self.store.dispose()
 
@@ -104,7 +113,7 @@ def run_watch(config: Config, polling: bool | None = None) -> None:
     worker = open_worker(config, polling)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with InboxLock(config.inbox):
+        with InboxLock(config.inbox), worker.heartbeat("watch").running():
             worker.watcher.watch()
     finally:
         for sig, h in previous.items():
@@ -118,7 +127,7 @@ def run_process(
     worker = open_worker(config)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with InboxLock(config.inbox):
+        with InboxLock(config.inbox), worker.heartbeat("process").running():
             return worker.watcher.run_once(timeout=timeout, progress=progress)
     finally:
         for sig, h in previous.items():
@@ -127,10 +136,12 @@ def run_process(
 
 
 def status(config: Config) -> dict[str, Any]:
-    """Backlog, last activity, counts, and the model in use. The model is loaded (not run)
-    so that a broken or mismatched model file shows up here, not only at the next start."""
+    """Backlog, last activity, counts, the running workers and the model each serves, and the
+    configured model. That model is loaded (not run) so that a broken or mismatched model file
+    shows up here, not only at the next start."""
     store = open_store(config)
     try:
+        workers = running_workers(store, config.heartbeat_stale_seconds)
         counts = store.counts_by_status()
         with store.read() as s:
             last = s.scalar(select(func.max(ImageRecord.received_at)))
@@ -160,7 +171,9 @@ def status(config: Config) -> dict[str, Any]:
         "unfinished_rows": owed,
         "last_received": None if last is None else last.isoformat() + "Z",
         "counts": counts,
-        "model": model,
+        "model": model,  # the configured model, which a running worker may not be serving
+        "workers": workers,
+        "stale_after_seconds": config.heartbeat_stale_seconds,
         "database": config.database_url,
         "now": dt.datetime.now(dt.UTC).isoformat(),
     }

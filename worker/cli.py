@@ -317,7 +317,10 @@ def report(
 @click.pass_context
 @_user_errors
 def status(ctx: click.Context, fmt: str) -> None:
-    """Show the backlog, last activity, counts and the model in use.
+    """Show the backlog, last activity, counts, the running workers and their models.
+
+    Every worker records a heartbeat; one whose last beat is older than [worker]
+    heartbeat_stale_seconds is listed as STALE (killed, hung, or its machine is down).
 
     \b
     Example:
@@ -337,11 +340,22 @@ def status(ctx: click.Context, fmt: str) -> None:
         "counts: " + (", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())) or "none")
     )
     click.echo(f"unfinished rows: {info['unfinished_rows']}")
+    workers = info["workers"]
+    live = sum(w["state"] == "live" for w in workers)
+    click.echo(f"workers: {live} live, {len(workers) - live} stale" if workers else "workers: none")
+    for w in workers:
+        click.echo(
+            f"  {'live ' if w['state'] == 'live' else 'STALE'} worker {w['id']} "
+            f"({w['command']}, pid {w['pid']} on {w['host']}, since {w['started_at']}): "
+            f"model {w['model_path']} version {w['model_version']}, "
+            f"last beat {w['seconds_since_beat']:.0f}s ago"
+        )
     if "error" in model:
-        click.echo(f"model: {model['path']} NOT USABLE: {model['error']}")
+        click.echo(f"configured model: {model['path']} NOT USABLE: {model['error']}")
     else:
         click.echo(
-            f"model: {model['path']} version {model['version']} threshold {model['threshold']:.4f}"
+            f"configured model: {model['path']} version {model['version']} "
+            f"threshold {model['threshold']:.4f}"
         )
 
 
