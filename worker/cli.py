@@ -239,29 +239,54 @@ def outcomes() -> None:
     """Ground truth (e.g. biopsy results) for screened images."""
 
 
-@outcomes.command("import")
-@store_options
-@click.argument("csv_file", type=click.Path(path_type=Path))
-@click.pass_context
-@_user_errors
-def outcomes_import(ctx: click.Context, database: str | None, csv_file: Path) -> None:
-    """Import true labels from CSV_FILE (columns: filename or sha256, and label).
+def _outcomes_import_help() -> str:
+    from worker.results import describe_vocabulary
+
+    return f"""Import true labels from CSV_FILE (columns: filename or sha256, and label).
+
+    Labels (case-insensitive): {describe_vocabulary()}. Nothing else is accepted.
+
+    All or nothing: an invalid row (another label, or no filename or sha256) stops the
+    import with its line number and records nothing, unless --skip-invalid. A row that would
+    change an outcome already recorded stops it too, unless --replace; the replaced label stays
+    in the history. Importing the same file again changes nothing and says so.
 
     \b
     Example:
       screen outcomes import biopsy.csv
     """
+
+
+@outcomes.command("import", help=_outcomes_import_help())
+@store_options
+@click.argument("csv_file", type=click.Path(path_type=Path))
+@click.option("--skip-invalid", is_flag=True, help="Skip invalid rows (listed); import the rest.")
+@click.option("--replace", is_flag=True, help="Replace outcomes recorded with another label.")
+@click.pass_context
+@_user_errors
+def outcomes_import(
+    ctx: click.Context, database: str | None, csv_file: Path, skip_invalid: bool, replace: bool
+) -> None:
     from worker.app import open_store
     from worker.results import OutcomeFileError, import_outcomes
 
     store = open_store(_config(ctx, database=database))
     try:
-        summary = import_outcomes(store, csv_file)
+        summary = import_outcomes(store, csv_file, skip_invalid=skip_invalid, replace=replace)
     except OutcomeFileError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.dispose()
-    click.echo(f"matched {summary.matched} row(s), recorded {summary.updated} outcome(s)")
+    if summary.updated:
+        click.echo(
+            f"matched {summary.matched} row(s): recorded {summary.added} new outcome(s), "
+            f"replaced {summary.replaced}, {summary.unchanged} already recorded"
+        )
+    else:
+        click.echo(
+            f"matched {summary.matched} row(s): nothing changed "
+            f"({summary.unchanged} outcome(s) already recorded with the same label)"
+        )
     if summary.unmatched:
         click.echo(f"{len(summary.unmatched)} row(s) matched no screened image:", err=True)
         for name in summary.unmatched[:20]:
@@ -269,8 +294,8 @@ def outcomes_import(ctx: click.Context, database: str | None, csv_file: Path) ->
         if len(summary.unmatched) > 20:
             click.echo(f"  ... and {len(summary.unmatched) - 20} more", err=True)
     if summary.invalid:
-        click.echo(f"{len(summary.invalid)} row(s) had an invalid label:", err=True)
-        for line in summary.invalid[:20]:
+        click.echo(f"skipped {len(summary.invalid)} invalid row(s):", err=True)
+        for line in summary.invalid:
             click.echo(f"  {line}", err=True)
 
 
