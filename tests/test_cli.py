@@ -109,6 +109,13 @@ def test_cli_does_not_import_tensorflow() -> None:
         ("[database]\nurl = 'sqlite:///typo.db'\n", ["--config", "c.toml", "status"],
          "database not found"),
         ("", ["--config", "c.toml", "outcomes", "import", "afile"], "database not found"),
+        ("", ["--config", "c.toml", "results", "--database", "sqlite:///garbage.onnx"],
+         "file is not a database"),
+        (
+            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\n",
+            ["--config", "c.toml", "process", "--database", "sqlite:///afile/s.db"],
+            "database folder is not a folder",
+        ),
     ],
 )
 def test_user_mistakes_are_one_clear_line(

@@ -14,8 +14,9 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DatabaseError
 
-from worker.config import Config, MissingPathError
+from worker.config import Config, ConfigError, MissingPathError
 from worker.heartbeat import Heartbeat, running_workers
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
@@ -50,20 +51,28 @@ def open_store(config: Config, create: bool = False) -> Store:
     that only reads, given a mistyped path, must say so instead of reporting an empty database.
     The file's folder is made only when [paths] create_missing asks for it."""
     path = sqlite_file(config.database_url)
+    if path is not None and path.exists() and not path.is_file():
+        raise ConfigError(f"database path is not a file: {path}")
     if path is not None and not path.exists():
         if not create:
             raise MissingPathError(
                 f"database not found: {path} (check [database] url or --database; "
                 "`screen watch` or `screen process` creates it)"
             )
-        if not path.parent.is_dir():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
+        if not path.parent.exists():
             if not config.create_missing:
                 raise MissingPathError(
                     f"database folder not found: {path.parent} "
                     "(create it, or set [paths] create_missing = true)"
                 )
             path.parent.mkdir(parents=True)
-    return Store(config.database_url, config.busy_timeout_seconds)
+    try:
+        return Store(config.database_url, config.busy_timeout_seconds)
+    except DatabaseError as exc:  # unreadable, not a database, or locked past the timeout
+        reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
+        raise ConfigError(f"cannot open database {config.database_url}: {reason}") from None
 
 
 @dataclass

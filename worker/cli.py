@@ -28,6 +28,7 @@ _USER_ERRORS = (
     PermissionError,
     NotADirectoryError,
     IsADirectoryError,
+    FileExistsError,
 )
 
 
