@@ -106,10 +106,11 @@ def mean_model(tmp_path: Path) -> Path:
 @pytest.fixture
 def workdir(tmp_path: Path, mean_model: Path) -> Iterator[Path]:
     """A config folder with its own config.toml pointing at the tiny model."""
-    (tmp_path / "inbox").mkdir()
+    for folder in ("inbox", "processed", "quarantine", "outbox"):
+        (tmp_path / folder).mkdir()
     (tmp_path / "config.toml").write_text(
         "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
-        "[database]\nurl = 'sqlite:///screen.db'\n"
+        "outbox = 'outbox'\n[database]\nurl = 'sqlite:///screen.db'\n"
         f"[model]\npath = '{mean_model.relative_to(tmp_path).as_posix()}'\n"
         "[worker]\nsettle_seconds = 0.2\nrescan_seconds = 1.0\nbatch_size = 8\n"
     )

@@ -89,6 +89,33 @@ def test_cli_does_not_import_tensorflow() -> None:
             ["--config", "c.toml", "process"],
             "inbox is not a folder",
         ),
+        # A typo in a path is an error naming it, never a new empty folder or database.
+        ("[model]\npath = 'm.onnx'\n", ["--config", "c.toml", "process", "--inbox", "inbx"],
+         "inbox folder not found"),
+        ("[model]\npath = 'm.onnx'\n", ["--config", "c.toml", "watch", "--inbox", "no/inbox"],
+         "inbox folder not found"),
+        ("[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\n", ["--config", "c.toml", "process"],
+         "processed folder not found"),
+        (
+            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\noutbox = '.'\n"
+            "[database]\nurl = 'sqlite:///no/s.db'\n",
+            ["--config", "c.toml", "process"],
+            "database folder not found",
+        ),
+        ("", ["--config", "c.toml", "report", "--database", "sqlite:///typo/s.db"],
+         "database not found"),
+        ("", ["--config", "c.toml", "results", "--database", "sqlite:///typo.db"],
+         "database not found"),
+        ("[database]\nurl = 'sqlite:///typo.db'\n", ["--config", "c.toml", "status"],
+         "database not found"),
+        ("", ["--config", "c.toml", "outcomes", "import", "afile"], "database not found"),
+        ("", ["--config", "c.toml", "results", "--database", "sqlite:///garbage.onnx"],
+         "file is not a database"),
+        (
+            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\noutbox = '.'\n",
+            ["--config", "c.toml", "process", "--database", "sqlite:///afile/s.db"],
+            "database folder is not a folder",
+        ),
     ],
 )
 def test_user_mistakes_are_one_clear_line(
@@ -103,12 +130,78 @@ def test_user_mistakes_are_one_clear_line(
     plain = onnx.load(str(tmp_path / "m.onnx"))
     del plain.metadata_props[:]
     onnx.save(plain, str(tmp_path / "plain.onnx"))
+    before = sorted(tmp_path.rglob("*"))
     proc = _screen(*args, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "[Errno" not in proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln[:4].isdigit()]  # drop logs
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before, "a refused command created files or folders"
+
+
+def test_create_missing_makes_the_folders_and_database(tmp_path: Path) -> None:
+    make_mean_model(tmp_path / "m.onnx")
+    (tmp_path / "c.toml").write_text(
+        "[model]\npath = 'm.onnx'\n[paths]\ninbox = 'a/inbox'\nprocessed = 'a/done'\n"
+        "quarantine = 'a/bad'\ncreate_missing = true\n[database]\nurl = 'sqlite:///db/s.db'\n"
+    )
+    proc = _screen("--config", "c.toml", "process", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for made in ("a/inbox", "a/done", "a/bad", "db/s.db"):
+        assert (tmp_path / made).exists(), made
+
+
+def test_os_errors_name_the_path_without_errno(workdir: Path) -> None:
+    assert _screen("process", "--timeout", "5", cwd=workdir).returncode == 0
+    proc = _screen("results", "-o", "no/such/out.csv", cwd=workdir)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "Error: No such file or directory: no/such/out.csv"
+
+
+# Makes the [train] extra's modules unimportable in this process, as in an install without it.
+_BLOCK_TRAIN_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Block(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "tf2onnx"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+sys.argv[0] = "screen"
+from worker.cli import main
+main()
+"""
+
+
+def test_train_and_export_without_the_extra_say_how_to_install_it(tmp_path: Path) -> None:
+    from tests.conftest import write_mammo_like
+
+    for label in ("benign", "malignant"):
+        for i in range(3):
+            write_mammo_like(tmp_path / "pool" / label / f"{label}{i}.png", seed=i)
+    (tmp_path / "best.keras").write_bytes(b"")
+    (tmp_path / "metrics.json").write_text(
+        '{"threshold": 0.5, "preprocess": {}, "validation": {}}'
+    )
+    for command, args in (
+        ("train", [str(tmp_path / "pool"), "--out", str(tmp_path / "run")]),
+        ("export", [str(tmp_path / "best.keras"), "--out", str(tmp_path / "m.onnx"),
+                    "--parity-images", "0"]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", _BLOCK_TRAIN_EXTRA, command, *args],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert f"`screen {command}` needs the [train] extra" in lines[0]
+        assert "pip install 'mammo-screen[train]'" in lines[0]
 
 
 def test_unreadable_inbox_is_refused(tmp_path: Path) -> None:

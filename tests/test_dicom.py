@@ -95,7 +95,7 @@ def test_cbis_ddsm_scored_end_to_end_by_screen_process(tmp_path: Path) -> None:
     """Named as PACS exports name them: by SOP Instance UID, without extension, or .dcm."""
     make_mean_model(tmp_path / "mean.onnx")
     (tmp_path / "c.toml").write_text(
-        "[paths]\ninbox = 'inbox'\nprocessed = 'done'\nquarantine = 'bad'\n"
+        "[paths]\ninbox = 'inbox'\nprocessed = 'done'\nquarantine = 'bad'\ncreate_missing = true\n"
         "[database]\nurl = 'sqlite:///s.db'\n[model]\npath = 'mean.onnx'\n"
         "[worker]\nsettle_seconds = 0.1\n"
     )

@@ -139,6 +139,12 @@ def test_status_reports_backlog_counts_and_model(workdir: Path, config: Config) 
     write_mammo_like(config.inbox / "a.png")
     (config.inbox / "b.txt").write_text("x")
     run = ["--config", str(workdir / "config.toml")]
+    missing = CliRunner().invoke(cli, [*run, "status"])  # status never makes a database
+    assert missing.exit_code == 1 and "database not found" in missing.output
+    assert not (workdir / "screen.db").exists()
+    from worker.app import open_store
+
+    open_store(config, create=True).dispose()  # as a worker that has started once leaves it
     before = json.loads(CliRunner().invoke(cli, [*run, "status", "--format", "json"]).stdout)
     assert before["backlog"] == 2 and before["counts"] == {}
     assert before["model"]["version"] == "test-mean-1"

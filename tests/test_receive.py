@@ -162,6 +162,7 @@ def _write_config(folder: Path, extra: str = "") -> Path:
     path = folder / "config.toml"
     path.write_text(
         "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
+        "create_missing = true\n"
         f"[receive]\nae_title = '{AE_TITLE}'\nport = 0\n{extra}"
     )
     return path

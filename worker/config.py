@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A bad configuration file or value; the message names the key."""
 
 
+class MissingPathError(ConfigError):
+    """A configured folder or database that does not exist; the message names the path."""
+
+
 # section -> key -> (type, default). "path" values are resolved against the config's folder.
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "paths": {
@@ -29,6 +33,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "processed": ("path", "data/processed"),
         "quarantine": ("path", "data/quarantine"),
         "outbox": ("path", "data/outbox"),
+        # Off: a missing folder is a mistake (a typo must not become a new empty inbox).
+        "create_missing": ("bool", False),
     },
     "database": {
         "url": ("str", "sqlite:///data/screen.db"),
@@ -49,6 +55,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_attempts": ("int", 3),
         "stale_write_seconds": ("float", 3600.0),
         "study_settle_seconds": ("float", 60.0),
+        "heartbeat_seconds": ("float", 5.0),
+        "heartbeat_stale_seconds": ("float", 30.0),
     },
     "identity": {
         "filename_pattern": ("str", ""),
@@ -73,6 +81,8 @@ _POSITIVE = {
     "worker.max_pixels",
     "worker.max_attempts",
     "worker.stale_write_seconds",
+    "worker.heartbeat_seconds",
+    "worker.heartbeat_stale_seconds",
     "database.busy_timeout_seconds",
 }
 _NON_NEGATIVE = {"worker.study_settle_seconds"}
@@ -108,6 +118,9 @@ class Config:
     receive_bind: str
     receive_port: int
     receive_allowed_calling_ae_titles: tuple[str, ...]
+    create_missing: bool = False
+    heartbeat_seconds: float = 5.0
+    heartbeat_stale_seconds: float = 30.0
 
 
 def _ae_title_problem(value: object) -> str | None:
@@ -288,4 +301,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         receive_bind=values["receive.bind"],
         receive_port=values["receive.port"],
         receive_allowed_calling_ae_titles=tuple(values["receive.allowed_calling_ae_titles"]),
+        create_missing=values["paths.create_missing"],
+        heartbeat_seconds=values["worker.heartbeat_seconds"],
+        heartbeat_stale_seconds=values["worker.heartbeat_stale_seconds"],
     )

@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.config import Config
+from worker.config import Config, MissingPathError
 from worker.dicom import DicomPolicy
 from worker.exams import join_exam
 from worker.faults import crash_point
@@ -425,19 +425,31 @@ def _same_content(path: Path, sha256: str, data: bytes | None) -> bool:
     return _sha256(current) == sha256
 
 
-def ensure_inbox(inbox: Path) -> None:
-    """Create a missing inbox; one that exists but cannot be used is a user mistake."""
-    if inbox.exists() and not inbox.is_dir():
-        raise NotADirectoryError(f"inbox is not a folder: {inbox}")
-    if not inbox.exists():
-        inbox.mkdir(parents=True)
-        log.info("created inbox folder=%s", inbox)
-    if not os.access(inbox, os.R_OK | os.X_OK | os.W_OK):
-        raise PermissionError(f"inbox folder is not readable and writable: {inbox}")
+def ensure_folder(role: str, folder: Path, create_missing: bool) -> None:
+    """A missing folder is a mistake (a typo must not become a new, empty inbox) unless the
+    config asks for it to be created ([paths] create_missing)."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{role} is not a folder: {folder}")
+    if not folder.exists():
+        if not create_missing:
+            raise MissingPathError(
+                f"{role} folder not found: {folder} "
+                "(create it, or set [paths] create_missing = true)"
+            )
+        folder.mkdir(parents=True)
+        log.info("created %s folder=%s", role, folder)
+
+
+def ensure_inbox(config: Config) -> None:
+    """The inbox exists (or is created when the config allows) and can be read and written."""
+    ensure_folder("inbox", config.inbox, config.create_missing)
+    if not os.access(config.inbox, os.R_OK | os.X_OK | os.W_OK):
+        raise PermissionError(f"inbox folder is not readable and writable: {config.inbox}")
 
 
 def ensure_folders(config: Config) -> None:
-    """Create missing folders; an inbox that exists but cannot be read is a user mistake."""
-    ensure_inbox(config.inbox)
-    for folder in (config.processed, config.quarantine, config.outbox):
-        folder.mkdir(parents=True, exist_ok=True)
+    """Check the inbox and output folders (see :func:`ensure_folder`)."""
+    ensure_inbox(config)
+    for role, folder in (("processed", config.processed), ("quarantine", config.quarantine),
+                         ("outbox", config.outbox)):
+        ensure_folder(role, folder, config.create_missing)

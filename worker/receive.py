@@ -333,7 +333,7 @@ class Receiver:
         return str(host), int(port)
 
     def start(self) -> tuple[str, int]:
-        ensure_inbox(self.config.inbox)
+        ensure_inbox(self.config)
         stale = remove_stale_temp_files(self.config.inbox)
         if stale:
             log.info("removed stale temporary files=%d", stale)

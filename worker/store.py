@@ -203,6 +203,19 @@ class Outcome(Base):
     imported_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class OutcomeChange(Base):
+    """Every outcome recorded or replaced, in order: a replaced label stays in this history."""
+
+    __tablename__ = "outcome_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    previous_label: Mapped[str | None] = mapped_column(String(32), default=None)
+    source: Mapped[str | None] = mapped_column(Text, default=None)  # file name and line
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Store:
     """SQLAlchemy engine set up for many readers and one writer on SQLite.
 

@@ -156,6 +156,8 @@ class InboxWatcher:
         self.last_activity: float | None = None
         self._backoff = 0.0
         self._reported_stale: set[Path] = set()
+        # Called on every pass of the loop (the worker's heartbeat); must be cheap.
+        self.on_tick: Callable[[], None] = lambda: None
 
     def _accept(self, path: Path) -> bool:
         try:
@@ -255,6 +257,7 @@ class InboxWatcher:
         )
         results: list[FileResult] = []
         while len(self.tracker) and not self.stop_event.is_set():
+            self.on_tick()
             done = self._process_ready()
             results.extend(done)
             if progress is not None and done:
@@ -290,6 +293,7 @@ class InboxWatcher:
             if ready is not None:
                 ready.set()
             while not self.stop_event.is_set():
+                self.on_tick()
                 if time.monotonic() >= next_scan:
                     self.pipeline.reconcile()  # moves owed after a full disk, for example
                     self.rescan()
