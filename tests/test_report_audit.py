@@ -166,3 +166,18 @@ def test_html_is_self_contained_and_escaped(store: Store) -> None:
     assert page.count('src="data:image/png;base64,') == 2
     assert "research tool, not a medical device" in page and "How to read this" in page
     assert "95% CI" in page and "truth malignant" in page and "Caveat: only 1 malignant" in page
+
+
+def test_each_image_is_called_at_its_own_recorded_threshold(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'm.db'}")
+    with store.write() as s:
+        for i, threshold in enumerate((0.3, 0.6)):
+            s.add(ImageRecord(filename=f"f{i}", source_path=f"/in/f{i}", sha256=f"s{i}",
+                              size_bytes=1, status=SCORED, score=0.4, threshold=threshold,
+                              model_version="mix", attempts=1))  # fmt: skip
+    (tmp_path / "o.csv").write_text("sha256,label\ns0,malignant\ns1,malignant\n")
+    import_outcomes(store, tmp_path / "o.csv")
+    (m,) = audit(store, resamples=100).report["models"]
+    assert (m["tp"], m["fn"]) == (1, 1) and m["recall_rate"] == 0.5
+    assert m["threshold"] is None and m["thresholds"] == [0.3, 0.6]
+    assert any("2 different thresholds" in c for c in m["caveats"])

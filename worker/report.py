@@ -56,7 +56,7 @@ class AuditRow:
     model_version: str
     truth: bool  # malignant per the imported outcome
     score: float
-    threshold: float
+    threshold: float | None
     called: bool  # malignant per the worker, at the threshold recorded with the score
     patient_id: str | None = None
     study_uid: str | None = None
@@ -90,7 +90,7 @@ def audit_rows(images: list[ImageRecord], outcomes: dict[str, str]) -> list[Audi
                 model_version=r.model_version or "?",
                 truth=outcomes[r.sha256] == CLASSES[1],
                 score=float(r.score),
-                threshold=float(r.threshold) if r.threshold is not None else float("nan"),
+                threshold=r.threshold,
                 called=_called(r),
                 # The identity columns (patient_id, study_uid, laterality) land in the images
                 # table separately; until then these read None and the audit is image-level,
@@ -142,10 +142,10 @@ def _caveats(m: dict[str, Any]) -> list[str]:
         out.append(f"only {called_pos} image(s) called malignant: PPV rests on too few cases")
     if 0 < called_neg < MIN_CASES:
         out.append(f"only {called_neg} image(s) called benign: NPV rests on too few cases")
-    if len(m["thresholds"]) > 1:
+    if len(m["thresholds"]) != 1:
         out.append(
             f"scores of this version were recorded at {len(m['thresholds'])} different "
-            "thresholds; each image is counted at its own"
+            "thresholds; each image is counted at its own (or its recorded label)"
         )
     return out
 
@@ -160,7 +160,7 @@ def model_figures(
     c = confusion_of_calls(y, called)
     groups, unit = resampling_groups(rows)
     boot = bootstrap_cis(y, s, called, groups, resamples=resamples, seed=seed)
-    thresholds = sorted({r.threshold for r in rows})
+    thresholds = sorted({r.threshold for r in rows if r.threshold is not None})
     m: dict[str, Any] = {
         "model_version": version,
         "level": Level.IMAGE.value,
@@ -324,11 +324,7 @@ def format_text(report: dict[str, Any]) -> str:
     lines.append(f"scored with a known outcome: {report['with_outcome']} of {report['scored']}")
     for m in report["models"]:
         b = m["bootstrap"]
-        threshold = (
-            f"{m['threshold']:.4f}"
-            if m["threshold"] is not None
-            else ", ".join(f"{t:.4f}" for t in m["thresholds"])
-        )
+        threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
         lines += [
             "",
             f"model {m['model_version']}: {m['level']} level, n={m['n']} "

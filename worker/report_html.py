@@ -95,11 +95,7 @@ def _figures_table(m: dict[str, Any]) -> str:
 def _model_section(m: dict[str, Any], png: bytes) -> str:
     b = m["bootstrap"]
     version = escape(m["model_version"])
-    threshold = (
-        f"{m['threshold']:.4f}"
-        if m["threshold"] is not None
-        else ", ".join(f"{t:.4f}" for t in m["thresholds"])
-    )
+    threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
     caveats = "".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in m["caveats"])
     return f"""
 <section class="model">

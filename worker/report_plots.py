@@ -44,7 +44,7 @@ def draw_confusion(ax: Any, m: dict[str, Any]) -> None:
     ax.set_yticks([0, 1], [f"truth {lab}" for lab in labels], rotation=90, va="center")
     ax.set_xlabel("call (the model)")
     ax.set_ylabel("truth (the outcome)")
-    threshold = "mixed" if m["threshold"] is None else f"{m['threshold']:.3f}"
+    threshold = ", ".join(f"{t:.3f}" for t in m["thresholds"]) or "not recorded"
     ax.set_title(f"confusion at threshold {threshold}")
 
 
@@ -112,7 +112,8 @@ def draw_distribution(ax: Any, m: dict[str, Any], y: np.ndarray, s: np.ndarray) 
         ax.scatter(sel, jitter, s=12, alpha=alpha, color=colour)
     for t in m["thresholds"]:
         ax.axvline(t, color="black", lw=1.5, ls="--")
-    ax.text(m["thresholds"][0], 1.45, " threshold", fontsize=8, va="center")
+    if m["thresholds"]:
+        ax.text(m["thresholds"][0], 1.45, " threshold", fontsize=8, va="center")
     ax.set_yticks([0, 1], [f"truth {labels[0]}\n(n={m['negatives']})",
                    f"truth {labels[1]}\n(n={m['positives']})"])
     ax.set_ylim(-0.5, 1.6)
