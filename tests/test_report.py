@@ -125,7 +125,7 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
     rep = json.loads(
         _run(workdir, "report", "--format", "json", "--plot", str(workdir / "rep.png"),
              "--html", str(html))
-    )  # fmt: skip
+    )
     (m,) = rep["models"]
     # independent computation from the results listing
     y = [truth[r["filename"]] == "malignant" for r in rows]
@@ -148,7 +148,7 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
     assert m["bootstrap"] == {
         "unit": "image", "groups": 40, "resamples": 2000, "seed": m["bootstrap"]["seed"],
         "level": 0.95,
-    }  # fmt: skip
+    }
     assert rep["quarantined_files"][0]["filename"] == "<i>x&y<i>.png"
     page = html.read_text()
     assert not re.search(r"https?://|src=\"//", page)

@@ -115,7 +115,7 @@ def test_one_orientation_in_json_text_and_picture(store: Store) -> None:
     # imshow puts row i at y=i and column j at x=j: the number drawn at (x=1, y=0) is the
     # benign images called malignant.
     drawn = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
-             for t in ax.texts}  # fmt: skip
+             for t in ax.texts}
     want = {(0, 0): m["tn"], (0, 1): m["fp"], (1, 0): m["fn"], (1, 1): m["tp"]}
     assert drawn == {k: str(v) for k, v in want.items()}
     assert [t.get_text() for t in ax.get_xticklabels()] == ["call benign", "call malignant"]
@@ -174,7 +174,7 @@ def test_each_image_is_called_at_its_own_recorded_threshold(tmp_path: Path) -> N
         for i, threshold in enumerate((0.3, 0.6)):
             s.add(ImageRecord(filename=f"f{i}", source_path=f"/in/f{i}", sha256=f"s{i}",
                               size_bytes=1, status=SCORED, score=0.4, threshold=threshold,
-                              model_version="mix", attempts=1))  # fmt: skip
+                              model_version="mix", attempts=1))
     (tmp_path / "o.csv").write_text("sha256,label\ns0,malignant\ns1,malignant\n")
     import_outcomes(store, tmp_path / "o.csv")
     (m,) = audit(store, resamples=100).report["models"]

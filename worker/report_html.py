@@ -123,7 +123,7 @@ def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
     calls = ", ".join(f"{escape(k)} {v}" for k, v in r["by_call"].items()) or "none"
     units = sorted({m["bootstrap"]["unit"] for m in r["models"]}) or ["image"]
     global_caveats = [c for c in r["caveats"] if not any(
-        c.startswith(f"{m['model_version']}: ") for m in r["models"])]  # fmt: skip
+        c.startswith(f"{m['model_version']}: ") for m in r["models"])]
     sections = "".join(
         _model_section(m, figure_png(audit, [m["model_version"]])) for m in r["models"]
     )
