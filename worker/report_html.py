@@ -122,8 +122,9 @@ def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
     counts = ", ".join(f"{escape(k)} {v}" for k, v in r["by_status"].items()) or "none"
     calls = ", ".join(f"{escape(k)} {v}" for k, v in r["by_call"].items()) or "none"
     units = sorted({m["bootstrap"]["unit"] for m in r["models"]}) or ["image"]
-    global_caveats = [c for c in r["caveats"] if not any(
-        c.startswith(f"{m['model_version']}: ") for m in r["models"])]
+    # The report's list repeats each version's caveats with its name; those show in its section.
+    per_version = {f"{m['model_version']}: {c}" for m in r["models"] for c in m["caveats"]}
+    global_caveats = [c for c in r["caveats"] if c not in per_version]
     sections = "".join(
         _model_section(m, figure_png(audit, [m["model_version"]])) for m in r["models"]
     )
