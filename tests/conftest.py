@@ -16,6 +16,20 @@ from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from worker.preprocess import PreprocessSettings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def require_programs(package: str, *programs: str) -> None:
+    """For a test module that talks to real Debian programs (a DICOM client, a browser):
+    `.ci/run` installs them, so under CI a missing one fails the run; elsewhere the module is
+    skipped with the package to install, so the README's test command passes on a machine that
+    has only Python."""
+    missing = [p for p in programs if shutil.which(p) is None]
+    if not missing:
+        return
+    why = f"{', '.join(missing)} not found: apt-get install {package}"
+    if os.environ.get("CI"):
+        raise RuntimeError(why)
+    pytest.skip(why, allow_module_level=True)
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
 SHIPPED_MODEL = REPO / "models" / "mammo-lite0-probe-256.onnx"
 

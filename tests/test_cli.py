@@ -97,8 +97,8 @@ def test_cli_does_not_import_tensorflow() -> None:
         ("[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\n", ["--config", "c.toml", "process"],
          "processed folder not found"),
         (
-            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\noutbox = '.'\n"
-            "[database]\nurl = 'sqlite:///no/s.db'\n",
+            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\n"
+            "outbox = '.'\n[database]\nurl = 'sqlite:///no/s.db'\n",
             ["--config", "c.toml", "process"],
             "database folder not found",
         ),
@@ -112,7 +112,8 @@ def test_cli_does_not_import_tensorflow() -> None:
         ("", ["--config", "c.toml", "results", "--database", "sqlite:///garbage.onnx"],
          "file is not a database"),
         (
-            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\noutbox = '.'\n",
+            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\n"
+            "outbox = '.'\n",
             ["--config", "c.toml", "process", "--database", "sqlite:///afile/s.db"],
             "database folder is not a folder",
         ),

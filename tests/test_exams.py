@@ -393,7 +393,8 @@ def test_screen_process_end_to_end_exam_results_and_outbox(tmp_path: Path) -> No
     (tmp_path / "ids.csv").write_text("filename,laterality\nP2_S2_U_CC.png,L\n")
     (tmp_path / "config.toml").write_text(
         "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
-        "outbox = 'outbox'\ncreate_missing = true\n[database]\nurl = 'sqlite:///screen.db'\n[model]\npath = 'm.onnx'\n"
+        "outbox = 'outbox'\ncreate_missing = true\n"
+        "[database]\nurl = 'sqlite:///screen.db'\n[model]\npath = 'm.onnx'\n"
         "[worker]\nsettle_seconds = 0.2\nstudy_settle_seconds = 600\n"
         f"[identity]\nfilename_pattern = '{PATTERN}'\nsidecar_csv = 'ids.csv'\n"
     )

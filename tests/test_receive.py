@@ -41,7 +41,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
 )
 
-from tests.conftest import REPO, make_mean_model
+from tests.conftest import REPO, make_mean_model, require_programs
 from tests.test_faults import assert_exactly_once
 from worker.config import Config, ConfigError, load_config
 from worker.receive import (
@@ -53,10 +53,9 @@ from worker.receive import (
     safe_stem,
 )
 
+require_programs("dcmtk", "storescu", "echoscu")
 STORESCU = shutil.which("storescu")
 ECHOSCU = shutil.which("echoscu")
-if not (STORESCU and ECHOSCU):  # a hard failure, not a skip: these tests need a real client
-    raise RuntimeError("DCMTK's storescu and echoscu are required (apt-get install dcmtk)")
 
 AE_TITLE = "MAMMO_SCREEN"
 

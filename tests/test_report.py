@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_report_by_hand(tmp_path: Path) -> None:
     assert m1["auc"] == pytest.approx(6 / 9)  # 0.9 beats 3, 0.6 beats 2, 0.2 beats 1
     m2 = next(m for m in rep["models"] if m["model_version"] == "m2")
     assert m2["fp"] == 1 and m2["auc"] is None
-    assert rep["by_label"] == {"benign": 3, "malignant": 4}
+    assert rep["by_call"] == {"benign": 3, "malignant": 4}
 
 
 def test_outcomes_import_reports_unmatched_names(tmp_path: Path) -> None:
@@ -97,9 +98,12 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
     """process -> results -> outcomes import -> report json, checked independently."""
     imgs = dev_pool_images(40)
     copy_into(imgs, config.inbox)
+    # Not an image, and a name that is markup: quarantined, and shown as text in the HTML page.
+    (config.inbox / "<i>x&y<i>.png").write_bytes(b"not an image at all")
     _run(workdir, "process", "--timeout", "20")
-    rows = list(csv.DictReader(io.StringIO(_run(workdir, "results", "--format", "csv"))))
-    assert len(rows) == 40 and {r["status"] for r in rows} == {"scored"}
+    listed = list(csv.DictReader(io.StringIO(_run(workdir, "results", "--format", "csv"))))
+    rows = [r for r in listed if r["status"] == "scored"]
+    assert len(rows) == 40 and len(listed) == 41
     assert {"filename", "sha256", "score", "label", "model_version", "status"} <= set(rows[0])
 
     truth = {}
@@ -117,8 +121,10 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
     )
     assert result.exit_code == 0 and "nobody.jpg" in result.output
 
+    html = workdir / "audit.html"
     rep = json.loads(
-        _run(workdir, "report", "--format", "json", "--plot", str(workdir / "rep.png"))
+        _run(workdir, "report", "--format", "json", "--plot", str(workdir / "rep.png"),
+             "--html", str(html))
     )
     (m,) = rep["models"]
     # independent computation from the results listing
@@ -134,3 +140,21 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
     pairs = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
     assert m["auc"] == pytest.approx(pairs / (len(pos) * len(neg)))
     assert (workdir / "rep.png").stat().st_size > 1000
+    # the audit's intervals, unit and orientation
+    assert m["confusion"]["matrix"] == [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]
+    assert m["recall_rate"] == pytest.approx((tp + fp) / 40)
+    for k in ("auc", "sensitivity", "specificity", "ppv", "npv", "recall_rate", "accuracy"):
+        assert m[f"{k}_ci"][0] <= m[k] <= m[f"{k}_ci"][1], k
+    assert m["bootstrap"] == {
+        "unit": "image", "groups": 40, "resamples": 2000, "seed": m["bootstrap"]["seed"],
+        "level": 0.95,
+    }
+    assert rep["quarantined_files"][0]["filename"] == "<i>x&y<i>.png"
+    page = html.read_text()
+    assert not re.search(r"https?://|src=\"//", page)
+    assert "&lt;i&gt;x&amp;y&lt;i&gt;.png" in page and "<i>x" not in page
+    assert f"<td>{m['tn']}</td><td>{m['fp']}</td>" in page  # truth benign row: call b, call m
+    assert page.count("data:image/png;base64,") == 1
+    # a period with nothing in it: zeros, no figures, still exit 0
+    empty = json.loads(_run(workdir, "report", "--format", "json", "--until", "2000-01-01"))
+    assert empty["total"] == 0 and empty["models"] == []

@@ -68,14 +68,14 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
     return load_config(ctx.obj.get("config"), mapped)
 
 
-def _since(value: str | None) -> dt.datetime | None:
+def _since(value: str | None, param_hint: str = "--since") -> dt.datetime | None:
     if value is None:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(
-            f"not an ISO date or time: {value!r}", param_hint="--since"
+            f"not an ISO date or time: {value!r}", param_hint=param_hint
         ) from None
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
@@ -385,33 +385,60 @@ def outcomes_import(
 )
 @since_option
 @click.option(
+    "--until", help="Only images received before this ISO time (UTC); with --since, a period."
+)
+@click.option(
     "--plot",
     type=click.Path(path_type=Path),
-    help="Also draw confusion matrix and ROC to this PNG.",
+    help="Also draw the confusion matrix, ROC, calibration and score distributions to this PNG.",
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(path_type=Path),
+    help="Also write the audit as one self-contained HTML page to this file.",
 )
 @click.pass_context
 @_user_errors
 def report(
-    ctx: click.Context, database: str | None, fmt: str, since: str | None, plot: Path | None
+    ctx: click.Context,
+    database: str | None,
+    fmt: str,
+    since: str | None,
+    until: str | None,
+    plot: Path | None,
+    html_out: Path | None,
 ) -> None:
-    """Summarise what was screened; with outcomes, confusion figures and ROC AUC per model.
+    """Audit what was screened: per model version, the calls against known outcomes.
+
+    Confusion matrix (rows truth, columns call), sensitivity, specificity, PPV, NPV, recall
+    rate, accuracy and ROC AUC, each with a 95% bootstrap interval, and caveats where a figure
+    rests on too few cases.
 
     \b
     Example:
-      screen report --format json --plot report.png
+      screen report --since 2026-01-01 --until 2026-04-01 --html audit.html
     """
     from worker.app import open_store
-    from worker.report import build_report, format_report, plot_report
+    from worker.report import audit, format_report
 
-    since_dt = _since(since)
+    since_dt, until_dt = _since(since), _since(until, "--until")
     store = open_store(_config(ctx, database=database))
     try:
-        click.echo(format_report(build_report(store, since_dt), fmt))
-        if plot:
-            plot_report(store, plot, since_dt)
-            click.echo(f"wrote {plot}", err=True)
+        result = audit(store, since_dt, until_dt)
     finally:
         store.dispose()
+    click.echo(format_report(result.report, fmt))
+    if plot:
+        from worker.report_plots import write_png
+
+        write_png(result, plot)
+        click.echo(f"wrote {plot}", err=True)
+    if html_out:
+        from worker.report_html import write_html
+
+        write_html(result, html_out)
+        click.echo(f"wrote {html_out}", err=True)
 
 
 @cli.command()

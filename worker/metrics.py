@@ -32,14 +32,7 @@ def _ratio(num: int, den: int) -> float | None:
 
 def confusion_at(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> Confusion:
     """Confusion counts with positive = score >= threshold (the label the worker records)."""
-    y = np.asarray(y_true).astype(bool)
-    pred = np.asarray(scores, dtype=np.float64) >= threshold
-    return Confusion(
-        tp=int(np.sum(pred & y)),
-        fp=int(np.sum(pred & ~y)),
-        tn=int(np.sum(~pred & ~y)),
-        fn=int(np.sum(~pred & y)),
-    )
+    return confusion_of_calls(y_true, np.asarray(scores, dtype=np.float64) >= threshold)
 
 
 def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
@@ -88,6 +81,35 @@ def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     tpr = [0.0] + [float(np.sum((s >= t) & y)) / n_pos for t in thresholds]
     fpr = [0.0] + [float(np.sum((s >= t) & ~y)) / n_neg for t in thresholds]
     return np.array(fpr), np.array(tpr), np.concatenate([[np.inf], thresholds])
+
+
+def rates(c: Confusion) -> dict[str, float | None]:
+    """The audit's proportions from one confusion; None where the denominator is zero.
+
+    Recall rate is the share of images the model calls malignant (what a programme would
+    recall for assessment), prevalence the share that are malignant.
+    """
+    return {
+        "prevalence": _ratio(c.tp + c.fn, c.n),
+        "sensitivity": _ratio(c.tp, c.tp + c.fn),
+        "specificity": _ratio(c.tn, c.tn + c.fp),
+        "ppv": _ratio(c.tp, c.tp + c.fp),
+        "npv": _ratio(c.tn, c.tn + c.fn),
+        "recall_rate": _ratio(c.tp + c.fp, c.n),
+        "accuracy": _ratio(c.tp + c.tn, c.n),
+    }
+
+
+def confusion_of_calls(y_true: np.ndarray, called: np.ndarray) -> Confusion:
+    """Confusion counts from the calls the worker recorded (each at its own threshold)."""
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(called).astype(bool)
+    return Confusion(
+        tp=int(np.sum(pred & y)),
+        fp=int(np.sum(pred & ~y)),
+        tn=int(np.sum(~pred & ~y)),
+        fn=int(np.sum(~pred & y)),
+    )
 
 
 def summary(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:

@@ -1,73 +1,267 @@
-"""`screen report`: what was screened, and how the scores compare with known outcomes."""
+"""`screen report`: what was screened, and an audit of the calls against known outcomes.
+
+One gathering step (`audit`) reads the period's rows once; the text and JSON below, the PNG
+(`worker.report_plots`) and the HTML page (`worker.report_html`) all render its result, so they
+cannot disagree. The confusion matrix has one orientation everywhere: rows are the truth,
+columns the model's call, each labelled with the class names.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
-from worker.metrics import roc_curve, summary
+from worker.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
+from worker.metrics import confusion_of_calls, rates, roc_auc
 from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord, Store
 
+CLASSES = ("benign", "malignant")  # outcome vocabulary; index 1 is the positive class
+# A figure resting on fewer cases than this in its denominator carries a caveat: with a
+# handful of cases a perfect-looking figure (AUC 1.000 on 3 images) means nothing.
+MIN_CASES = 10
+QUARANTINE_LISTED = 50  # quarantined files named in the report; the rest are counted
 
-def scored_with_outcome(
-    images: list[ImageRecord], outcomes: dict[str, str]
-) -> dict[str, list[tuple[int, float, float]]]:
-    """Per model version, (truth, score, threshold) of the scored images with a known outcome."""
-    groups: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+
+class Level(StrEnum):
+    """The unit the figures count.
+
+    Only images today. Breast and exam level come once the `images` table carries patient,
+    study and laterality: a breast unit is the rows sharing (patient_id, study_uid,
+    laterality), an exam unit those sharing (patient_id, study_uid); a unit's score is its
+    highest image score, its truth malignant if any image's is, its call malignant if any
+    image was called so. `units_at` is where that grouping goes.
+    """
+
+    IMAGE = "image"
+
+
+class ResampledUnit(StrEnum):
+    PATIENT = "patient"
+    IMAGE = "image"
+    MIXED = "patient where known, otherwise image"
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One scored image with a known outcome, as the audit needs it."""
+
+    image_id: int
+    filename: str
+    model_version: str
+    truth: bool  # malignant per the imported outcome
+    score: float
+    threshold: float | None
+    called: bool  # malignant per the worker, at the threshold recorded with the score
+    patient_id: str | None = None
+    study_uid: str | None = None
+    laterality: str | None = None
+
+
+@dataclass
+class Audit:
+    """The report's figures plus the per-version rows the plots draw from."""
+
+    report: dict[str, Any]
+    rows: dict[str, list[AuditRow]] = field(default_factory=dict)
+
+
+def _called(r: ImageRecord) -> bool:
+    if r.threshold is not None and r.score is not None:
+        return r.score >= r.threshold
+    return r.label == CLASSES[1]
+
+
+def audit_rows(images: list[ImageRecord], outcomes: dict[str, str]) -> list[AuditRow]:
+    """The scored images with a known outcome. Duplicates are left out: same image, once."""
+    rows = []
     for r in images:
         if r.status != SCORED or r.score is None or r.sha256 not in outcomes:
             continue
-        truth = 1 if outcomes[r.sha256] == "malignant" else 0
-        groups[r.model_version or "?"].append((truth, r.score, r.threshold or 0.5))
-    return groups
+        rows.append(
+            AuditRow(
+                image_id=r.id,
+                filename=r.filename,
+                model_version=r.model_version or "?",
+                truth=outcomes[r.sha256] == CLASSES[1],
+                score=float(r.score),
+                threshold=r.threshold,
+                called=_called(r),
+                # The identity columns (patient_id, study_uid, laterality) land in the images
+                # table separately; until then these read None and the audit is image-level,
+                # resampled over images.
+                patient_id=getattr(r, "patient_id", None),
+                study_uid=getattr(r, "study_uid", None),
+                laterality=getattr(r, "laterality", None),
+            )
+        )
+    return rows
 
 
-def build_report(store: Store, since: dt.datetime | None = None) -> dict[str, Any]:
-    """Counts by status and label, and per model version the figures against outcomes.
+def units_at(rows: list[AuditRow], level: Level) -> list[AuditRow]:
+    """The rows as units of `level` (see Level for how breast and exam units will group)."""
+    if level is Level.IMAGE:
+        return rows
+    raise ValueError(f"level {level.value} needs patient, study and laterality columns")
 
-    Only `scored` rows count towards the figures: a duplicate is the same image, and counting
-    it twice would weight it twice.
+
+def resampling_groups(rows: list[AuditRow]) -> tuple[list[str], ResampledUnit]:
+    """Bootstrap groups: the patient where known, else the image alone; and what that is."""
+    known = sum(r.patient_id is not None for r in rows)
+    groups = [
+        f"p:{r.patient_id}" if r.patient_id is not None else f"i:{r.image_id}" for r in rows
+    ]
+    if known == len(rows) and rows:
+        return groups, ResampledUnit.PATIENT
+    return groups, ResampledUnit.IMAGE if known == 0 else ResampledUnit.MIXED
+
+
+def _caveats(m: dict[str, Any]) -> list[str]:
+    out = []
+    if m["positives"] == 0:
+        out.append("no malignant image: sensitivity and ROC AUC are undefined")
+    elif m["positives"] < MIN_CASES:
+        out.append(
+            f"only {m['positives']} malignant image(s): sensitivity and ROC AUC rest on too few "
+            "cases to judge, whatever their value"
+        )
+    if m["negatives"] == 0:
+        out.append("no benign image: specificity and ROC AUC are undefined")
+    elif m["negatives"] < MIN_CASES:
+        out.append(
+            f"only {m['negatives']} benign image(s): specificity and ROC AUC rest on too few "
+            "cases to judge"
+        )
+    called_pos, called_neg = m["tp"] + m["fp"], m["tn"] + m["fn"]
+    if 0 < called_pos < MIN_CASES:
+        out.append(f"only {called_pos} image(s) called malignant: PPV rests on too few cases")
+    if 0 < called_neg < MIN_CASES:
+        out.append(f"only {called_neg} image(s) called benign: NPV rests on too few cases")
+    if len(m["thresholds"]) != 1:
+        out.append(
+            f"scores of this version were recorded at {len(m['thresholds'])} different "
+            "thresholds; each image is counted at its own (or its recorded label)"
+        )
+    return out
+
+
+def model_figures(
+    version: str, rows: list[AuditRow], resamples: int = RESAMPLES, seed: int = SEED
+) -> dict[str, Any]:
+    """Every figure for one model version, each with its 95% bootstrap interval."""
+    y = np.array([r.truth for r in rows], dtype=bool)
+    s = np.array([r.score for r in rows], dtype=np.float64)
+    called = np.array([r.called for r in rows], dtype=bool)
+    c = confusion_of_calls(y, called)
+    groups, unit = resampling_groups(rows)
+    boot = bootstrap_cis(y, s, called, groups, resamples=resamples, seed=seed)
+    thresholds = sorted({r.threshold for r in rows if r.threshold is not None})
+    m: dict[str, Any] = {
+        "model_version": version,
+        "level": Level.IMAGE.value,
+        "n": c.n,
+        "positives": int(y.sum()),
+        "negatives": int((~y).sum()),
+        # The operating threshold: the one recorded with each score (one per version normally).
+        "threshold": thresholds[0] if len(thresholds) == 1 else None,
+        "thresholds": thresholds,
+        "confusion": {
+            "rows": "truth",
+            "columns": "call",
+            "labels": list(CLASSES),
+            "matrix": [[c.tn, c.fp], [c.fn, c.tp]],
+        },
+        **c.as_dict(),
+    }
+    figures = {**rates(c), "auc": roc_auc(y, s)}
+    for name in CI_FIGURES:
+        m[name] = figures[name]
+        ci = boot.cis[name]
+        m[f"{name}_ci"] = None if ci is None or figures[name] is None else list(ci)
+    m["bootstrap"] = {
+        "unit": unit.value,
+        "groups": boot.groups,
+        "resamples": boot.resamples,
+        "seed": boot.seed,
+        "level": LEVEL,
+    }
+    m["caveats"] = _caveats(m)
+    return m
+
+
+def _before(images: list[ImageRecord], until: dt.datetime | None) -> list[ImageRecord]:
+    # Store.all_images filters `since` in SQL; `until` is applied here so the store's query
+    # stays as it is.
+    return [r for r in images if until is None or r.received_at < until]
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.isoformat() + "Z"
+
+
+def audit(
+    store: Store,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Audit:
+    """Counts by status and call, and per model version the audit against outcomes.
+
+    The period is by time received, `since` inclusive and `until` exclusive (naive UTC).
     """
-    images = store.all_images(since)
+    images = _before(store.all_images(since), until)
     outcomes = store.outcomes()
     by_status = Counter(r.status for r in images)
-    by_label = Counter(r.label for r in images if r.status == SCORED and r.label)
-    reasons = Counter((r.error or "").split(":")[0] for r in images if r.status == QUARANTINED)
+    by_call = Counter(r.label for r in images if r.status == SCORED and r.label)
+    quarantined = [r for r in images if r.status == QUARANTINED]
+    reasons = Counter((r.error or "").split(":")[0] for r in quarantined)
 
-    groups = scored_with_outcome(images, outcomes)
-    models = []
-    for version, rows in sorted(groups.items()):
-        y = np.array([t for t, _, _ in rows])
-        s = np.array([sc for _, sc, _ in rows])
-        # Every row of one version carries that version's threshold; use the recorded one.
-        threshold = rows[0][2]
-        models.append(
-            {
-                "model_version": version,
-                **summary(y, s, threshold),
-                "positives": int(y.sum()),
-                "negatives": int(len(y) - y.sum()),
-            }
+    per_version: dict[str, list[AuditRow]] = defaultdict(list)
+    for row in units_at(audit_rows(images, outcomes), Level.IMAGE):
+        per_version[row.model_version].append(row)
+    models = [
+        model_figures(v, rows, resamples, seed) for v, rows in sorted(per_version.items())
+    ]
+
+    scored = by_status.get(SCORED, 0)
+    with_outcome = sum(len(v) for v in per_version.values())
+    caveats = [f"{m['model_version']}: {c}" for m in models for c in m["caveats"]]
+    if scored and not with_outcome:
+        caveats.insert(
+            0, "no scored image has a known outcome yet (screen outcomes import FILE.csv)"
         )
-
-    return {
-        "since": None if since is None else since.isoformat() + "Z",
+    report = {
+        "since": _iso(since),
+        "until": _iso(until),
         "total": len(images),
         "by_status": dict(sorted(by_status.items())),
-        "by_label": dict(sorted(by_label.items())),
+        "by_call": dict(sorted(by_call.items())),
         "quarantine_reasons": dict(reasons.most_common()),
+        "quarantined_files": [
+            {"filename": r.filename, "reason": r.error} for r in quarantined[:QUARANTINE_LISTED]
+        ],
         "duplicates": by_status.get(DUPLICATE, 0),
-        "with_outcome": sum(len(v) for v in groups.values()),
+        "scored": scored,
+        "with_outcome": with_outcome,
         "models": models,
+        "caveats": caveats,
     }
+    return Audit(report, dict(per_version))
 
 
-def _fmt(value: Any) -> str:
+def build_report(
+    store: Store, since: dt.datetime | None = None, until: dt.datetime | None = None
+) -> dict[str, Any]:
+    return audit(store, since, until).report
+
+
+def fmt_value(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -75,91 +269,80 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def fmt_ci(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.3f} to {ci[1]:.3f}"
+
+
+def period_text(report: dict[str, Any]) -> str:
+    since, until = report["since"], report["until"]
+    if not since and not until:
+        return "all images received"
+    if since and until:
+        return f"received from {since} to before {until}"
+    return f"received from {since}" if since else f"received before {until}"
+
+
+# (JSON key, label) of the figures shown with their intervals, in reading order.
+FIGURE_ROWS = (
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("ppv", "PPV"),
+    ("npv", "NPV"),
+    ("recall_rate", "recall rate"),
+    ("accuracy", "accuracy"),
+    ("auc", "ROC AUC"),
+    ("prevalence", "prevalence"),
+)
+
+
+def confusion_lines(m: dict[str, Any]) -> list[str]:
+    """The confusion matrix as text, rows = truth, columns = call (the one orientation)."""
+    labels = m["confusion"]["labels"]
+    matrix = m["confusion"]["matrix"]
+    width = max(len(f"call {lab}") for lab in labels) + 2
+    head = " " * 20 + "".join(f"{'call ' + lab:>{width}}" for lab in labels)
+    lines = [head]
+    for lab, row in zip(labels, matrix, strict=True):
+        lines.append(f"  {'truth ' + lab:<18}" + "".join(f"{v:>{width}}" for v in row))
+    return lines
+
+
 def format_text(report: dict[str, Any]) -> str:
     lines = [
-        f"images recorded: {report['total']}"
-        + (f" since {report['since']}" if report["since"] else "")
+        f"period: {period_text(report)} (UTC)",
+        f"images recorded: {report['total']}",
+        "by status: "
+        + (", ".join(f"{k} {v}" for k, v in report["by_status"].items()) or "none"),
+        "called by the model: "
+        + (", ".join(f"{k} {v}" for k, v in report["by_call"].items()) or "none"),
     ]
-    lines.append(
-        "by status: " + (", ".join(f"{k} {v}" for k, v in report["by_status"].items()) or "none")
-    )
-    lines.append(
-        "by label:  " + (", ".join(f"{k} {v}" for k, v in report["by_label"].items()) or "none")
-    )
     if report["quarantine_reasons"]:
         lines.append(
             "quarantined because: "
             + "; ".join(f"{k} ({v})" for k, v in report["quarantine_reasons"].items())
         )
-    lines.append(f"with a known outcome: {report['with_outcome']}")
+    lines.append(f"scored with a known outcome: {report['with_outcome']} of {report['scored']}")
     for m in report["models"]:
+        b = m["bootstrap"]
+        threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
         lines += [
             "",
-            f"model {m['model_version']}  (threshold {m['threshold']:.4f}, n={m['n']}: "
-            f"{m['positives']} malignant, {m['negatives']} benign)",
-            "                 truth malignant  truth benign",
-            f"  called malignant   {m['tp']:>10}  {m['fp']:>12}",
-            f"  called benign      {m['fn']:>10}  {m['tn']:>12}",
-            f"  accuracy {_fmt(m['accuracy'])}  sensitivity {_fmt(m['sensitivity'])}  "
-            f"specificity {_fmt(m['specificity'])}",
-            f"  PPV {_fmt(m['ppv'])}  NPV {_fmt(m['npv'])}  ROC AUC {_fmt(m['auc'])}",
+            f"model {m['model_version']}: {m['level']} level, n={m['n']} "
+            f"({m['positives']} malignant, {m['negatives']} benign), threshold {threshold}",
+            *confusion_lines(m),
+            f"  {'figure':<14}{'value':>7}   95% CI",
+            *(
+                f"  {label:<14}{fmt_value(m[key]):>7}   {fmt_ci(m[key + '_ci'])}"
+                for key, label in FIGURE_ROWS
+            ),
+            f"  intervals: percentile bootstrap, {b['resamples']} resamples of {b['groups']} "
+            f"{b['unit']} unit(s), seed {b['seed']}",
         ]
+        lines += [f"  CAVEAT: {c}" for c in m["caveats"]]
+    if report["caveats"] and not report["models"]:
+        lines += ["", *(f"CAVEAT: {c}" for c in report["caveats"])]
     return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any], fmt: str) -> str:
     return json.dumps(report, indent=2) if fmt == "json" else format_text(report)
-
-
-def plot_report(store: Store, out: Path, since: dt.datetime | None = None) -> int:
-    """Confusion matrix and ROC curve per model version, in one PNG. Returns versions drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report = build_report(store, since)
-    groups = scored_with_outcome(store.all_images(since), store.outcomes())
-    versions = [m["model_version"] for m in report["models"]]
-    n = max(len(versions), 1)
-    fig, axes = plt.subplots(n, 2, figsize=(9, 4 * n), squeeze=False)
-    if not versions:
-        for ax in axes[0]:
-            ax.text(0.5, 0.5, "no scored images with a known outcome", ha="center", va="center")
-            ax.axis("off")
-    for row, m in enumerate(report["models"]):
-        ys = [t for t, _, _ in groups[m["model_version"]]]
-        ss = [sc for _, sc, _ in groups[m["model_version"]]]
-        cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
-        ax = axes[row][0]
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(
-                j,
-                i,
-                str(v),
-                ha="center",
-                va="center",
-                color="white" if v > cm.max() / 2 else "black",
-                fontsize=14,
-            )
-        ax.set_xticks([0, 1], ["benign", "malignant"])
-        ax.set_yticks([0, 1], ["benign", "malignant"])
-        ax.set_xlabel("called")
-        ax.set_ylabel("truth")
-        ax.set_title(f"{m['model_version']} @ {m['threshold']:.3f}")
-        fpr, tpr, _ = roc_curve(np.array(ys), np.array(ss))
-        ax = axes[row][1]
-        ax.plot(fpr, tpr, lw=2, label=f"AUC {_fmt(m['auc'])}")
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        if m["sensitivity"] is not None and m["specificity"] is not None:
-            ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="red", label="threshold")
-        ax.set_xlabel("1 - specificity")
-        ax.set_ylabel("sensitivity")
-        ax.set_title("ROC")
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return len(versions)

@@ -1,0 +1,175 @@
+"""`screen report --html`: the audit as one self-contained page a programme manager can read.
+
+Everything is inline (CSS, PNG pictures as base64 data URIs) and the page names no external
+address, so it opens offline, can be mailed as one file and cannot leak that it was opened.
+Every string that came from the database (file names, model versions, reasons) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from worker.report import FIGURE_ROWS, Audit, fmt_ci, fmt_value, period_text
+from worker.store import utcnow
+
+DISCLAIMER = (
+    "mammo-screen is a research tool, not a medical device. Its scores must not be used to "
+    "make or withhold a clinical decision. The model's performance is stated in its model card."
+)
+
+HOW_TO_READ = """
+<ul>
+<li><b>Sensitivity</b>: of the images whose outcome is malignant, the share the model called
+malignant. <b>Specificity</b>: of the benign ones, the share it called benign.</li>
+<li><b>PPV</b>: of the images called malignant, the share that were malignant.
+<b>NPV</b>: of those called benign, the share that were benign.</li>
+<li><b>Recall rate</b>: the share of all images the model called malignant, i.e. what would be
+recalled for assessment. <b>Prevalence</b>: the share that were malignant.</li>
+<li><b>ROC AUC</b>: the chance that a malignant image scores higher than a benign one
+(0.5 is chance, 1.0 perfect); it does not depend on the threshold.</li>
+<li>The <b>confusion matrix</b> has the truth (the imported outcome) in rows and the model's
+call in columns: the diagonal is where they agree.</li>
+<li>Each figure has a <b>95% confidence interval</b> from a bootstrap: the audit is recomputed on
+many resamples (drawn by {unit}), and the interval holds the middle 95% of the results. A wide
+interval means the figure is not known precisely. Resampling images treats every image as
+independent, which makes intervals too narrow when a patient has several images.</li>
+<li><b>Calibration</b>: for images grouped by score, the share that were malignant; points on
+the diagonal mean a score of 0.3 is malignant about 30% of the time.
+<b>Scores by outcome</b>: every image's score, benign and malignant apart, with the threshold.</li>
+<li>Figures resting on fewer than 10 cases carry a <b>caveat</b>: read them as anecdotes.</li>
+</ul>
+"""
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto;
+       max-width: 1200px; color: #1d1d1d; line-height: 1.4; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
+th { background: #f2f4f7; }
+td.name, th.name { text-align: left; }
+.meta td { text-align: left; }
+.disclaimer { background: #fff4e5; border: 1px solid #f0b35a; padding: 0.6em 0.9em; }
+.caveat { background: #fdecee; border-left: 4px solid #b00020; padding: 0.4em 0.8em;
+          margin: 0.3em 0; }
+.plots img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.small { color: #555; font-size: 0.9em; }
+"""
+
+
+def _png_img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+
+
+def _confusion_table(m: dict[str, Any]) -> str:
+    labels = [escape(lab) for lab in m["confusion"]["labels"]]
+    head = "".join(f"<th>call {lab}</th>" for lab in labels)
+    body = "".join(
+        f'<tr><th class="name">truth {lab}</th>' + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+        for lab, row in zip(labels, m["confusion"]["matrix"], strict=True)
+    )
+    return (
+        '<table class="confusion"><caption>rows: truth (outcome); columns: call (model)'
+        f'</caption><tr><th class="name">truth \\ call</th>{head}</tr>{body}</table>'
+    )
+
+
+def _figures_table(m: dict[str, Any]) -> str:
+    rows = "".join(
+        f'<tr><td class="name">{label}</td><td>{fmt_value(m[key])}</td>'
+        f"<td>{fmt_ci(m[key + '_ci'])}</td></tr>"
+        for key, label in FIGURE_ROWS
+    )
+    return (
+        '<table class="figures"><tr><th class="name">figure</th><th>value</th>'
+        f"<th>95% CI</th></tr>{rows}</table>"
+    )
+
+
+def _model_section(m: dict[str, Any], png: bytes) -> str:
+    b = m["bootstrap"]
+    version = escape(m["model_version"])
+    threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
+    caveats = "".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in m["caveats"])
+    return f"""
+<section class="model">
+<h2>Model {version}</h2>
+<p>{escape(m["level"])} level: n = {m["n"]} ({m["positives"]} malignant, {m["negatives"]} benign),
+operating threshold {threshold} (the one recorded with each score).</p>
+{caveats}
+<div style="display:flex; gap:2em; flex-wrap:wrap; align-items:flex-start">
+{_figures_table(m)}
+{_confusion_table(m)}
+</div>
+<p class="small">95% intervals: percentile bootstrap, {b["resamples"]} resamples of
+{b["groups"]} {escape(b["unit"])} unit(s), seed {b["seed"]}.</p>
+<div class="plots">{_png_img(png, "audit plots for model " + m["model_version"])}</div>
+</section>"""
+
+
+def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
+    from worker.report_plots import figure_png
+
+    r = audit.report
+    generated = generated or utcnow()
+    versions = ", ".join(escape(m["model_version"]) for m in r["models"]) or "none"
+    counts = ", ".join(f"{escape(k)} {v}" for k, v in r["by_status"].items()) or "none"
+    calls = ", ".join(f"{escape(k)} {v}" for k, v in r["by_call"].items()) or "none"
+    units = sorted({m["bootstrap"]["unit"] for m in r["models"]}) or ["image"]
+    # The report's list repeats each version's caveats with its name; those show in its section.
+    per_version = {f"{m['model_version']}: {c}" for m in r["models"] for c in m["caveats"]}
+    global_caveats = [c for c in r["caveats"] if c not in per_version]
+    sections = "".join(
+        _model_section(m, figure_png(audit, [m["model_version"]])) for m in r["models"]
+    )
+    if not r["models"]:
+        sections = "<p>No scored image has a known outcome in this period: nothing to audit.</p>"
+    quarantined = ""
+    if r["quarantined_files"]:
+        rows = "".join(
+            f'<tr><td class="name">{escape(q["filename"])}</td>'
+            f'<td class="name">{escape(q["reason"] or "")}</td></tr>'
+            for q in r["quarantined_files"]
+        )
+        quarantined = (
+            "<h2>Quarantined files</h2>"
+            f'<table><tr><th class="name">file</th><th class="name">reason</th></tr>{rows}</table>'
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>mammo-screen audit report</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>mammo-screen audit report</h1>
+<p class="disclaimer"><b>Research tool.</b> {escape(DISCLAIMER)}</p>
+<table class="meta">
+<tr><th class="name">period</th><td>{escape(period_text(r))} (UTC)</td></tr>
+<tr><th class="name">model version(s)</th><td>{versions}</td></tr>
+<tr><th class="name">images recorded</th><td>{r["total"]} ({counts})</td></tr>
+<tr><th class="name">called by the model</th><td>{calls}</td></tr>
+<tr><th class="name">scored with a known outcome</th>
+<td>{r["with_outcome"]} of {r["scored"]}</td></tr>
+<tr><th class="name">generated</th><td>{generated.strftime("%Y-%m-%d %H:%M")} UTC</td></tr>
+</table>
+{"".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in global_caveats)}
+{sections}
+<h2>How to read this</h2>
+{HOW_TO_READ.replace("{unit}", escape(" / ".join(units)))}
+{quarantined}
+</body>
+</html>
+"""
+
+
+def write_html(audit: Audit, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(audit), encoding="utf-8")
