@@ -128,10 +128,26 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
 
 @click.command("panel")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--features", "feature_files", multiple=True, required=True,
+@click.option("--features", "feature_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Cached frozen features (python -m trainer.features): judge a linear probe "
-                   "on them. Several files: their columns side by side.")
+              help="Judge a linear probe on these cached frozen features (python -m "
+                   "trainer.features). Several files: their columns side by side.")
+@click.option("--finetune", "finetune_arch", type=click.Choice(["lite0", "cnn"]), default=None,
+              help="Judge network training instead: lite0 fine-tuned from ImageNet, or the "
+                   "small CNN from scratch (the control).")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
+              help="--finetune: input size.")
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1),
+              help="--finetune: epochs per fit.")
+@click.option("--lr", default=3e-4, show_default=True, type=float, help="--finetune: peak LR.")
+@click.option("--intensity", type=click.Choice(["range", "percentile", "equalise"]),
+              default="percentile", show_default=True, help="--finetune: preprocessing.")
+@click.option("--intensity-augment/--no-intensity-augment", default=True, show_default=True,
+              help="--finetune: random gamma, contrast and noise while training.")
+@click.option("--bf16", is_flag=True, help="--finetune: mixed_bfloat16 (faster on AVX-512 BF16).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/cache"), show_default=True,
+              help="--finetune: folder for the preprocessed uint8 arrays.")
 @click.option("--site-column", default=None,
               help="CSV column naming each image's site, for leave-one-site-out.")
 @click.option("--machine-column", default=None,
@@ -143,55 +159,87 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
               help="Share of patients each hold-out keeps apart.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--flip-train/--no-flip-train", default=True, show_default=True,
-              help="Add mirrored images' features as training rows.")
-@click.option("--tta", is_flag=True, help="Score the mean of plain and mirrored decisions.")
+              help="Probe: add mirrored images' features as training rows.")
+@click.option("--tta", is_flag=True, help="Score the mean of plain and mirrored images.")
 @click.option("--name", default=None, help="Name of the recipe in the output.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the panel as JSON here.")
-def panel(source: Path, feature_files: tuple[Path, ...], site_column: str | None,
-          machine_column: str | None, holdouts: int, fraction: float, seed: int,
-          flip_train: bool, tta: bool, name: str | None, out: Path | None) -> None:
+              help="Write the panel as JSON here (and, for --finetune, every fit's test "
+                   "scores beside it as .fits.jsonl).")
+def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None, size: int,
+          epochs: int, lr: float, intensity: str, intensity_augment: bool, bf16: bool,
+          cache: Path, site_column: str | None, machine_column: str | None, holdouts: int,
+          fraction: float, seed: int, flip_train: bool, tta: bool, name: str | None,
+          out: Path | None) -> None:
     """Judge a recipe on new women and new sites: leave-one-site-out, machine-balanced AUC,
     repeated patient hold-outs, breast beside image level (see trainer/panel.py).
 
-    Example:
+    Examples:
 
-        screen panel ../shared/data/mammo-3383/labels.csv --features runs/f.npz \
+        screen panel ../shared/data/mammo-3383/labels.csv --features runs/f.npz \\
             --site-column rsna_site_id --machine-column rsna_machine_id --out runs/panel.json
+
+        screen panel ../shared/data/mammo-3383/labels.csv --finetune lite0 --epochs 4 \\
+            --site-column rsna_site_id --machine-column rsna_machine_id --out runs/ft.json
     """
     import json
 
     import numpy as np
 
-    from trainer.dataset import DatasetError, read_columns
+    from trainer.dataset import DatasetError, discover, read_columns
     from trainer.panel import PanelData, format_panel, run_panel
-    from trainer.probe_cv import load_features, probe_fit_score
 
+    if bool(feature_files) == bool(finetune_arch):
+        raise click.UsageError("give either --features (a probe) or --finetune (a network)")
+    columns = [c for c in (site_column, machine_column) if c]
     try:
-        loaded = [load_features(f, source) for f in feature_files]
-        samples = loaded[0][0]
-        if any([s.path for s in other] != [s.path for s in samples] for other, _, _ in loaded):
-            raise DatasetError("feature files list different images: extract them from one pool")
-        columns = [c for c in (site_column, machine_column) if c]
+        if feature_files:
+            from trainer.probe_cv import load_features, probe_fit_score
+
+            loaded = [load_features(f, source) for f in feature_files]
+            samples = loaded[0][0]
+            if any([s.path for s in o] != [s.path for s in samples] for o, _, _ in loaded):
+                raise DatasetError("feature files list different images: extract them from "
+                                   "one pool")
+            kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
+            feats = {k: np.hstack([raw[k] for _, raw, _ in loaded]).astype(np.float64)
+                     for k in kinds}
+            if (flip_train or tta) and "flipped" not in feats:
+                raise click.ClickException("--flip-train and --tta need features extracted "
+                                           "with --flip")
+            patients = np.array([s.patient_id or str(s.path) for s in samples])
+            y = np.array([s.label for s in samples])
+            fit_score = probe_fit_score(feats, y, patients, flip_train, tta)
+            recipe = {"kind": "linear probe on frozen features",
+                      "features": [str(f) for f in feature_files],
+                      "preprocessing": [json.loads(s) for _, _, s in loaded],
+                      "flip_train": flip_train, "tta": tta}
+        else:
+            from trainer.finetune import FinetuneConfig, cached_arrays, finetune_fit_score
+            from worker.preprocess import PreprocessSettings
+
+            settings = PreprocessSettings(size=size, intensity=intensity)
+            samples = [s for s in discover(source) if s.split != "test"]
+            x, samples = cached_arrays(samples, settings, cache)
+            cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size, epochs=epochs,
+                                 lr=lr, intensity_augment=intensity_augment, tta=tta,
+                                 mixed_bfloat16=bf16)
+            y = np.array([s.label for s in samples])
+            log = out.with_suffix(".fits.jsonl") if out else None
+            if log is not None:
+                log.parent.mkdir(parents=True, exist_ok=True)
+            fit_score = finetune_fit_score(cfg, x, y, log)
+            recipe = {"kind": "network training", **cfg.to_dict(),
+                      "preprocessing": json.loads(settings.to_json())}
         cols = read_columns(source, samples, columns)
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
-    kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
-    feats = {k: np.hstack([raw[k] for _, raw, _ in loaded]).astype(np.float64) for k in kinds}
-    if (flip_train or tta) and "flipped" not in feats:
-        raise click.ClickException("--flip-train and --tta need features extracted with --flip")
     blank = np.full(len(samples), "")
     data = PanelData(samples, cols.get(site_column or "", blank),
                      cols.get(machine_column or "", blank))
-    patients = np.array([s.patient_id or str(s.path) for s in samples])
-    label = name or "+".join(f.stem for f in feature_files)
-    result = run_panel(data, probe_fit_score(feats, data.y, patients, flip_train, tta),
-                       holdouts, fraction, seed,
+    label = name or (finetune_arch or "+".join(f.stem for f in feature_files))
+    result = run_panel(data, fit_score, holdouts, fraction, seed,
                        progress=lambda line: click.echo(f"[{label}] {line}"))
-    result["recipe"] = {"name": label, "kind": "linear probe on frozen features",
-                        "features": [str(f) for f in feature_files],
-                        "preprocessing": [json.loads(s) for _, _, s in loaded],
-                        "flip_train": flip_train, "tta": tta}
+    result["recipe"] = {"name": label, **recipe}
     click.echo(format_panel(label, result))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
