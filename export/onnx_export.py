@@ -30,10 +30,13 @@ from typing import Any
 import numpy as np
 
 from worker.model_metadata import (
+    AGGREGATION_LEVELS,
+    DEFAULT_AGGREGATION,
     DEFAULT_CLASS_NAMES,
     INPUT_NAME,
     OUTPUT_NAME,
     ModelMetadata,
+    OperatingPoint,
 )
 from worker.preprocess import PreprocessSettings, preprocess_file
 from worker.scorer import Scorer, file_sha256
@@ -163,6 +166,9 @@ def export_to_onnx(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     class_names: tuple[str, str] = DEFAULT_CLASS_NAMES,
+    operating_points: dict[str, OperatingPoint] | None = None,
+    default_operating_point: str = "default",
+    aggregation: dict[str, str] | None = None,
     parity_images: Sequence[str | Path] | np.ndarray = (),
     tolerance: float = TOLERANCE,
     opset: int = OPSET,
@@ -197,7 +203,9 @@ def export_to_onnx(
     meta = ModelMetadata(
         preprocess=settings, threshold=float(threshold), model_version=version,
         class_names=class_names, threshold_rule=threshold_rule, metrics=dict(metrics or {}),
-        training=info,
+        training=info, operating_points=dict(operating_points or {}),
+        default_operating_point=default_operating_point,
+        aggregation=dict(aggregation or DEFAULT_AGGREGATION),
     )
     onnx.helper.set_model_props(proto, meta.to_props())
     proto.doc_string = ("mammo-screen research model (not a medical device): "
@@ -252,7 +260,22 @@ def metadata_from_run(run: dict[str, Any]) -> dict[str, Any]:
     metrics["best_epoch"] = run.get("best_epoch")
     training = dict(run.get("training", {}))
     training["split"] = run.get("split", {})
+    # Operating points and the view-combination rule, when the trainer chose them on
+    # validation data; a run without them exports one "default" point and the default rule.
+    points = {name: OperatingPoint.from_dict(p)
+              for name, p in run.get("operating_points", {}).items()}
+    default_point = run.get("default_operating_point", "default")
+    if points and default_point not in points:
+        raise ExportError(f"default operating point {default_point!r} is not among "
+                          f"{sorted(points)}")
+    if points and points[default_point].threshold != float(run["threshold"]):
+        raise ExportError("metrics.json: 'threshold' is not the default operating point's")
+    aggregation = run.get("aggregation")
     return {
+        "operating_points": points,
+        "default_operating_point": default_point,
+        "aggregation": ({k: aggregation[k] for k in AGGREGATION_LEVELS} if aggregation
+                        else None),
         "threshold": float(run["threshold"]),
         "threshold_rule": run.get("threshold_rule", ""),
         "preprocess": PreprocessSettings(**run["preprocess"]),

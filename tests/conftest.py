@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from worker.config import Config, load_config
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata, OperatingPoint
 from worker.preprocess import PreprocessSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +40,7 @@ def make_mean_model(
     threshold: float = 0.5,
     version: str = "test-mean-1",
     aggregation: dict[str, str] | None = None,
+    operating_points: dict[str, float] | None = None,  # name -> threshold; first is default
 ) -> Path:
     """A real ONNX graph: score = sigmoid(8 * (mean pixel - 0.25)). Brighter tissue, higher score.
 
@@ -73,6 +74,10 @@ def make_mean_model(
         threshold_rule="fixed for tests",
         metrics={"auc": 0.5},
         **({"aggregation": aggregation} if aggregation is not None else {}),
+        **({"operating_points": {k: OperatingPoint(t, f"test point {k}")
+                                 for k, t in operating_points.items()},
+            "default_operating_point": next(iter(operating_points))}
+           if operating_points else {}),
     )
     for k, v in meta.to_props().items():
         entry = model.metadata_props.add()

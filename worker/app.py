@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -99,11 +99,13 @@ class Worker:
 
 def open_worker(config: Config, polling: bool | None = None) -> Worker:
     """Load the model first (the likeliest mistake), then check folders, then the database."""
-    scorer = Scorer(config.model_path, config.model_sha256, config.model_threads)
+    scorer = Scorer(config.model_path, config.model_sha256, config.model_threads,
+                    config.model_operating_point)
     ensure_folders(config)
     store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
-    exams = ExamBook(store, scorer.metadata, config.outbox, config.study_settle_seconds)
+    exams = ExamBook(store, scorer.metadata, config.outbox, config.study_settle_seconds,
+                     operating_point=scorer.operating_point)
     watcher = InboxWatcher(config, pipeline, polling, exams)
     return Worker(config, store, scorer, pipeline, watcher, exams)
 
@@ -190,10 +192,13 @@ def status(config: Config) -> dict[str, Any]:
     )
     model: dict[str, Any] = {"path": str(config.model_path)}
     try:
-        scorer = Scorer(config.model_path, config.model_sha256)
+        scorer = Scorer(config.model_path, config.model_sha256,
+                        operating_point=config.model_operating_point)
         model.update(
             version=scorer.version,
+            operating_point=scorer.operating_point,
             threshold=scorer.threshold,
+            operating_points={k: asdict(v) for k, v in scorer.metadata.points.items()},
             input_size=scorer.metadata.preprocess.size,
         )
     except Exception as exc:  # status reports a broken model rather than failing

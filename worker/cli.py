@@ -489,8 +489,15 @@ def status(ctx: click.Context, fmt: str) -> None:
     else:
         click.echo(
             f"configured model: {model['path']} version {model['version']} "
-            f"threshold {model['threshold']:.4f}"
+            f"operating point {model['operating_point']} (threshold {model['threshold']:.4f})"
         )
+        for name, p in model["operating_points"].items():
+            validation = ", ".join(
+                f"{k.replace('_', ' ')} {p[k]:.1%}"
+                for k in ("sensitivity", "specificity", "recall_rate") if p[k] is not None)
+            click.echo(f"  {'*' if name == model['operating_point'] else ' '} {name}: "
+                       f"threshold {p['threshold']:.4f}"
+                       + (f"; on validation: {validation}" if validation else ""))
 
 
 # Top-level modules that only the [train] extra installs (onnx comes with [test] too).

@@ -44,6 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "path": ("path", "models/mammo-lite0-probe-256.onnx"),
         "sha256": ("str", ""),
         "threads": ("int", 0),
+        "operating_point": ("str", ""),
     },
     "worker": {
         "batch_size": ("int", 4),
@@ -101,6 +102,7 @@ class Config:
     model_path: Path
     model_sha256: str
     model_threads: int
+    model_operating_point: str
     batch_size: int
     settle_seconds: float
     rescan_seconds: float
@@ -284,6 +286,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         model_path=Path(values["model.path"]),
         model_sha256=values["model.sha256"],
         model_threads=values["model.threads"],
+        model_operating_point=values["model.operating_point"],
         batch_size=values["worker.batch_size"],
         settle_seconds=values["worker.settle_seconds"],
         rescan_seconds=values["worker.rescan_seconds"],

@@ -114,9 +114,9 @@ def score_exam(
     )
 
 
-def label_for(score: float, metadata: ModelMetadata) -> str:
+def label_for(score: float, metadata: ModelMetadata, threshold: float) -> str:
     benign, malignant = metadata.class_names
-    return malignant if score >= metadata.threshold else benign
+    return malignant if score >= threshold else benign
 
 
 # ---- joining an exam (called by the pipeline, inside its decision transaction) ------------
@@ -200,9 +200,12 @@ class ExamBook:
         outbox: Path,
         settle_seconds: float,
         clock: Callable[[], dt.datetime] = utcnow,
+        operating_point: str = "",
     ) -> None:
         self.store = store
         self.metadata = metadata
+        # Breasts and exams are called at the same operating point as the images.
+        self.operating_point, self.point = metadata.operating_point(operating_point)
         self.outbox = outbox
         self.settle_seconds = settle_seconds
         self.clock = clock  # naive UTC, like every stored time
@@ -265,9 +268,9 @@ class ExamBook:
                 study_uid=exam.study_uid,
                 n_images=result.n_images,
                 score=result.score,
-                label=label_for(result.score, meta),
-                threshold=meta.threshold,
-                threshold_rule=meta.threshold_rule or None,
+                label=label_for(result.score, meta, self.point.threshold),
+                threshold=self.point.threshold,
+                threshold_rule=self.point.rule or None,
                 model_version=meta.model_version,
                 breast_rule=meta.aggregation["breast"],
                 exam_rule=meta.aggregation["exam"],
@@ -283,7 +286,7 @@ class ExamBook:
                         laterality=b.laterality,
                         n_images=b.n_images,
                         score=b.score,
-                        label=label_for(b.score, meta),
+                        label=label_for(b.score, meta, self.point.threshold),
                     )
                 )
             exam.scorings = seq

@@ -7,7 +7,7 @@ and refuses a model that lacks them. Plain Python so both sides can import it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from worker.preprocess import PREPROCESS_VERSION, PreprocessSettings
@@ -21,6 +21,7 @@ KEY_MODEL_VERSION = PREFIX + "model_version"
 KEY_METRICS = PREFIX + "metrics"
 KEY_TRAINING = PREFIX + "training"
 KEY_AGGREGATION = PREFIX + "aggregation"
+KEY_OPERATING_POINTS = PREFIX + "operating_points"
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "score"
@@ -47,6 +48,26 @@ class ModelMetadataError(ValueError):
 
 
 @dataclass(frozen=True)
+class OperatingPoint:
+    """A named threshold chosen on validation data, and what it gave there."""
+
+    threshold: float
+    rule: str = ""
+    sensitivity: float | None = None
+    specificity: float | None = None
+    recall_rate: float | None = None  # share of validation images it calls malignant
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> OperatingPoint:
+        point = cls(threshold=float(raw["threshold"]), rule=str(raw.get("rule", "")),
+                    **{k: None if raw.get(k) is None else float(raw[k])
+                       for k in ("sensitivity", "specificity", "recall_rate")})
+        if not 0.0 <= point.threshold <= 1.0:
+            raise ValueError(f"operating point threshold {point.threshold} is not in [0, 1]")
+        return point
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     preprocess: PreprocessSettings
     threshold: float
@@ -56,9 +77,31 @@ class ModelMetadata:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     aggregation: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_AGGREGATION))
+    # Named thresholds (e.g. sens90, recall10); ``threshold`` is the default one's. Models
+    # exported before the key existed have one point, "default", at their threshold.
+    operating_points: dict[str, OperatingPoint] = field(default_factory=dict)
+    default_operating_point: str = "default"
+
+    @property
+    def points(self) -> dict[str, OperatingPoint]:
+        """Every operating point, the default one included."""
+        return self.operating_points or {
+            self.default_operating_point: OperatingPoint(self.threshold, self.threshold_rule)}
+
+    def operating_point(self, name: str = "") -> tuple[str, OperatingPoint]:
+        """(name, point) for ``name``, or the default for ""; an unknown name is an error
+        listing the ones the model has."""
+        name = name or self.default_operating_point
+        if name not in self.points:
+            raise ModelMetadataError(
+                f"model has no operating point {name!r} (it has: {', '.join(self.points)})")
+        return name, self.points[name]
 
     def to_props(self) -> dict[str, str]:
         return {
+            KEY_OPERATING_POINTS: json.dumps(
+                {"default": self.default_operating_point,
+                 "points": {k: asdict(v) for k, v in self.points.items()}}, sort_keys=True),
             KEY_PREPROCESS: self.preprocess.to_json(),
             KEY_THRESHOLD: repr(float(self.threshold)),
             KEY_THRESHOLD_RULE: self.threshold_rule,
@@ -86,6 +129,13 @@ class ModelMetadata:
             aggregation = parse_aggregation(
                 json.loads(props.get(KEY_AGGREGATION, json.dumps(DEFAULT_AGGREGATION)))
             )
+            raw_points = json.loads(props.get(KEY_OPERATING_POINTS, "{}"))
+            points = {str(k): OperatingPoint.from_dict(v)
+                      for k, v in raw_points.get("points", {}).items()}
+            default_point = str(raw_points.get("default", "default"))
+            if points and default_point not in points:
+                raise ValueError(f"default operating point {default_point!r} is not among "
+                                 f"{sorted(points)}")
         except (ValueError, TypeError) as exc:
             raise ModelMetadataError(f"model metadata is invalid: {exc}") from exc
         if pre.version != PREPROCESS_VERSION:
@@ -106,4 +156,6 @@ class ModelMetadata:
             metrics=metrics,
             training=training,
             aggregation=aggregation,
+            operating_points=points,
+            default_operating_point=default_point,
         )

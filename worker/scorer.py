@@ -27,7 +27,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 class Scorer:
     """An ONNX Runtime session plus the metadata that says how to feed it."""
 
-    def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0) -> None:
+    def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0,
+                 operating_point: str = "") -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
@@ -51,8 +52,11 @@ class Scorer:
         props = self.session.get_modelmeta().custom_metadata_map
         try:
             self.metadata = ModelMetadata.from_props(props)
+            # The threshold labels are called at: the configured point, else the model's default.
+            self.operating_point, point = self.metadata.operating_point(operating_point)
         except ModelMetadataError as exc:
             raise ModelLoadError(f"{self.path}: {exc}") from exc
+        self.threshold = point.threshold
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ModelLoadError(f"{self.path}: expected one input, found {len(inputs)}")
@@ -67,10 +71,6 @@ class Scorer:
     @property
     def version(self) -> str:
         return self.metadata.model_version
-
-    @property
-    def threshold(self) -> float:
-        return self.metadata.threshold
 
     def label_for(self, score: float) -> str:
         benign, malignant = self.metadata.class_names
