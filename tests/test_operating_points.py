@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import make_mean_model, write_mammo_like
@@ -15,6 +16,7 @@ from worker.app import open_worker, status
 from worker.config import load_config
 from worker.model_metadata import ModelMetadata, OperatingPoint
 from worker.preprocess import PreprocessSettings
+from worker.report import AuditRow, operating_point_figures
 from worker.scorer import ModelLoadError, Scorer
 
 POINTS = {"sens90": 0.3, "sens80": 0.6, "recall10": 0.9}
@@ -92,3 +94,19 @@ def test_unknown_point_in_config_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no operating point 'sens99'" in lines[0], proc.stderr
+
+
+def test_report_shows_what_each_point_implies() -> None:
+    rows = [AuditRow(i, f"{i}.png", "v", truth, score, 0.3, score >= 0.3)
+            for i, (truth, score) in enumerate(
+                [(True, 0.95), (True, 0.5), (True, 0.2), (False, 0.4), (False, 0.1)])]
+    unlabelled = [0.92, 0.05, 0.6]  # scored images with no outcome yet count in recall rate
+    scores = np.array([r.score for r in rows] + unlabelled)
+    points = {"sens90": OperatingPoint(0.3, "a", 0.9, 0.2, 0.7),
+              "recall10": OperatingPoint(0.9, "b", 0.3, 0.95, 0.1)}
+    low, high = operating_point_figures(points, scores, rows)  # in threshold order
+    assert (low["name"], low["recall_rate"]) == ("sens90", 5 / 8)
+    assert (low["sensitivity"], low["specificity"]) == (2 / 3, 1 / 2)
+    assert (high["name"], high["recall_rate"]) == ("recall10", 2 / 8)
+    assert (high["sensitivity"], high["specificity"]) == (1 / 3, 1.0)
+    assert high["validation"] == {"sensitivity": 0.3, "specificity": 0.95, "recall_rate": 0.1}

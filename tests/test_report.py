@@ -149,6 +149,11 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
         "unit": "image", "groups": 40, "resamples": 2000, "seed": m["bootstrap"]["seed"],
         "level": 0.95,
     }
+    # the configured model's one point ("default", at its threshold) in this period
+    (point,) = rep["operating_points"][m["model_version"]]
+    assert (point["name"], point["threshold"]) == ("default", t)
+    assert point["recall_rate"] == pytest.approx((tp + fp) / 40)
+    assert point["sensitivity"] == m["sensitivity"] and point["specificity"] == m["specificity"]
     assert rep["quarantined_files"][0]["filename"] == "<i>x&y<i>.png"
     page = html.read_text()
     assert not re.search(r"https?://|src=\"//", page)

@@ -421,11 +421,19 @@ def report(
     """
     from worker.app import open_store
     from worker.report import audit, format_report
+    from worker.scorer import ModelLoadError, Scorer
 
     since_dt, until_dt = _since(since), _since(until, "--until")
-    store = open_store(_config(ctx, database=database))
+    config = _config(ctx, database=database)
+    try:  # the configured model's operating points, for what each implies in the period
+        meta = Scorer(config.model_path, config.model_sha256).metadata
+        points = {meta.model_version: meta.points}
+    except ModelLoadError as exc:
+        click.echo(f"operating points not shown: {exc}", err=True)
+        points = {}
+    store = open_store(config)
     try:
-        result = audit(store, since_dt, until_dt)
+        result = audit(store, since_dt, until_dt, operating_points=points)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))

@@ -19,6 +19,7 @@ import numpy as np
 
 from worker.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
 from worker.metrics import confusion_of_calls, rates, roc_auc
+from worker.model_metadata import OperatingPoint
 from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord, Store
 
 CLASSES = ("benign", "malignant")  # outcome vocabulary; index 1 is the positive class
@@ -194,6 +195,33 @@ def model_figures(
     return m
 
 
+def operating_point_figures(
+    points: dict[str, OperatingPoint], scores: np.ndarray, rows: list[AuditRow]
+) -> list[dict[str, Any]]:
+    """What each of a model's operating points implies in the period: the recall rate over
+    every scored image, sensitivity and specificity over those with a known outcome, beside
+    the figures the point had on validation data."""
+    y = np.array([r.truth for r in rows], dtype=bool)
+    s = np.array([r.score for r in rows], dtype=np.float64)
+    out = []
+    for name, p in sorted(points.items(), key=lambda kv: kv[1].threshold):
+        c = confusion_of_calls(y, s >= p.threshold)
+        figures = rates(c)
+        out.append({
+            "name": name,
+            "threshold": p.threshold,
+            "rule": p.rule,
+            "recall_rate": float(np.mean(scores >= p.threshold)) if len(scores) else None,
+            "sensitivity": figures["sensitivity"],
+            "specificity": figures["specificity"],
+            "scored": int(len(scores)),
+            "with_outcome": c.n,
+            "validation": {"sensitivity": p.sensitivity, "specificity": p.specificity,
+                           "recall_rate": p.recall_rate},
+        })
+    return out
+
+
 def _before(images: list[ImageRecord], until: dt.datetime | None) -> list[ImageRecord]:
     # Store.all_images filters `since` in SQL; `until` is applied here so the store's query
     # stays as it is.
@@ -210,10 +238,13 @@ def audit(
     until: dt.datetime | None = None,
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    operating_points: dict[str, dict[str, OperatingPoint]] | None = None,
 ) -> Audit:
     """Counts by status and call, and per model version the audit against outcomes.
 
     The period is by time received, `since` inclusive and `until` exclusive (naive UTC).
+    ``operating_points`` (model version -> its points, from the model file) adds what each
+    point would have implied in the period.
     """
     images = _before(store.all_images(since), until)
     outcomes = store.outcomes()
@@ -250,6 +281,14 @@ def audit(
         "scored": scored,
         "with_outcome": with_outcome,
         "models": models,
+        "operating_points": {
+            version: operating_point_figures(
+                points,
+                np.array([r.score for r in images if r.status == SCORED
+                          and r.model_version == version and r.score is not None]),
+                per_version.get(version, []))
+            for version, points in sorted((operating_points or {}).items())
+        },
         "caveats": caveats,
     }
     return Audit(report, dict(per_version))
@@ -339,6 +378,18 @@ def format_text(report: dict[str, Any]) -> str:
             f"{b['unit']} unit(s), seed {b['seed']}",
         ]
         lines += [f"  CAVEAT: {c}" for c in m["caveats"]]
+    for version, points in report.get("operating_points", {}).items():
+        lines += ["", f"operating points of model {version} (from the model file): what each "
+                      "would have called in this period",
+                  f"  {'point':<10}{'threshold':>10}{'recall rate':>13}{'sensitivity':>13}"
+                  f"{'specificity':>13}   on validation: sens / spec / recall"]
+        for p in points:
+            v = p["validation"]
+            lines.append(
+                f"  {p['name']:<10}{p['threshold']:>10.4f}{fmt_value(p['recall_rate']):>13}"
+                f"{fmt_value(p['sensitivity']):>13}{fmt_value(p['specificity']):>13}   "
+                f"{fmt_value(v['sensitivity'])} / {fmt_value(v['specificity'])} / "
+                f"{fmt_value(v['recall_rate'])}")
     if report["caveats"] and not report["models"]:
         lines += ["", *(f"CAVEAT: {c}" for c in report["caveats"])]
     return "\n".join(lines)
