@@ -54,7 +54,8 @@ def run_dir(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
     result = CliRunner().invoke(train, [
         str(small_pool / "labels.csv"), "--out", str(out), "--size", str(SIZE), "--epochs", "1",
-        "--batch-size", "16", "--val-fraction", "0.3", "--seed", "0", "--no-progress",
+        "--arch", "cnn", "--batch-size", "16", "--val-fraction", "0.3", "--seed", "0",
+        "--no-progress",
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from trainer.arrays import preprocess_samples
+from trainer.dataset import Sample, discover
 from trainer.efficientnet_lite import (
     build_efficientnet_lite0_backbone,
     grey_to_normalised_rgb,
@@ -102,12 +104,21 @@ def select(features: np.ndarray, pooling: str) -> np.ndarray:
     raise ValueError(f"unknown pooling {pooling!r}: use avg, max or avg+max")
 
 
+def load_features(path: str | Path, source: str | Path
+                  ) -> tuple[list[Sample], dict[str, np.ndarray], str]:
+    """Samples in the cached features' row order, their arrays ("plain", and "flipped" when
+    extracted with ``--flip``), and the preprocessing JSON (what :func:`main` writes)."""
+    data = np.load(path)
+    by_path = {str(s.path.resolve()): s for s in discover(source) if s.split != "test"}
+    samples = [by_path[str(Path(p).resolve())] for p in data["paths"].tolist()]
+    arrays = {k: data[k] for k in ("plain", "flipped") if k in data.files}
+    return samples, arrays, str(data["settings"])
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Compute and cache the features of a labelled pool for :mod:`trainer.probe_cv`."""
+    """Compute and cache the features of a labelled pool, for ``screen panel --features``."""
     import argparse
 
-    from trainer.dataset import discover
-    from trainer.train import preprocess_samples
     from worker.preprocess import INTENSITY_MODES, PreprocessSettings
 
     p = argparse.ArgumentParser(description=main.__doc__)

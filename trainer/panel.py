@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from trainer.dataset import Sample, split_by_patient
+from trainer.evaluation import breast_scores
 from worker.metrics import roc_auc, weighted_roc_auc
 
 # (train row indices, test row indices, seed) -> scores of the test rows
@@ -68,16 +69,8 @@ def breast_auc(samples: Sequence[Sample], rows: np.ndarray, scores: np.ndarray
                ) -> float | None:
     """AUC of mean scores per breast (patient + side) over ``rows``; None when sides are
     unknown or a class is missing."""
-    by_breast: dict[str, list[int]] = {}
-    for k, i in enumerate(rows):
-        b = samples[i].breast_id
-        if b is not None:
-            by_breast.setdefault(b, []).append(k)
-    if not by_breast:
-        return None
-    labels = np.array([max(samples[rows[k]].label for k in ks) for ks in by_breast.values()])
-    means = np.array([float(np.mean(scores[ks])) for ks in by_breast.values()])
-    return roc_auc(labels, means)
+    y, s, _ = breast_scores([samples[i] for i in rows], np.asarray(scores), "mean")
+    return roc_auc(y, s) if len(y) else None
 
 
 def _spread(values: Sequence[float | None]) -> dict[str, Any]:
