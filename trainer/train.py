@@ -78,8 +78,8 @@ BEST_MODEL = "best.keras"
 FINETUNE_ARCH = "lite0-ft"
 ARCHES = (PROBE_ARCH, FINETUNE_ARCH, "cnn", "lite0")
 SHIPPED_TAPS = ("block15_project_bn",)
-# (epochs, batch size) when not given: the networks' long runs, fine-tuning's fixed schedule
-_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 32), FINETUNE_ARCH: (4, 16)}
+# (epochs, batch size) when not given; the probe has no epochs (its batch is for features)
+_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 16), FINETUNE_ARCH: (4, 16)}
 
 
 @dataclass
