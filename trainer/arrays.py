@@ -72,7 +72,7 @@ def cache_path(samples: Sequence[Sample], settings: PreprocessSettings, cache_di
 
 
 def cached_arrays(samples: Sequence[Sample], settings: PreprocessSettings,
-                  cache_dir: Path | None, threads: int = 2, verbose: int = 2
+                  cache_dir: Path | None, threads: int = 2, verbose: bool | int = 2
                   ) -> tuple[np.ndarray, list[Sample]]:
     """uint8 (N, size, size, 1) of the samples that preprocess, and those samples; computed
     once per (image list, preprocessing) and kept in ``cache_dir`` (None: not kept).

@@ -53,6 +53,7 @@ from trainer.fitting import (
     ArrayBatches,
     BestCheckpoint,
     ValidationScores,
+    balanced_sample_weights,
     class_weights,
     compile_and_fit,
     cosine_schedule,
@@ -137,9 +138,8 @@ class TrainResult:
 
 @dataclass
 class Fitted:
-    """What step 3 leaves behind: the saved model's file and how it was made."""
+    """What step 3 leaves behind (beside the saved model): how it was made."""
 
-    model: keras.Model
     history: list[dict[str, float]]
     best_epoch: int
     seconds: float
@@ -166,7 +166,7 @@ def fit_probe(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, train_s: list[Samp
              "l2_inner_cv_auc": {str(k): v for k, v in fit.l2_auc.items()},
              "penalty_rule": "best mean AUC over a 3-fold patient-grouped CV of the training "
                              "split alone"}
-    return Fitted(fit.model, [], 0, time.time() - started,
+    return Fitted([], 0, time.time() - started,
                   {"probe": probe, "weights": "pretrained",
                    "schedule": "none: logistic regression by Newton's method",
                    "loss": "binary cross-entropy, balanced class weights, L2 penalty"})
@@ -181,8 +181,7 @@ def fit_network(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarra
     model = build_model(cfg.arch, cfg.size, cfg.weights)
     # Augmentation exists only in the training wrapper; the bare model is saved.
     fit_model = with_augmentation(model, build_augmentation(cfg.seed)) if cfg.augment else model
-    cw = class_weights(y)
-    data = ArrayBatches(x, y, batch_size, np.where(y == 1, cw[1], cw[0]), shuffle=True,
+    data = ArrayBatches(x, y, batch_size, balanced_sample_weights(y), shuffle=True,
                         seed=cfg.seed)
     checkpoint = BestCheckpoint(model, path)
     # Order matters: the validation callback fills the logs the others read.
@@ -202,11 +201,11 @@ def fit_network(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarra
     if checkpoint.best_epoch < 0:  # AUC never finite (e.g. NaN loss): keep the last weights
         model.save(path)
     best = checkpoint.best_epoch if checkpoint.best_epoch > 0 else len(history)
-    return Fitted(model, history, best, time.time() - started,
+    return Fitted(history, best, time.time() - started,
                   {"weights": cfg.weights if cfg.arch == "lite0" else None,
                    "schedule": "Adam, cosine decay to 2% over all epochs",
                    "loss": "binary cross-entropy, balanced class weights",
-                   "class_weights": cw})
+                   "class_weights": class_weights(y)})
 
 
 def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
@@ -225,7 +224,7 @@ def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndar
                 callbacks=[ValidationScores(None, x_val, y_val, batch_size), log])
     model.save(path)
     history = _read_history(out / HISTORY_FILE)
-    return Fitted(model, history, epochs, time.time() - started,
+    return Fitted(history, epochs, time.time() - started,
                   {"weights": "pretrained", "finetune": ft.to_dict(),
                    "schedule": f"AdamW (weight decay {ft.weight_decay:g}), linear warm-up "
                                "over 10% of steps, cosine decay to 1%; the last epoch kept",
@@ -264,8 +263,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     say(f"preprocessing {len(samples)} images at {cfg.size} px")
     progress = cfg.verbose if cfg.verbose else False
     if cfg.arch == FINETUNE_ARCH:
-        x_all, kept = cached_arrays(samples, settings, cfg.cache_dir and Path(cfg.cache_dir),
-                                    cfg.preprocess_threads, 2)
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+        x_all, kept = cached_arrays(samples, settings, cache, cfg.preprocess_threads, progress)
         paths = {s.path for s in kept}
         failed = [(s, "did not preprocess") for s in samples if s.path not in paths]
         samples = kept
