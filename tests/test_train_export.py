@@ -27,7 +27,8 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 40 dev-pool images (whole patients, both classes) and their labels.csv, copied."""
+    """About 40 dev-pool images (whole patients, both classes) and their labels.csv (with the
+    site and machine columns the panel groups by), copied."""
     labels = DATA / "labels.csv"
     if not labels.is_file():
         pytest.skip(f"dev pool not found at {DATA}")
@@ -37,13 +38,15 @@ def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     chosen = limit_samples(discover(labels), 40, seed=1)
     with (root / "labels.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["filename", "label", "patient_id", "laterality"])
+        writer.writerow(["filename", "label", "patient_id", "laterality", "rsna_site_id",
+                         "rsna_machine_id"])
         for s in chosen:
             rel = s.path.relative_to(DATA).as_posix()
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(s.path, root / rel)
             row = rows[rel]
-            writer.writerow([rel, row["label"], row["patient_id"], row["laterality"]])
+            writer.writerow([rel, row["label"], row["patient_id"], row["laterality"],
+                             row["rsna_site_id"], row["rsna_machine_id"]])
     return root
 
 
@@ -279,3 +282,23 @@ def test_finetune_recipe_trains_and_exports(small_pool: Path, tmp_path: Path) ->
                                          str(tmp_path / "ft.onnx"), "--parity-images", "4"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert Scorer(tmp_path / "ft.onnx").metadata.preprocess.size == 64
+
+
+def test_panel_command_judges_network_training(small_pool: Path, tmp_path: Path) -> None:
+    """`screen panel --finetune`: every fit on cached uint8 arrays, every figure reported."""
+    from trainer.commands import panel
+
+    out = tmp_path / "panel.json"
+    result = CliRunner().invoke(panel, [
+        str(small_pool / "labels.csv"), "--finetune", "cnn", "--size", "64", "--epochs", "1",
+        "--holdouts", "2", "--fraction", "0.3", "--cache", str(tmp_path / "cache"),
+        "--site-column", "rsna_site_id", "--machine-column", "rsna_machine_id",
+        "--name", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads(out.read_text())
+    assert r["recipe"]["name"] == "tiny" and r["recipe"]["arch"] == "cnn"
+    assert len(r["holdouts"]["image_auc"]["values"]) == 2
+    assert set(r["leave_one_site_out"]) <= {"1", "2"}
+    fits = out.with_suffix(".fits.jsonl").read_text().splitlines()
+    assert len(fits) == 2 + len(r["leave_one_site_out"])
+    assert "tiny: worst" in result.output

@@ -237,7 +237,8 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                       "preprocessing": [json.loads(s) for _, _, s in loaded],
                       "flip_train": flip_train, "tta": tta}
         else:
-            from trainer.finetune import FinetuneConfig, cached_arrays, finetune_fit_score
+            from trainer.arrays import cached_arrays
+            from trainer.finetune import FinetuneConfig, finetune_fit_score
             from worker.preprocess import PreprocessSettings
 
             settings = PreprocessSettings(size=size, intensity=intensity)

@@ -38,7 +38,8 @@ class ArrayBatches(keras.utils.PyDataset):
     """Batches of cached arrays (float16 cast to float32; uint8 passed as is, for a model that
     scales in the graph), with per-image weights, shuffled each epoch when ``shuffle``.
 
-    ``whole_batches`` drops the last partial batch: one graph shape, no retracing."""
+    ``whole_batches`` drops the last partial batch (one graph shape, no retracing), unless
+    there are fewer images than one batch: then they are the one batch."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int,
                  weights: np.ndarray | None = None, shuffle: bool = False, seed: int = 0,
@@ -52,7 +53,7 @@ class ArrayBatches(keras.utils.PyDataset):
 
     def __len__(self) -> int:
         if self.whole_batches:
-            return len(self.x) // self.batch_size
+            return max(len(self.x) // self.batch_size, min(len(self.x), 1))
         return int(np.ceil(len(self.x) / self.batch_size))
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
