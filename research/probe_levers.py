@@ -21,8 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.dataset import read_columns  # noqa: E402
-from trainer.features import load_features, select  # noqa: E402
+from trainer.features import load_feature_sets  # noqa: E402
 from trainer.panel import PanelData, run_panel  # noqa: E402
 from trainer.probe import probe_fit_score  # noqa: E402
 
@@ -59,20 +58,14 @@ def main() -> None:
     for lever in a.levers:
         started = time.time()
         stem, pooling, *flags = lever.split(":")
-        loaded = [load_features(a.features_dir / f"{x}.npz", a.source) for x in stem.split(",")]
-        samples = loaded[0][0]
-        feats = {k: np.hstack([select(raw[k], pooling) for _, raw, _ in loaded])
-                 .astype(np.float64) for k in set.intersection(*(set(r) for _, r, _ in loaded))}
+        samples, feats, settings = load_feature_sets(
+            [a.features_dir / f"{x}.npz" for x in stem.split(",")], a.source, pooling)
         y = np.array([s.label for s in samples])
         patients = np.array([s.patient_id or str(s.path) for s in samples])
-        columns = [c for c in (a.site_column, a.machine_column) if c]
-        cols = read_columns(a.source, samples, columns)
-        blank = np.full(len(samples), "")
-        data = PanelData(samples, cols.get(a.site_column or "", blank),
-                         cols.get(a.machine_column or "", blank))
+        data = PanelData.from_csv(a.source, samples, a.site_column, a.machine_column)
         result = run_panel(data, probe_fit_score(feats, y, patients, "flip" in flags,
                                                  "tta" in flags), a.holdouts, progress=None)
-        result["recipe"] = {"name": lever, "preprocessing": [json.loads(s) for *_, s in loaded]}
+        result["recipe"] = {"name": lever, "preprocessing": [json.loads(s) for s in settings]}
         name = lever.replace(":", "_").replace("+", "").replace(",", "-")
         (a.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         rows.append(row(lever, result))

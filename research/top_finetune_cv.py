@@ -27,7 +27,7 @@ import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
 from trainer.arrays import preprocess_samples  # noqa: E402
-from trainer.dataset import discover, read_columns  # noqa: E402
+from trainer.dataset import discover  # noqa: E402
 from trainer.efficientnet_lite import (  # noqa: E402
     build_efficientnet_lite0_backbone,
     grey_to_normalised_rgb,
@@ -114,11 +114,7 @@ def main() -> None:
         keras.backend.clear_session()
         return scores
 
-    columns = [c for c in (a.site_column, a.machine_column) if c]
-    cols = read_columns(a.source, samples, columns)
-    blank = np.full(len(samples), "")
-    data = PanelData(samples, cols.get(a.site_column or "", blank),
-                     cols.get(a.machine_column or "", blank))
+    data = PanelData.from_csv(a.source, samples, a.site_column, a.machine_column)
     result = run_panel(data, fit_score, a.holdouts)
     result["recipe"] = {"name": "lite0 block 15 + head on block-14 maps", "epochs": a.epochs,
                         "lr": a.lr}

@@ -107,8 +107,8 @@ def test_probe_model_scores_equal_the_fitted_probe(pooling: str, taps: tuple[str
 def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     if not DATA.is_dir():
         pytest.skip("dev pool not available")
-    from trainer.dataset import discover, limit_samples, read_columns
-    from trainer.features import load_features
+    from trainer.dataset import DatasetError, discover, limit_samples
+    from trainer.features import load_feature_sets
     from trainer.panel import PanelData, run_panel
     from trainer.probe import probe_fit_score
     from worker.preprocess import PreprocessSettings
@@ -128,20 +128,24 @@ def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     for name, plain in (("signal", signal[::-1]), ("noise", noise[::-1])):
         np.savez(tmp_path / f"{name}.npz", paths=paths, settings=np.array(settings),
                  plain=plain, flipped=plain + rng.normal(scale=0.3, size=plain.shape))
-        rows, feats, recorded = load_features(tmp_path / f"{name}.npz", labels)
-        assert json.loads(recorded)["size"] == 64 and len(rows) == len(samples)
+        rows, feats, recorded = load_feature_sets([tmp_path / f"{name}.npz"], labels)
+        assert json.loads(recorded[0])["size"] == 64 and len(rows) == len(samples)
         yy = np.array([s.label for s in rows])
         patients = np.array([s.patient_id for s in rows])
-        cols = read_columns(labels, rows, ["rsna_site_id", "rsna_machine_id"])
-        data = PanelData(rows, cols["rsna_site_id"], cols["rsna_machine_id"])
-        fit_score = probe_fit_score({k: v.astype(np.float64) for k, v in feats.items()}, yy,
-                                    patients, flip_train=True, tta=True, l2_grid=(0.1, 10.0))
+        data = PanelData.from_csv(labels, rows, "rsna_site_id", "rsna_machine_id")
+        fit_score = probe_fit_score(feats, yy, patients, flip_train=True, tta=True,
+                                    l2_grid=(0.1, 10.0))
         res[name] = run_panel(data, fit_score, holdouts=3, fraction=0.25, progress=None)
     good, bad = res["signal"], res["noise"]
     assert set(good["leave_one_site_out"]) == {"1", "2"}
     assert good["worst"] > 0.85 and bad["worst"] < 0.7
     assert len(good["holdouts"]["image_auc"]["values"]) == 3
     assert good["holdouts"]["breast_auc"]["mean"] > 0.85
+    # Feature files of other images cannot be put side by side.
+    np.savez(tmp_path / "other.npz", paths=paths[1:], settings=np.array(settings),
+             plain=noise[1:], flipped=noise[1:])
+    with pytest.raises(DatasetError, match="different images"):
+        load_feature_sets([tmp_path / "signal.npz", tmp_path / "other.npz"], labels)
 
 
 @pytest.mark.train

@@ -207,25 +207,17 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
 
     import numpy as np
 
-    from trainer.dataset import DatasetError, discover, read_columns
+    from trainer.dataset import DatasetError, discover
     from trainer.panel import PanelData, format_panel, run_panel
 
     if bool(feature_files) == bool(finetune_arch):
         raise click.UsageError("give either --features (a probe) or --finetune (a network)")
-    columns = [c for c in (site_column, machine_column) if c]
     try:
         if feature_files:
-            from trainer.features import load_features
+            from trainer.features import load_feature_sets
             from trainer.probe import probe_fit_score
 
-            loaded = [load_features(f, source) for f in feature_files]
-            samples = loaded[0][0]
-            if any([s.path for s in o] != [s.path for s in samples] for o, _, _ in loaded):
-                raise DatasetError("feature files list different images: extract them from "
-                                   "one pool")
-            kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
-            feats = {k: np.hstack([raw[k] for _, raw, _ in loaded]).astype(np.float64)
-                     for k in kinds}
+            samples, feats, settings = load_feature_sets(feature_files, source)
             if (flip_train or tta) and "flipped" not in feats:
                 raise click.ClickException("--flip-train and --tta need features extracted "
                                            "with --flip")
@@ -234,16 +226,16 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
             fit_score = probe_fit_score(feats, y, patients, flip_train, tta)
             recipe = {"kind": "linear probe on frozen features",
                       "features": [str(f) for f in feature_files],
-                      "preprocessing": [json.loads(s) for _, _, s in loaded],
+                      "preprocessing": [json.loads(s) for s in settings],
                       "flip_train": flip_train, "tta": tta}
         else:
             from trainer.arrays import cached_arrays
             from trainer.finetune import FinetuneConfig, finetune_fit_score
             from worker.preprocess import PreprocessSettings
 
-            settings = PreprocessSettings(size=size, intensity=intensity)
+            preprocess = PreprocessSettings(size=size, intensity=intensity)
             samples = [s for s in discover(source) if s.split != "test"]
-            x, samples = cached_arrays(samples, settings, cache)
+            x, samples = cached_arrays(samples, preprocess, cache)
             cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size, epochs=epochs,
                                  lr=lr, intensity_augment=intensity_augment, tta=tta,
                                  mixed_bfloat16=bf16)
@@ -253,13 +245,10 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                 log.parent.mkdir(parents=True, exist_ok=True)
             fit_score = finetune_fit_score(cfg, x, y, log)
             recipe = {"kind": "network training", **cfg.to_dict(),
-                      "preprocessing": json.loads(settings.to_json())}
-        cols = read_columns(source, samples, columns)
+                      "preprocessing": json.loads(preprocess.to_json())}
+        data = PanelData.from_csv(source, samples, site_column, machine_column)
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
-    blank = np.full(len(samples), "")
-    data = PanelData(samples, cols.get(site_column or "", blank),
-                     cols.get(machine_column or "", blank))
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))
     result = run_panel(data, fit_score, holdouts, fraction, seed,
                        progress=lambda line: click.echo(f"[{label}] {line}"))

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trainer.dataset import Sample, split_by_patient
+from trainer.dataset import Sample, read_columns, split_by_patient
 from trainer.evaluation import breast_scores
 from worker.metrics import roc_auc, weighted_roc_auc
 
@@ -47,6 +48,17 @@ class PanelData:
     @property
     def y(self) -> np.ndarray:
         return np.array([s.label for s in self.samples])
+
+    @classmethod
+    def from_csv(cls, source: str | Path, samples: Sequence[Sample],
+                 site_column: str | None = None, machine_column: str | None = None
+                 ) -> PanelData:
+        """The grouping columns the caller names, read from the labels CSV of ``source``
+        (all "" when a column is not named)."""
+        cols = read_columns(source, samples, [c for c in (site_column, machine_column) if c])
+        blank = np.full(len(samples), "")
+        return cls(samples, cols.get(site_column or "", blank),
+                   cols.get(machine_column or "", blank))
 
 
 def machine_balanced_weights(y: np.ndarray, machines: np.ndarray) -> np.ndarray:
