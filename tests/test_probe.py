@@ -141,6 +141,23 @@ def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     assert good["worst"] > 0.85 and bad["worst"] < 0.7
     assert len(good["holdouts"]["image_auc"]["values"]) == 3
     assert good["holdouts"]["breast_auc"]["mean"] > 0.85
+    # A learning-curve point: every fit sees about half of its training patients, whole.
+    seen: list[tuple[int, int]] = []
+
+    def recording(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        kept = {rows[i].patient_id for i in tr}
+        seen.append((len(kept), len(tr)))
+        # Whole patients: every image of a kept patient outside the scored rows is there.
+        scored = set(te.tolist())
+        assert set(tr.tolist()) == {i for i, s in enumerate(rows)
+                                    if s.patient_id in kept and i not in scored}
+        return fit_score(tr, te, seed)
+
+    half = run_panel(data, recording, holdouts=2, fraction=0.25, progress=None,
+                     train_fraction=0.5)
+    assert half["train_fraction"] == 0.5 and len(seen) == 2 + len(half["leave_one_site_out"])
+    full = {len({s.patient_id for s in rows})}
+    assert all(n < 0.6 * max(full) for n, _ in seen)
     # Feature files of other images cannot be put side by side.
     np.savez(tmp_path / "other.npz", paths=paths[1:], settings=np.array(settings),
              plain=noise[1:], flipped=noise[1:])

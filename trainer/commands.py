@@ -179,6 +179,10 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
 @click.option("--fraction", default=0.15, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of patients each hold-out keeps apart.")
+@click.option("--train-fraction", default=1.0, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Train every fit on this share of its training patients (a learning "
+                   "curve: the scored rows stay whole).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--flip-train/--no-flip-train", default=True, show_default=True,
               help="Probe: add mirrored images' features as training rows.")
@@ -190,8 +194,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
 def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None, size: int,
           epochs: int, lr: float, intensity: str, intensity_augment: bool, bf16: bool,
           cache: Path, site_column: str | None, machine_column: str | None, holdouts: int,
-          fraction: float, seed: int, flip_train: bool, tta: bool, name: str | None,
-          out: Path | None) -> None:
+          fraction: float, train_fraction: float, seed: int, flip_train: bool, tta: bool,
+          name: str | None, out: Path | None) -> None:
     """Judge a recipe on new women and new sites: leave-one-site-out, machine-balanced AUC,
     repeated patient hold-outs, breast beside image level (see trainer/panel.py).
 
@@ -251,7 +255,8 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
         raise click.ClickException(str(exc)) from exc
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))
     result = run_panel(data, fit_score, holdouts, fraction, seed,
-                       progress=lambda line: click.echo(f"[{label}] {line}"))
+                       progress=lambda line: click.echo(f"[{label}] {line}"),
+                       train_fraction=train_fraction)
     result["recipe"] = {"name": label, **recipe}
     click.echo(format_panel(label, result))
     if out:

@@ -104,12 +104,33 @@ def holdout_splits(samples: Sequence[Sample], n: int, fraction: float, seed: int
     return out
 
 
+def fewer_patients(samples: Sequence[Sample], rows: np.ndarray, share: float, seed: int
+                   ) -> np.ndarray:
+    """The ``rows`` of a random ``share`` of their patients (at least two), for a learning
+    curve: the recipe trains on less, the rows it is scored on stay whole."""
+    if share >= 1.0:
+        return rows
+    patients = np.array([samples[i].patient_id or str(samples[i].path) for i in rows])
+    pool = np.unique(patients)
+    keep = np.random.default_rng(seed).choice(pool, max(2, round(share * len(pool))),
+                                              replace=False)
+    return rows[np.isin(patients, keep)]
+
+
 def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
               fraction: float = 0.15, seed: int = 0,
-              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Every figure of the panel for one recipe, as a JSON-ready dict (see module doc)."""
+              progress: Callable[[str], None] | None = print,
+              train_fraction: float = 1.0) -> dict[str, Any]:
+    """Every figure of the panel for one recipe, as a JSON-ready dict (see module doc).
+    ``train_fraction`` < 1 trains every fit on that share of its training patients (one
+    point of a learning curve)."""
     y, samples = data.y, data.samples
     say = progress or (lambda _: None)
+    if train_fraction < 1.0:
+        whole = fit_score
+
+        def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+            return whole(fewer_patients(samples, tr, train_fraction, seed), te, seed)
 
     loso: dict[str, dict[str, Any]] = {}
     for site in sorted(set(data.sites.tolist()) - {""}):
@@ -134,6 +155,7 @@ def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
 
     result: dict[str, Any] = {
         "leave_one_site_out": loso,
+        "train_fraction": train_fraction,
         "holdouts": {"n": holdouts, "fraction": fraction, "seed": seed,
                      "image_auc": _spread(image),
                      "machine_balanced_auc": _spread(balanced),
