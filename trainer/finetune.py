@@ -38,7 +38,8 @@ from trainer.fitting import (
 from trainer.model import build_augmentation, build_model
 from worker.model_metadata import INPUT_NAME
 
-# Re-exported: the panel command and running jobs import them from here.
+# cached_arrays and predict now live in trainer.arrays and trainer.fitting; re-exported so
+# that code importing them from here (running jobs) keeps working.
 __all__ = ["FinetuneConfig", "RandomIntensity", "cached_arrays", "finetune_fit_score", "fit",
            "predict", "training_wrapper"]
 
