@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import DATA
-from trainer.baselines import compute_baselines, fit_logistic, one_hot, predict_logistic
+from trainer.baselines import compute_baselines, one_hot, predict_logistic
+from trainer.logistic import balanced_weights, fit_logistic
 from worker.metrics import roc_auc
 
 
@@ -15,7 +16,7 @@ def test_logistic_regression_learns_an_informative_category() -> None:
     cat = rng.integers(0, 3, 400).astype(str)
     y = (rng.random(400) < np.where(cat == "2", 0.8, 0.2)).astype(int)
     x = one_hot(list(cat), ["0", "1", "2"])
-    w = fit_logistic(x, y)
+    w = fit_logistic(x, y, 1e-2, balanced_weights(y))
     p = predict_logistic(w, x)
     assert roc_auc(y, p) > 0.75
     assert p[cat == "2"].min() > p[cat != "2"].max()
@@ -26,7 +27,8 @@ def test_baselines_on_the_dev_pool() -> None:
     labels = DATA / "labels.csv"
     if not labels.is_file():
         pytest.skip(f"dev pool not found at {DATA}")
-    out = compute_baselines(labels, 0.2, seed=0)
+    out = compute_baselines(labels, 0.2, seed=0, machine_column="rsna_machine_id",
+                            site_column="rsna_site_id", score_columns=("bright_background", "age"))
     b = out["baselines"]
     val = out["split"]["val"]
     assert b["majority"]["auc"] == 0.5

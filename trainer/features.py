@@ -19,6 +19,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from trainer.arrays import preprocess_samples
+from trainer.dataset import DatasetError, Sample, discover
 from trainer.efficientnet_lite import (
     build_efficientnet_lite0_backbone,
     grey_to_normalised_rgb,
@@ -102,12 +104,37 @@ def select(features: np.ndarray, pooling: str) -> np.ndarray:
     raise ValueError(f"unknown pooling {pooling!r}: use avg, max or avg+max")
 
 
+def load_features(path: str | Path, source: str | Path
+                  ) -> tuple[list[Sample], dict[str, np.ndarray], str]:
+    """Samples in the cached features' row order, their arrays ("plain", and "flipped" when
+    extracted with ``--flip``), and the preprocessing JSON (what :func:`main` writes)."""
+    data = np.load(path)
+    by_path = {str(s.path.resolve()): s for s in discover(source) if s.split != "test"}
+    samples = [by_path[str(Path(p).resolve())] for p in data["paths"].tolist()]
+    arrays = {k: data[k] for k in ("plain", "flipped") if k in data.files}
+    return samples, arrays, str(data["settings"])
+
+
+def load_feature_sets(paths: Sequence[str | Path], source: str | Path,
+                      pooling: str | None = None
+                      ) -> tuple[list[Sample], dict[str, np.ndarray], list[str]]:
+    """Several cached feature files of one pool, their columns side by side (each file's
+    :func:`select` ``pooling`` columns first when given), as float64; the samples and each
+    file's preprocessing JSON. Raises :class:`DatasetError` when they list other images."""
+    loaded = [load_features(p, source) for p in paths]
+    samples = loaded[0][0]
+    if any([s.path for s in other] != [s.path for s in samples] for other, _, _ in loaded):
+        raise DatasetError("feature files list different images: extract them from one pool")
+    kinds = set.intersection(*(set(raw) for _, raw, _ in loaded))
+    feats = {k: np.hstack([raw[k] if pooling is None else select(raw[k], pooling)
+                           for _, raw, _ in loaded]).astype(np.float64) for k in kinds}
+    return samples, feats, [settings for _, _, settings in loaded]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Compute and cache the features of a labelled pool for :mod:`trainer.probe_cv`."""
+    """Compute and cache the features of a labelled pool, for ``screen panel --features``."""
     import argparse
 
-    from trainer.dataset import discover
-    from trainer.train import preprocess_samples
     from worker.preprocess import INTENSITY_MODES, PreprocessSettings
 
     p = argparse.ArgumentParser(description=main.__doc__)

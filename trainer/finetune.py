@@ -5,7 +5,8 @@ is to find lesions has to learn them. On two CPU cores this is affordable only w
 input path (measured: 9-11 img/s at 256 px when the data is cached, 3 img/s when every batch
 is decoded and converted on the host):
 
-* every image is preprocessed once, by the worker's own function, and cached as uint8;
+* every image is preprocessed once, by the worker's own function, and cached as uint8
+  (:func:`trainer.arrays.cached_arrays`);
 * batches are uint8 slices of that cache, and the cast to float, the geometric augmentation
   and the intensity augmentation (gamma, contrast, noise) all run inside the graph.
 
@@ -16,7 +17,6 @@ curve's shape and noise, which is what it varies.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -27,10 +27,21 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from trainer.dataset import Sample
+from trainer.arrays import cached_arrays
+from trainer.fitting import (
+    ArrayBatches,
+    balanced_sample_weights,
+    compile_and_fit,
+    cosine_schedule,
+    predict,
+)
 from trainer.model import build_augmentation, build_model
 from worker.model_metadata import INPUT_NAME
-from worker.preprocess import PreprocessSettings
+
+# cached_arrays and predict now live in trainer.arrays and trainer.fitting; re-exported so
+# that code importing them from here (running jobs) keeps working.
+__all__ = ["FinetuneConfig", "RandomIntensity", "cached_arrays", "finetune_fit_score", "fit",
+           "predict", "training_wrapper"]
 
 
 @dataclass(frozen=True)
@@ -48,59 +59,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-# --- the cache -----------------------------------------------------------------------------
-
-
-def cached_arrays(samples: Sequence[Sample], settings: PreprocessSettings, cache_dir: Path,
-                  threads: int = 2, verbose: int = 2) -> tuple[np.ndarray, list[Sample]]:
-    """uint8 (N, size, size, 1) of the samples that preprocess, and those samples; computed
-    once per (image list, preprocessing) and kept in ``cache_dir``.
-
-    uint8 is 4x smaller than float32 (2,855 images at 512 px: 0.75 GB) and exact enough: the
-    preprocessed pixels are display levels in [0, 1]."""
-    from trainer.train import preprocess_samples  # Keras progress bar; keeps imports one-way
-
-    key = hashlib.sha256(
-        (settings.to_json() + "\n" + "\n".join(str(s.path) for s in samples)).encode()
-    ).hexdigest()[:16]
-    path = Path(cache_dir) / f"arrays-{settings.size}-{key}.npz"
-    if path.is_file():
-        data = np.load(path)
-        kept = set(data["paths"].tolist())
-        return data["x"], [s for s in samples if str(s.path) in kept]
-    x, kept, failed = preprocess_samples(samples, settings, threads, verbose)
-    for s, reason in failed:
-        print(f"skipped {s.path}: {reason}", flush=True)
-    x8 = np.round(np.asarray(x, np.float32) * 255.0).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x=x8, paths=np.array([str(s.path) for s in kept]))
-    return x8, kept
-
-
-class Uint8Batches(keras.utils.PyDataset):
-    """Shuffled uint8 batches with per-image weights: the host only slices memory."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int,
-                 weights: np.ndarray | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.x, self.y = x, y.astype(np.float32)
-        self.w = (np.ones(len(y), np.float32) if weights is None
-                  else np.asarray(weights, np.float32))
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(x))
-
-    def __len__(self) -> int:
-        return len(self.x) // self.batch_size  # whole batches: one graph shape, no retracing
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
-        return self.x[idx], self.y[idx], self.w[idx]
-
-    def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.x))
 
 
 # --- augmentation in the graph -------------------------------------------------------------
@@ -156,45 +114,30 @@ def training_wrapper(model: keras.Model, cfg: FinetuneConfig, seed: int) -> kera
 
 
 def fit(cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray, seed: int,
-        sample_weight: np.ndarray | None = None, verbose: int | str = 2) -> keras.Model:
+        sample_weight: np.ndarray | None = None, verbose: int | str = 2,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> keras.Model:
     """A fresh model trained for ``cfg.epochs`` on uint8 ``x``: AdamW, cosine decay with a
-    short warm-up, balanced class weights (times ``sample_weight`` when given)."""
+    warm-up over the first 10% of steps, balanced class weights (times ``sample_weight``
+    when given). Returns the bare model (float input in [0, 1]), as saved and exported."""
     keras.utils.set_random_seed(seed)
     if cfg.mixed_bfloat16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = build_model(cfg.arch, cfg.size, "pretrained")
     wrapper = training_wrapper(model, cfg, seed)
-    counts = np.bincount(y.astype(int), minlength=2).astype(np.float64)
-    w = np.where(y == 1, len(y) / (2 * counts[1]), len(y) / (2 * counts[0]))
-    if sample_weight is not None:
-        w = w * sample_weight / np.mean(sample_weight)
-    data = Uint8Batches(x, y, cfg.batch_size, w, seed)
-    steps = cfg.epochs * len(data)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=steps - steps // 10, warmup_target=cfg.lr,
-        warmup_steps=steps // 10, alpha=0.01)
-    wrapper.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-                    loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing))
+    data = ArrayBatches(x, y, cfg.batch_size, balanced_sample_weights(y, sample_weight),
+                        shuffle=True, seed=seed, whole_batches=True)
+    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
+                               alpha=0.01)
     started = time.time()
-    wrapper.fit(data, epochs=cfg.epochs, verbose=verbose)
+    compile_and_fit(wrapper, data, cfg.epochs,
+                    keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+                    keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+                    callbacks=callbacks, verbose=verbose)
     rate = len(data) * cfg.batch_size * cfg.epochs / (time.time() - started)
     print(f"trained {cfg.arch} {cfg.size}px: {rate:.1f} img/s", flush=True)
     if cfg.mixed_bfloat16:
         keras.mixed_precision.set_global_policy("float32")
     return model
-
-
-def predict(model: keras.Model, x: np.ndarray, tta: bool, batch_size: int = 32) -> np.ndarray:
-    """Scores of uint8 ``x`` (mean with the mirror image's when ``tta``)."""
-    out = np.zeros(len(x), np.float64)
-    for i in range(0, len(x), batch_size):
-        xb = np.asarray(x[i:i + batch_size], np.float32) / 255.0
-        s = np.asarray(model.predict_on_batch(xb), np.float64).reshape(-1)
-        if tta:
-            s = 0.5 * (s + np.asarray(model.predict_on_batch(
-                np.ascontiguousarray(xb[:, :, ::-1])), np.float64).reshape(-1))
-        out[i:i + len(xb)] = s
-    return out
 
 
 def finetune_fit_score(cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray,

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trainer.dataset import Sample, split_by_patient
+from trainer.dataset import Sample, read_columns, split_by_patient
+from trainer.evaluation import breast_scores
 from worker.metrics import roc_auc, weighted_roc_auc
 
 # (train row indices, test row indices, seed) -> scores of the test rows
@@ -46,6 +48,17 @@ class PanelData:
     @property
     def y(self) -> np.ndarray:
         return np.array([s.label for s in self.samples])
+
+    @classmethod
+    def from_csv(cls, source: str | Path, samples: Sequence[Sample],
+                 site_column: str | None = None, machine_column: str | None = None
+                 ) -> PanelData:
+        """The grouping columns the caller names, read from the labels CSV of ``source``
+        (all "" when a column is not named)."""
+        cols = read_columns(source, samples, [c for c in (site_column, machine_column) if c])
+        blank = np.full(len(samples), "")
+        return cls(samples, cols.get(site_column or "", blank),
+                   cols.get(machine_column or "", blank))
 
 
 def machine_balanced_weights(y: np.ndarray, machines: np.ndarray) -> np.ndarray:
@@ -68,16 +81,8 @@ def breast_auc(samples: Sequence[Sample], rows: np.ndarray, scores: np.ndarray
                ) -> float | None:
     """AUC of mean scores per breast (patient + side) over ``rows``; None when sides are
     unknown or a class is missing."""
-    by_breast: dict[str, list[int]] = {}
-    for k, i in enumerate(rows):
-        b = samples[i].breast_id
-        if b is not None:
-            by_breast.setdefault(b, []).append(k)
-    if not by_breast:
-        return None
-    labels = np.array([max(samples[rows[k]].label for k in ks) for ks in by_breast.values()])
-    means = np.array([float(np.mean(scores[ks])) for ks in by_breast.values()])
-    return roc_auc(labels, means)
+    y, s, _ = breast_scores([samples[i] for i in rows], np.asarray(scores), "mean")
+    return roc_auc(y, s) if len(y) else None
 
 
 def _spread(values: Sequence[float | None]) -> dict[str, Any]:
@@ -99,12 +104,33 @@ def holdout_splits(samples: Sequence[Sample], n: int, fraction: float, seed: int
     return out
 
 
+def fewer_patients(samples: Sequence[Sample], rows: np.ndarray, share: float, seed: int
+                   ) -> np.ndarray:
+    """The ``rows`` of a random ``share`` of their patients (at least two), for a learning
+    curve: the recipe trains on less, the rows it is scored on stay whole."""
+    if share >= 1.0:
+        return rows
+    patients = np.array([samples[i].patient_id or str(samples[i].path) for i in rows])
+    pool = np.unique(patients)
+    keep = np.random.default_rng(seed).choice(pool, max(2, round(share * len(pool))),
+                                              replace=False)
+    return rows[np.isin(patients, keep)]
+
+
 def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
               fraction: float = 0.15, seed: int = 0,
-              progress: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Every figure of the panel for one recipe, as a JSON-ready dict (see module doc)."""
+              progress: Callable[[str], None] | None = print,
+              train_fraction: float = 1.0) -> dict[str, Any]:
+    """Every figure of the panel for one recipe, as a JSON-ready dict (see module doc).
+    ``train_fraction`` < 1 trains every fit on that share of its training patients (one
+    point of a learning curve)."""
     y, samples = data.y, data.samples
     say = progress or (lambda _: None)
+    if train_fraction < 1.0:
+        whole = fit_score
+
+        def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+            return whole(fewer_patients(samples, tr, train_fraction, seed), te, seed)
 
     loso: dict[str, dict[str, Any]] = {}
     for site in sorted(set(data.sites.tolist()) - {""}):
@@ -129,6 +155,7 @@ def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
 
     result: dict[str, Any] = {
         "leave_one_site_out": loso,
+        "train_fraction": train_fraction,
         "holdouts": {"n": holdouts, "fraction": fraction, "seed": seed,
                      "image_auc": _spread(image),
                      "machine_balanced_auc": _spread(balanced),

@@ -21,6 +21,7 @@ from keras import layers
 
 from trainer.features import build_feature_model, build_tap_model, extract
 from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
+from trainer.panel import FitScore
 from worker.model_metadata import OUTPUT_NAME
 
 PROBE_ARCH = "lite0-probe"
@@ -72,3 +73,26 @@ def fit_probe_model(x_train: np.ndarray, y_train: np.ndarray, groups: Sequence[s
     probe = fit_probe(feats, y, l2)
     model.get_layer(OUTPUT_NAME).set_weights(list(probe.dense_weights()))
     return ProbeFit(model, probe, dict(zip(sorted(l2_grid), aucs, strict=True)))
+
+
+def probe_fit_score(feats: dict[str, np.ndarray], y: np.ndarray, patients: np.ndarray,
+                    flip_train: bool = True, tta: bool = False,
+                    l2_grid: Sequence[float] = L2_GRID, inner_folds: int = 3) -> FitScore:
+    """The probe recipe on cached features (:func:`trainer.features.load_features`) as a
+    panel ``fit_score``: the penalty chosen by an inner patient-grouped CV of the training
+    rows alone, fitted (with the mirrored rows too when ``flip_train``), and the test rows'
+    decision values returned (averaged with the mirrored rows' when ``tta``)."""
+
+    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        x, yy, groups = feats["plain"][tr], y[tr], patients[tr]
+        if flip_train:
+            x = np.vstack([x, feats["flipped"][tr]])
+            yy, groups = np.concatenate([yy, yy]), np.concatenate([groups, groups])
+        l2, _ = choose_l2(x, yy, groups, l2_grid, inner_folds, seed)
+        probe: LinearProbe = fit_probe(x, yy, l2)
+        d = probe.decision(feats["plain"][te])
+        if tta:
+            d = 0.5 * (d + probe.decision(feats["flipped"][te]))
+        return d
+
+    return fit_score

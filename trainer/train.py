@@ -1,27 +1,25 @@
-"""Train the CNN on a labelled folder or CSV, keep the best epoch, and write validation figures.
+"""``screen train``: train one recipe on a labelled folder or CSV and record the run.
 
 Read top to bottom, like a keras-io example:
 
 1. find the images and split them by patient (:mod:`trainer.dataset`);
-2. preprocess every image once with the worker's own function, and cache the arrays;
-3. build the CNN and its training-only augmentation (:mod:`trainer.model`);
-4. fit with class-weighted binary cross-entropy, keeping the epoch with the best validation AUC;
-5. score the validation split with that epoch, pick the threshold, and write
-   ``metrics.json``, ``history.csv``, ``val_predictions.csv``, ``confusion.png`` and ``roc.png``.
-
-Backend-agnostic Keras 3: NumPy arrays and a ``keras.utils.PyDataset``, no TensorFlow import.
+2. preprocess every image once with the worker's own function (:mod:`trainer.arrays`);
+3. fit the recipe on the training split:
+   ``lite0-probe`` (shipped): frozen EfficientNet-Lite0 features + logistic regression
+   (:mod:`trainer.probe`); ``lite0-ft``: Lite0 fine-tuned with :mod:`trainer.finetune`'s
+   recipe for a fixed number of epochs; ``cnn`` / ``lite0``: a network fitted with
+   :mod:`trainer.fitting`, keeping the epoch with the best validation AUC;
+4. score the validation split with the saved model and choose on it what the worker needs:
+   the operating points and the view-combination rule (:mod:`trainer.evaluation`);
+5. write ``metrics.json``, ``val_predictions.csv``, ``confusion.png`` and ``roc.png``
+   (:mod:`trainer.record`, :mod:`trainer.plots`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import os
-import platform
 import time
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from trainer.arrays import cached_arrays, preprocess_samples
 from trainer.dataset import (
     CLASS_NAMES,
     DatasetError,
@@ -37,47 +36,92 @@ from trainer.dataset import (
     describe,
     discover,
     limit_samples,
+    read_columns,
     split_by_patient,
     split_strategy,
+)
+from trainer.evaluation import (
+    RECALL_RATE_POINTS,
+    SENSITIVITY_POINTS,
+    breast_scores,
+    choose_aggregation,
+    exam_of_breasts,
+    group_scores,
+    operating_points,
+)
+from trainer.fitting import (
+    ArrayBatches,
+    BestCheckpoint,
+    ValidationScores,
+    balanced_sample_weights,
+    class_weights,
+    compile_and_fit,
+    cosine_schedule,
+    predict,
 )
 from trainer.model import build_augmentation, build_model, default_lr, with_augmentation
 from trainer.plots import plot_confusion, plot_roc
 from trainer.probe import PROBE_ARCH, fit_probe_model
-from worker.metrics import roc_auc, summary, threshold_for_sensitivity
-from worker.preprocess import ImageError, PreprocessSettings, preprocess_file
+from trainer.record import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    format_summary,
+    hardware,
+    relative,
+    write_metrics,
+    write_predictions,
+)
+from worker.metrics import summary
+from worker.preprocess import PreprocessSettings
 
 BEST_MODEL = "best.keras"
-METRICS_FILE = "metrics.json"
-HISTORY_FILE = "history.csv"
-PREDICTIONS_FILE = "val_predictions.csv"
+FINETUNE_ARCH = "lite0-ft"
+ARCHES = (PROBE_ARCH, FINETUNE_ARCH, "cnn", "lite0")
+SHIPPED_TAPS = ("block15_project_bn",)
+# (epochs, batch size) when not given; the probe has no epochs (its batch is for features)
+_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 16), FINETUNE_ARCH: (4, 16)}
 
 
 @dataclass
 class TrainConfig:
     source: str | Path
     out_dir: str | Path
+    arch: str = PROBE_ARCH  # one of ARCHES; the default is the shipped recipe
     size: int = 256
-    epochs: int = 20
-    batch_size: int = 32
+    epochs: int | None = None  # None: per arch (_DEFAULTS); lite0-probe has no epochs
+    batch_size: int | None = None
     lr: float | None = None  # None: 1e-3 from scratch, 3e-4 when fine-tuning pretrained lite0
-    arch: str = "cnn"  # "cnn" (small, from scratch), "lite0" (EfficientNet-Lite0, fine-tuned)
-    # or "lite0-probe" (frozen Lite0 ImageNet features + logistic regression, no epochs)
     weights: str | None = "pretrained"  # lite0 only: ImageNet weights, or None for random init
     crop: bool = False  # preprocessing: crop to the breast first
     orient: str = "none"  # preprocessing: "left" mirrors so the breast faces one way
     intensity: str = "percentile"  # preprocessing: worker.preprocess.INTENSITY_MODES
     val_fraction: float = 0.2
     seed: int = 0
-    sensitivity_target: float = 0.9
+    sensitivity_target: float = 0.9  # the default operating point
     limit: int | None = None  # about this many images (whole patients): for tests and dry runs
-    patience: int | None = None  # early stopping on validation AUC; None trains every epoch
+    patience: int | None = None  # cnn/lite0: early stopping on validation AUC
     augment: bool = True
+    intensity_augment: bool = True  # lite0-ft: random gamma, contrast and noise
+    mixed_bfloat16: bool = False  # lite0-ft: faster on CPUs with AVX-512 BF16
+    cache_dir: str | Path | None = None  # lite0-ft: keep the uint8 arrays here
     patient_regex: str | None = None  # folder layouts: patient id from the file name
+    exam_column: str | None = None  # CSV column naming each image's exam (default: patient)
     pooling: str = "avg"  # lite0-probe only: pooled features the logistic head reads
-    taps: tuple[str, ...] = ()  # lite0-probe only: pool these backbone layers instead
+    taps: tuple[str, ...] = SHIPPED_TAPS  # lite0-probe only: pool these backbone layers
     verbose: int | str = 1  # Keras fit verbosity: 1 progress bar, 2 one line per epoch
     preprocess_threads: int = 2
     command: str = ""  # the command line that started the run, recorded in metrics.json
+
+    def resolved(self) -> tuple[int, int, float]:
+        """(epochs, batch size, learning rate) with the per-arch defaults filled in."""
+        if self.arch not in ARCHES:
+            raise ValueError(f"unknown arch {self.arch!r}: use one of {', '.join(ARCHES)}")
+        epochs, batch = _DEFAULTS[self.arch]
+        weights = "pretrained" if self.arch == FINETUNE_ARCH else self.weights
+        lr = self.lr if self.lr is not None else default_lr(self.arch.removesuffix("-ft"),
+                                                            weights)
+        return self.epochs or epochs, self.batch_size or batch, lr
 
 
 @dataclass
@@ -92,207 +136,107 @@ class TrainResult:
         return float(self.metrics["threshold"])
 
 
-# --- step 2: preprocess once -------------------------------------------------------------
+@dataclass
+class Fitted:
+    """What step 3 leaves behind (beside the saved model): how it was made."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    seconds: float
+    training: dict[str, Any]  # the recipe's own entries for metrics.json's "training"
 
 
-def preprocess_samples(
-    samples: Sequence[Sample], settings: PreprocessSettings, threads: int = 2,
-    verbose: bool | int = True,
-) -> tuple[np.ndarray, list[Sample], list[tuple[Sample, str]]]:
-    """float16 array (N, size, size, 1) of the images that preprocess, those samples, and the
-    (sample, reason) pairs that failed. float16 halves memory against float32 (2,855 images at
-    256 px: 0.37 GB) and keeps ~3 significant digits, finer than the 8-bit source pixels.
-
-    ``verbose``: False silent, True/1 a progress bar, 2 one line at the end (for log files)."""
-    out = np.empty((len(samples), settings.size, settings.size, 1), dtype=np.float16)
-    ok = np.zeros(len(samples), dtype=bool)
-    failed: list[tuple[Sample, str]] = []
-    bar = (keras.utils.Progbar(len(samples), unit_name="image", verbose=2 if verbose == 2 else 1)
-           if verbose else None)
-
-    def load(i: int) -> tuple[int, str | None]:
-        try:
-            out[i] = preprocess_file(samples[i].path, settings)
-            return i, None
-        except (ImageError, OSError) as exc:
-            return i, str(exc)
-
-    # OpenCV releases the GIL while decoding and resizing, so threads use both cores.
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for n, (i, error) in enumerate(pool.map(load, range(len(samples))), start=1):
-            if error is None:
-                ok[i] = True
-            else:
-                failed.append((samples[i], error))
-            if bar is not None and (n % 50 == 0 or n == len(samples)):
-                bar.update(n)
-    kept = [s for s, good in zip(samples, ok, strict=True) if good]
-    return out[ok], kept, failed
+# --- step 3: the recipes -------------------------------------------------------------------
 
 
-class ArrayBatches(keras.utils.PyDataset):
-    """Batches from cached float16 arrays, cast to float32, optionally weighted and shuffled."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int,
-                 class_weight: dict[int, float] | None = None, shuffle: bool = False,
-                 seed: int = 0) -> None:
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y.astype(np.float32), batch_size
-        self.weights = (
-            np.array([class_weight[int(v)] for v in y], dtype=np.float32) if class_weight else None
-        )
-        self.shuffle = shuffle
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(x)) if shuffle else np.arange(len(x))
-
-    def __len__(self) -> int:
-        return int(np.ceil(len(self.x) / self.batch_size))
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
-        idx = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
-        xb = self.x[idx].astype(np.float32)
-        if self.weights is None:
-            return xb, self.y[idx]
-        return xb, self.y[idx], self.weights[idx]
-
-    def on_epoch_end(self) -> None:
-        if self.shuffle:
-            self.order = self.rng.permutation(len(self.x))
+def fit_probe(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, train_s: list[Sample],
+              path: Path, batch_size: int) -> Fitted:
+    """Frozen features and a logistic head: no epochs to choose."""
+    what = f"avg+max of {', '.join(cfg.taps)}" if cfg.taps else cfg.pooling
+    if cfg.verbose:
+        print(f"fitting a linear probe on frozen Lite0 features ({what} pooling"
+              f"{', with mirrored copies' if cfg.augment else ''})")
+    started = time.time()
+    fit = fit_probe_model(x, y, [s.patient_id or str(s.path) for s in train_s], cfg.size,
+                          cfg.pooling, mirrored=cfg.augment, seed=cfg.seed,
+                          batch_size=batch_size, progress=bool(cfg.verbose),
+                          taps=cfg.taps or None)
+    fit.model.save(path)
+    probe = {"pooling": what, "mirrored_copies": cfg.augment, "l2": fit.probe.l2,
+             "l2_inner_cv_auc": {str(k): v for k, v in fit.l2_auc.items()},
+             "penalty_rule": "best mean AUC over a 3-fold patient-grouped CV of the training "
+                             "split alone"}
+    return Fitted([], 0, time.time() - started,
+                  {"probe": probe, "weights": "pretrained",
+                   "schedule": "none: logistic regression by Newton's method",
+                   "loss": "binary cross-entropy, balanced class weights, L2 penalty"})
 
 
-def class_weights(y: np.ndarray) -> dict[int, float]:
-    """Balanced weights n / (2 n_c), so each class contributes half of the loss."""
-    counts = np.bincount(y.astype(int), minlength=2).astype(np.float64)
-    return {c: float(len(y) / (2.0 * counts[c])) for c in (0, 1)}
+def fit_network(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
+                y_val: np.ndarray, path: Path, out: Path) -> Fitted:
+    """A network trained from its initial weights, keeping the epoch with the best
+    validation AUC (Adam, cosine decay, class-weighted binary cross-entropy)."""
+    epochs, batch_size, lr = cfg.resolved()
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.size, cfg.weights)
+    # Augmentation exists only in the training wrapper; the bare model is saved.
+    fit_model = with_augmentation(model, build_augmentation(cfg.seed)) if cfg.augment else model
+    data = ArrayBatches(x, y, batch_size, balanced_sample_weights(y), shuffle=True,
+                        seed=cfg.seed)
+    checkpoint = BestCheckpoint(model, path)
+    # Order matters: the validation callback fills the logs the others read.
+    callbacks: list[keras.callbacks.Callback] = [
+        ValidationScores(model, x_val, y_val, batch_size), checkpoint,
+        keras.callbacks.CSVLogger(str(out / HISTORY_FILE))]
+    if cfg.patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                                       patience=cfg.patience))
+    started = time.time()
+    history = compile_and_fit(
+        fit_model, data, epochs, keras.optimizers.Adam(cosine_schedule(lr, epochs * len(data))),
+        callbacks=callbacks, verbose=cfg.verbose,
+        # binned, so approximate: a training-progress hint only
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
+                 keras.metrics.AUC(num_thresholds=1000, name="auc")])
+    if checkpoint.best_epoch < 0:  # AUC never finite (e.g. NaN loss): keep the last weights
+        model.save(path)
+    best = checkpoint.best_epoch if checkpoint.best_epoch > 0 else len(history)
+    return Fitted(history, best, time.time() - started,
+                  {"weights": cfg.weights if cfg.arch == "lite0" else None,
+                   "schedule": "Adam, cosine decay to 2% over all epochs",
+                   "loss": "binary cross-entropy, balanced class weights",
+                   "class_weights": class_weights(y)})
 
 
-# --- step 4: validate every epoch, keep the best -------------------------------------------
+def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
+                  y_val: np.ndarray, path: Path, out: Path) -> Fitted:
+    """Lite0 fine-tuned by :mod:`trainer.finetune`'s recipe for a fixed number of epochs; the
+    last epoch is kept (validation AUC is logged per epoch, never used to choose)."""
+    from trainer.finetune import FinetuneConfig, fit
+
+    epochs, batch_size, lr = cfg.resolved()
+    ft = FinetuneConfig(arch="lite0", size=cfg.size, epochs=epochs, batch_size=batch_size,
+                        lr=lr, intensity_augment=cfg.intensity_augment, tta=False,
+                        mixed_bfloat16=cfg.mixed_bfloat16)
+    log = keras.callbacks.CSVLogger(str(out / HISTORY_FILE))
+    started = time.time()
+    model = fit(ft, x, y, cfg.seed, verbose=cfg.verbose,
+                callbacks=[ValidationScores(None, x_val, y_val, batch_size), log])
+    model.save(path)
+    history = _read_history(out / HISTORY_FILE)
+    return Fitted(history, epochs, time.time() - started,
+                  {"weights": "pretrained", "finetune": ft.to_dict(),
+                   "schedule": f"AdamW (weight decay {ft.weight_decay:g}), linear warm-up "
+                               "over 10% of steps, cosine decay to 1%; the last epoch kept",
+                   "loss": "binary cross-entropy, balanced class weights",
+                   "augmentation": "geometric and intensity (gamma, contrast, noise) in the graph"
+                   if cfg.intensity_augment else "geometric in the graph"})
 
 
-class ValidationScores(keras.callbacks.Callback):
-    """Score the validation split after each epoch and put ``val_loss``, ``val_accuracy`` and
-    an exact (rank-based) ``val_auc`` into the epoch's logs, for the callbacks after it.
-
-    Keras's own AUC metric bins scores into fixed thresholds, which is badly off while a young
-    model's scores still crowd together near 0.5; the checkpoint choice deserves the exact one.
-    """
-
-    def __init__(self, model: keras.Model, data: ArrayBatches) -> None:
-        super().__init__()
-        self.bare, self.data = model, data
-        self.y = data.y.astype(np.float64)
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        scores = np.asarray(self.bare.predict(self.data, verbose=0), np.float64).reshape(-1)
-        p = np.clip(scores, 1e-7, 1 - 1e-7)
-        if logs is not None:
-            logs["val_loss"] = float(-np.mean(self.y * np.log(p) + (1 - self.y) * np.log(1 - p)))
-            logs["val_accuracy"] = float(np.mean((scores >= 0.5) == (self.y == 1)))
-            logs["val_auc"] = float(roc_auc(self.y, scores) or float("nan"))
-
-
-class BestCheckpoint(keras.callbacks.Callback):
-    """Save ``model`` (the bare CNN, not the augmenting wrapper being fit) when the monitored
-    validation figure improves."""
-
-    def __init__(self, model: keras.Model, path: Path, monitor: str = "val_auc") -> None:
-        super().__init__()
-        self.bare, self.path, self.monitor = model, path, monitor
-        self.best = -np.inf
-        self.best_epoch = -1
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        value = (logs or {}).get(self.monitor)
-        if value is None or not np.isfinite(value):
-            return
-        if value > self.best:
-            self.best, self.best_epoch = float(value), epoch + 1
-            self.bare.save(self.path)
-
-
-# --- step 5: validation figures -------------------------------------------------------------
-
-
-def breast_level(samples: Sequence[Sample], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and mean scores per breast (patient + laterality); empty when sides are unknown.
-
-    A breast's label is its images' label (labels are consistent per breast in this pool; the
-    max guards against a stray inconsistent one)."""
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        if s.breast_id is not None:
-            groups.setdefault(s.breast_id, []).append(i)
-    if not groups:
-        return np.zeros(0, dtype=int), np.zeros(0)
-    labels = np.array([max(samples[i].label for i in idx) for idx in groups.values()])
-    means = np.array([float(np.mean(scores[idx])) for idx in groups.values()])
-    return labels, means
-
-
-def hardware() -> str:
-    """CPU count and the Keras backend's devices, for the model card."""
-    try:
-        devices = ", ".join(keras.distribution.list_devices())
-    except Exception:  # not every backend implements device listing
-        devices = "unknown devices"
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux names the CPU model; platform.processor() often says only "x86_64"
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPU core(s); Keras {keras.__version__}, "
-            f"backend {keras.backend.backend()} on {devices}")
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
-
-
-def write_predictions(path: Path, samples: Sequence[Sample], scores: np.ndarray,
-                      threshold: float, base: Path) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["filename", "label", "score", "predicted", "patient_id", "laterality"])
-        for s, score in zip(samples, scores, strict=True):
-            writer.writerow([_relative(s.path, base), CLASS_NAMES[s.label], f"{score:.6f}",
-                             CLASS_NAMES[int(score >= threshold)], s.patient_id or "",
-                             s.laterality or ""])
-
-
-def _fmt(value: float | None, pct: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.1%}" if pct else f"{value:.3f}"
-
-
-def format_summary(metrics: dict[str, Any]) -> str:
-    """A few readable lines for the end of a run."""
-    img = metrics["validation"]["image"]
-    lines = [
-        f"validation: {img['n']} images, {metrics['split']['val']['patients']} patients "
-        f"(split by {metrics['split']['strategy']}, seed {metrics['split']['seed']})",
-        f"  image AUC {_fmt(img['auc'])}   accuracy {_fmt(img['accuracy'], True)}   "
-        f"sensitivity {_fmt(img['sensitivity'], True)}   "
-        f"specificity {_fmt(img['specificity'], True)}",
-        f"  threshold {metrics['threshold']:.4f}: {metrics['threshold_rule']}",
-        f"  confusion: TP {img['tp']}  FN {img['fn']}  FP {img['fp']}  TN {img['tn']}",
-    ]
-    breast = metrics["validation"].get("breast")
-    if breast:
-        lines.append(f"  breast-level AUC {_fmt(breast['auc'])} over {breast['n']} breasts")
-    probe = metrics["training"].get("probe")
-    if probe:
-        lines.append(f"  linear probe ({probe['pooling']} pooling), penalty l2 {probe['l2']}, "
-                     f"{metrics['training']['seconds']:.0f} s")
-    else:
-        lines.append(f"  best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
-                     f"{metrics['training']['seconds']:.0f} s")
-    return "\n".join(lines)
+def _read_history(path: Path) -> list[dict[str, float]]:
+    with path.open(newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} | {"epoch": int(row["epoch"]) + 1}
+                for row in csv.DictReader(fh)]
 
 
 # --- the whole run -------------------------------------------------------------------------
@@ -302,174 +246,117 @@ def train(cfg: TrainConfig) -> TrainResult:
     started = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    verbose = cfg.verbose != 0
+    epochs, batch_size, lr = cfg.resolved()
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError("epochs and batch size must be at least 1 and lr positive")
+    say = print if cfg.verbose else (lambda *_: None)
     settings = PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient,
                                   intensity=cfg.intensity)
-    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.arch, cfg.weights)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or lr <= 0:
-        raise ValueError("epochs and batch size must be at least 1 and lr positive")
 
-    # 1. images and the patient split
-    samples = discover(cfg.source, cfg.patient_regex)
-    samples = [s for s in samples if s.split != "test"]  # a folder's test split stays sealed
+    # 1. The images: a folder's own test split stays sealed; --limit takes whole patients.
+    samples = [s for s in discover(cfg.source, cfg.patient_regex) if s.split != "test"]
     if cfg.limit:
         samples = limit_samples(samples, cfg.limit, cfg.seed)
 
-    # 2. preprocess once (before splitting, so an unreadable file simply drops out)
-    if verbose:
-        print(f"preprocessing {len(samples)} images at {cfg.size} px")
-    x_all, samples, failed = preprocess_samples(samples, settings, cfg.preprocess_threads,
-                                                cfg.verbose if verbose else False)
+    # 2. Preprocess once, before splitting, so an unreadable file simply drops out. Network
+    #    fine-tuning reads uint8 (cast in the graph); the probe's features read float16.
+    say(f"preprocessing {len(samples)} images at {cfg.size} px")
+    progress = cfg.verbose if cfg.verbose else False
+    if cfg.arch == FINETUNE_ARCH:
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+        x_all, kept = cached_arrays(samples, settings, cache, cfg.preprocess_threads, progress)
+        paths = {s.path for s in kept}
+        failed = [(s, "did not preprocess") for s in samples if s.path not in paths]
+        samples = kept
+    else:
+        x_all, samples, failed = preprocess_samples(samples, settings, cfg.preprocess_threads,
+                                                    progress)
     for s, reason in failed:
         warnings.warn(f"skipped {s.path}: {reason}", stacklevel=2)
+
+    # ...and split by patient, each side with both classes.
     strategy = split_strategy(samples)
     train_s, val_s = split_by_patient(samples, cfg.val_fraction, cfg.seed)
     for name, part in (("training", train_s), ("validation", val_s)):
         if len({s.label for s in part}) < 2:
             raise DatasetError(f"the {name} split lacks one class ({len(part)} images); "
-                             "use more images or another --val-fraction")
+                               "use more images or another --val-fraction")
     index = {s.path: i for i, s in enumerate(samples)}
     x_train = x_all[[index[s.path] for s in train_s]]
     x_val = x_all[[index[s.path] for s in val_s]]
     del x_all
     y_train = np.array([s.label for s in train_s])
     y_val = np.array([s.label for s in val_s])
-    if verbose:
-        print(f"split by {strategy}: train {describe(train_s)}, validation {describe(val_s)}")
+    say(f"split by {strategy}: train {describe(train_s)}, validation {describe(val_s)}")
 
+    # 3. Fit the recipe; the model it leaves in best.keras is the one exported.
     best_path = out / BEST_MODEL
-    weights: dict[int, float] = class_weights(y_train)
     if cfg.arch == PROBE_ARCH:
-        # 3-4. frozen features and a logistic head: no epochs to choose
-        if verbose:
-            what = f"avg+max of {', '.join(cfg.taps)}" if cfg.taps else cfg.pooling
-            print(f"fitting a linear probe on frozen Lite0 features ({what} pooling"
-                  f"{', with mirrored copies' if cfg.augment else ''})")
-        fit_started = time.time()
-        probe_fit = fit_probe_model(
-            x_train, y_train, [s.patient_id or str(s.path) for s in train_s], cfg.size,
-            cfg.pooling, mirrored=cfg.augment, seed=cfg.seed, batch_size=cfg.batch_size,
-            progress=verbose, taps=cfg.taps or None)
-        probe_fit.model.save(best_path)
-        model, epochs_run, best_epoch = probe_fit.model, 0, 0
-        fit_seconds = time.time() - fit_started
-        history_rows: list[dict[str, float]] = []
-        probe_info: dict[str, Any] | None = {
-            "pooling": "avg+max of " + ", ".join(cfg.taps) if cfg.taps else cfg.pooling,
-            "mirrored_copies": cfg.augment,
-            "l2": probe_fit.probe.l2,
-            "l2_inner_cv_auc": {str(k): v for k, v in probe_fit.l2_auc.items()},
-            "penalty_rule": "best mean AUC over a 3-fold patient-grouped CV of the training "
-                            "split alone",
-        }
+        fitted = fit_probe(cfg, x_train, y_train, train_s, best_path, batch_size)
+    elif cfg.arch == FINETUNE_ARCH:
+        fitted = fit_finetuned(cfg, x_train, y_train, x_val, y_val, best_path, out)
     else:
-        # 3. model, and augmentation that exists only in the training wrapper
-        keras.utils.set_random_seed(cfg.seed)
-        model = build_model(cfg.arch, cfg.size, cfg.weights)
-        fit_model = (with_augmentation(model, build_augmentation(cfg.seed)) if cfg.augment
-                     else model)
-        train_data = ArrayBatches(x_train, y_train, cfg.batch_size, weights, shuffle=True,
-                                  seed=cfg.seed)
-        val_data = ArrayBatches(x_val, y_val, cfg.batch_size)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            lr, decay_steps=cfg.epochs * len(train_data), alpha=0.02
-        )
-        fit_model.compile(
-            optimizer=keras.optimizers.Adam(schedule),
-            loss="binary_crossentropy",
-            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"),
-                     # binned, so approximate: a training-progress hint only
-                     keras.metrics.AUC(num_thresholds=1000, name="auc")],
-        )
+        fitted = fit_network(cfg, x_train, y_train, x_val, y_val, best_path, out)
 
-        # 4. fit, keeping the epoch with the best validation AUC
-        checkpoint = BestCheckpoint(model, best_path)
-        # Order matters: the validation callback fills the logs the others read.
-        callbacks: list[keras.callbacks.Callback] = [
-            ValidationScores(model, val_data), checkpoint,
-            keras.callbacks.CSVLogger(str(out / HISTORY_FILE)),
-        ]
-        if cfg.patience:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
-                                                           patience=cfg.patience))
-        fit_started = time.time()
-        history = fit_model.fit(train_data, epochs=cfg.epochs, callbacks=callbacks,
-                                verbose=cfg.verbose)
-        fit_seconds = time.time() - fit_started
-        epochs_run = len(history.history.get("loss", []))
-        if checkpoint.best_epoch < 0:  # AUC never finite (e.g. NaN loss): keep the last weights
-            model.save(best_path)
-        best_epoch = checkpoint.best_epoch if checkpoint.best_epoch > 0 else epochs_run
-        history_rows = [
-            {k: float(v[i]) for k, v in history.history.items()} | {"epoch": i + 1}
-            for i in range(epochs_run)
-        ]
-        probe_info = None
-
-    # 5. validation figures with the best epoch's weights
+    # 4. Score the validation split with the saved model, as the worker will see it, and
+    #    choose there the operating points and how views combine.
     best = keras.saving.load_model(best_path)
-    scores = np.asarray(best.predict(x_val.astype(np.float32), batch_size=cfg.batch_size,
-                                     verbose=0), dtype=np.float64).reshape(-1)
-    threshold = threshold_for_sensitivity(y_val, scores, cfg.sensitivity_target)
-    rule = (f"highest threshold with validation sensitivity >= {cfg.sensitivity_target:.2f} "
-            "(image level)")
-    breast_y, breast_s = breast_level(val_s, scores)
-    breast = None
-    if len(breast_y):
-        breast = {**summary(breast_y, breast_s, threshold), "aggregate": "mean score per breast"}
+    scores = predict(best, x_val, batch_size=batch_size)
+    sensitivities = tuple(sorted({*SENSITIVITY_POINTS, cfg.sensitivity_target}))
+    points = operating_points(y_val, scores, sensitivities, RECALL_RATE_POINTS)
+    default_point = f"sens{round(cfg.sensitivity_target * 100)}"
+    threshold = points[default_point]["threshold"]
+    exam_ids = (read_columns(cfg.source, val_s, [cfg.exam_column])[cfg.exam_column]
+                if cfg.exam_column else None)
+    aggregation = choose_aggregation(val_s, scores, exam_ids)
+    by, bs, breast_ids = breast_scores(val_s, scores, aggregation["breast"])
+    ey, es, _ = group_scores(exam_of_breasts(val_s, breast_ids, exam_ids), by, bs,
+                             aggregation["exam"])
+
+    # 5. The record.
     src = Path(cfg.source)
     base = src.parent if src.is_file() else src
     metrics: dict[str, Any] = {
         "threshold": threshold,
-        "threshold_rule": rule,
+        "threshold_rule": f"highest threshold with validation sensitivity >= "
+                          f"{cfg.sensitivity_target:.2f} (image level)",
+        "operating_points": points,
+        "default_operating_point": default_point,
+        "aggregation": aggregation,
         "class_names": list(CLASS_NAMES),
         "preprocess": asdict(settings),
         "validation": {
             "image": summary(y_val, scores, threshold),
-            "breast": breast,
+            "breast": {**summary(by, bs, threshold),
+                       "aggregate": f"{aggregation['breast']} score per breast"}
+            if len(by) else None,
+            "exam": {**summary(ey, es, threshold),
+                     "aggregate": f"{aggregation['exam']} breast score per exam"}
+            if len(ey) else None,
         },
-        "best_epoch": best_epoch,
-        "epochs_run": epochs_run,
+        "best_epoch": fitted.best_epoch,
+        "epochs_run": len(fitted.history),
         "split": {
-            "strategy": strategy,
-            "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed,
-            "train": describe(train_s),
-            "val": describe(val_s),
-            "skipped_images": [_relative(s.path, base) for s, _ in failed],
+            "strategy": strategy, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
+            "train": describe(train_s), "val": describe(val_s),
+            "skipped_images": [relative(s.path, base) for s, _ in failed],
         },
         "training": {
-            "command": cfg.command,
-            "source": str(cfg.source),
-            "size": cfg.size,
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "lr": lr,
-            "arch": cfg.arch,
-            "weights": cfg.weights if cfg.arch == "lite0" else (
-                "pretrained" if cfg.arch == PROBE_ARCH else None),
-            "probe": probe_info,
-            "schedule": ("none: logistic regression by Newton's method"
-                         if probe_info else "Adam, cosine decay to 2% over all epochs"),
-            "loss": "binary cross-entropy, balanced class weights"
-                    + (", L2 penalty" if probe_info else ""),
-            "class_weights": weights,
-            "augment": cfg.augment,
-            "seed": cfg.seed,
-            "limit": cfg.limit,
-            "patience": cfg.patience,
-            "params": int(model.count_params()),
+            "command": cfg.command, "source": str(cfg.source), "arch": cfg.arch,
+            "size": cfg.size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "probe": None, "augment": cfg.augment, "seed": cfg.seed, "limit": cfg.limit,
+            "patience": cfg.patience, "params": int(best.count_params()),
             "hardware": hardware(),
             "started_utc": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-            "fit_seconds": round(fit_seconds, 1),
-            "seconds": 0.0,  # filled in below, once the figures are written
+            "fit_seconds": round(fitted.seconds, 1),
+            **fitted.training,
         },
     }
     write_predictions(out / PREDICTIONS_FILE, val_s, scores, threshold, base)
     plot_confusion(y_val, scores, threshold, out / "confusion.png")
     plot_roc(y_val, scores, threshold, out / "roc.png")
     metrics["training"]["seconds"] = round(time.time() - started, 1)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    if verbose:
-        print(format_summary(metrics))
-    return TrainResult(out_dir=out, model_path=best_path, metrics=metrics, history=history_rows)
+    write_metrics(out / METRICS_FILE, metrics)
+    say(format_summary(metrics))
+    return TrainResult(out_dir=out, model_path=best_path, metrics=metrics,
+                       history=fitted.history)

@@ -142,3 +142,14 @@ def threshold_for_sensitivity(y_true: np.ndarray, scores: np.ndarray, target: fl
     k = int(np.ceil(target * len(pos)))  # need at least k positives at or above the threshold
     k = min(max(k, 1), len(pos))
     return float(pos[k - 1])
+
+
+def threshold_for_recall_rate(scores: np.ndarray, rate: float = 0.1) -> float:
+    """The threshold that flags a share ``rate`` of these images (score >= threshold): the
+    ceil(rate * n)-th highest score, so at least that share is flagged (more only on ties)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if len(s) == 0:
+        return 0.5
+    # The epsilon keeps 0.1 * 30 (3.0000000000000004 in floating point) at 3, not 4.
+    k = min(max(int(np.ceil(rate * len(s) - 1e-9)), 1), len(s))
+    return float(s[k - 1])

@@ -1,17 +1,20 @@
-"""Does fine-tuning beat the probe? A CPU-sized test: fine-tune only Lite0's last block.
+"""Does fine-tuning beat the probe? A CPU-sized test: fine-tune only Lite0's last block,
+judged by the "new women, new sites" panel.
 
 Full fine-tuning cannot be cross-validated on two cores (~13 min per epoch at 256 px). Training
 only the last MBConv block (block 15) and a new head on cached block-14 feature maps costs
 seconds per epoch, and answers the nearest question: does letting the top of the network adapt
 to mammograms beat the frozen probe on the same folds?
 
-    python bench/top_finetune_cv.py ../shared/data/mammo-3383/labels.csv \\
-        --cache runs/features/s256_b14maps.npz --epochs 6
+    python research/top_finetune_cv.py ../shared/data/mammo-3383/labels.csv \\
+        --cache runs/features/s256_b14maps.npz --epochs 6 \\
+        --site-column rsna_site_id --machine-column rsna_machine_id
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
-from trainer.crossval import cv_figures, emit, machine_and_site  # noqa: E402
-from trainer.dataset import discover, kfold_by_patient  # noqa: E402
+from trainer.arrays import preprocess_samples  # noqa: E402
+from trainer.dataset import discover  # noqa: E402
 from trainer.efficientnet_lite import (  # noqa: E402
     build_efficientnet_lite0_backbone,
     grey_to_normalised_rgb,
@@ -32,8 +35,8 @@ from trainer.efficientnet_lite import (  # noqa: E402
     resolve_weights,
 )
 from trainer.features import extract  # noqa: E402
-from trainer.train import class_weights, preprocess_samples  # noqa: E402
-from worker.metrics import roc_auc  # noqa: E402
+from trainer.fitting import class_weights  # noqa: E402
+from trainer.panel import PanelData, format_panel, run_panel  # noqa: E402
 from worker.preprocess import PreprocessSettings  # noqa: E402
 
 SIZE = 256
@@ -86,19 +89,17 @@ def main() -> None:
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--holdouts", type=int, default=10)
+    p.add_argument("--site-column", default=None)
+    p.add_argument("--machine-column", default=None)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     samples, plain, flipped = block14_maps(a.source, a.cache)
     y = np.array([s.label for s in samples])
-    machine, _ = machine_and_site(a.source, samples)
-    index = {s.path: i for i, s in enumerate(samples)}
-    oof, fold_of = np.full(len(y), np.nan), np.full(len(y), -1)
-    for k, (tr_s, te_s) in enumerate(kfold_by_patient(samples, a.folds, 0)):
+
+    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
         t = time.time()
-        tr = np.array([index[s.path] for s in tr_s])
-        te = np.array([index[s.path] for s in te_s])
-        keras.utils.set_random_seed(k)
+        keras.utils.set_random_seed(seed)
         model = top_model()
         xtr = np.concatenate([plain[tr], flipped[tr]]).astype(np.float32)
         ytr = np.concatenate([y[tr], y[tr]]).astype(np.float32)
@@ -108,12 +109,19 @@ def main() -> None:
             loss="binary_crossentropy")
         model.fit(xtr, ytr, batch_size=64, epochs=a.epochs, class_weight=class_weights(y[tr]),
                   verbose=2)
-        oof[te] = np.asarray(model.predict(plain[te].astype(np.float32), verbose=0)).ravel()
-        fold_of[te] = k
-        print(f"fold {k}: AUC {roc_auc(y[te], oof[te]):.3f} ({time.time() - t:.0f} s)",
-              flush=True)
-    result = cv_figures(a.folds, 0.9, samples, y, oof, fold_of, machine)
-    emit(result | {"epochs": a.epochs, "lr": a.lr}, a.out)
+        scores = np.asarray(model.predict(plain[te].astype(np.float32), verbose=0)).ravel()
+        print(f"fit on {len(tr)} images: {time.time() - t:.0f} s", flush=True)
+        keras.backend.clear_session()
+        return scores
+
+    data = PanelData.from_csv(a.source, samples, a.site_column, a.machine_column)
+    result = run_panel(data, fit_score, a.holdouts)
+    result["recipe"] = {"name": "lite0 block 15 + head on block-14 maps", "epochs": a.epochs,
+                        "lr": a.lr}
+    print(format_panel("top-finetune", result))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

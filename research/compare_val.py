@@ -5,7 +5,7 @@ Reads two ``val_predictions.csv`` files written by ``screen train`` with the sam
 image AUC overall, within machine 49 and within each site, and breast-level AUC, with a
 patient-level paired bootstrap 95% interval for each difference.
 
-    python bench/compare_val.py ../shared/data/mammo-3383/labels.csv \\
+    python research/compare_val.py ../shared/data/mammo-3383/labels.csv \\
         runs/ship/val_predictions.csv runs/probe384/val_predictions.csv
 """
 

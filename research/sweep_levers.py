@@ -1,11 +1,12 @@
-"""Run the model-quality levers as patient-grouped cross-validations, several at once.
+"""Judge the network-training levers with the "new women, new sites" panel, several at once.
 
-Written for a GPU machine (Keras on the torch or JAX backend), where one call runs every
-lever in parallel; each lever is `python -m trainer.crossval` with its own options, so any
-single row can be rerun on CPU. Results are collected into one JSON (rewritten as levers
-finish, so a run cut short still reports what finished).
+Written for a GPU machine, where one call runs every lever in parallel; each lever is one
+``screen panel --finetune`` process with its own options, so any single row can be rerun on
+CPU. Results are collected into one JSON (rewritten as levers finish, so a run cut short
+still reports what finished).
 
-    KERAS_BACKEND=torch python bench/sweep_levers.py DATA/labels.csv --out OUTDIR --deadline 480
+    python research/sweep_levers.py DATA/labels.csv --out OUTDIR --deadline 480 \\
+        --site-column rsna_site_id --machine-column rsna_machine_id
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> crossval options. All 5-fold by patient, fixed epochs, flip TTA reported alongside.
+# name -> `screen panel` options. Patient-grouped throughout, fixed epochs per fit.
 LEVERS: dict[str, list[str]] = {
-    "cnn384_scratch": ["--arch", "cnn", "--size", "384", "--epochs", "15"],
-    "lite0_384_random": ["--arch", "lite0", "--random-init", "--size", "384", "--no-loso"],
-    "lite0_384_pretrained": ["--arch", "lite0", "--size", "384"],
-    "lite0_384_crop": ["--arch", "lite0", "--size", "384", "--crop"],
-    "lite0_384_orient": ["--arch", "lite0", "--size", "384", "--orient", "left"],
-    "lite0_384_crop_orient": ["--arch", "lite0", "--size", "384", "--crop", "--orient", "left"],
-    "lite0_256_pretrained": ["--arch", "lite0", "--size", "256", "--no-loso"],
+    "cnn256_scratch": ["--finetune", "cnn", "--size", "256"],
+    "lite0_256": ["--finetune", "lite0", "--size", "256"],
+    "lite0_256_no_intensity_augment": ["--finetune", "lite0", "--size", "256",
+                                       "--no-intensity-augment"],
+    "lite0_256_range": ["--finetune", "lite0", "--size", "256", "--intensity", "range"],
+    "lite0_384": ["--finetune", "lite0", "--size", "384"],
+    "lite0_512": ["--finetune", "lite0", "--size", "512"],
 }
 
 
@@ -36,7 +37,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("labels_csv")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--holdouts", type=int, default=10)
+    p.add_argument("--site-column", default=None)
+    p.add_argument("--machine-column", default=None)
     p.add_argument("--deadline", type=float, default=480.0, help="seconds before giving up")
     p.add_argument("--only", nargs="*", help="run only these levers")
     a = p.parse_args()
@@ -49,7 +53,10 @@ def main() -> None:
             continue
         if "--epochs" not in opts:
             opts = [*opts, "--epochs", str(a.epochs)]
-        cmd = [sys.executable, "-m", "trainer.crossval", a.labels_csv, *opts, "--name", name,
+        groups = [*(["--site-column", a.site_column] if a.site_column else []),
+                  *(["--machine-column", a.machine_column] if a.machine_column else [])]
+        cmd = [sys.executable, "-m", "worker", "panel", a.labels_csv, *opts, *groups,
+               "--holdouts", str(a.holdouts), "--cache", str(work / "cache"), "--name", name,
                "--out", str(work / f"{name}.json")]
         log = (work / f"{name}.log").open("wb")
         procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
