@@ -143,6 +143,21 @@ def choose_images(
     return calibration, evaluation, source
 
 
+def check_accuracy(report: QuantiseReport, max_auc_drop: float) -> None:
+    """Refuse an int8 model whose AUC falls more than `max_auc_drop` below the float one's."""
+    if report.auc_float is None or report.auc_int8 is None:
+        raise QuantiseError(
+            f"cannot check the int8 model: its {report.n_evaluation} evaluation images "
+            "need both classes"
+        )
+    if report.auc_drop > max_auc_drop:
+        raise QuantiseError(
+            f"int8 AUC {report.auc_int8:.4f} is {report.auc_drop:.4f} below float "
+            f"{report.auc_float:.4f} on {report.n_evaluation} images "
+            f"(more than --max-auc-drop {max_auc_drop}); nothing written"
+        )
+
+
 # ---- quantisation ----------------------------------------------------------------------------
 
 
@@ -214,7 +229,9 @@ def quantise(
         q = Path(tmp) / "int8.onnx"
         final = Path(tmp) / "final.onnx"
         try:
-            quant_pre_process(str(float_model), str(pre))
+            # ONNX shape inference suffices for a CNN (symbolic inference is for
+            # transformers' dynamic dims, and would need sympy).
+            quant_pre_process(str(float_model), str(pre), skip_symbolic_shape=True)
             quantize_static(
                 str(pre),
                 str(q),
@@ -258,16 +275,7 @@ def quantise(
             ms_float_batch1=_ms_per_image(float_scorer, cal_arrays),
             ms_int8_batch1=_ms_per_image(int8_scorer, cal_arrays),
         )
-        if report.auc_float is None or report.auc_int8 is None:
-            raise QuantiseError(
-                f"cannot check the int8 model: its {len(y)} evaluation images need both classes"
-            )
-        if report.auc_drop > max_auc_drop:
-            raise QuantiseError(
-                f"int8 AUC {report.auc_int8:.4f} is {report.auc_drop:.4f} below float "
-                f"{report.auc_float:.4f} on {report.n_evaluation} images "
-                f"(more than --max-auc-drop {max_auc_drop}); nothing written"
-            )
+        check_accuracy(report, max_auc_drop)
         os.replace(final, out_path)
     return report
 
