@@ -167,13 +167,9 @@ class Pipeline:
                 s.expunge(row)
         return rows
 
-    def _find_original(self, record: ImageRecord) -> ImageRecord | None:
-        """The earliest other row with the same content (scored, pending or quarantined)."""
-        with self.store.read() as s:
-            return self._original_in(s, record)
-
     @staticmethod
     def _original_in(s: Session, record: ImageRecord) -> ImageRecord | None:
+        """The earliest other row with the same content (scored, pending or quarantined)."""
         return s.scalars(
             select(ImageRecord)
             .where(
