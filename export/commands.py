@@ -28,8 +28,22 @@ import click
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
               help="Largest allowed |keras - onnx| score difference.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@click.option("--int8", is_flag=True,
+              help="Also write an int8 model (ONNX Runtime static QDQ quantisation, see "
+                   "export/quantise.py): from a .keras model, beside --out as NAME-int8.onnx; "
+                   "from an exported .onnx model, to --out.")
+@click.option("--calibration-images", default=64, show_default=True,
+              type=click.IntRange(min=1), help="int8: images to calibrate on (seeded draw).")
+@click.option("--evaluation-images", default=400, show_default=True,
+              type=click.IntRange(min=2),
+              help="int8: images on which float and int8 AUC are compared.")
+@click.option("--max-auc-drop", default=0.005, show_default=True,
+              type=click.FloatRange(min=0), help="int8: largest allowed AUC drop.")
+@click.option("--seed", default=0, show_default=True, help="int8: seed of the image draws.")
 def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_images: int,
-           images_source: Path | None, tolerance: float, opset: int) -> None:
+           images_source: Path | None, tolerance: float, opset: int, int8: bool,
+           calibration_images: int, evaluation_images: int, max_auc_drop: float,
+           seed: int) -> None:
     """Convert a trained KERAS_MODEL (best.keras) to an ONNX model the worker can serve.
 
     The ONNX file carries the preprocessing settings, the decision threshold and its rule,
@@ -43,6 +57,13 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
     """
     if not keras_model.is_file():
         raise click.ClickException(f"Keras model not found: {keras_model}")
+    int8_options = dict(n_calibration=calibration_images, n_evaluation=evaluation_images,
+                        seed=seed, max_auc_drop=max_auc_drop)
+    if keras_model.suffix == ".onnx":
+        if not int8:
+            raise click.ClickException(f"{keras_model} is already ONNX (did you mean --int8?)")
+        _int8(keras_model, out_path, images_source, metrics_path, int8_options)
+        return
     metrics_path = metrics_path or keras_model.parent / "metrics.json"
     if not metrics_path.is_file():
         raise click.ClickException(
@@ -65,6 +86,20 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
         report = export_to_onnx(keras_model, out_path, parity_images=paths, tolerance=tolerance,
                                 opset=opset, **metadata_from_run(run))
     except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.describe())
+    if int8:
+        _int8(out_path, out_path.with_name(f"{out_path.stem}-int8{out_path.suffix}"),
+              images_source, metrics_path, int8_options)
+
+
+def _int8(float_model: Path, out_path: Path, images_source: Path | None,
+          metrics_path: Path | None, options: dict) -> None:
+    from export.quantise import QuantiseError, quantise_from_run
+
+    try:
+        report = quantise_from_run(float_model, out_path, images_source, metrics_path, **options)
+    except QuantiseError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.describe())
 

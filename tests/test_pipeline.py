@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -188,3 +189,61 @@ def test_file_deleted_while_it_waits_leaves_no_row(config: Config) -> None:
     assert worker.watcher.run_once(timeout=2) == []
     worker.close()
     assert _rows(config) == []
+
+
+def test_a_file_is_read_once_unless_its_stat_changed_before_the_move(config: Config) -> None:
+    """Before the move, an unchanged stat fingerprint stands for the content (no second read);
+    a changed one (here only the mtime: same bytes) is hashed again, and still moved."""
+    kept = write_mammo_like(config.inbox / "kept.png", seed=1)
+    touched = write_mammo_like(config.inbox / "touched.png", seed=2)
+    worker = open_worker(config)
+    batch = worker.pipeline.begin([kept])
+    worker.pipeline.finish(batch)
+    assert worker.pipeline.rehashed == 0
+    assert (config.processed / "kept.png").exists()
+
+    batch = worker.pipeline.begin([touched])
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    results = worker.pipeline.finish(batch)
+    worker.close()
+    assert worker.pipeline.rehashed == 1
+    assert [r.status for r in results] == [SCORED]
+    assert (config.processed / "touched.png").exists() and not touched.exists()
+
+
+def test_a_file_replaced_between_read_and_move_is_not_moved(config: Config) -> None:
+    """Replaced by a rename (a new inode under the same name): caught by its stat."""
+    path = write_mammo_like(config.inbox / "a.png", seed=1)
+    worker = open_worker(config)
+    batch = worker.pipeline.begin([path])
+    replacement = config.inbox / ".a.png.new"
+    write_mammo_like(replacement, seed=2)
+    os.replace(replacement, path)  # a new inode under the same name
+    worker.pipeline.finish(batch)
+    assert worker.pipeline.rehashed == 1 and path.exists()
+    worker.watcher.run_once(timeout=10)
+    with worker.store.read() as s:
+        rows = list(s.scalars(select(ImageRecord).order_by(ImageRecord.id)))
+    worker.close()
+    assert [r.status for r in rows] == [SCORED, SCORED] and rows[0].final_path is None
+    assert not path.exists() and (config.processed / "a.png").exists()
+
+
+def test_overlapped_batches_commit_in_order_and_duplicates_find_their_original(
+    config: Config,
+) -> None:
+    """Batch 2 is received and preprocessed before batch 1 is finished; its duplicate of a
+    batch-1 file still copies the original's score."""
+    a = write_mammo_like(config.inbox / "a.png", seed=1)
+    b = write_mammo_like(config.inbox / "b.png", seed=2)
+    shutil.copyfile(a, config.inbox / "a-again.png")
+    worker = open_worker(config)
+    first = worker.pipeline.begin([a, b])
+    second = worker.pipeline.begin([config.inbox / "a-again.png"])
+    worker.pipeline.finish(first)
+    worker.pipeline.finish(second)
+    worker.close()
+    rows = {r[0]: r for r in _rows(config)}
+    assert rows["a-again.png"][1] == DUPLICATE and rows["a-again.png"][2] == rows["a.png"][2]
+    assert rows["a.png"][1] == SCORED and all(r[6] for r in rows.values())

@@ -94,6 +94,7 @@ class Worker:
         return beat
 
     def close(self) -> None:
+        self.pipeline.close()
         self.store.dispose()
 
 

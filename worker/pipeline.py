@@ -1,11 +1,19 @@
 """Score a batch of settled inbox files and record each one's fate exactly once.
 
 Order of work for a batch, each step durable before the next:
-1. read bytes, hash them, and record (or find, after a crash) the file's row: `received`;
-2. preprocess and score the new ones, then commit every outcome with its planned destination;
-3. move each file, then commit `moved_at`.
-A crash between any two steps leaves a row that the next run finishes: `reconcile()` owes the
+1. read bytes and hash them (in threads), then record (or find, after a crash) every file's
+   row in one transaction: `received`;
+2. preprocess the new ones (in threads), score them, then commit every outcome with its
+   planned destination in one transaction;
+3. move each file, then commit the batch's `moved_at` in one transaction.
+A crash between any two steps leaves rows that the next run finishes: `reconcile()` owes the
 moves, and the inbox scan finds the rest. Every step is also written to the `events` table.
+
+Batches overlap (`begin` the next, then `finish` this one): the next batch is read, received
+and preprocessed in the pool's threads while ONNX Runtime scores this one, and its decisions
+are committed after this batch's, so a duplicate always finds its original decided. A file is
+read once: before its move, its stat fingerprint says whether it is still what was read, and
+only a changed file is hashed again.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,139 +105,178 @@ class Pipeline:
         # Read failures of files that have no row yet: path -> count.
         self.read_failures: dict[Path, int] = {}
         self.identity = IdentityReader(config.filename_pattern, config.sidecar_csv)
+        # Reading, hashing and decoding run here (file reads, hashlib and OpenCV release the
+        # GIL) while ONNX Runtime scores the batch before in the calling thread.
+        self.pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
+        # Files read and hashed a second time before their move (their stat changed, or
+        # their read was before a restart): the replaced-file check, counted.
+        self.rehashed = 0
 
     # ---- step 1: record receipt ------------------------------------------------------------
 
     def _receive(self, path: Path, data: bytes) -> ImageRecord:
-        """Find the file's unfinished row (a restart) or insert a new `received` one.
+        """One file's receipt (see :meth:`_receive_batch`)."""
+        return self._receive_batch([(path, _sha256(data), len(data))])[0]
+
+    def _receive_batch(self, files: list[tuple[Path, str, int]]) -> list[ImageRecord]:
+        """For each (path, sha256, size), in one transaction: find the file's unfinished row
+        (a restart) or insert a new `received` one.
 
         Each receipt of an undecided row counts an attempt: a file that crashes the worker
         every time (a decoder bug) is quarantined after max_attempts instead of looping.
         """
-        digest = _sha256(data)
-        source = path_to_db(path)
+        rows: list[ImageRecord] = []
         with self.store.write() as s:
-            row = s.scalars(
-                select(ImageRecord).where(
-                    ImageRecord.source_path == source,
-                    ImageRecord.sha256 == digest,
-                    ImageRecord.moved_at.is_(None),
-                )
-            ).first()
-            if row is None:
-                row = ImageRecord(
-                    filename=relative_name(path, self.config.inbox),
-                    source_path=source,
-                    sha256=digest,
-                    size_bytes=len(data),
-                    status=RECEIVED,
-                    received_at=utcnow(),
-                    attempts=0,
-                )
-                s.add(row)
-                s.flush()
-                _event(s, row.id, "received", f"{len(data)} bytes")
-            if row.status == RECEIVED:
-                row.attempts += 1
-                if row.attempts > 1:
-                    _event(s, row.id, "retry", f"attempt {row.attempts}")
-                if row.attempts > self.config.max_attempts:
-                    self._decide(
-                        s,
-                        row,
-                        QUARANTINED,
-                        error=f"gave up after {row.attempts - 1} attempts "
-                        f"(last: {row.error or 'worker stopped while handling it'})",
+            for path, digest, size in files:
+                source = path_to_db(path)
+                row = s.scalars(
+                    select(ImageRecord).where(
+                        ImageRecord.source_path == source,
+                        ImageRecord.sha256 == digest,
+                        ImageRecord.moved_at.is_(None),
                     )
+                ).first()
+                if row is None:
+                    row = ImageRecord(
+                        filename=relative_name(path, self.config.inbox),
+                        source_path=source,
+                        sha256=digest,
+                        size_bytes=size,
+                        status=RECEIVED,
+                        received_at=utcnow(),
+                        attempts=0,
+                    )
+                    s.add(row)
+                    s.flush()
+                    _event(s, row.id, "received", f"{size} bytes")
+                if row.status == RECEIVED:
+                    row.attempts += 1
+                    if row.attempts > 1:
+                        _event(s, row.id, "retry", f"attempt {row.attempts}")
+                    if row.attempts > self.config.max_attempts:
+                        self._decide(
+                            s,
+                            row,
+                            QUARANTINED,
+                            error=f"gave up after {row.attempts - 1} attempts "
+                            f"(last: {row.error or 'worker stopped while handling it'})",
+                        )
+                rows.append(row)
             s.flush()
-            s.expunge(row)
-            return row
+            for row in rows:
+                s.expunge(row)
+        return rows
 
-    def _find_original(self, record: ImageRecord) -> ImageRecord | None:
+    @staticmethod
+    def _original_in(s: Session, record: ImageRecord) -> ImageRecord | None:
         """The earliest other row with the same content (scored, pending or quarantined)."""
-        with self.store.read() as s:
-            return s.scalars(
-                select(ImageRecord)
-                .where(
-                    ImageRecord.sha256 == record.sha256,
-                    ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
-                    ImageRecord.id < record.id,
-                )
-                .order_by(ImageRecord.id)
-            ).first()
+        return s.scalars(
+            select(ImageRecord)
+            .where(
+                ImageRecord.sha256 == record.sha256,
+                ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
+                ImageRecord.id < record.id,
+            )
+            .order_by(ImageRecord.id)
+        ).first()
 
     # ---- the batch -------------------------------------------------------------------------
 
     def process(self, paths: list[Path]) -> list[FileResult]:
-        received: list[tuple[Path, ImageRecord, bytes]] = []
-        for path in paths:
-            data = self._read(path)
-            if data is None:
-                continue
-            received.append((path, self._receive(path, data), data))
-            crash_point("after_receive")
+        """Every step for one batch, in order (the watcher overlaps batches with begin/finish)."""
+        return self.finish(self.begin(paths))
 
-        to_score: list[tuple[ImageRecord, np.ndarray]] = []
-        decided: dict[int, dict[str, Any]] = {}
-        identities: dict[int, dict[str, Any]] = {}
-        for _, record, data in received:
+    def begin(self, paths: list[Path]) -> Batch:
+        """Read and hash the files (in threads), commit their receipt in one transaction, then
+        start preprocessing them in threads, so that it runs while the caller scores the
+        batch before this one. Preprocessing starts only after the receipt is committed: a
+        file that kills the worker while decoding has an attempt counted for it."""
+        loads = list(self.pool.map(_load, paths))
+        readable: list[tuple[Path, _Loaded]] = []
+        for path, loaded in zip(paths, loads, strict=True):
+            if self._read_ok(path, loaded):
+                readable.append((path, loaded))
+        batch = Batch()
+        if not readable:
+            return batch
+        records = self._receive_batch(
+            [(path, loaded.sha256, len(loaded.data)) for path, loaded in readable]
+        )
+        crash_point("after_receive")
+        with self.store.read() as s:
+            originals = {
+                r.id: self._original_in(s, r) for r in records if r.status not in FINAL_STATUSES
+            }
+        for (path, loaded), record in zip(readable, records, strict=True):
+            batch.files.append(_BatchFile(path, record.id, loaded.fingerprint))
             if record.status in FINAL_STATUSES:
                 continue  # decided before a restart: only the move is owed
             # Who and which breast, recorded with the decision whatever it is.
-            ident = self.identity.identify(record.filename, data).as_columns()
-            original = self._find_original(record)
+            ident = self.identity.identify(record.filename, loaded.data).as_columns()
+            original = originals[record.id]
             if original is not None:
-                decided[record.id] = {"status": DUPLICATE, "duplicate_of": original.id, **ident}
+                batch.decided[record.id] = {
+                    "status": DUPLICATE, "duplicate_of": original.id, **ident
+                }
                 continue
-            identities[record.id] = ident
+            batch.identities[record.id] = ident
+            batch.preprocessing[record.id] = self.pool.submit(
+                preprocess_bytes, loaded.data, self.settings, self.dicom_policy
+            )
+        return batch
+
+    def finish(self, batch: Batch) -> list[FileResult]:
+        """Wait for the batch's preprocessing, score it, commit its decisions in one
+        transaction, then move its files and commit the moves in one transaction."""
+        to_score: list[tuple[int, np.ndarray]] = []
+        decided = batch.decided
+        for rid, future in batch.preprocessing.items():
+            ident = batch.identities[rid]
             try:
-                to_score.append((record, preprocess_bytes(data, self.settings, self.dicom_policy)))
+                to_score.append((rid, future.result()))
             except ImageError as exc:
-                decided[record.id] = {"status": QUARANTINED, "error": str(exc), **ident}
+                decided[rid] = {"status": QUARANTINED, "error": str(exc), **ident}
             except Exception as exc:  # a decoder bug must not stop the worker
-                decided[record.id] = {
+                decided[rid] = {
                     "status": QUARANTINED,
                     "error": f"preprocessing failed: {exc!r}",
                     **ident,
                 }
+        if not batch.files:
+            return []
         crash_point("after_preprocess")
 
         for rid, fields in self._score(to_score).items():
-            decided[rid] = {**fields, **identities[rid]}
+            decided[rid] = {**fields, **batch.identities[rid]}
         self._commit_decisions(decided)
         crash_point("after_decision")
-        return [self._move(path, record.id, data) for path, record, data in received]
+        return self._move_batch(batch.files)
 
-    def _read(self, path: Path) -> bytes | None:
-        try:
-            before = os.stat(path)
-            data = path.read_bytes()
-            after = os.stat(path)
-            if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
-                len(data) != after.st_size
-            ):
-                # Still being written after all: leave it for the next look, record nothing.
-                log.info("changed while read file=%s (will retry)", display_name(path))
-                return None
-        except (FileNotFoundError, IsADirectoryError):
+    def _read_ok(self, path: Path, loaded: _Loaded | OSError | None) -> bool:
+        """Account for a read's outcome (in the calling thread): True when it has bytes."""
+        if isinstance(loaded, _Loaded):
+            self.read_failures.pop(path, None)
+            return True
+        if loaded is None:
+            # Still being written after all: leave it for the next look, record nothing.
+            log.info("changed while read file=%s (will retry)", display_name(path))
+            return False
+        if isinstance(loaded, (FileNotFoundError, IsADirectoryError)):
             log.info("vanished file=%s (gone before it was read)", display_name(path))
             self.read_failures.pop(path, None)
-            return None
-        except OSError as exc:
-            n = self.read_failures.get(path, 0) + 1
-            self.read_failures[path] = n
-            if n >= self.config.max_attempts:
-                self._quarantine_unreadable(path, exc, n)
-            else:
-                log.warning(
-                    "unreadable file=%s attempt=%d error=%s (will retry)",
-                    display_name(path),
-                    n,
-                    exc.strerror,
-                )
-            return None
-        self.read_failures.pop(path, None)
-        return data
+            return False
+        n = self.read_failures.get(path, 0) + 1
+        self.read_failures[path] = n
+        if n >= self.config.max_attempts:
+            self._quarantine_unreadable(path, loaded, n)
+        else:
+            log.warning(
+                "unreadable file=%s attempt=%d error=%s (will retry)",
+                display_name(path),
+                n,
+                loaded.strerror,
+            )
+        return False
 
     def _quarantine_unreadable(self, path: Path, exc: OSError, attempts: int) -> None:
         """A file that cannot even be read: record it without a hash, then move it aside."""
@@ -249,9 +297,9 @@ class Pipeline:
                 s, row, QUARANTINED, error=f"unreadable after {attempts} attempts: {exc.strerror}"
             )
             rid = row.id
-        self._move(path, rid, None)
+        self._move(path, rid)
 
-    def _score(self, items: list[tuple[ImageRecord, np.ndarray]]) -> dict[int, dict[str, Any]]:
+    def _score(self, items: list[tuple[int, np.ndarray]]) -> dict[int, dict[str, Any]]:
         """Score in one ONNX Runtime call; if the batch fails, one by one to isolate the cause."""
         if not items:
             return {}
@@ -259,7 +307,7 @@ class Pipeline:
             scores = list(self.scorer.score_batch([img for _, img in items]))
         except Exception as exc:
             if len(items) == 1:
-                log.error("scoring failed file=%s error=%r", items[0][0].filename, exc)
+                log.error("scoring failed id=%d error=%r", items[0][0], exc)
                 return {}  # stays `received`: retried, then quarantined after max_attempts
             out: dict[int, dict[str, Any]] = {}
             for item in items:
@@ -267,7 +315,7 @@ class Pipeline:
             return out
         now = utcnow()
         return {
-            record.id: {
+            rid: {
                 "status": SCORED,
                 "score": float(score),
                 "label": self.scorer.label_for(float(score)),
@@ -275,7 +323,7 @@ class Pipeline:
                 "model_version": self.scorer.version,
                 "scored_at": now,
             }
-            for (record, _), score in zip(items, scores, strict=True)
+            for (rid, _), score in zip(items, scores, strict=True)
         }
 
     def _decide(self, s: Session, row: ImageRecord, status: str, **fields: Any) -> None:
@@ -341,46 +389,49 @@ class Pipeline:
                 # A scored image joins its exam in the same commit as its score.
                 join_exam(s, row, utcnow())
 
-    # ---- step 3: move, then record the move ------------------------------------------------
+    # ---- step 3: move, then record the moves -----------------------------------------------
 
-    def _move(self, path: Path, record_id: int, data: bytes | None) -> FileResult:
+    def _move(self, path: Path, record_id: int, fingerprint: Fingerprint | None = None
+              ) -> FileResult:
+        return self._move_batch([_BatchFile(path, record_id, fingerprint)])[0]
+
+    def _move_batch(self, files: list[_BatchFile]) -> list[FileResult]:
+        """Move each decided file to its planned destination, then record all the moves in
+        one transaction. A crash in between leaves the moves owed: reconcile() finds each
+        file gone from the inbox and at its destination, and records it as moved."""
         with self.store.read() as s:
-            row = s.get(ImageRecord, record_id)
-            assert row is not None
-        result = FileResult(path, row.id, row.status, row.score, row.label, row.error)
-        if row.status not in FINAL_STATUSES or row.final_path is None:
-            return result
-        dest = path_from_db(row.final_path)
-        note = "moved"
-        try:
-            if (
-                path.exists()
-                and row.sha256 is not None
-                and not _same_content(path, row.sha256, data)
-            ):
-                # Replaced under us after it was read: the new content is a new file, which
-                # the scan will find; the old content is gone, so there is nothing to move.
-                note = "replaced"
-            elif path.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(path), str(dest))
-                crash_point("after_move")
-            elif not dest.exists():
-                note = "missing"
-        except OSError as exc:
-            # The decision is committed; the move is owed and retried by reconcile().
-            level = log.error if exc.errno == errno.ENOSPC else log.warning
-            level(
-                "move failed file=%s id=%d error=%s (will retry)",
-                row.filename,
-                row.id,
-                exc.strerror,
-            )
-            return result
+            rows = {
+                r.id: r
+                for r in s.scalars(
+                    select(ImageRecord).where(ImageRecord.id.in_([f.record_id for f in files]))
+                )
+            }
+        results: list[FileResult] = []
+        notes: dict[int, tuple[str, Path]] = {}
+        for f in files:
+            row = rows[f.record_id]
+            results.append(FileResult(f.path, row.id, row.status, row.score, row.label, row.error))
+            if row.status not in FINAL_STATUSES or row.final_path is None:
+                continue
+            dest = path_from_db(row.final_path)
+            try:
+                notes[row.id] = (self._place(f, row.sha256, dest), dest)
+            except OSError as exc:
+                # The decision is committed; the move is owed and retried by reconcile().
+                level = log.error if exc.errno == errno.ENOSPC else log.warning
+                level(
+                    "move failed file=%s id=%d error=%s (will retry)",
+                    row.filename,
+                    row.id,
+                    exc.strerror,
+                )
+        if not notes:
+            return results
         with self.store.write() as s:
-            fresh = s.get(ImageRecord, record_id)
-            assert fresh is not None
-            if fresh.moved_at is None:
+            for fresh in s.scalars(select(ImageRecord).where(ImageRecord.id.in_(notes))):
+                if fresh.moved_at is not None:
+                    continue
+                note, dest = notes[fresh.id]
                 fresh.moved_at = utcnow()
                 if note != "moved":
                     fresh.final_path = None
@@ -394,9 +445,40 @@ class Pipeline:
                     )
                 else:
                     _event(s, fresh.id, "moved", display_name(dest))
-        if note != "moved":
-            log.warning("%s file=%s id=%d (not moved)", note, row.filename, row.id)
-        return result
+        for rid, (note, _) in notes.items():
+            if note != "moved":
+                log.warning("%s file=%s id=%d (not moved)", note, rows[rid].filename, rid)
+        return results
+
+    def _place(self, f: _BatchFile, sha256: str | None, dest: Path) -> str:
+        """Move one file; what happened: moved, replaced (left for the scan) or missing."""
+        if f.path.exists() and sha256 is not None and not self._unchanged(f, sha256):
+            # Replaced under us after it was read: the new content is a new file, which
+            # the scan will find; the old content is gone, so there is nothing to move.
+            return "replaced"
+        if f.path.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(f.path), str(dest))
+            crash_point("after_move")
+            return "moved"
+        return "moved" if dest.exists() else "missing"
+
+    def _unchanged(self, f: _BatchFile, sha256: str) -> bool:
+        """Whether the file still holds the content that was read and decided on. Its stat
+        fingerprint (device, inode, size, mtime, ctime) unchanged since the read says so
+        without reading it again; otherwise, or when no fingerprint is known (after a
+        restart), the file is read and hashed again (counted in `rehashed`)."""
+        if f.fingerprint is not None:
+            try:
+                if _fingerprint(os.stat(f.path)) == f.fingerprint:
+                    return True
+            except OSError:
+                return False
+        self.rehashed += 1
+        try:
+            return _sha256(f.path.read_bytes()) == sha256
+        except OSError:
+            return False
 
     def reconcile(self) -> int:
         """Finish the moves that a crash or a full disk left owed. Returns how many."""
@@ -408,21 +490,73 @@ class Pipeline:
                     )
                 )
             )
-        for row in owed:
-            self._move(path_from_db(row.source_path), row.id, None)
         if owed:
+            self._move_batch([_BatchFile(path_from_db(r.source_path), r.id, None) for r in owed])
             log.info("reconciled moves=%d", len(owed))
         return len(owed)
 
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
-def _same_content(path: Path, sha256: str, data: bytes | None) -> bool:
+
+# ---- reading (in the pool's threads: no database, no shared state) ---------------------------
+
+# What says a file is unchanged since it was read: device, inode, size, mtime, ctime (ns).
+Fingerprint = tuple[int, int, int, int, int]
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    data: bytes
+    sha256: str
+    fingerprint: Fingerprint
+
+
+def _load(path: Path) -> _Loaded | OSError | None:
+    """Read and hash one file: its bytes, or None when it changed while being read (still
+    being written after all), or the OSError that stopped the read."""
     try:
-        current = path.read_bytes()
-    except OSError:
-        return False
-    if data is not None and len(current) == len(data):
-        return current == data
-    return _sha256(current) == sha256
+        before = os.stat(path)
+        data = path.read_bytes()
+        after = os.stat(path)
+    except OSError as exc:
+        return exc
+    if _fingerprint(before) != _fingerprint(after) or len(data) != after.st_size:
+        return None
+    return _Loaded(data, _sha256(data), _fingerprint(after))
+
+
+@dataclass
+class _BatchFile:
+    path: Path
+    record_id: int
+    fingerprint: Fingerprint | None  # at read time; None: unknown, hash again before moving
+
+
+@dataclass
+class Batch:
+    """A batch between Pipeline.begin() and Pipeline.finish(): its receipt committed, its
+    preprocessing running in the pool."""
+
+    files: list[_BatchFile] = field(default_factory=list)
+    decided: dict[int, dict[str, Any]] = field(default_factory=dict)
+    identities: dict[int, dict[str, Any]] = field(default_factory=dict)
+    preprocessing: dict[int, Future[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [f.path for f in self.files]
+
+
+def decode_threads() -> int:
+    """Threads that read, hash and preprocess: at least two, so that one batch's decoding
+    keeps up with ONNX Runtime on the one before (decoding costs a fraction of inference
+    for these models), at most four (ONNX Runtime needs the cores too)."""
+    return max(2, min(4, os.cpu_count() or 1))
 
 
 def ensure_folder(role: str, folder: Path, create_missing: bool) -> None:

@@ -24,7 +24,7 @@ from watchdog.observers.polling import PollingObserver
 
 from worker.config import Config
 from worker.exams import ExamBook, ExamScoring
-from worker.pipeline import FileResult, Pipeline
+from worker.pipeline import Batch, FileResult, Pipeline
 
 log = logging.getLogger("mammo_screen")
 
@@ -121,6 +121,12 @@ class SettleTracker:
         return list(self._seen)
 
 
+@dataclass
+class _Begun:
+    paths: list[Path]  # as taken from the tracker (unreadable ones are not in the batch)
+    batch: Batch
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, hints: queue.Queue[Path]) -> None:
         self.hints = hints
@@ -155,6 +161,8 @@ class InboxWatcher:
         self.processed = 0
         self.last_activity: float | None = None
         self._backoff = 0.0
+        # The batch begun (received, preprocessing) while the one before it is scored.
+        self._ahead: _Begun | None = None
         self._reported_stale: set[Path] = set()
         # Called on every pass of the loop (the worker's heartbeat); must be cheap.
         self.on_tick: Callable[[], None] = lambda: None
@@ -190,12 +198,27 @@ class InboxWatcher:
             elif self._accept(path):
                 self.tracker.observe(path)
 
-    def _process_ready(self) -> list[FileResult]:
-        batch = self.tracker.ready(self.config.batch_size)
-        if not batch:
-            return []
+    def _take(self) -> _Begun | None:
+        """Begin the next batch of settled files (read, received, preprocessing under way)."""
+        paths = self.tracker.ready(self.config.batch_size)
+        if not paths:
+            return None
+        for path in paths:
+            self.tracker.forget(path)  # taken: the next look must not hand it out again
+        return _Begun(paths, self.pipeline.begin(paths))
+
+    def _process_ready(self, take_next: bool = True) -> list[FileResult]:
+        """Finish one batch. The batch after it is begun first (unless `take_next` is
+        false), so that its reading and preprocessing (threads) overlap this one's scoring;
+        its decisions are committed on the next pass, after this one's."""
+        current: _Begun | None = None
         try:
-            results = self.pipeline.process(batch)
+            current = self._ahead or self._take()
+            self._ahead = None
+            if current is None:
+                return []
+            self._ahead = self._take() if take_next else None
+            results = self.pipeline.finish(current.batch)
         except (OperationalError, OSError) as exc:
             # Database busy past its timeout, disk full, ...: nothing is lost (rows and files
             # stay as they were), so back off and let the next scan pick the files up again.
@@ -203,19 +226,24 @@ class InboxWatcher:
             log.error(
                 "batch failed error=%s (retrying in %.1fs)", str(exc).splitlines()[0], self._backoff
             )
-            for path in batch:
-                self.tracker.forget(path)
+            self._ahead = None  # its files, taken from the tracker, come back with the scan
             self.stop_event.wait(self._backoff)
             return []
         self._backoff = 0.0
         handled = {r.path for r in results}
-        for path in batch:
-            self.tracker.forget(path)
+        for path in current.paths:
             if path not in handled and os.path.lexists(path):
                 self.tracker.observe(path)  # changed while read, or a read error: look again
         self.processed += len(results)
         self.last_activity = time.time()
         return results
+
+    def _finish_ahead(self) -> list[FileResult]:
+        """Finish a batch begun and not yet finished (before returning or stopping)."""
+        out: list[FileResult] = []
+        while self._ahead is not None:
+            out.extend(self._process_ready(take_next=False))
+        return out
 
     def _exam_step(self, settle_now: bool = False) -> None:
         """Score the exams whose study has settled; a failure waits for the next step."""
@@ -256,7 +284,7 @@ class InboxWatcher:
             self.config.stale_write_seconds if timeout is None else timeout
         )
         results: list[FileResult] = []
-        while len(self.tracker) and not self.stop_event.is_set():
+        while (len(self.tracker) or self._ahead) and not self.stop_event.is_set():
             self.on_tick()
             done = self._process_ready()
             results.extend(done)
@@ -268,6 +296,7 @@ class InboxWatcher:
                         log.warning("still being written file=%s (left in inbox)", path)
                     break
                 time.sleep(min(0.2, self.config.settle_seconds / 2))
+        results.extend(self._finish_ahead())
         self._exam_step(settle_now)
         return results
 
@@ -311,6 +340,7 @@ class InboxWatcher:
                         self.hints.put(path)
                     except queue.Empty:
                         pass
+            self._finish_ahead()
         finally:
             observer.stop()
             observer.join(timeout=5)

@@ -1,0 +1,330 @@
+"""int8: ONNX Runtime static quantisation of an exported model, checked against the float one.
+
+Steps: `quant_pre_process` (shape inference and graph optimisation), then `quantize_static`
+in the QDQ format with per-channel int8 weights and uint8 activations, calibrated on real
+images preprocessed by the worker's own `preprocess_file` with the model's own settings. The
+int8 model carries the float model's metadata with `-int8` appended to its model_version, so
+the two are never confused in the database. It is written only if its ROC AUC on held-out
+labelled images (the run's validation split when known, else a seeded draw) is within
+`max_auc_drop` of the float model's on the same images.
+
+Needs onnx and onnxruntime only (no TensorFlow), so it can quantise any exported model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from worker.metrics import roc_auc
+from worker.model_metadata import KEY_MODEL_VERSION, ModelMetadata, ModelMetadataError
+from worker.preprocess import preprocess_file
+from worker.scorer import ModelLoadError, Scorer
+
+INT8_SUFFIX = "-int8"
+
+
+class QuantiseError(RuntimeError):
+    """The int8 model cannot be made or is not good enough; one line for the operator."""
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    positive: bool
+    patient_id: str = ""
+
+
+@dataclass(frozen=True)
+class QuantiseReport:
+    out_path: Path
+    model_version: str
+    n_calibration: int
+    n_evaluation: int
+    evaluation_source: str
+    auc_float: float | None
+    auc_int8: float | None
+    max_abs_score_diff: float
+    ms_float_batch1: float
+    ms_int8_batch1: float
+
+    @property
+    def auc_drop(self) -> float:
+        if self.auc_float is None or self.auc_int8 is None:
+            return 0.0
+        return self.auc_float - self.auc_int8
+
+    def describe(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        return (
+            f"wrote {self.out_path} (model_version {self.model_version}): calibrated on "
+            f"{self.n_calibration} images; on {self.n_evaluation} {self.evaluation_source} "
+            f"images AUC float {fmt(self.auc_float)}, int8 {fmt(self.auc_int8)} "
+            f"(drop {self.auc_drop:+.4f}), largest score difference "
+            f"{self.max_abs_score_diff:.4f}; batch 1: float {self.ms_float_batch1:.1f} ms, "
+            f"int8 {self.ms_int8_batch1:.1f} ms per image "
+            f"({self.ms_float_batch1 / max(self.ms_int8_batch1, 1e-9):.2f}x)"
+        )
+
+
+# ---- which images ----------------------------------------------------------------------------
+
+
+def read_pool(labels_csv: Path, positive_class: str) -> list[LabelledImage]:
+    """The labelled pool: a CSV with `filename` (relative to its folder) and `label`."""
+    try:
+        with labels_csv.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise QuantiseError(f"cannot read {labels_csv}: {exc.strerror}") from exc
+    if not rows or not {"filename", "label"} <= set(rows[0]):
+        raise QuantiseError(f"{labels_csv} needs the columns filename and label")
+    base = labels_csv.parent
+    return [
+        LabelledImage(base / r["filename"], r["label"] == positive_class, r.get("patient_id", ""))
+        for r in rows
+    ]
+
+
+def validation_split(run_dir: Path, images_base: Path, positive_class: str
+                     ) -> list[LabelledImage]:
+    """The run's validation images (val_predictions.csv), or [] when the run has none."""
+    rows_path = run_dir / "val_predictions.csv"
+    if not rows_path.is_file():
+        return []
+    with rows_path.open(newline="") as fh:
+        return [
+            LabelledImage(images_base / r["filename"], r["label"] == positive_class,
+                          r.get("patient_id", ""))
+            for r in csv.DictReader(fh)
+        ]
+
+
+def choose_images(
+    pool: list[LabelledImage],
+    validation: list[LabelledImage],
+    n_calibration: int,
+    n_evaluation: int,
+    seed: int,
+) -> tuple[list[LabelledImage], list[LabelledImage], str]:
+    """Seeded draws: evaluation from the validation split when known (else from the pool, by
+    patient), calibration from the rest of the pool, never sharing a patient with it."""
+    rng = random.Random(seed)
+    if validation:
+        evaluation = rng.sample(validation, min(n_evaluation, len(validation)))
+        source = "validation-split"
+    else:
+        patients = sorted({im.patient_id or str(im.path) for im in pool})
+        rng.shuffle(patients)
+        evaluation = []
+        for patient in patients:
+            if len(evaluation) >= n_evaluation:
+                break
+            evaluation += [im for im in pool if (im.patient_id or str(im.path)) == patient]
+        evaluation = evaluation[:n_evaluation]
+        source = "seeded patient-grouped"
+    held = {im.patient_id for im in (validation or evaluation) if im.patient_id}
+    held_paths = {im.path for im in evaluation}
+    rest = [im for im in pool if im.path not in held_paths and im.patient_id not in held]
+    calibration = rng.sample(rest, min(n_calibration, len(rest)))
+    if not calibration:
+        raise QuantiseError("no calibration images left outside the evaluation images")
+    return calibration, evaluation, source
+
+
+def check_accuracy(report: QuantiseReport, max_auc_drop: float) -> None:
+    """Refuse an int8 model whose AUC falls more than `max_auc_drop` below the float one's."""
+    if report.auc_float is None or report.auc_int8 is None:
+        raise QuantiseError(
+            f"cannot check the int8 model: its {report.n_evaluation} evaluation images "
+            "need both classes"
+        )
+    if report.auc_drop > max_auc_drop:
+        raise QuantiseError(
+            f"int8 AUC {report.auc_int8:.4f} is {report.auc_drop:.4f} below float "
+            f"{report.auc_float:.4f} on {report.n_evaluation} images "
+            f"(more than --max-auc-drop {max_auc_drop}); nothing written"
+        )
+
+
+# ---- quantisation ----------------------------------------------------------------------------
+
+
+def _reader(input_name: str, arrays: Sequence[np.ndarray], batch: int = 8):  # type: ignore[no-untyped-def]
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Batches(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._it = iter(range(0, len(arrays), batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self._it, None)
+            if start is None:
+                return None
+            return {input_name: np.stack(arrays[start : start + batch]).astype(np.float32)}
+
+    return _Batches()
+
+
+def _ms_per_image(scorer: Scorer, arrays: Sequence[np.ndarray], repeats: int = 15) -> float:
+    scorer.score_batch(arrays[:1])  # warm-up
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        scorer.score_batch([arrays[i % len(arrays)]])
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _scores(scorer: Scorer, arrays: Sequence[np.ndarray], batch: int = 16) -> np.ndarray:
+    return np.concatenate(
+        [scorer.score_batch(arrays[i : i + batch]) for i in range(0, len(arrays), batch)]
+    )
+
+
+def quantise(
+    float_model: Path,
+    out_path: Path,
+    calibration: Sequence[Path],
+    evaluation: Sequence[LabelledImage],
+    max_auc_drop: float = 0.005,
+    evaluation_source: str = "held-out",
+) -> QuantiseReport:
+    """Write the int8 model of `float_model` to `out_path` (atomically), or raise."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        float_scorer = Scorer(float_model)
+    except ModelLoadError as exc:
+        raise QuantiseError(str(exc)) from exc
+    settings = float_scorer.metadata.preprocess
+
+    def load(paths: Sequence[Path]) -> list[np.ndarray]:
+        out = []
+        for p in paths:
+            try:
+                out.append(preprocess_file(p, settings))
+            except Exception as exc:  # a broken file in the pool: say which
+                raise QuantiseError(f"cannot preprocess {p}: {exc}") from exc
+        return out
+
+    cal_arrays = load(calibration)
+    eval_arrays = load([im.path for im in evaluation])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        q = Path(tmp) / "int8.onnx"
+        final = Path(tmp) / "final.onnx"
+        try:
+            # ONNX shape inference suffices for a CNN (symbolic inference is for
+            # transformers' dynamic dims, and would need sympy).
+            quant_pre_process(str(float_model), str(pre), skip_symbolic_shape=True)
+            quantize_static(
+                str(pre),
+                str(q),
+                _reader(float_scorer.input_name, cal_arrays),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+        except Exception as exc:  # ORT's quantiser raises many kinds
+            raise QuantiseError(f"quantisation failed: {str(exc).splitlines()[0]}") from exc
+        model = onnx.load(str(q))
+        props = dict(float_scorer.session.get_modelmeta().custom_metadata_map)
+        version = props[KEY_MODEL_VERSION] + INT8_SUFFIX
+        props[KEY_MODEL_VERSION] = version
+        try:
+            ModelMetadata.from_props(props)
+        except ModelMetadataError as exc:
+            raise QuantiseError(str(exc)) from exc
+        del model.metadata_props[:]
+        for key, value in sorted(props.items()):
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(final))
+        try:
+            int8_scorer = Scorer(final)  # the worker's own loader must accept it
+        except ModelLoadError as exc:
+            raise QuantiseError(str(exc)) from exc
+
+        y = np.array([im.positive for im in evaluation], dtype=bool)
+        s_float = _scores(float_scorer, eval_arrays) if eval_arrays else np.zeros(0)
+        s_int8 = _scores(int8_scorer, eval_arrays) if eval_arrays else np.zeros(0)
+        report = QuantiseReport(
+            out_path=out_path,
+            model_version=version,
+            n_calibration=len(cal_arrays),
+            n_evaluation=len(eval_arrays),
+            evaluation_source=evaluation_source,
+            auc_float=roc_auc(y, s_float) if len(y) else None,
+            auc_int8=roc_auc(y, s_int8) if len(y) else None,
+            max_abs_score_diff=float(np.max(np.abs(s_float - s_int8))) if len(y) else 0.0,
+            ms_float_batch1=_ms_per_image(float_scorer, cal_arrays),
+            ms_int8_batch1=_ms_per_image(int8_scorer, cal_arrays),
+        )
+        check_accuracy(report, max_auc_drop)
+        os.replace(final, out_path)
+    return report
+
+
+def quantise_from_run(
+    float_model: Path,
+    out_path: Path,
+    images_source: Path | None,
+    metrics_path: Path | None = None,
+    n_calibration: int = 64,
+    n_evaluation: int = 400,
+    seed: int = 0,
+    max_auc_drop: float = 0.005,
+) -> QuantiseReport:
+    """`screen export --int8`: images from the labelled pool (`images_source`: its labels CSV
+    or the folder holding labels.csv; default the training source recorded in metrics.json),
+    evaluation on the run's validation split when `metrics_path` is given and has one."""
+    import json
+
+    run: dict = {}
+    if metrics_path is not None:
+        try:
+            run = json.loads(metrics_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise QuantiseError(f"cannot read {metrics_path}: {exc}") from exc
+    source = images_source or Path(run.get("training", {}).get("source", ""))
+    labels_csv = source if source.is_file() else source / "labels.csv"
+    if not labels_csv.is_file():
+        raise QuantiseError(
+            f"no labelled images at {source} (pass --images LABELS_CSV or its folder)"
+        )
+    try:
+        positive = Scorer(float_model).metadata.class_names[1]
+    except ModelLoadError as exc:
+        raise QuantiseError(str(exc)) from exc
+    pool = read_pool(labels_csv, positive)
+    validation = (
+        validation_split(metrics_path.parent, labels_csv.parent, positive)
+        if metrics_path is not None
+        else []
+    )
+    calibration, evaluation, source_name = choose_images(
+        pool, validation, n_calibration, n_evaluation, seed
+    )
+    return quantise(
+        float_model,
+        out_path,
+        [im.path for im in calibration],
+        evaluation,
+        max_auc_drop=max_auc_drop,
+        evaluation_source=source_name,
+    )

@@ -1,0 +1,137 @@
+"""`screen export --int8` on a tiny real conv model (onnx.helper, no TensorFlow): ONNX Runtime
+static QDQ quantisation, the float model's metadata carried over, the AUC check."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from export.quantise import INT8_SUFFIX, QuantiseError, QuantiseReport, check_accuracy
+from tests.conftest import write_mammo_like
+from worker.cli import cli
+from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from worker.preprocess import PreprocessSettings, preprocess_file
+from worker.scorer import Scorer
+
+SIZE = 32
+
+
+def make_conv_model(path: Path) -> Path:
+    """NHWC input -> 3x3 conv (8 channels) -> ReLU -> global average -> dense -> sigmoid."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
+    dense = rng.normal(0, 1.0, (8, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", [INPUT_NAME], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "wb"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "dense"], ["logit0"]),
+        helper.make_node("Add", ["logit0", "bias"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], [OUTPUT_NAME]),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "wb"),
+        numpy_helper.from_array(dense, "dense"),
+        numpy_helper.from_array(np.array([-0.5], np.float32), "bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_model",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", SIZE, SIZE, 1])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = ModelMetadata(preprocess=PreprocessSettings(size=SIZE), threshold=0.5,
+                         model_version="test-conv-1", threshold_rule="fixed for tests")
+    for k, v in meta.to_props().items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_pool(folder: Path, n: int = 40) -> Path:
+    """A labelled pool: labels.csv with filename, label, patient_id (two images a patient)."""
+    rows = []
+    for i in range(n):
+        label = "malignant" if i % 4 < 2 else "benign"
+        name = f"images/{label}/p{i // 2}_{i}.png"
+        write_mammo_like(folder / name, size=(72, 60), seed=i, bright=0.4 + 0.01 * (i % 7))
+        rows.append({"filename": name, "label": label, "patient_id": str(i // 2)})
+    labels = folder / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["filename", "label", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return labels
+
+
+def test_export_int8_quantises_a_conv_model_and_keeps_its_metadata(tmp_path: Path) -> None:
+    model = make_conv_model(tmp_path / "conv.onnx")
+    labels = make_pool(tmp_path / "pool")
+    out = tmp_path / "out" / "conv-int8.onnx"
+    result = CliRunner().invoke(cli, [
+        "export", str(model), "--int8", "--out", str(out), "--images", str(labels),
+        "--calibration-images", "12", "--evaluation-images", "20", "--max-auc-drop", "1",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "AUC float" in result.output and "test-conv-1-int8" in result.output
+
+    q = onnx.load(str(out))
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # Per-channel int8 weights: one scale for each of the conv's 8 output channels.
+    int8_weights = [t for t in q.graph.initializer if t.data_type == TensorProto.INT8]
+    assert any(numpy_helper.to_array(t).shape == (8, 1, 3, 3) for t in int8_weights)
+    assert any(numpy_helper.to_array(t).shape == (8,) for t in q.graph.initializer
+               if t.data_type == TensorProto.FLOAT and "scale" in t.name)
+
+    float_scorer, int8_scorer = Scorer(model), Scorer(out)
+    assert int8_scorer.version == "test-conv-1" + INT8_SUFFIX
+    assert int8_scorer.metadata.preprocess == float_scorer.metadata.preprocess
+    assert int8_scorer.threshold == float_scorer.threshold
+    # Scores close to the float model's on images like the calibration ones.
+    x = [preprocess_file(p, float_scorer.metadata.preprocess)
+         for p in sorted((tmp_path / "pool" / "images").rglob("*.png"))[:10]]
+    np.testing.assert_allclose(int8_scorer.score_batch(x), float_scorer.score_batch(x),
+                               atol=0.05)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".int8-")]
+
+
+def test_export_int8_refuses_in_one_line(tmp_path: Path) -> None:
+    model = make_conv_model(tmp_path / "conv.onnx")
+    labels = make_pool(tmp_path / "pool", n=8)
+    (tmp_path / "pool" / "labels.csv").write_text(
+        "filename,label\n" + "".join(f"images/benign/p{i // 2}_{i}.png,benign\n"
+                                     for i in (2, 3, 6, 7)))
+    out = tmp_path / "conv-int8.onnx"
+    # Evaluation images of one class only: no AUC to compare, so nothing is written.
+    result = CliRunner().invoke(cli, ["export", str(model), "--int8", "--out", str(out),
+                                      "--images", str(labels), "--calibration-images", "2",
+                                      "--evaluation-images", "2"])
+    assert result.exit_code == 1 and "need both classes" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    # An ONNX model without --int8 is a mistake, not a silent re-export.
+    result = CliRunner().invoke(cli, ["export", str(model), "--out", str(out)])
+    assert result.exit_code == 1 and "--int8" in result.output
+
+
+def test_accuracy_check_refuses_a_drop_over_the_limit() -> None:
+    def report(auc_float: float, auc_int8: float) -> QuantiseReport:
+        return QuantiseReport(Path("m.onnx"), "v-int8", 64, 400, "validation-split",
+                              auc_float, auc_int8, 0.01, 10.0, 4.0)
+
+    check_accuracy(report(0.80, 0.796), 0.005)
+    check_accuracy(report(0.80, 0.81), 0.005)  # int8 better: fine
+    with pytest.raises(QuantiseError, match="below float"):
+        check_accuracy(report(0.80, 0.79), 0.005)
