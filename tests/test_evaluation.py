@@ -67,3 +67,19 @@ def test_aggregation_ties_keep_the_worker_defaults() -> None:
     assert agg["validation_auc"]["breast_mean"] == agg["validation_auc"]["breast_max"]
     with pytest.raises(KeyError):
         agg["validation_auc"]["image"]
+
+
+def test_exam_rule_is_chosen_on_exams_with_both_breasts() -> None:
+    """Exams that show only their cancer side beside healthy exams showing both breasts (how
+    pools built from cancer cases look) would favour the mean: the max of two healthy breasts
+    is inflated. Only exams with both breasts choose the rule."""
+    rows = []
+    for k in range(6):
+        rows += [(f"one{k}", "L", 1, 0.6)]  # cancer side only
+        rows += [(f"both{k}", "L", 1, 0.8), (f"both{k}", "R", 0, 0.05)]  # a cancer in one breast
+        rows += [(f"ok{k}", "L", 0, 0.7), (f"ok{k}", "R", 0, 0.2)]  # healthy, both breasts
+    samples, scores = _images(rows)
+    agg = choose_aggregation(samples, scores)
+    assert agg["exams_with_both_breasts"] == {"exams": 12, "malignant": 6}
+    assert agg["validation_auc"]["exam_max"] == 1.0 and agg["validation_auc"]["exam_mean"] == 0.0
+    assert agg["exam"] == "max"

@@ -80,20 +80,31 @@ def choose_aggregation(samples: Sequence[Sample], scores: np.ndarray,
         auc[f"breast_{rule}"] = roc_auc(*per_rule[rule][:2]) if len(per_rule[rule][0]) else None
     breast = _best(RULES, [auc[f"breast_{r}"] for r in RULES])
     by, bs, ids = per_rule[breast]
-    exams = exam_of_breasts(samples, ids, exam_ids)
+    exams = np.array(exam_of_breasts(samples, ids, exam_ids), dtype=object)
+    # Only exams with both breasts: where one exam has only its cancer side and another both
+    # healthy breasts (as in pools built from cancer cases), the max of two breasts is
+    # inflated on the healthy ones and the comparison is biased against max. A screening
+    # exam has both breasts, so those are the exams that can choose the rule.
+    exam_names, counts = np.unique(exams, return_counts=True)
+    complete = np.isin(exams, exam_names[counts == 2])
     for rule in ("max", "mean"):
-        ey, es, _ = group_scores(exams, by, bs, rule)
+        ey, es, _ = group_scores(list(exams[complete]), by[complete], bs[complete], rule)
         auc[f"exam_{rule}"] = roc_auc(ey, es) if len(ey) else None
     exam = _best(("max", "mean"), [auc["exam_max"], auc["exam_mean"]], tie="max")
+    complete_exams = int(np.sum(counts == 2))
+    malignant_complete = len({e for e, y in zip(exams[complete], by[complete], strict=True)
+                              if y == 1})
     return {
         "breast": breast,
         "exam": exam,
         "rule": "breast: mean or max of its images' scores, whichever has the higher "
                 "validation breast-level AUC; exam: max or mean of its breasts' scores, by "
-                "validation exam-level AUC (exam malignant if any breast is; the patient is "
-                "the exam without a study id); ties: mean for breasts, max for exams (the worker's "
+                "validation exam-level AUC over exams with both breasts (exam malignant if any "
+                "breast is; the patient is the exam without a study id); ties, and too few "
+                "such exams of both classes: mean for breasts, max for exams (the worker's "
                 "defaults)",
         "validation_auc": {k: None if v is None else round(v, 6) for k, v in auc.items()},
+        "exams_with_both_breasts": {"exams": complete_exams, "malignant": malignant_complete},
     }
 
 
