@@ -74,12 +74,24 @@ def test_exam_rule_is_chosen_on_exams_with_both_breasts() -> None:
     pools built from cancer cases look) would favour the mean: the max of two healthy breasts
     is inflated. Only exams with both breasts choose the rule."""
     rows = []
-    for k in range(6):
+    for k in range(10):
         rows += [(f"one{k}", "L", 1, 0.6)]  # cancer side only
         rows += [(f"both{k}", "L", 1, 0.8), (f"both{k}", "R", 0, 0.05)]  # a cancer in one breast
         rows += [(f"ok{k}", "L", 0, 0.7), (f"ok{k}", "R", 0, 0.2)]  # healthy, both breasts
     samples, scores = _images(rows)
     agg = choose_aggregation(samples, scores)
-    assert agg["exams_with_both_breasts"] == {"exams": 12, "malignant": 6}
+    assert agg["exams_with_both_breasts"] == {"exams": 20, "malignant": 10}
     assert agg["validation_auc"]["exam_max"] == 1.0 and agg["validation_auc"]["exam_mean"] == 0.0
+    assert agg["exam"] == "max"
+
+
+def test_too_few_exams_with_both_breasts_keep_the_default() -> None:
+    # Mean wins on the 4 complete exams, but 2 per class are too few to choose by.
+    rows = []
+    for k in range(2):
+        rows += [(f"both{k}", "L", 1, 0.8), (f"both{k}", "R", 0, 0.5)]
+        rows += [(f"ok{k}", "L", 0, 0.9), (f"ok{k}", "R", 0, 0.1)]
+    samples, scores = _images(rows)
+    agg = choose_aggregation(samples, scores)
+    assert agg["validation_auc"]["exam_mean"] > agg["validation_auc"]["exam_max"]
     assert agg["exam"] == "max"

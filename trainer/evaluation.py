@@ -66,6 +66,10 @@ def exam_of_breasts(samples: Sequence[Sample], breast_ids: Sequence[str],
     return [exam_of[b] for b in breast_ids]
 
 
+# An AUC over fewer exams of a class than this is too noisy to choose a rule by.
+MIN_EXAMS_PER_CLASS = 10
+
+
 def choose_aggregation(samples: Sequence[Sample], scores: np.ndarray,
                        exam_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """The view-combination rule the worker will use, chosen on these (validation) scores:
@@ -90,19 +94,21 @@ def choose_aggregation(samples: Sequence[Sample], scores: np.ndarray,
     for rule in ("max", "mean"):
         ey, es, _ = group_scores(list(exams[complete]), by[complete], bs[complete], rule)
         auc[f"exam_{rule}"] = roc_auc(ey, es) if len(ey) else None
-    exam = _best(("max", "mean"), [auc["exam_max"], auc["exam_mean"]], tie="max")
     complete_exams = int(np.sum(counts == 2))
     malignant_complete = len({e for e, y in zip(exams[complete], by[complete], strict=True)
                               if y == 1})
+    enough = min(malignant_complete, complete_exams - malignant_complete) >= MIN_EXAMS_PER_CLASS
+    exam = (_best(("max", "mean"), [auc["exam_max"], auc["exam_mean"]], tie="max") if enough
+            else "max")
     return {
         "breast": breast,
         "exam": exam,
         "rule": "breast: mean or max of its images' scores, whichever has the higher "
                 "validation breast-level AUC; exam: max or mean of its breasts' scores, by "
                 "validation exam-level AUC over exams with both breasts (exam malignant if any "
-                "breast is; the patient is the exam without a study id); ties, and too few "
-                "such exams of both classes: mean for breasts, max for exams (the worker's "
-                "defaults)",
+                "breast is; the patient is the exam without a study id); ties, and fewer than "
+                f"{MIN_EXAMS_PER_CLASS} such exams of either class: mean for breasts, max for "
+                "exams (the worker's defaults)",
         "validation_auc": {k: None if v is None else round(v, 6) for k, v in auc.items()},
         "exams_with_both_breasts": {"exams": complete_exams, "malignant": malignant_complete},
     }
