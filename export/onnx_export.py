@@ -14,7 +14,6 @@ file trained under another backend loads into it unchanged.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.dataset import read_predictions
 from worker.model_metadata import (
     AGGREGATION_LEVELS,
     DEFAULT_AGGREGATION,
@@ -288,19 +288,18 @@ def metadata_from_run(run: dict[str, Any]) -> dict[str, Any]:
 def validation_image_paths(run_dir: str | Path, images_base: str | Path, n: int) -> list[Path]:
     """Up to ``n`` of the run's validation images (``val_predictions.csv``), both classes
     interleaved, resolved against ``images_base`` (the training source's folder)."""
-    rows_path = Path(run_dir) / "val_predictions.csv"
     if n <= 0:
         return []
-    if not rows_path.is_file():
-        raise ExportError(f"{rows_path} not found; pass parity images explicitly")
-    with rows_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    by_class = [[r for r in rows if r["label"] == name] for name in DEFAULT_CLASS_NAMES]
+    rows = read_predictions(Path(run_dir) / "val_predictions.csv", images_base)
+    if not rows:
+        raise ExportError(f"{Path(run_dir) / 'val_predictions.csv'} not found; pass parity "
+                          "images explicitly")
+    by_class = [[r for r in rows if r.label == c] for c in (0, 1)]
     picked: list[Path] = []
     for i in range(max(len(c) for c in by_class)):
         for rows_of_class in by_class:
             if i < len(rows_of_class) and len(picked) < n:
-                picked.append(Path(images_base) / rows_of_class[i]["filename"])
+                picked.append(rows_of_class[i].path)
     missing = [p for p in picked if not p.is_file()]
     if missing:
         raise ExportError(f"validation image not found: {missing[0]} (pass --images)")

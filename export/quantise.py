@@ -13,7 +13,6 @@ Needs onnx and onnxruntime only (no TensorFlow), so it can quantise any exported
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.dataset import DatasetError, Sample, discover, read_predictions
 from worker.metrics import roc_auc
 from worker.model_metadata import KEY_MODEL_VERSION, ModelMetadata, ModelMetadataError
 from worker.preprocess import preprocess_file
@@ -35,13 +35,6 @@ INT8_SUFFIX = "-int8"
 
 class QuantiseError(RuntimeError):
     """The int8 model cannot be made or is not good enough; one line for the operator."""
-
-
-@dataclass(frozen=True)
-class LabelledImage:
-    path: Path
-    positive: bool
-    patient_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,43 +74,13 @@ class QuantiseReport:
 # ---- which images ----------------------------------------------------------------------------
 
 
-def read_pool(labels_csv: Path, positive_class: str) -> list[LabelledImage]:
-    """The labelled pool: a CSV with `filename` (relative to its folder) and `label`."""
-    try:
-        with labels_csv.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise QuantiseError(f"cannot read {labels_csv}: {exc.strerror}") from exc
-    if not rows or not {"filename", "label"} <= set(rows[0]):
-        raise QuantiseError(f"{labels_csv} needs the columns filename and label")
-    base = labels_csv.parent
-    return [
-        LabelledImage(base / r["filename"], r["label"] == positive_class, r.get("patient_id", ""))
-        for r in rows
-    ]
-
-
-def validation_split(run_dir: Path, images_base: Path, positive_class: str
-                     ) -> list[LabelledImage]:
-    """The run's validation images (val_predictions.csv), or [] when the run has none."""
-    rows_path = run_dir / "val_predictions.csv"
-    if not rows_path.is_file():
-        return []
-    with rows_path.open(newline="") as fh:
-        return [
-            LabelledImage(images_base / r["filename"], r["label"] == positive_class,
-                          r.get("patient_id", ""))
-            for r in csv.DictReader(fh)
-        ]
-
-
 def choose_images(
-    pool: list[LabelledImage],
-    validation: list[LabelledImage],
+    pool: list[Sample],
+    validation: list[Sample],
     n_calibration: int,
     n_evaluation: int,
     seed: int,
-) -> tuple[list[LabelledImage], list[LabelledImage], str]:
+) -> tuple[list[Sample], list[Sample], str]:
     """Seeded draws: evaluation from the validation split when known (else from the pool, by
     patient), calibration from the rest of the pool, never sharing a patient with it."""
     rng = random.Random(seed)
@@ -197,7 +160,7 @@ def quantise(
     float_model: Path,
     out_path: Path,
     calibration: Sequence[Path],
-    evaluation: Sequence[LabelledImage],
+    evaluation: Sequence[Sample],
     max_auc_drop: float = 0.005,
     evaluation_source: str = "held-out",
 ) -> QuantiseReport:
@@ -260,7 +223,7 @@ def quantise(
         except ModelLoadError as exc:
             raise QuantiseError(str(exc)) from exc
 
-        y = np.array([im.positive for im in evaluation], dtype=bool)
+        y = np.array([im.label == 1 for im in evaluation], dtype=bool)
         s_float = _scores(float_scorer, eval_arrays) if eval_arrays else np.zeros(0)
         s_int8 = _scores(int8_scorer, eval_arrays) if eval_arrays else np.zeros(0)
         report = QuantiseReport(
@@ -302,21 +265,13 @@ def quantise_from_run(
         except (OSError, ValueError) as exc:
             raise QuantiseError(f"cannot read {metrics_path}: {exc}") from exc
     source = images_source or Path(run.get("training", {}).get("source", ""))
-    labels_csv = source if source.is_file() else source / "labels.csv"
-    if not labels_csv.is_file():
-        raise QuantiseError(
-            f"no labelled images at {source} (pass --images LABELS_CSV or its folder)"
-        )
     try:
-        positive = Scorer(float_model).metadata.class_names[1]
-    except ModelLoadError as exc:
-        raise QuantiseError(str(exc)) from exc
-    pool = read_pool(labels_csv, positive)
-    validation = (
-        validation_split(metrics_path.parent, labels_csv.parent, positive)
-        if metrics_path is not None
-        else []
-    )
+        pool = [im for im in discover(source) if im.split != "test"]
+    except DatasetError as exc:
+        raise QuantiseError(f"{exc} (pass --images LABELS_CSV or its folder)") from exc
+    base = source.parent if source.is_file() else source
+    validation = (read_predictions(metrics_path.parent / "val_predictions.csv", base)
+                  if metrics_path is not None else [])
     calibration, evaluation, source_name = choose_images(
         pool, validation, n_calibration, n_evaluation, seed
     )

@@ -115,11 +115,11 @@ def test_export_int8_refuses_in_one_line(tmp_path: Path) -> None:
         "filename,label\n" + "".join(f"images/benign/p{i // 2}_{i}.png,benign\n"
                                      for i in (2, 3, 6, 7)))
     out = tmp_path / "conv-int8.onnx"
-    # Evaluation images of one class only: no AUC to compare, so nothing is written.
+    # A pool of one class only: no AUC to compare, so it is refused before anything is written.
     result = CliRunner().invoke(cli, ["export", str(model), "--int8", "--out", str(out),
                                       "--images", str(labels), "--calibration-images", "2",
                                       "--evaluation-images", "2"])
-    assert result.exit_code == 1 and "need both classes" in result.output
+    assert result.exit_code == 1 and "no malignant images" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
     # An ONNX model without --int8 is a mistake, not a silent re-export.
     result = CliRunner().invoke(cli, ["export", str(model), "--out", str(out)])

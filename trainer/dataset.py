@@ -293,6 +293,18 @@ def kfold_by_patient(
     return folds
 
 
+def read_predictions(csv_path: str | Path, base: str | Path) -> list[Sample]:
+    """The labelled images of a run's ``val_predictions.csv`` (file names relative to
+    ``base``, the training source's folder), in file order; [] when there is no such file."""
+    path = Path(csv_path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return [Sample(Path(base) / r["filename"], _LABEL_VALUES[r["label"].lower()],
+                       r.get("patient_id") or None, r.get("laterality") or None)
+                for r in csv.DictReader(fh)]
+
+
 def read_columns(csv_path: str | Path, samples: Sequence[Sample], columns: Sequence[str]
                  ) -> dict[str, np.ndarray]:
     """The named CSV columns for each sample ("" where a row or value is missing): grouping
