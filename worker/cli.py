@@ -411,6 +411,7 @@ def report(
 ) -> None:
     """Audit what was screened: per model version, the calls against known outcomes.
 
+    At image level, and at breast and exam level where images carry a study (and a side).
     Confusion matrix (rows truth, columns call), sensitivity, specificity, PPV, NPV, recall
     rate, accuracy and ROC AUC, each with a 95% bootstrap interval, and caveats where a figure
     rests on too few cases.
@@ -428,12 +429,13 @@ def report(
     try:  # the configured model's operating points, for what each implies in the period
         meta = Scorer(config.model_path, config.model_sha256).metadata
         points = {meta.model_version: meta.points}
+        rules = {meta.model_version: meta.aggregation}  # how it scores breasts and exams
     except ModelLoadError as exc:
         click.echo(f"operating points not shown: {exc}", err=True)
-        points = {}
+        points, rules = {}, {}
     store = open_store(config)
     try:
-        result = audit(store, since_dt, until_dt, operating_points=points)
+        result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))
