@@ -426,15 +426,17 @@ def report(
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)
-    try:  # the configured model's operating points, for what each implies in the period
-        meta = Scorer(config.model_path, config.model_sha256).metadata
-        points = {meta.model_version: meta.points}
-        rules = {meta.model_version: meta.aggregation}  # how it scores breasts and exams
-    except ModelLoadError as exc:
-        click.echo(f"operating points not shown: {exc}", err=True)
-        points, rules = {}, {}
-    store = open_store(config)
+    store = open_store(config)  # first: a wrong database is the one line the operator sees
     try:
+        try:  # the configured model's operating points, and its breast and exam rule
+            meta = Scorer(config.model_path, config.model_sha256).metadata
+            points = {meta.model_version: meta.points}
+            rules = {meta.model_version: meta.aggregation}
+        except ModelLoadError as exc:
+            click.echo(
+                f"operating points not shown, breast and exam rule the default: {exc}", err=True
+            )
+            points, rules = {}, {}
         result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
     finally:
         store.dispose()
