@@ -186,3 +186,27 @@ def test_levels_without_identity_are_left_out_with_a_note(tmp_path: Path) -> Non
     text = format_text(a.report)
     assert "exam level: no image with a known outcome has a Study Instance UID" in text
     assert "(level left out)" in render_html(a)
+
+
+def test_an_instance_sent_twice_is_one_image_of_its_breast(tmp_path: Path) -> None:
+    """As in worker/exams.py: the latest copy of a SOP instance counts in breasts and exams;
+    image level keeps both copies, as it always has."""
+    from worker.results import import_outcomes
+    from worker.store import SCORED, ImageRecord
+
+    store = Store(f"sqlite:///{tmp_path / 'd.db'}")
+    rows = [("a", "1.2.3", 0.9), ("b", "1.2.3", 0.2), ("c", None, 0.4)]  # a then b: same instance
+    with store.write() as s:
+        for name, sop, score in rows:
+            s.add(ImageRecord(filename=name, source_path=f"/in/{name}", sha256=name,
+                              size_bytes=1, status=SCORED, score=score, threshold=0.5,
+                              model_version="v", attempts=1, patient_id="P", study_uid="S",
+                              laterality="L", sop_instance_uid=sop))
+    (tmp_path / "o.csv").write_text("sha256,label\na,malignant\nb,malignant\nc,benign\n")
+    assert import_outcomes(store, tmp_path / "o.csv").matched == 3
+    (m,) = audit(store, resamples=50, aggregation={"v": RULE}).report["models"]
+    store.dispose()
+    assert m["n"] == 3
+    breast = m["levels"]["breast"]
+    assert breast["n"] == 1 and breast["images"] == 2  # b (the latest copy) and c
+    assert breast["fn"] == 1  # max(0.2, 0.4) < 0.5: called benign, and malignant through b
