@@ -156,6 +156,11 @@ def test_patients_are_the_resampling_unit_when_known() -> None:
     groups, unit = resampling_groups([row(0, None), row(1, None)])
     assert unit is ResampledUnit.IMAGE and groups[0] != groups[1]
     assert resampling_groups([row(0, "A"), row(1, None)])[1] is ResampledUnit.MIXED
+    # No patient but a study: the study's units go together (breasts of one exam, say).
+    s0, s1 = (AuditRow(i, f"f{i}", "v", True, 0.5, 0.5, True, study_uid="S") for i in (0, 1))
+    groups, unit = resampling_groups([s0, s1, row(2, None)])
+    assert unit is ResampledUnit.MIXED and groups[0] == groups[1] != groups[2]
+    assert resampling_groups([s0, s1])[1] is ResampledUnit.STUDY
 
 
 def test_html_is_self_contained_and_escaped(store: Store) -> None:

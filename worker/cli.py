@@ -411,6 +411,7 @@ def report(
 ) -> None:
     """Audit what was screened: per model version, the calls against known outcomes.
 
+    At image level, and at breast and exam level where images carry a study (and a side).
     Confusion matrix (rows truth, columns call), sensitivity, specificity, PPV, NPV, recall
     rate, accuracy and ROC AUC, each with a 95% bootstrap interval, and caveats where a figure
     rests on too few cases.
@@ -425,15 +426,18 @@ def report(
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)
-    try:  # the configured model's operating points, for what each implies in the period
-        meta = Scorer(config.model_path, config.model_sha256).metadata
-        points = {meta.model_version: meta.points}
-    except ModelLoadError as exc:
-        click.echo(f"operating points not shown: {exc}", err=True)
-        points = {}
-    store = open_store(config)
+    store = open_store(config)  # first: a wrong database is the one line the operator sees
     try:
-        result = audit(store, since_dt, until_dt, operating_points=points)
+        try:  # the configured model's operating points, and its breast and exam rule
+            meta = Scorer(config.model_path, config.model_sha256).metadata
+            points = {meta.model_version: meta.points}
+            rules = {meta.model_version: meta.aggregation}
+        except ModelLoadError as exc:
+            click.echo(
+                f"operating points not shown, breast and exam rule the default: {exc}", err=True
+            )
+            points, rules = {}, {}
+        result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))

@@ -156,7 +156,7 @@ def join_exam(s: Session, row: ImageRecord, now: dt.datetime) -> None:
 # ---- scoring settled exams and writing their outbox documents -----------------------------
 
 
-def _one_per_instance(images: list[ImageRecord]) -> list[ImageRecord]:
+def one_per_instance(images: list[ImageRecord]) -> list[ImageRecord]:
     """One image per SOP Instance UID, the latest received: a DICOM instance sent again with
     other bytes (re-encoded by a PACS, say) is the same image and must not count twice."""
     latest: dict[str, ImageRecord] = {}
@@ -252,7 +252,7 @@ class ExamBook:
                 .where(ImageRecord.status == SCORED, ImageRecord.study_uid == exam.study_uid)
                 .order_by(ImageRecord.id)
             )
-            images = _one_per_instance([r for r in s.scalars(q) if r.score is not None])
+            images = one_per_instance([r for r in s.scalars(q) if r.score is not None])
             if not images:  # cannot happen through join_exam; do not loop on it
                 exam.status = ExamStatus.SCORED.value
                 _exam_event(s, exam.id, "exam_skipped", "no scored image")

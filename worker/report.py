@@ -1,9 +1,10 @@
 """`screen report`: what was screened, and an audit of the calls against known outcomes.
 
-One gathering step (`audit`) reads the period's rows once; the text and JSON below, the PNG
-(`worker.report_plots`) and the HTML page (`worker.report_html`) all render its result, so they
-cannot disagree. The confusion matrix has one orientation everywhere: rows are the truth,
-columns the model's call, each labelled with the class names.
+The audit counts at three levels: images, breasts and exams (see `Level`). One gathering
+step (`audit`) reads the period's rows once; the text and JSON below, the PNG
+(`worker.report_plots`) and the HTML page (`worker.report_html`) all render its result, so
+they cannot disagree. The confusion matrix has one orientation everywhere: rows are the
+truth, columns the model's call, each labelled with the class names.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from worker.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
+from worker.exams import one_per_instance, score_exam
 from worker.metrics import confusion_of_calls, rates, roc_auc
-from worker.model_metadata import OperatingPoint
+from worker.model_metadata import DEFAULT_AGGREGATION, OperatingPoint
 from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord, Store
 
 CLASSES = ("benign", "malignant")  # outcome vocabulary; index 1 is the positive class
@@ -32,20 +34,29 @@ QUARANTINE_LISTED = 50  # quarantined files named in the report; the rest are co
 class Level(StrEnum):
     """The unit the figures count.
 
-    Only images today. Breast and exam level come once the `images` table carries patient,
-    study and laterality: a breast unit is the rows sharing (patient_id, study_uid,
-    laterality), an exam unit those sharing (patient_id, study_uid); a unit's score is its
-    highest image score, its truth malignant if any image's is, its call malignant if any
-    image was called so. `units_at` is where that grouping goes.
+    The grouping follows worker/exams.py, so the audit judges the units the worker reports:
+    an exam is the images of one study (an image without a Study Instance UID is in no exam
+    and no breast), a breast the images of an exam with one side (L or R); images of unknown
+    side are in no breast but count in their exam as one group. A unit's score is the model's
+    rule (`score_exam`, mean or max) over its images, its truth malignant if any of its
+    images' outcomes is, its call its score at the threshold recorded with its images. Only
+    images with a known outcome enter a unit, so a unit's score can differ from the one the
+    worker wrote when part of a study has no outcome yet.
     """
 
     IMAGE = "image"
+    BREAST = "breast"
+    EXAM = "exam"
+
+
+UNIT_LEVELS = (Level.BREAST, Level.EXAM)  # the levels made of groups of images
 
 
 class ResampledUnit(StrEnum):
     PATIENT = "patient"
+    STUDY = "study"
     IMAGE = "image"
-    MIXED = "patient where known, otherwise image"
+    MIXED = "patient where known, otherwise study, otherwise image"
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class AuditRow:
     patient_id: str | None = None
     study_uid: str | None = None
     laterality: str | None = None
+    n_images: int = 1  # images in the unit (breast and exam level)
 
 
 @dataclass
@@ -70,6 +82,8 @@ class Audit:
 
     report: dict[str, Any]
     rows: dict[str, list[AuditRow]] = field(default_factory=dict)
+    # (model version, breast or exam level) -> its units, for the plots of those levels.
+    units: dict[tuple[str, Level], list[AuditRow]] = field(default_factory=dict)
 
 
 def _called(r: ImageRecord) -> bool:
@@ -93,68 +107,119 @@ def audit_rows(images: list[ImageRecord], outcomes: dict[str, str]) -> list[Audi
                 score=float(r.score),
                 threshold=r.threshold,
                 called=_called(r),
-                # The identity columns (patient_id, study_uid, laterality) land in the images
-                # table separately; until then these read None and the audit is image-level,
-                # resampled over images.
-                patient_id=getattr(r, "patient_id", None),
-                study_uid=getattr(r, "study_uid", None),
-                laterality=getattr(r, "laterality", None),
+                patient_id=r.patient_id,
+                study_uid=r.study_uid,
+                laterality=r.laterality,
             )
         )
     return rows
 
 
-def units_at(rows: list[AuditRow], level: Level) -> list[AuditRow]:
-    """The rows as units of `level` (see Level for how breast and exam units will group)."""
+def _unit(members: list[AuditRow], score: float, name: str, side: str | None) -> AuditRow:
+    """One breast or exam of `members` (image rows of one study, ordered by id)."""
+    latest = members[-1]
+    # The threshold in force when the unit's last image was scored (the worker calls a
+    # breast and an exam at the operating point of its images); rows from before thresholds
+    # were recorded fall back to their labels: the unit is called if any image was.
+    threshold = next((r.threshold for r in reversed(members) if r.threshold is not None), None)
+    return AuditRow(
+        image_id=members[0].image_id,
+        filename=name,
+        model_version=latest.model_version,
+        truth=any(r.truth for r in members),
+        score=score,
+        threshold=threshold,
+        called=score >= threshold if threshold is not None else any(r.called for r in members),
+        patient_id=next((r.patient_id for r in members if r.patient_id is not None), None),
+        study_uid=latest.study_uid,
+        laterality=side,
+        n_images=len(members),
+    )
+
+
+def units_at(
+    rows: list[AuditRow], level: Level, aggregation: dict[str, str] | None = None
+) -> list[AuditRow]:
+    """The image rows of one model version as units of `level` (see Level), scored by the
+    model's `aggregation` rule ({"breast": ..., "exam": ...}; the default when None)."""
     if level is Level.IMAGE:
         return rows
-    raise ValueError(f"level {level.value} needs patient, study and laterality columns")
+    rule = aggregation or DEFAULT_AGGREGATION
+    studies: dict[str, list[AuditRow]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r.image_id):
+        if r.study_uid is not None:  # no study, no exam and no breast (as in worker/exams.py)
+            studies[r.study_uid].append(r)
+    units = []
+    for study, members in studies.items():
+        exam = score_exam(((r.laterality, r.score) for r in members), rule)
+        if level is Level.EXAM:
+            units.append(_unit(members, exam.score, study, None))
+            continue
+        for b in exam.breasts:
+            side = [r for r in members if r.laterality == b.laterality]
+            units.append(_unit(side, b.score, f"{study} {b.laterality}", b.laterality))
+    return units
 
 
 def resampling_groups(rows: list[AuditRow]) -> tuple[list[str], ResampledUnit]:
-    """Bootstrap groups: the patient where known, else the image alone; and what that is."""
-    known = sum(r.patient_id is not None for r in rows)
-    groups = [
-        f"p:{r.patient_id}" if r.patient_id is not None else f"i:{r.image_id}" for r in rows
-    ]
-    if known == len(rows) and rows:
-        return groups, ResampledUnit.PATIENT
-    return groups, ResampledUnit.IMAGE if known == 0 else ResampledUnit.MIXED
+    """Bootstrap groups: the patient where known, else the study, else the image alone (units
+    of one patient or one study are not independent); and what that is."""
+    groups = []
+    kinds: set[ResampledUnit] = set()
+    for r in rows:
+        if r.patient_id is not None:
+            groups.append(f"p:{r.patient_id}")
+            kinds.add(ResampledUnit.PATIENT)
+        elif r.study_uid is not None:
+            groups.append(f"s:{r.study_uid}")
+            kinds.add(ResampledUnit.STUDY)
+        else:
+            groups.append(f"i:{r.image_id}")
+            kinds.add(ResampledUnit.IMAGE)
+    if len(kinds) == 1:
+        return groups, kinds.pop()
+    return groups, ResampledUnit.IMAGE if not kinds else ResampledUnit.MIXED
 
 
 def _caveats(m: dict[str, Any]) -> list[str]:
     out = []
+    unit = m["level"]  # image, breast or exam: the caveats name what was counted
     if m["positives"] == 0:
-        out.append("no malignant image: sensitivity and ROC AUC are undefined")
+        out.append(f"no malignant {unit}: sensitivity and ROC AUC are undefined")
     elif m["positives"] < MIN_CASES:
         out.append(
-            f"only {m['positives']} malignant image(s): sensitivity and ROC AUC rest on too few "
-            "cases to judge, whatever their value"
+            f"only {m['positives']} malignant {unit}(s): sensitivity and ROC AUC rest on too "
+            "few cases to judge, whatever their value"
         )
     if m["negatives"] == 0:
-        out.append("no benign image: specificity and ROC AUC are undefined")
+        out.append(f"no benign {unit}: specificity and ROC AUC are undefined")
     elif m["negatives"] < MIN_CASES:
         out.append(
-            f"only {m['negatives']} benign image(s): specificity and ROC AUC rest on too few "
+            f"only {m['negatives']} benign {unit}(s): specificity and ROC AUC rest on too few "
             "cases to judge"
         )
     called_pos, called_neg = m["tp"] + m["fp"], m["tn"] + m["fn"]
     if 0 < called_pos < MIN_CASES:
-        out.append(f"only {called_pos} image(s) called malignant: PPV rests on too few cases")
+        out.append(f"only {called_pos} {unit}(s) called malignant: PPV rests on too few cases")
     if 0 < called_neg < MIN_CASES:
-        out.append(f"only {called_neg} image(s) called benign: NPV rests on too few cases")
+        out.append(f"only {called_neg} {unit}(s) called benign: NPV rests on too few cases")
     if len(m["thresholds"]) != 1:
         out.append(
             f"scores of this version were recorded at {len(m['thresholds'])} different "
-            "thresholds; each image is counted at its own (or its recorded label)"
+            f"thresholds; each {unit} is counted at its own (or its recorded label)"
         )
     return out
 
 
 def model_figures(
-    version: str, rows: list[AuditRow], resamples: int = RESAMPLES, seed: int = SEED
+    version: str,
+    rows: list[AuditRow],
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+    level: Level = Level.IMAGE,
 ) -> dict[str, Any]:
-    """Every figure for one model version, each with its 95% bootstrap interval."""
+    """Every figure for one model version at one level, each with its 95% bootstrap
+    interval. `rows` are the units of that level (`units_at`)."""
     y = np.array([r.truth for r in rows], dtype=bool)
     s = np.array([r.score for r in rows], dtype=np.float64)
     called = np.array([r.called for r in rows], dtype=bool)
@@ -164,7 +229,7 @@ def model_figures(
     thresholds = sorted({r.threshold for r in rows if r.threshold is not None})
     m: dict[str, Any] = {
         "model_version": version,
-        "level": Level.IMAGE.value,
+        "level": level.value,
         "n": c.n,
         "positives": int(y.sum()),
         "negatives": int((~y).sum()),
@@ -193,6 +258,43 @@ def model_figures(
     }
     m["caveats"] = _caveats(m)
     return m
+
+
+def _no_units_note(level: Level) -> str:
+    if level is Level.EXAM:
+        return "exam level: no image with a known outcome has a Study Instance UID"
+    return "breast level: no image with a known outcome has a Study Instance UID and a side"
+
+
+def level_figures(
+    version: str,
+    rows: list[AuditRow],
+    aggregation: dict[str, str] | None,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> tuple[dict[str, Any], list[str], dict[Level, list[AuditRow]]]:
+    """Breast and exam figures of one version: (level -> figures, notes on levels left out,
+    level -> units). `aggregation` is the version's rule, None when it is not known."""
+    rule = aggregation or DEFAULT_AGGREGATION
+    figures, notes, units = {}, [], {}
+    for level in UNIT_LEVELS:
+        level_units = units_at(rows, level, rule)
+        if not level_units:
+            notes.append(_no_units_note(level))
+            continue
+        m = model_figures(version, level_units, resamples, seed, level)
+        m["images"] = sum(u.n_images for u in level_units)
+        m["aggregation"] = {**rule, "source": "model" if aggregation else "default"}
+        if aggregation is None:
+            m["caveats"].insert(
+                0,
+                f"the breast and exam rules of model {version} are not known (it is not the "
+                f"configured model): the default (breast {rule['breast']}, exam "
+                f"{rule['exam']}) is used",
+            )
+        figures[level.value] = m
+        units[level] = level_units
+    return figures, notes, units
 
 
 def operating_point_figures(
@@ -239,12 +341,16 @@ def audit(
     resamples: int = RESAMPLES,
     seed: int = SEED,
     operating_points: dict[str, dict[str, OperatingPoint]] | None = None,
+    aggregation: dict[str, dict[str, str]] | None = None,
 ) -> Audit:
-    """Counts by status and call, and per model version the audit against outcomes.
+    """Counts by status and call, and per model version the audit against outcomes, at
+    image level and, where images carry a study (and a side), at breast and exam level.
 
     The period is by time received, `since` inclusive and `until` exclusive (naive UTC).
     ``operating_points`` (model version -> its points, from the model file) adds what each
-    point would have implied in the period.
+    point would have implied in the period. ``aggregation`` (model version -> its breast and
+    exam rule, from the model file) scores breasts and exams; other versions get the default
+    rule, with a caveat.
     """
     images = _before(store.all_images(since), until)
     outcomes = store.outcomes()
@@ -259,10 +365,30 @@ def audit(
     models = [
         model_figures(v, rows, resamples, seed) for v, rows in sorted(per_version.items())
     ]
+    # One DICOM instance received twice with other bytes is one image of its breast and exam
+    # (worker/exams.py's rule); at image level both copies stay, as they always have.
+    once = {r.id for r in one_per_instance([r for r in images if r.status == SCORED])}
+    units: dict[tuple[str, Level], list[AuditRow]] = {}
+    for m in models:
+        version = m["model_version"]
+        m["levels"], m["level_notes"], by_level = level_figures(
+            version,
+            [r for r in per_version[version] if r.image_id in once],
+            (aggregation or {}).get(version),
+            resamples,
+            seed,
+        )
+        units.update({(version, level): u for level, u in by_level.items()})
 
     scored = by_status.get(SCORED, 0)
     with_outcome = sum(len(v) for v in per_version.values())
     caveats = [f"{m['model_version']}: {c}" for m in models for c in m["caveats"]]
+    caveats += [
+        f"{m['model_version']}, {level} level: {c}"
+        for m in models
+        for level, lm in m["levels"].items()
+        for c in lm["caveats"]
+    ]
     if scored and not with_outcome:
         caveats.insert(
             0, "no scored image has a known outcome yet (screen outcomes import FILE.csv)"
@@ -291,7 +417,7 @@ def audit(
         },
         "caveats": caveats,
     }
-    return Audit(report, dict(per_version))
+    return Audit(report, dict(per_version), units)
 
 
 def build_report(
@@ -346,6 +472,34 @@ def confusion_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def level_summary(m: dict[str, Any]) -> str:
+    """`image level: n=...`, with the images and the rule behind breast and exam units."""
+    text = f"{m['level']} level, n={m['n']} ({m['positives']} malignant, {m['negatives']} benign)"
+    if m["level"] != "image":
+        a = m["aggregation"]
+        text += (f" from {m['images']} image(s); score: breast {a['breast']}, exam {a['exam']} "
+                 f"({'from the model' if a['source'] == 'model' else 'default rule'})")
+    return text
+
+
+def figures_block(m: dict[str, Any]) -> list[str]:
+    """One model version at one level, as text lines."""
+    b = m["bootstrap"]
+    threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
+    return [
+        f"model {m['model_version']}: {level_summary(m)}, threshold {threshold}",
+        *confusion_lines(m),
+        f"  {'figure':<14}{'value':>7}   95% CI",
+        *(
+            f"  {label:<14}{fmt_value(m[key]):>7}   {fmt_ci(m[key + '_ci'])}"
+            for key, label in FIGURE_ROWS
+        ),
+        f"  intervals: percentile bootstrap, {b['resamples']} resamples of {b['groups']} "
+        f"{b['unit']} unit(s), seed {b['seed']}",
+        *(f"  CAVEAT: {c}" for c in m["caveats"]),
+    ]
+
+
 def format_text(report: dict[str, Any]) -> str:
     lines = [
         f"period: {period_text(report)} (UTC)",
@@ -362,22 +516,11 @@ def format_text(report: dict[str, Any]) -> str:
         )
     lines.append(f"scored with a known outcome: {report['with_outcome']} of {report['scored']}")
     for m in report["models"]:
-        b = m["bootstrap"]
-        threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
-        lines += [
-            "",
-            f"model {m['model_version']}: {m['level']} level, n={m['n']} "
-            f"({m['positives']} malignant, {m['negatives']} benign), threshold {threshold}",
-            *confusion_lines(m),
-            f"  {'figure':<14}{'value':>7}   95% CI",
-            *(
-                f"  {label:<14}{fmt_value(m[key]):>7}   {fmt_ci(m[key + '_ci'])}"
-                for key, label in FIGURE_ROWS
-            ),
-            f"  intervals: percentile bootstrap, {b['resamples']} resamples of {b['groups']} "
-            f"{b['unit']} unit(s), seed {b['seed']}",
-        ]
-        lines += [f"  CAVEAT: {c}" for c in m["caveats"]]
+        lines += ["", *figures_block(m)]
+        for lm in m.get("levels", {}).values():
+            lines += ["", *figures_block(lm)]
+        lines += [f"model {m['model_version']}: {note} (level left out)"
+                  for note in m.get("level_notes", [])]
     for version, points in report.get("operating_points", {}).items():
         lines += ["", f"operating points of model {version} (from the model file): what each "
                       "would have called in this period",

@@ -13,7 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from worker.report import FIGURE_ROWS, Audit, fmt_ci, fmt_value, period_text
+from worker.report import FIGURE_ROWS, Audit, Level, fmt_ci, fmt_value, period_text
 from worker.store import utcnow
 
 DISCLAIMER = (
@@ -40,6 +40,9 @@ independent, which makes intervals too narrow when a patient has several images.
 <li><b>Calibration</b>: for images grouped by score, the share that were malignant; points on
 the diagonal mean a score of 0.3 is malignant about 30% of the time.
 <b>Scores by outcome</b>: every image's score, benign and malignant apart, with the threshold.</li>
+<li>The figures are given per <b>image</b> and, where images carry their study (and side),
+per <b>breast</b> and per <b>exam</b>: there "malignant" means any image of the breast or exam
+was, and the score is the model's rule over its images, as the worker reports them.</li>
 <li>Figures resting on fewer than 10 cases carry a <b>caveat</b>: read them as anecdotes.</li>
 </ul>
 """
@@ -92,16 +95,39 @@ def _figures_table(m: dict[str, Any]) -> str:
     )
 
 
+def _unit_text(m: dict[str, Any]) -> str:
+    """What a breast or exam unit is, and the rule that scored it."""
+    a = m["aggregation"]
+    rule = "the model's rule" if a["source"] == "model" else "the default rule"
+    what = (
+        "the images of one study with one side"
+        if m["level"] == Level.BREAST.value
+        else "the images of one study; images of unknown side count as one group"
+    )
+    return (
+        f"<p class=\"small\">A {escape(m['level'])} is {what}. Its score is {rule} over its "
+        f"{m['images']} image(s) with a known outcome (breast: {escape(a['breast'])} of its "
+        f"images, exam: {escape(a['exam'])} of its breasts); it is malignant if any of its "
+        "images is, and called at the threshold recorded with its images.</p>"
+    )
+
+
 def _model_section(m: dict[str, Any], png: bytes) -> str:
     b = m["bootstrap"]
     version = escape(m["model_version"])
+    level = escape(m["level"])
     threshold = ", ".join(f"{t:.4f}" for t in m["thresholds"]) or "not recorded"
     caveats = "".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in m["caveats"])
+    heading = f"Model {version}" if m["level"] == Level.IMAGE.value else (
+        f"Model {version}: {level} level"
+    )
+    about = "" if m["level"] == Level.IMAGE.value else _unit_text(m)
     return f"""
-<section class="model">
-<h2>Model {version}</h2>
-<p>{escape(m["level"])} level: n = {m["n"]} ({m["positives"]} malignant, {m["negatives"]} benign),
+<section class="model level-{level}">
+<h2>{heading}</h2>
+<p>{level} level: n = {m["n"]} ({m["positives"]} malignant, {m["negatives"]} benign),
 operating threshold {threshold} (the one recorded with each score).</p>
+{about}
 {caveats}
 <div style="display:flex; gap:2em; flex-wrap:wrap; align-items:flex-start">
 {_figures_table(m)}
@@ -113,21 +139,42 @@ operating threshold {threshold} (the one recorded with each score).</p>
 </section>"""
 
 
-def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
+def _version_sections(audit: Audit, m: dict[str, Any]) -> str:
+    """A version's image-level section, then one per breast and exam level (or a note)."""
     from worker.report_plots import figure_png
 
+    version = m["model_version"]
+    out = _model_section(m, figure_png(audit, [version]))
+    for level, lm in m["levels"].items():
+        out += _model_section(lm, figure_png(audit, [version], level=Level(level)))
+    out += "".join(
+        f'<p class="small level-note">Model {escape(version)}: {escape(note)} (level left '
+        "out).</p>"
+        for note in m["level_notes"]
+    )
+    return out
+
+
+def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
     r = audit.report
     generated = generated or utcnow()
     versions = ", ".join(escape(m["model_version"]) for m in r["models"]) or "none"
     counts = ", ".join(f"{escape(k)} {v}" for k, v in r["by_status"].items()) or "none"
     calls = ", ".join(f"{escape(k)} {v}" for k, v in r["by_call"].items()) or "none"
-    units = sorted({m["bootstrap"]["unit"] for m in r["models"]}) or ["image"]
+    units = sorted(
+        {m["bootstrap"]["unit"] for m in r["models"]}
+        | {lm["bootstrap"]["unit"] for m in r["models"] for lm in m["levels"].values()}
+    ) or ["image"]
     # The report's list repeats each version's caveats with its name; those show in its section.
     per_version = {f"{m['model_version']}: {c}" for m in r["models"] for c in m["caveats"]}
+    per_version |= {
+        f"{m['model_version']}, {level} level: {c}"
+        for m in r["models"]
+        for level, lm in m["levels"].items()
+        for c in lm["caveats"]
+    }
     global_caveats = [c for c in r["caveats"] if c not in per_version]
-    sections = "".join(
-        _model_section(m, figure_png(audit, [m["model_version"]])) for m in r["models"]
-    )
+    sections = "".join(_version_sections(audit, m) for m in r["models"])
     if not r["models"]:
         sections = "<p>No scored image has a known outcome in this period: nothing to audit.</p>"
     quarantined = ""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from worker.metrics import roc_curve
-from worker.report import MIN_CASES, Audit, AuditRow, fmt_ci, fmt_value
+from worker.report import MIN_CASES, Audit, AuditRow, Level, fmt_ci, fmt_value
 
 CALIBRATION_BINS = 10
 CAUTION = "#b00020"
@@ -122,11 +122,17 @@ def draw_distribution(ax: Any, m: dict[str, Any], y: np.ndarray, s: np.ndarray) 
     ax.set_title("scores by outcome")
 
 
-def audit_figure(audit: Audit, versions: list[str] | None = None) -> Any:
-    """A matplotlib Figure: one row of four panels per model version (all by default)."""
+def audit_figure(
+    audit: Audit, versions: list[str] | None = None, level: Level = Level.IMAGE
+) -> Any:
+    """A matplotlib Figure: one row of four panels per model version (all by default), at
+    one level (versions without units at that level are left out)."""
     plt = _pyplot()
     models = [
-        m for m in audit.report["models"] if versions is None or m["model_version"] in versions
+        m if level is Level.IMAGE else m["levels"][level.value]
+        for m in audit.report["models"]
+        if (versions is None or m["model_version"] in versions)
+        and (level is Level.IMAGE or level.value in m["levels"])
     ]
     fig = plt.figure(figsize=(16, 4.4 * max(len(models), 1)), layout="constrained")
     if not models:
@@ -134,7 +140,10 @@ def audit_figure(audit: Audit, versions: list[str] | None = None) -> Any:
         return fig
     subfigs = np.atleast_1d(fig.subfigures(len(models), 1))
     for sub, m in zip(subfigs, models, strict=True):
-        rows: list[AuditRow] = audit.rows[m["model_version"]]
+        version = m["model_version"]
+        rows: list[AuditRow] = (
+            audit.rows[version] if level is Level.IMAGE else audit.units[(version, level)]
+        )
         y = np.array([r.truth for r in rows], dtype=bool)
         s = np.array([r.score for r in rows], dtype=np.float64)
         axes = sub.subplots(1, 4)
@@ -149,9 +158,11 @@ def audit_figure(audit: Audit, versions: list[str] | None = None) -> Any:
     return fig
 
 
-def figure_png(audit: Audit, versions: list[str] | None = None, dpi: int = 90) -> bytes:
+def figure_png(
+    audit: Audit, versions: list[str] | None = None, dpi: int = 90, level: Level = Level.IMAGE
+) -> bytes:
     plt = _pyplot()
-    fig = audit_figure(audit, versions)
+    fig = audit_figure(audit, versions, level)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA)
     plt.close(fig)
