@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, SHIPPED_MODEL, copy_into, dev_pool_images
+import numpy as np
+
+from tests.conftest import FLOAT_MODEL, REPO, SHIPPED_MODEL, copy_into, dev_pool_images
 from worker.config import load_config
+from worker.preprocess import preprocess_file
 from worker.scorer import Scorer
 
 
@@ -21,6 +24,21 @@ def test_default_config_points_at_the_shipped_model() -> None:
     assert meta.metrics and meta.training.get("split", {}).get("strategy") == "patient"
     card = (REPO / "models" / "MODEL_CARD.md").read_text()
     assert scorer.version in card, "the model card must name the shipped model's version"
+
+
+def test_the_int8_default_is_the_float_model_quantised() -> None:
+    """The float model stays beside the int8 default, with the same metadata and points, and
+    both are named by the card; they rank the same images alike."""
+    int8, float_ = Scorer(SHIPPED_MODEL), Scorer(FLOAT_MODEL)
+    assert int8.version == float_.version + "-int8"
+    assert int8.metadata.points == float_.metadata.points
+    assert int8.metadata.preprocess == float_.metadata.preprocess
+    assert float_.version in (REPO / "models" / "MODEL_CARD.md").read_text()
+    images = dev_pool_images(24)
+    x = [preprocess_file(p, float_.metadata.preprocess) for p in images]
+    a, b = int8.score_batch(x), float_.score_batch(x)
+    assert np.abs(a - b).max() < 0.1
+    assert np.corrcoef(a, b)[0, 1] > 0.95
 
 
 def test_screen_process_with_the_shipped_model(tmp_path: Path) -> None:
