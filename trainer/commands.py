@@ -137,8 +137,12 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
         sensitivity_target=sensitivity_target, augment=not no_augment,
         intensity_augment=intensity_augment, mixed_bfloat16=bf16, cache_dir=cache,
         exam_column=exam_column, patient_regex=patient_regex, verbose=1 if progress else 2,
-        command=invocation(click.get_current_context()),
     )
+    # Record the per-arch defaults as the values they resolved to, so that the recorded
+    # command reproduces the run even if a default changes later.
+    ctx = click.get_current_context()
+    ctx.params["epochs"], ctx.params["batch_size"], ctx.params["lr"] = cfg.resolved()
+    cfg.command = invocation(ctx)
     try:
         result = run_training(cfg)
     except DatasetError as exc:  # layout, label and split problems: the user's to fix
