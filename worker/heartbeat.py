@@ -82,6 +82,8 @@ class Heartbeat:
         self.clock = clock
         self.worker_id: int | None = None
         self._last = 0.0
+        # Told the new worker id once the row exists (the pipeline claims files under it).
+        self.on_start: Callable[[int], None] = lambda _id: None
 
     def start(self) -> int:
         inbox = path_to_db(self.config.inbox)
@@ -101,17 +103,24 @@ class Heartbeat:
             )
             s.add(record)
             s.flush()
-            # We hold the inbox lock, so whoever left these rows open is no longer running.
+            gone = [
+                WorkerRecord.inbox == inbox,
+                WorkerRecord.stopped_at.is_(None),
+                WorkerRecord.id != record.id,
+            ]
+            if not self.store.is_sqlite:
+                # No inbox lock: other workers share it. Only those whose lease has run out
+                # are gone (their claims are taken over; see Pipeline._claimable).
+                cutoff = now - dt.timedelta(seconds=self.config.heartbeat_stale_seconds)
+                gone.append(WorkerRecord.last_beat_at < cutoff)
+            # With SQLite we hold the inbox lock: whoever left these rows open is gone.
             s.execute(
                 update(WorkerRecord)
-                .where(
-                    WorkerRecord.inbox == inbox,
-                    WorkerRecord.stopped_at.is_(None),
-                    WorkerRecord.id != record.id,
-                )
+                .where(*gone)
                 .values(stopped_at=now, stop_reason=f"gone (worker {record.id} took the inbox)")
             )
             self.worker_id = record.id
+        self.on_start(record.id)
         self._last = self.clock()
         log.info("worker id=%d model=%s", self.worker_id, self.model_version)
         return self.worker_id
@@ -137,7 +146,8 @@ class Heartbeat:
                 s.execute(
                     update(WorkerRecord)
                     .where(WorkerRecord.id == self.worker_id)
-                    .values(last_beat_at=utcnow())
+                    # A worker called gone after a long stall is back: live again.
+                    .values(last_beat_at=utcnow(), stopped_at=None, stop_reason=None)
                 )
         except OperationalError as exc:
             # A busy database must not stop the scoring; the next beat tries again.

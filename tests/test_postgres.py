@@ -1,0 +1,171 @@
+"""PostgreSQL: every command against a real server (tests/pg.py), the same schema as SQLite, and
+several workers on one inbox, killed at random, with every file still recorded exactly once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from tests.conftest import REPO
+from tests.test_faults import _env, _screen, assert_exactly_once, drop_files
+from worker.lock import InboxBusyError, InboxLock
+
+
+@pytest.fixture
+def pg_workdir(workdir: Path, pg_url: str) -> Path:
+    """The workdir's config pointed at a fresh PostgreSQL database, with a short lease (a
+    killed worker's claims are taken over 10 s after its last beat)."""
+    cfg = workdir / "config.toml"
+    text_ = cfg.read_text().replace("url = 'sqlite:///screen.db'", f"url = '{pg_url}'")
+    cfg.write_text(text_ + "heartbeat_seconds = 0.5\nheartbeat_stale_seconds = 10\n")
+    return workdir
+
+
+def _rows(url: str, sql: str) -> list[tuple]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def test_every_command_against_postgres(pg_workdir: Path, pg_url: str) -> None:
+    names = drop_files(pg_workdir / "inbox", 10, seed=3)
+    done = _screen(pg_workdir, "process", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(pg_workdir, names, url=pg_url)
+    assert not (pg_workdir / "screen.db").exists()  # nothing went to SQLite
+    for args in (("results", "--format", "csv"), ("report",), ("status", "--format", "json")):
+        out = _screen(pg_workdir, *args)
+        assert out.returncode == 0, (args, out.stderr)
+    results = _screen(pg_workdir, "results", "--format", "csv").stdout
+    assert all(name in results for name in names)
+    status = _screen(pg_workdir, "status", "--format", "json").stdout
+    assert "postgresql+psycopg" in status
+
+
+def test_unreachable_postgres_is_one_line(workdir: Path, tmp_path: Path) -> None:
+    cfg = workdir / "config.toml"
+    url = f"postgresql+psycopg://someone:secret@/nowhere?host={tmp_path}"
+    cfg.write_text(cfg.read_text().replace("url = 'sqlite:///screen.db'", f"url = '{url}'"))
+    out = _screen(workdir, "status")
+    assert out.returncode == 1
+    assert "cannot open database" in out.stderr and "Traceback" not in out.stderr
+    assert "secret" not in out.stderr  # the password is never shown
+
+
+def test_schema_is_the_same_on_sqlite_and_postgres(tmp_path: Path, pg_url: str) -> None:
+    import worker.heartbeat  # noqa: F401  (its table is part of the schema)
+    from worker.store import Store
+
+    def shape(url: str) -> dict[str, set[str]]:
+        store = Store(url)
+        try:
+            insp = inspect(store.engine)
+            return {t: {c["name"] for c in insp.get_columns(t)} | {
+                f"index:{i['name']}" for i in insp.get_indexes(t)
+                # PostgreSQL also lists a UNIQUE constraint's own index: the constraint counts.
+                if not i.get("duplicates_constraint")}
+                for t in insp.get_table_names()}
+        finally:
+            store.dispose()
+
+    sqlite = shape(f"sqlite:///{tmp_path / 'a.db'}")
+    postgres = shape(pg_url)
+    assert sqlite == postgres
+    assert "claimed_by" in sqlite["images"] and "workers" in sqlite
+
+
+def test_sqlite_keeps_one_worker_per_inbox_and_says_why(tmp_path: Path) -> None:
+    with InboxLock(tmp_path), pytest.raises(InboxBusyError) as busy:
+        InboxLock(tmp_path).acquire()
+    assert "PostgreSQL" in str(busy.value)
+
+
+def _start(workdir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "worker", "--config",
+                             str(workdir / "config.toml"), "watch"],
+                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _several_workers_with_kills(workdir: Path, url: str, rounds: int, files_per_round: int,
+                                seed: int) -> tuple[list[str], int]:
+    """Three `screen watch` on one inbox; files dropped in rounds; after each round one worker,
+    at random, is SIGKILLed at a random moment and restarted; `screen report` and `screen
+    status` read while they write. Then the survivors finish the inbox (taking over the
+    claims of the killed ones once their lease runs out) and are stopped."""
+    rng = random.Random(seed)
+    inbox = workdir / "inbox"
+    procs = [_start(workdir) for _ in range(3)]
+    names: list[str] = []
+    kills = 0
+    try:
+        for r in range(rounds):
+            names += drop_files(inbox, files_per_round, seed=seed + r, prefix=f"r{r}_")
+            time.sleep(rng.uniform(0.5, 3.0))
+            victim = rng.randrange(len(procs))
+            procs[victim].send_signal(signal.SIGKILL)
+            procs[victim].wait(10)
+            kills += 1
+            procs[victim] = _start(workdir)
+            for args in (("report",), ("status", "--format", "json")):
+                out = _screen(workdir, *args)
+                assert out.returncode == 0, (args, out.stderr)
+        # Not a timed assertion: a bound on the wait, then the state is checked whatever it is.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            left = [p for p in inbox.iterdir() if not p.name.startswith(".")]
+            owed = _rows(url, "SELECT count(*) FROM images WHERE moved_at IS NULL")[0][0]
+            if not left and not owed:
+                break
+            time.sleep(1.0)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+    return names, kills
+
+
+def _assert_scored_once(url: str) -> None:
+    """Each content scored once: the copies (across workers too) are duplicates."""
+    scored = _rows(url, "SELECT sha256, count(*) FROM images WHERE status = 'scored' "
+                        "GROUP BY sha256 HAVING count(*) > 1")
+    assert scored == [], f"content scored more than once: {scored}"
+    dups = _rows(url, "SELECT count(*) FROM images WHERE status = 'duplicate'")[0][0]
+    assert dups > 0  # drop_files repeats contents, so some copies met an original
+
+
+def test_three_workers_one_inbox_random_sigkills(pg_workdir: Path, pg_url: str) -> None:
+    names, kills = _several_workers_with_kills(pg_workdir, pg_url, rounds=6,
+                                               files_per_round=47, seed=21)
+    assert len(names) == 300 and kills == 6
+    counts = assert_exactly_once(pg_workdir, names, url=pg_url)
+    assert sum(counts.values()) == len(names)
+    _assert_scored_once(pg_url)
+    workers = _rows(pg_url, "SELECT count(DISTINCT claimed_by) FROM images")[0][0]
+    assert workers >= 2  # the work was shared, not done by one worker alone
+
+
+@pytest.mark.slow
+def test_three_workers_one_inbox_1000_files(pg_workdir: Path, pg_url: str) -> None:
+    names, kills = _several_workers_with_kills(pg_workdir, pg_url, rounds=20,
+                                               files_per_round=47, seed=5)
+    assert len(names) == 1000
+    counts = assert_exactly_once(pg_workdir, names, url=pg_url)
+    _assert_scored_once(pg_url)
+    taken = _rows(pg_url, "SELECT count(*) FROM events WHERE kind = 'taken_over'")[0][0]
+    print(f"\nkills: {kills}, files: {len(names)}, outcome: {counts}, taken over: {taken}")
