@@ -22,6 +22,7 @@ from worker.exams import ExamBook, ExamScoring
 from worker.heartbeat import Heartbeat, running_workers
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
+from worker.schema import SchemaTooNewError
 from worker.scorer import Scorer
 from worker.store import Exam, ImageRecord, Store
 from worker.watcher import InboxWatcher, scan_inbox
@@ -73,6 +74,8 @@ def open_store(config: Config, create: bool = False) -> Store:
     shown = shown_url(config.database_url)
     try:
         return Store(config.database_url, config.busy_timeout_seconds)
+    except SchemaTooNewError as exc:
+        raise ConfigError(f"cannot open database {shown}: {exc}") from None
     except ModuleNotFoundError as exc:  # a PostgreSQL URL without its driver
         raise ConfigError(
             f"cannot open database {shown}: {exc} (install the driver: "

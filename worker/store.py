@@ -15,8 +15,11 @@ Scored images join an exam (`exams`, one row per study); each scoring of an exam
 `exam_results` (with its `breast_results`), kept forever, so a rescored exam keeps its history
 (see worker/exams.py for that state machine).
 
-A database made by an earlier release is upgraded in place when opened: missing tables are
-created and missing nullable columns added (`UPGRADE_COLUMNS`); nothing is dropped.
+The schema is versioned with Alembic (worker/migrations, run by worker/schema.py when a
+database is opened). A database made before Alembic is first upgraded in place by the
+pre-Alembic step, `Store._upgrade`: missing tables are created and missing nullable columns
+added (`UPGRADE_COLUMNS`), nothing dropped; it is then stamped at the baseline revision.
+Schema changes from here on are Alembic revisions, not entries in UPGRADE_COLUMNS.
 """
 
 from __future__ import annotations
@@ -244,11 +247,12 @@ class Store:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             self._setup_sqlite(busy_timeout_seconds)
+        from worker.schema import bring_up_to_date  # it imports this module's models
+
         with self.engine.begin() as conn:
             # Several workers may start at once: one at a time creates or upgrades the schema.
             self._serialise(conn, SCHEMA_LOCK)
-            Base.metadata.create_all(conn)
-            self._upgrade(conn)
+            bring_up_to_date(conn, self._upgrade)
         self._writer = self.engine.execution_options(mammo_immediate=True)
 
     def _setup_sqlite(self, busy_timeout_seconds: float) -> None:
@@ -278,7 +282,9 @@ class Store:
         self._serialise(s.connection(), key)
 
     def _upgrade(self, conn: Any) -> None:
-        """Add the columns an older database lacks (create_all makes only missing tables)."""
+        """The pre-Alembic step: add the columns a database made before Alembic lacks
+        (create_all, already run, makes only missing tables). Frozen: later schema changes
+        are Alembic revisions."""
         for table_name, columns in UPGRADE_COLUMNS.items():
             table = Base.metadata.tables[table_name]
             present = {c["name"] for c in inspect(conn).get_columns(table_name)}
