@@ -169,3 +169,51 @@ def test_three_workers_one_inbox_1000_files(pg_workdir: Path, pg_url: str) -> No
     _assert_scored_once(pg_url)
     taken = _rows(pg_url, "SELECT count(*) FROM events WHERE kind = 'taken_over'")[0][0]
     print(f"\nkills: {kills}, files: {len(names)}, outcome: {counts}, taken over: {taken}")
+
+
+def test_local_inbox_per_machine_only_the_database_shared(pg_workdir: Path, pg_url: str) -> None:
+    """Layout 2: machine A and machine B, each its own inbox and folders, one database. A is
+    killed after deciding its batch, before moving it; once its lease has run out, B (which
+    cannot see A's files) must not take A's owed moves over and record them missing; B still
+    recognises its copies of A's images as duplicates; A, restarted, finishes its own moves."""
+    a = pg_workdir
+    cfg = (a / "config.toml").read_text().replace("heartbeat_stale_seconds = 10",
+                                                  "heartbeat_stale_seconds = 1")
+    (a / "config.toml").write_text(cfg)
+    b = a / "machine-b"
+    for folder in ("inbox", "processed", "quarantine", "outbox"):
+        (b / folder).mkdir(parents=True)
+    (b / "config.toml").write_text(cfg.replace("path = 'models/", "path = '../models/"))
+    names_a = drop_files(a / "inbox", 5, seed=9, prefix="a")
+    crashed = _screen(a, "process", "--timeout", "20", crash_at="after_decision:1")
+    assert crashed.returncode == 137, crashed.stderr
+    owed = _rows(pg_url, "SELECT count(*) FROM images WHERE moved_at IS NULL")[0][0]
+    assert owed == len(names_a)
+    time.sleep(1.5)  # A's lease (1 s) runs out: B would be allowed to take over what it sees
+    names_b = drop_files(b / "inbox", 5, seed=9, prefix="b")  # the same contents as A's
+    # One machine plays both: while B runs, A's disk is out of B's sight (as on another machine).
+    (a / "inbox").rename(a / "inbox-elsewhere")
+    (a / "processed").rename(a / "processed-elsewhere")
+    (a / "quarantine").rename(a / "quarantine-elsewhere")
+    try:
+        done_b = _screen(b, "process", "--timeout", "20")
+    finally:
+        for folder in ("inbox", "processed", "quarantine"):
+            (a / f"{folder}-elsewhere").rename(a / folder)
+    assert done_b.returncode == 0, done_b.stderr
+    assert _rows(pg_url, "SELECT count(*) FROM images WHERE moved_at IS NULL")[0][0] == owed
+    assert _rows(pg_url, "SELECT count(*) FROM events WHERE kind = 'missing'")[0][0] == 0
+    b_rows = _rows(pg_url, "SELECT status FROM images WHERE filename LIKE 'b%'")
+    assert len(b_rows) == len(names_b)
+    assert sum(1 for (st,) in b_rows if st == "duplicate") >= 1  # copies of A's images
+    assert sum(1 for (st,) in b_rows if st == "scored") == 0  # every content was A's first
+    done_a = _screen(a, "process", "--timeout", "20")
+    assert done_a.returncode == 0, done_a.stderr
+    rows = _rows(pg_url, "SELECT filename, moved_at, final_path FROM images")
+    assert sorted(r[0] for r in rows) == sorted(names_a + names_b)
+    assert all(moved for _, moved, _ in rows)
+    for machine in (a, b):
+        assert list((machine / "inbox").iterdir()) == []
+    on_disk = {str(p) for m in (a, b) for d in ("processed", "quarantine")
+               for p in (m / d).rglob("*") if p.is_file()}
+    assert on_disk == {fp for *_, fp in rows}

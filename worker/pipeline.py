@@ -555,6 +555,10 @@ class Pipeline:
                     .with_for_update(skip_locked=True)
                 )
             )
+            # Another worker's file is taken over only if it is visible here (its inbox path
+            # or its destination): with a local inbox per machine, another machine's owed
+            # move is not this worker's to record as missing.
+            owed = [r for r in owed if r.claimed_by in (None, self.worker_id) or _visible(r)]
             for row in owed:
                 self._claim(s, row)
         if owed:
@@ -564,6 +568,13 @@ class Pipeline:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _visible(row: ImageRecord) -> bool:
+    """Whether this machine sees the row's file, in the inbox or at its destination."""
+    return path_from_db(row.source_path).exists() or (
+        row.final_path is not None and path_from_db(row.final_path).exists()
+    )
 
 
 # ---- reading (in the pool's threads: no database, no shared state) ---------------------------
