@@ -217,3 +217,31 @@ def test_local_inbox_per_machine_only_the_database_shared(pg_workdir: Path, pg_u
     on_disk = {str(p) for m in (a, b) for d in ("processed", "quarantine")
                for p in (m / d).rglob("*") if p.is_file()}
     assert on_disk == {fp for *_, fp in rows}
+
+
+@pytest.mark.parametrize("point", ["after_receive", "after_decision"])
+def test_a_dead_workers_claims_wait_for_its_lease_then_are_taken_over(
+        pg_workdir: Path, pg_url: str, point: str) -> None:
+    """Worker A is killed with its batch claimed (received, or decided and not moved). While
+    A's lease runs, worker B leaves A's files alone; after it, B takes them over and finishes
+    them: each file one row, moved once, its history saying who took it over."""
+    cfg = pg_workdir / "config.toml"
+    names = drop_files(pg_workdir / "inbox", 5, seed=4)
+    crashed = _screen(pg_workdir, "process", "--timeout", "20", crash_at=f"{point}:1")
+    assert crashed.returncode == 137, crashed.stderr
+    claimed = _rows(pg_url, "SELECT count(*) FROM images WHERE moved_at IS NULL")[0][0]
+    assert claimed == len(names)
+    # The lease is 10 s: B, started at once, must leave A's claimed files where they are.
+    waiting = _screen(pg_workdir, "process", "--timeout", "3")
+    assert waiting.returncode == 0, waiting.stderr
+    assert _rows(pg_url, "SELECT count(*) FROM images WHERE moved_at IS NULL")[0][0] == claimed
+    assert _rows(pg_url, "SELECT count(*) FROM events WHERE kind = 'taken_over'")[0][0] == 0
+    cfg.write_text(cfg.read_text().replace("heartbeat_stale_seconds = 10",
+                                           "heartbeat_stale_seconds = 1"))
+    time.sleep(1.5)  # A's last beat is now older than the 1 s lease
+    done = _screen(pg_workdir, "process", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(pg_workdir, names, url=pg_url)
+    taken = _rows(pg_url, "SELECT count(DISTINCT image_id) FROM events WHERE kind = 'taken_over'")
+    assert taken[0][0] == claimed
+    _assert_scored_once(pg_url)

@@ -251,6 +251,10 @@ class Pipeline:
             [(path, loaded.sha256, len(loaded.data)) for path, loaded in readable]
         )
         crash_point("after_receive")
+        for (path, _), r in zip(readable, received, strict=True):
+            if r is None:
+                batch.elsewhere.append(path)
+                log.info("left to another worker file=%s (claimed, or moved)", display_name(path))
         mine = [(f, r) for f, r in zip(readable, received, strict=True) if r is not None]
         readable = [f for f, _ in mine]
         records = [r for _, r in mine]
@@ -624,6 +628,9 @@ class Batch:
     decided: dict[int, dict[str, Any]] = field(default_factory=dict)
     identities: dict[int, dict[str, Any]] = field(default_factory=dict)
     preprocessing: dict[int, Future[np.ndarray]] = field(default_factory=dict)
+    # Files another live worker has claimed (or moved): not this worker's to look at again
+    # until its next rescan, by which time the claim is finished or its lease has run out.
+    elsewhere: list[Path] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:
