@@ -4,8 +4,11 @@ Every `screen watch` and `screen process` holds one row in the `workers` table f
 it holds the inbox lock. The worker's loop calls `Heartbeat.beat()` on every pass; it writes at
 most once per `heartbeat_seconds`, so the per-file path gains no database writes. A clean exit
 marks the row stopped. A killed or hung worker stops beating, and `screen status` calls it
-stale once its last beat is older than `heartbeat_stale_seconds`. A new worker that takes the
-inbox lock closes the rows still open for that inbox: the lock proves their owners are gone.
+stale once its last beat is older than `heartbeat_stale_seconds`. With SQLite, a new worker that
+takes the inbox lock closes the rows still open for that inbox: the lock proves their owners are
+gone. With PostgreSQL (several workers, no inbox lock) it closes only those whose last beat is
+older than `heartbeat_stale_seconds`: that is also the lease of their claims on files
+(worker/pipeline.py), which other workers then take over.
 
 The beat comes from the loop, not from a timer thread, so that a worker whose loop is stuck
 stops beating too.

@@ -9,6 +9,12 @@ Order of work for a batch, each step durable before the next:
 A crash between any two steps leaves rows that the next run finishes: `reconcile()` owes the
 moves, and the inbox scan finds the rest. Every step is also written to the `events` table.
 
+Several workers on one inbox (PostgreSQL): the receipt claims each file's row for this worker
+(`claimed_by`); a file claimed by another live worker is left to it; only the claimer decides
+and moves a file; a worker whose heartbeat is older than the lease loses its claims to the next
+worker that meets its files (see `_claimable`). Receipts and decisions of all workers take
+turns on an advisory lock, so a copy always finds its original, whoever handles each.
+
 Batches overlap (`begin` the next, then `finish` this one): the next batch is read, received
 and preprocessed in the pool's threads while ONNX Runtime scores this one, and its decisions
 are committed after this batch's, so a duplicate always finds its original decided. A file is

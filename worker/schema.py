@@ -56,6 +56,11 @@ def current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
+def is_current(conn: Connection) -> bool:
+    """Whether the database is stamped at the code's newest revision (nothing to do)."""
+    return inspect(conn).has_table("alembic_version") and current(conn) == head()
+
+
 def bring_up_to_date(conn: Connection, pre_alembic: Callable[[Connection], None]) -> None:
     """See the module's docstring; `pre_alembic` is the step for a database without a stamp."""
     cfg = _config(conn)

@@ -247,12 +247,16 @@ class Store:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             self._setup_sqlite(busy_timeout_seconds)
-        from worker.schema import bring_up_to_date  # it imports this module's models
+        from worker.schema import bring_up_to_date, is_current  # they import the models
 
-        with self.engine.begin() as conn:
-            # Several workers may start at once: one at a time creates or upgrades the schema.
-            self._serialise(conn, SCHEMA_LOCK)
-            bring_up_to_date(conn, self._upgrade)
+        with self.engine.connect() as conn:
+            current = is_current(conn)  # the usual case: a read, no lock taken
+        if not current:
+            # A write transaction from the start (BEGIN IMMEDIATE on SQLite), and one at a
+            # time on PostgreSQL, where several workers may start at once.
+            with self.engine.execution_options(mammo_immediate=True).begin() as conn:
+                self._serialise(conn, SCHEMA_LOCK)
+                bring_up_to_date(conn, self._upgrade)
         self._writer = self.engine.execution_options(mammo_immediate=True)
 
     def _setup_sqlite(self, busy_timeout_seconds: float) -> None:
