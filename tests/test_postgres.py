@@ -50,6 +50,11 @@ def test_every_command_against_postgres(pg_workdir: Path, pg_url: str) -> None:
     assert all(name in results for name in names)
     status = _screen(pg_workdir, "status", "--format", "json").stdout
     assert "postgresql+psycopg" in status
+    truth = pg_workdir / "truth.csv"
+    truth.write_text("filename,label\nimg0000.png,malignant\n")
+    imported = _screen(pg_workdir, "outcomes", "import", str(truth))
+    assert imported.returncode == 0, imported.stderr
+    assert _rows(pg_url, "SELECT label FROM outcomes") == [("malignant",)]
 
 
 def test_unreachable_postgres_is_one_line(workdir: Path, tmp_path: Path) -> None:

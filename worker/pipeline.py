@@ -553,6 +553,13 @@ class Pipeline:
         """Finish the moves that a crash or a full disk left owed: this worker's, unclaimed
         ones, and those of workers whose lease has run out (claimed here first; rows another
         worker is claiming at this moment are skipped). Returns how many."""
+        with self.store.read() as s:  # the usual case, nothing owed: no write transaction
+            if s.scalar(
+                select(ImageRecord.id).where(
+                    ImageRecord.moved_at.is_(None), ImageRecord.status.in_(FINAL_STATUSES)
+                ).limit(1)
+            ) is None:
+                return 0
         with self.store.write() as s:
             owed = list(
                 s.scalars(
