@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import ProgrammingError
 
 from tests.conftest import REPO
 from tests.test_faults import _env, _screen, assert_exactly_once, drop_files
@@ -102,6 +103,16 @@ def _start(workdir: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
+def _busy_pids(url: str) -> set[int]:
+    """The pids of the workers holding unfinished claims now (none before the schema exists)."""
+    try:
+        return {pid for (pid,) in _rows(
+            url, "SELECT w.pid FROM workers w JOIN images i ON i.claimed_by = w.id "
+                 "WHERE i.moved_at IS NULL AND w.stopped_at IS NULL")}
+    except ProgrammingError:
+        return set()
+
+
 def _several_workers_with_kills(workdir: Path, url: str, rounds: int, files_per_round: int,
                                 seed: int) -> tuple[list[str], int]:
     """Three `screen watch` on one inbox; files dropped in rounds; after each round one worker,
@@ -116,8 +127,16 @@ def _several_workers_with_kills(workdir: Path, url: str, rounds: int, files_per_
     try:
         for r in range(rounds):
             names += drop_files(inbox, files_per_round, seed=seed + r, prefix=f"r{r}_")
-            time.sleep(rng.uniform(0.5, 3.0))
-            victim = rng.randrange(len(procs))
+            # Rather a worker holding claims at this moment (so that takeovers happen): look
+            # for one from a random moment on, for a while (tiny files go fast).
+            time.sleep(rng.uniform(0.0, 1.0))
+            look_until = time.monotonic() + 5.0
+            busy = _busy_pids(url)
+            while not busy and time.monotonic() < look_until:
+                time.sleep(0.02)
+                busy = _busy_pids(url)
+            holding = [i for i, p in enumerate(procs) if p.pid in busy]
+            victim = rng.choice(holding) if holding else rng.randrange(len(procs))
             procs[victim].send_signal(signal.SIGKILL)
             procs[victim].wait(10)
             kills += 1
@@ -163,6 +182,8 @@ def test_three_workers_one_inbox_random_sigkills(pg_workdir: Path, pg_url: str) 
     _assert_scored_once(pg_url)
     workers = _rows(pg_url, "SELECT count(DISTINCT claimed_by) FROM images")[0][0]
     assert workers >= 2  # the work was shared, not done by one worker alone
+    taken = _rows(pg_url, "SELECT count(*) FROM events WHERE kind = 'taken_over'")[0][0]
+    print(f"\nkills: {kills}, files: {len(names)}, outcome: {counts}, taken over: {taken}")
 
 
 @pytest.mark.slow
