@@ -162,3 +162,20 @@ def copy_into(paths: list[Path], folder: Path) -> list[Path]:
         shutil.copyfile(p, dest)
         out.append(dest)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL server for the session (tests/pg.py); skipped without one."""
+    from tests.pg import postgres_server
+
+    yield from postgres_server()
+
+
+@pytest.fixture
+def pg_url(postgres: object) -> str:
+    """A fresh, empty PostgreSQL database on the session's server."""
+    from tests.pg import PostgresServer
+
+    assert isinstance(postgres, PostgresServer)
+    return postgres.new_database()

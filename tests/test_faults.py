@@ -55,10 +55,21 @@ def drop_files(inbox: Path, n: int, seed: int = 0, prefix: str = "img") -> list[
     return names
 
 
-def assert_exactly_once(workdir: Path, names: list[str]) -> dict[str, int]:
-    db = workdir / "screen.db"
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT filename, status, moved_at, final_path FROM images").fetchall()
+def assert_exactly_once(workdir: Path, names: list[str], url: str | None = None
+                        ) -> dict[str, int]:
+    """Every file one row, final, moved; the inbox empty; the files on disk exactly the rows'
+    destinations. `url`: the database, when it is not the workdir's screen.db (PostgreSQL)."""
+    query = "SELECT filename, status, moved_at, final_path FROM images"
+    if url is None:
+        with sqlite3.connect(workdir / "screen.db") as con:
+            rows = con.execute(query).fetchall()
+    else:
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(text(query))]
+        engine.dispose()
     by_name: dict[str, int] = {}
     for filename, *_ in rows:
         by_name[filename] = by_name.get(filename, 0) + 1

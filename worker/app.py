@@ -8,12 +8,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DatabaseError
 
 from worker.config import Config, ConfigError, MissingPathError
@@ -21,6 +22,7 @@ from worker.exams import ExamBook, ExamScoring
 from worker.heartbeat import Heartbeat, running_workers
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
+from worker.schema import SchemaTooNewError
 from worker.scorer import Scorer
 from worker.store import Exam, ImageRecord, Store
 from worker.watcher import InboxWatcher, scan_inbox
@@ -69,11 +71,28 @@ def open_store(config: Config, create: bool = False) -> Store:
                     "(create it, or set [paths] create_missing = true)"
                 )
             path.parent.mkdir(parents=True)
+    shown = shown_url(config.database_url)
     try:
         return Store(config.database_url, config.busy_timeout_seconds)
+    except SchemaTooNewError as exc:
+        raise ConfigError(f"cannot open database {shown}: {exc}") from None
+    except ModuleNotFoundError as exc:  # a PostgreSQL URL without its driver
+        raise ConfigError(
+            f"cannot open database {shown}: {exc} (install the driver: "
+            "pip install 'mammo-screen[postgres]')"
+        ) from None
     except DatabaseError as exc:  # unreadable, not a database, or locked past the timeout
         reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
-        raise ConfigError(f"cannot open database {config.database_url}: {reason}") from None
+        reason = reason.strip().splitlines()[0] if reason.strip() else reason
+        raise ConfigError(f"cannot open database {shown}: {reason}") from None
+
+
+def shown_url(url: str) -> str:
+    """The database URL without its password, for messages and `screen status`."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy understands: Store says so
+        return url
 
 
 @dataclass
@@ -91,7 +110,19 @@ class Worker:
             self.store, self.config, str(self.scorer.path), self.scorer.version, command
         )
         self.watcher.on_tick = beat.beat
+        beat.on_start = self._started
         return beat
+
+    def _started(self, worker_id: int) -> None:
+        self.pipeline.worker_id = worker_id
+
+    def inbox_lock(self) -> AbstractContextManager[object]:
+        """SQLite: one worker per inbox (its database lives on one machine, and its WAL
+        cannot be shared over a network filesystem). PostgreSQL: any number of workers,
+        each file claimed by one of them (see Pipeline._receive_batch)."""
+        if self.store.is_sqlite:
+            return InboxLock(self.config.inbox)
+        return nullcontext()
 
     def close(self) -> None:
         self.pipeline.close()
@@ -131,7 +162,7 @@ def run_watch(config: Config, polling: bool | None = None) -> None:
     worker = open_worker(config, polling)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with InboxLock(config.inbox), worker.heartbeat("watch").running():
+        with worker.inbox_lock(), worker.heartbeat("watch").running():
             worker.watcher.watch()
     finally:
         for sig, h in previous.items():
@@ -156,7 +187,7 @@ def run_process(
     worker = open_worker(config)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with InboxLock(config.inbox), worker.heartbeat("process").running():
+        with worker.inbox_lock(), worker.heartbeat("process").running():
             files = worker.watcher.run_once(
                 timeout=timeout, progress=progress, settle_now=settle_now
             )
@@ -214,6 +245,6 @@ def status(config: Config) -> dict[str, Any]:
         "model": model,  # the configured model, which a running worker may not be serving
         "workers": workers,
         "stale_after_seconds": config.heartbeat_stale_seconds,
-        "database": config.database_url,
+        "database": shown_url(config.database_url),
         "now": dt.datetime.now(dt.UTC).isoformat(),
     }

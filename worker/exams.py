@@ -244,7 +244,8 @@ class ExamBook:
         """Score one open exam and commit the result with its planned document path."""
         meta = self.metadata
         with self.store.write() as s:
-            exam = s.get(Exam, exam_id)
+            # Several workers: the first to lock the exam scores it; the next finds it scored.
+            exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or exam.status != ExamStatus.OPEN.value:
                 return None
             q = (

@@ -4,8 +4,11 @@ Every `screen watch` and `screen process` holds one row in the `workers` table f
 it holds the inbox lock. The worker's loop calls `Heartbeat.beat()` on every pass; it writes at
 most once per `heartbeat_seconds`, so the per-file path gains no database writes. A clean exit
 marks the row stopped. A killed or hung worker stops beating, and `screen status` calls it
-stale once its last beat is older than `heartbeat_stale_seconds`. A new worker that takes the
-inbox lock closes the rows still open for that inbox: the lock proves their owners are gone.
+stale once its last beat is older than `heartbeat_stale_seconds`. With SQLite, a new worker that
+takes the inbox lock closes the rows still open for that inbox: the lock proves their owners are
+gone. With PostgreSQL (several workers, no inbox lock) it closes only those whose last beat is
+older than `heartbeat_stale_seconds`: that is also the lease of their claims on files
+(worker/pipeline.py), which other workers then take over.
 
 The beat comes from the loop, not from a timer thread, so that a worker whose loop is stuck
 stops beating too.
@@ -82,6 +85,8 @@ class Heartbeat:
         self.clock = clock
         self.worker_id: int | None = None
         self._last = 0.0
+        # Told the new worker id once the row exists (the pipeline claims files under it).
+        self.on_start: Callable[[int], None] = lambda _id: None
 
     def start(self) -> int:
         inbox = path_to_db(self.config.inbox)
@@ -101,17 +106,24 @@ class Heartbeat:
             )
             s.add(record)
             s.flush()
-            # We hold the inbox lock, so whoever left these rows open is no longer running.
+            gone = [
+                WorkerRecord.inbox == inbox,
+                WorkerRecord.stopped_at.is_(None),
+                WorkerRecord.id != record.id,
+            ]
+            if not self.store.is_sqlite:
+                # No inbox lock: other workers share it. Only those whose lease has run out
+                # are gone (their claims are taken over; see Pipeline._claimable).
+                cutoff = now - dt.timedelta(seconds=self.config.heartbeat_stale_seconds)
+                gone.append(WorkerRecord.last_beat_at < cutoff)
+            # With SQLite we hold the inbox lock: whoever left these rows open is gone.
             s.execute(
                 update(WorkerRecord)
-                .where(
-                    WorkerRecord.inbox == inbox,
-                    WorkerRecord.stopped_at.is_(None),
-                    WorkerRecord.id != record.id,
-                )
+                .where(*gone)
                 .values(stopped_at=now, stop_reason=f"gone (worker {record.id} took the inbox)")
             )
             self.worker_id = record.id
+        self.on_start(record.id)
         self._last = self.clock()
         log.info("worker id=%d model=%s", self.worker_id, self.model_version)
         return self.worker_id
@@ -137,7 +149,8 @@ class Heartbeat:
                 s.execute(
                     update(WorkerRecord)
                     .where(WorkerRecord.id == self.worker_id)
-                    .values(last_beat_at=utcnow())
+                    # A worker called gone after a long stall is back: live again.
+                    .values(last_beat_at=utcnow(), stopped_at=None, stop_reason=None)
                 )
         except OperationalError as exc:
             # A busy database must not stop the scoring; the next beat tries again.

@@ -33,7 +33,9 @@ class InboxLock:
             os.close(fd)
             raise InboxBusyError(
                 f"another worker (pid {holder}) is already processing {self.path.parent}; "
-                "stop it first, or give this one another inbox"
+                "stop it first, or give this one another inbox (with SQLite one worker owns "
+                "an inbox; for several workers, use PostgreSQL: [database] url = "
+                "\"postgresql+psycopg://...\")"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

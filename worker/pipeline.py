@@ -9,6 +9,12 @@ Order of work for a batch, each step durable before the next:
 A crash between any two steps leaves rows that the next run finishes: `reconcile()` owes the
 moves, and the inbox scan finds the rest. Every step is also written to the `events` table.
 
+Several workers on one inbox (PostgreSQL): the receipt claims each file's row for this worker
+(`claimed_by`); a file claimed by another live worker is left to it; only the claimer decides
+and moves a file; a worker whose heartbeat is older than the lease loses its claims to the next
+worker that meets its files (see `_claimable`). Receipts and decisions of all workers take
+turns on an advisory lock, so a copy always finds its original, whoever handles each.
+
 Batches overlap (`begin` the next, then `finish` this one): the next batch is read, received
 and preprocessed in the pool's threads while ONNX Runtime scores this one, and its decisions
 are committed after this batch's, so a duplicate always finds its original decided. A file is
@@ -19,6 +25,7 @@ only a changed file is hashed again.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import errno
 import hashlib
 import logging
@@ -30,19 +37,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
 from worker.config import Config, MissingPathError
 from worker.dicom import DicomPolicy
 from worker.exams import join_exam
 from worker.faults import crash_point
+from worker.heartbeat import WorkerRecord
 from worker.identity import IdentityReader
 from worker.paths import display_name, path_from_db, path_to_db
 from worker.preprocess import ImageError, preprocess_bytes
 from worker.scorer import Scorer
 from worker.store import (
     DUPLICATE,
+    FILES_LOCK,
     FINAL_STATUSES,
     QUARANTINED,
     RECEIVED,
@@ -111,22 +120,55 @@ class Pipeline:
         # Files read and hashed a second time before their move (their stat changed, or
         # their read was before a restart): the replaced-file check, counted.
         self.rehashed = 0
+        # This worker's id in `workers` (set once its heartbeat has started): the owner of
+        # its claims when several workers share the inbox (PostgreSQL).
+        self.worker_id: int | None = None
+
+    # ---- claims (several workers on one inbox) ---------------------------------------------
+
+    def _claimable(self) -> ColumnElement[bool]:
+        """Rows this worker may handle: unclaimed, its own, or claimed by a worker that has
+        stopped or whose last beat is older than the lease (heartbeat_stale_seconds): a
+        worker killed mid-batch has its claims taken over once its lease runs out."""
+        cutoff = utcnow() - dt.timedelta(seconds=self.config.heartbeat_stale_seconds)
+        dead = select(WorkerRecord.id).where(
+            or_(WorkerRecord.stopped_at.is_not(None), WorkerRecord.last_beat_at < cutoff)
+        )
+        return or_(
+            ImageRecord.claimed_by.is_(None),
+            ImageRecord.claimed_by == self.worker_id,
+            ImageRecord.claimed_by.in_(dead),
+        )
+
+    def _claim(self, s: Session, row: ImageRecord) -> None:
+        if row.claimed_by not in (None, self.worker_id):
+            _event(s, row.id, "taken_over", f"from worker {row.claimed_by} (lease expired)")
+            log.warning("taken over id=%d from worker=%s", row.id, row.claimed_by)
+        row.claimed_by = self.worker_id
 
     # ---- step 1: record receipt ------------------------------------------------------------
 
     def _receive(self, path: Path, data: bytes) -> ImageRecord:
         """One file's receipt (see :meth:`_receive_batch`)."""
-        return self._receive_batch([(path, _sha256(data), len(data))])[0]
+        record = self._receive_batch([(path, _sha256(data), len(data))])[0]
+        assert record is not None
+        return record
 
-    def _receive_batch(self, files: list[tuple[Path, str, int]]) -> list[ImageRecord]:
+    def _receive_batch(self, files: list[tuple[Path, str, int]]) -> list[ImageRecord | None]:
         """For each (path, sha256, size), in one transaction: find the file's unfinished row
-        (a restart) or insert a new `received` one.
+        (a restart) or insert a new `received` one, and claim it for this worker.
+
+        None for a file that another live worker has claimed, or that a worker moved away
+        after this one read it. The receipts of all workers on a database take turns (an
+        advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite), so two workers never both
+        insert a row for one file, and a copy received after its original finds it.
 
         Each receipt of an undecided row counts an attempt: a file that crashes the worker
         every time (a decoder bug) is quarantined after max_attempts instead of looping.
         """
-        rows: list[ImageRecord] = []
+        rows: list[ImageRecord | None] = []
         with self.store.write() as s:
+            self.store.serialise(s, FILES_LOCK)
             for path, digest, size in files:
                 source = path_to_db(path)
                 row = s.scalars(
@@ -136,6 +178,15 @@ class Pipeline:
                         ImageRecord.moved_at.is_(None),
                     )
                 ).first()
+                if row is not None and not s.scalar(
+                    select(ImageRecord.id).where(ImageRecord.id == row.id, self._claimable())
+                ):
+                    rows.append(None)  # another live worker's: it decides and moves it
+                    continue
+                if row is None and not path.exists():
+                    # Moved away (by another worker) since it was read: its row is final.
+                    rows.append(None)
+                    continue
                 if row is None:
                     row = ImageRecord(
                         filename=relative_name(path, self.config.inbox),
@@ -145,10 +196,12 @@ class Pipeline:
                         status=RECEIVED,
                         received_at=utcnow(),
                         attempts=0,
+                        claimed_by=self.worker_id,
                     )
                     s.add(row)
                     s.flush()
                     _event(s, row.id, "received", f"{size} bytes")
+                self._claim(s, row)
                 if row.status == RECEIVED:
                     row.attempts += 1
                     if row.attempts > 1:
@@ -163,8 +216,9 @@ class Pipeline:
                         )
                 rows.append(row)
             s.flush()
-            for row in rows:
-                s.expunge(row)
+            for maybe in rows:
+                if maybe is not None:
+                    s.expunge(maybe)
         return rows
 
     @staticmethod
@@ -199,10 +253,17 @@ class Pipeline:
         batch = Batch()
         if not readable:
             return batch
-        records = self._receive_batch(
+        received = self._receive_batch(
             [(path, loaded.sha256, len(loaded.data)) for path, loaded in readable]
         )
         crash_point("after_receive")
+        for (path, _), r in zip(readable, received, strict=True):
+            if r is None:
+                batch.elsewhere.append(path)
+                log.info("left to another worker file=%s (claimed, or moved)", display_name(path))
+        mine = [(f, r) for f, r in zip(readable, received, strict=True) if r is not None]
+        readable = [f for f, _ in mine]
+        records = [r for _, r in mine]
         with self.store.read() as s:
             originals = {
                 r.id: self._original_in(s, r) for r in records if r.status not in FINAL_STATUSES
@@ -290,6 +351,7 @@ class Pipeline:
                 status=RECEIVED,
                 attempts=attempts,
                 received_at=utcnow(),
+                claimed_by=self.worker_id,
             )
             s.add(row)
             s.flush()
@@ -359,14 +421,15 @@ class Pipeline:
         if not decided:
             return
         with self.store.write() as s:
+            self.store.serialise(s, FILES_LOCK)
             rows = {
                 r.id: r for r in s.scalars(select(ImageRecord).where(ImageRecord.id.in_(decided)))
             }
             # Originals first, so that a duplicate in the same batch can copy their result.
             for rid in sorted(decided):
                 row, fields = rows[rid], dict(decided[rid])
-                if row.status in FINAL_STATUSES:
-                    continue
+                if row.status in FINAL_STATUSES or row.claimed_by != self.worker_id:
+                    continue  # decided already, or taken over by another worker
                 status = fields.pop("status")
                 if status == DUPLICATE:
                     original = rows.get(fields["duplicate_of"]) or s.get(
@@ -413,6 +476,8 @@ class Pipeline:
             results.append(FileResult(f.path, row.id, row.status, row.score, row.label, row.error))
             if row.status not in FINAL_STATUSES or row.final_path is None:
                 continue
+            if row.claimed_by != self.worker_id:
+                continue  # taken over by another worker: its move, not ours
             dest = path_from_db(row.final_path)
             try:
                 notes[row.id] = (self._place(f, row.sha256, dest), dest)
@@ -428,7 +493,9 @@ class Pipeline:
         if not notes:
             return results
         with self.store.write() as s:
-            for fresh in s.scalars(select(ImageRecord).where(ImageRecord.id.in_(notes))):
+            for fresh in s.scalars(
+                select(ImageRecord).where(ImageRecord.id.in_(notes)).with_for_update()
+            ):
                 if fresh.moved_at is not None:
                     continue
                 note, dest = notes[fresh.id]
@@ -452,9 +519,11 @@ class Pipeline:
 
     def _place(self, f: _BatchFile, sha256: str | None, dest: Path) -> str:
         """Move one file; what happened: moved, replaced (left for the scan) or missing."""
-        if f.path.exists() and sha256 is not None and not self._unchanged(f, sha256):
+        if (f.path.exists() and sha256 is not None and not self._unchanged(f, sha256)
+                and f.path.exists()):
             # Replaced under us after it was read: the new content is a new file, which
             # the scan will find; the old content is gone, so there is nothing to move.
+            # (Gone by now instead: moved by a worker that took over; see below.)
             return "replaced"
         if f.path.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -481,15 +550,34 @@ class Pipeline:
             return False
 
     def reconcile(self) -> int:
-        """Finish the moves that a crash or a full disk left owed. Returns how many."""
-        with self.store.read() as s:
+        """Finish the moves that a crash or a full disk left owed: this worker's, unclaimed
+        ones, and those of workers whose lease has run out (claimed here first; rows another
+        worker is claiming at this moment are skipped). Returns how many."""
+        with self.store.read() as s:  # the usual case, nothing owed: no write transaction
+            if s.scalar(
+                select(ImageRecord.id).where(
+                    ImageRecord.moved_at.is_(None), ImageRecord.status.in_(FINAL_STATUSES)
+                ).limit(1)
+            ) is None:
+                return 0
+        with self.store.write() as s:
             owed = list(
                 s.scalars(
-                    select(ImageRecord).where(
-                        ImageRecord.moved_at.is_(None), ImageRecord.status.in_(FINAL_STATUSES)
+                    select(ImageRecord)
+                    .where(
+                        ImageRecord.moved_at.is_(None),
+                        ImageRecord.status.in_(FINAL_STATUSES),
+                        self._claimable(),
                     )
+                    .with_for_update(skip_locked=True)
                 )
             )
+            # Another worker's file is taken over only if it is visible here (its inbox path
+            # or its destination): with a local inbox per machine, another machine's owed
+            # move is not this worker's to record as missing.
+            owed = [r for r in owed if r.claimed_by in (None, self.worker_id) or _visible(r)]
+            for row in owed:
+                self._claim(s, row)
         if owed:
             self._move_batch([_BatchFile(path_from_db(r.source_path), r.id, None) for r in owed])
             log.info("reconciled moves=%d", len(owed))
@@ -497,6 +585,13 @@ class Pipeline:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _visible(row: ImageRecord) -> bool:
+    """Whether this machine sees the row's file, in the inbox or at its destination."""
+    return path_from_db(row.source_path).exists() or (
+        row.final_path is not None and path_from_db(row.final_path).exists()
+    )
 
 
 # ---- reading (in the pool's threads: no database, no shared state) ---------------------------
@@ -546,6 +641,9 @@ class Batch:
     decided: dict[int, dict[str, Any]] = field(default_factory=dict)
     identities: dict[int, dict[str, Any]] = field(default_factory=dict)
     preprocessing: dict[int, Future[np.ndarray]] = field(default_factory=dict)
+    # Files another live worker has claimed (or moved): not this worker's to look at again
+    # until its next rescan, by which time the claim is finished or its lease has run out.
+    elsewhere: list[Path] = field(default_factory=list)
 
     @property
     def paths(self) -> list[Path]:

@@ -15,8 +15,11 @@ Scored images join an exam (`exams`, one row per study); each scoring of an exam
 `exam_results` (with its `breast_results`), kept forever, so a rescored exam keeps its history
 (see worker/exams.py for that state machine).
 
-A database made by an earlier release is upgraded in place when opened: missing tables are
-created and missing nullable columns added (`UPGRADE_COLUMNS`); nothing is dropped.
+The schema is versioned with Alembic (worker/migrations, run by worker/schema.py when a
+database is opened). A database made before Alembic is first upgraded in place by the
+pre-Alembic step, `Store._upgrade`: missing tables are created and missing nullable columns
+added (`UPGRADE_COLUMNS`), nothing dropped; it is then stamped at the baseline revision.
+Schema changes from here on are Alembic revisions, not entries in UPGRADE_COLUMNS.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ class ImageRecord(Base):
     laterality: Mapped[str | None] = mapped_column(String(1), default=None)  # L, R
     view: Mapped[str | None] = mapped_column(String(16), default=None)  # CC, MLO, ...
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The worker (workers.id) whose claim this row is, for several workers on one inbox
+    # (PostgreSQL): only it decides and moves the file until its lease runs out.
+    claimed_by: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
 
     __table_args__ = (
         # At most one unfinished row per (inbox path, content): the exactly-once guard.
@@ -187,7 +193,7 @@ class BreastResult(Base):
 
 # Nullable columns added after the first release: added in place to an older database.
 UPGRADE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "images": ("patient_id", "study_uid", "laterality", "view", "sop_instance_uid"),
+    "images": ("patient_id", "study_uid", "laterality", "view", "sop_instance_uid", "claimed_by"),
     "events": ("exam_id",),
 }
 
@@ -216,6 +222,13 @@ class OutcomeChange(Base):
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+# Advisory lock keys (PostgreSQL): schema set-up, and the receipt and decision transactions
+# of every worker on the database, which take turns so that a file is claimed by one worker and
+# a copy always finds its original.
+SCHEMA_LOCK = 0x6D616D6D6F01
+FILES_LOCK = 0x6D616D6D6F02
+
+
 class Store:
     """SQLAlchemy engine set up for many readers and one writer on SQLite.
 
@@ -227,14 +240,23 @@ class Store:
     def __init__(self, url: str, busy_timeout_seconds: float = 30.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": busy_timeout_seconds, "check_same_thread": False}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             self._setup_sqlite(busy_timeout_seconds)
-        Base.metadata.create_all(self.engine)
-        self._upgrade()
+        from worker.schema import bring_up_to_date, is_current  # they import the models
+
+        with self.engine.connect() as conn:
+            current = is_current(conn)  # the usual case: a read, no lock taken
+        if not current:
+            # A write transaction from the start (BEGIN IMMEDIATE on SQLite), and one at a
+            # time on PostgreSQL, where several workers may start at once.
+            with self.engine.execution_options(mammo_immediate=True).begin() as conn:
+                self._serialise(conn, SCHEMA_LOCK)
+                bring_up_to_date(conn, self._upgrade)
         self._writer = self.engine.execution_options(mammo_immediate=True)
 
     def _setup_sqlite(self, busy_timeout_seconds: float) -> None:
@@ -253,23 +275,34 @@ class Store:
             immediate = conn.get_execution_options().get("mammo_immediate", False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
-    def _upgrade(self) -> None:
-        """Add the columns an older database lacks (create_all makes only missing tables)."""
-        with self.engine.begin() as conn:
-            for table_name, columns in UPGRADE_COLUMNS.items():
-                table = Base.metadata.tables[table_name]
-                present = {c["name"] for c in inspect(conn).get_columns(table_name)}
-                missing = [name for name in columns if name not in present]
-                for name in missing:
-                    col = table.c[name]
-                    ddl = col.type.compile(dialect=conn.dialect)
-                    for fk in col.foreign_keys:
-                        ddl += f" REFERENCES {fk.column.table.name} ({fk.column.name})"
-                    conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {ddl}")
-                if missing:
-                    log.info("upgraded database table=%s added=%s", table_name, ",".join(missing))
-                    for index in table.indexes:
-                        index.create(conn, checkfirst=True)
+    def _serialise(self, conn: Any, key: int) -> None:
+        """Wait for, then hold until the transaction ends, the lock named `key` (PostgreSQL).
+        SQLite needs none: its write transactions (BEGIN IMMEDIATE) already take turns."""
+        if self.is_postgres:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    def serialise(self, s: Session, key: int) -> None:
+        """:meth:`_serialise` inside a session's transaction."""
+        self._serialise(s.connection(), key)
+
+    def _upgrade(self, conn: Any) -> None:
+        """The pre-Alembic step: add the columns a database made before Alembic lacks
+        (create_all, already run, makes only missing tables). Frozen: later schema changes
+        are Alembic revisions."""
+        for table_name, columns in UPGRADE_COLUMNS.items():
+            table = Base.metadata.tables[table_name]
+            present = {c["name"] for c in inspect(conn).get_columns(table_name)}
+            missing = [name for name in columns if name not in present]
+            for name in missing:
+                col = table.c[name]
+                ddl = col.type.compile(dialect=conn.dialect)
+                for fk in col.foreign_keys:
+                    ddl += f" REFERENCES {fk.column.table.name} ({fk.column.name})"
+                conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {ddl}")
+            if missing:
+                log.info("upgraded database table=%s added=%s", table_name, ",".join(missing))
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @contextmanager
     def write(self) -> Iterator[Session]:

@@ -230,7 +230,7 @@ class InboxWatcher:
             self.stop_event.wait(self._backoff)
             return []
         self._backoff = 0.0
-        handled = {r.path for r in results}
+        handled = {r.path for r in results} | set(current.batch.elsewhere)
         for path in current.paths:
             if path not in handled and os.path.lexists(path):
                 self.tracker.observe(path)  # changed while read, or a read error: look again

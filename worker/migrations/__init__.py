@@ -1,0 +1,1 @@
+"""Alembic migrations of the screening database (see worker/schema.py for how they run)."""
