@@ -2,7 +2,7 @@
 and one PostgreSQL (a server started as in tests/pg.py), and the time to take over a killed
 worker's claims. Prints one table. Run from the repository root:
 
-    python -m tests.figures_multiworker --files 200
+    python bench/bench_multiworker.py --files 200
 
 Each worker count: the workers are started and beat first; then the files (dev-pool JPEGs,
 shipped model) are copied into the inbox and the clock runs until every row is moved. Takeover:
@@ -21,11 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import ProgrammingError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from tests.conftest import DATA, REPO, SHIPPED_MODEL
-from tests.pg import postgres_server
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.exc import ProgrammingError  # noqa: E402
+
+from tests.conftest import DATA, REPO, SHIPPED_MODEL  # noqa: E402
+from tests.pg import postgres_server  # noqa: E402
 
 LEASE = 10.0
 RESCAN = 1.0
