@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,16 @@ from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata, Operat
 from worker.preprocess import PreprocessSettings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_screen(*args: str, config: Path | None = None, cwd: Path = REPO,
+               env: dict[str, str] | None = None,
+               timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`screen ARGS` as a real process (`python -m worker`), with `--config CONFIG` first when
+    given; run from the repository so that this checkout's code is the one tested."""
+    prefix = ["--config", str(config)] if config is not None else []
+    return subprocess.run([sys.executable, "-m", "worker", *prefix, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def require_programs(package: str, *programs: str) -> None:

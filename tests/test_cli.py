@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from tests.conftest import REPO, make_mean_model
+from tests.conftest import REPO, make_mean_model, run_screen
 from worker.cli import cli
 
 
@@ -40,13 +40,7 @@ def test_every_command_has_help_text() -> None:
 
 
 def _screen(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_screen(*args, cwd=cwd, timeout=120)
 
 
 def test_cli_does_not_import_tensorflow() -> None:

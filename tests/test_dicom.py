@@ -10,7 +10,6 @@ import csv
 import shutil
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tests.conftest import make_mean_model, write_mammo_like
+from tests.conftest import make_mean_model, run_screen, write_mammo_like
 from tests.dicom_files import (
     MAMMO_FOR_PROCESSING,
     dicom_bytes,
@@ -85,10 +84,7 @@ def test_cbis_ddsm_decodes_tissue_bright_background_dark(path: Path) -> None:
 
 
 def _screen(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=300,
-    )
+    return run_screen(*args, cwd=cwd, timeout=300)
 
 
 def test_cbis_ddsm_scored_end_to_end_by_screen_process(tmp_path: Path) -> None:

@@ -7,11 +7,9 @@ import csv
 import datetime as dt
 import io
 import json
-import os
 import re
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from tests.conftest import REPO, make_mean_model, write_mammo_like
+from tests.conftest import REPO, make_mean_model, run_screen, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config, load_config
 from worker.exams import (
@@ -376,15 +374,7 @@ def test_readme_documents_every_outbox_key() -> None:
 
 
 def _screen(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "--config", str(workdir / "config.toml"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+    return run_screen(*args, config=workdir / "config.toml")
 
 
 def test_screen_process_end_to_end_exam_results_and_outbox(tmp_path: Path) -> None:

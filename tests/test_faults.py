@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import REPO, write_mammo_like
+from tests.conftest import REPO, run_screen, write_mammo_like
 from worker.faults import POINTS
 from worker.lock import LOCK_NAME
 
@@ -33,9 +33,7 @@ def _env(**extra: str) -> dict[str, str]:
 def _screen(workdir: Path, *args: str, crash_at: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = _env(MAMMO_SCREEN_CRASH_AT=crash_at) if crash_at else _env()
-    return subprocess.run([sys.executable, "-m", "worker", "--config",
-                           str(workdir / "config.toml"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_screen(*args, config=workdir / "config.toml", env=env, timeout=timeout)
 
 
 def drop_files(inbox: Path, n: int, seed: int = 0, prefix: str = "img") -> list[str]:

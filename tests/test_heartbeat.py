@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import create_engine, select
 from sqlalchemy.exc import OperationalError
 
-from tests.conftest import REPO, make_mean_model
+from tests.conftest import REPO, make_mean_model, run_screen
 from worker.app import open_store
 from worker.app import status as get_status
 from worker.config import ConfigError, load_config
@@ -26,10 +26,7 @@ from worker.store import Base, ImageRecord, Store
 
 
 def _screen(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "--config", str(workdir / "config.toml"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    return run_screen(*args, config=workdir / "config.toml", timeout=120)
 
 
 def _start_watch(workdir: Path, *args: str) -> subprocess.Popen[str]:

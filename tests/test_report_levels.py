@@ -7,14 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_mean_model, write_mammo_like
+from tests.conftest import make_mean_model, run_screen, write_mammo_like
 from worker.report import audit, format_text
 from worker.report_html import render_html
 from worker.store import Store
@@ -42,15 +39,7 @@ IMAGES = [
 
 
 def _screen(workdir: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "--config", str(workdir / "config.toml"), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+    out = run_screen(*args, config=workdir / "config.toml")
     assert out.returncode == 0, out.stderr
     return out.stdout
 
