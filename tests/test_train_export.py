@@ -302,3 +302,22 @@ def test_panel_command_judges_network_training(small_pool: Path, tmp_path: Path)
     fits = out.with_suffix(".fits.jsonl").read_text().splitlines()
     assert len(fits) == 2 + len(r["leave_one_site_out"])
     assert "tiny: worst" in result.output
+
+
+def test_panel_machine_balanced_training(small_pool: Path, tmp_path: Path) -> None:
+    """--machine-balanced weights each fit's training images by machine; it needs the column."""
+    from trainer.commands import panel
+
+    args = [str(small_pool / "labels.csv"), "--finetune", "cnn", "--size", "64", "--epochs", "1",
+            "--holdouts", "2", "--fraction", "0.3", "--cache", str(tmp_path / "cache"),
+            "--site-column", "rsna_site_id", "--machine-balanced"]
+    result = CliRunner().invoke(panel, args)
+    assert result.exit_code == 2 and "--machine-balanced needs --machine-column" in result.output
+    out = tmp_path / "panel.json"
+    result = CliRunner().invoke(panel, [*args, "--machine-column", "rsna_machine_id",
+                                        "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads(out.read_text())
+    assert r["recipe"]["machine_balanced"] is True
+    assert len(out.with_suffix(".fits.jsonl").read_text().splitlines()) == 2 + len(
+        r["leave_one_site_out"])

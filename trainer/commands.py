@@ -171,6 +171,9 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
 @click.option("--intensity-augment/--no-intensity-augment", default=True, show_default=True,
               help="--finetune: random gamma, contrast and noise while training.")
 @click.option("--bf16", is_flag=True, help="--finetune: mixed_bfloat16 (faster on AVX-512 BF16).")
+@click.option("--machine-balanced", is_flag=True,
+              help="--finetune: weight each fit's training images so that every machine "
+                   "(--machine-column) has the same malignant share.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               default=Path("runs/cache"), show_default=True,
               help="--finetune: folder for the preprocessed uint8 arrays.")
@@ -195,7 +198,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the panel as JSON here (and, for --finetune, every fit's test "
                    "scores beside it as .fits.jsonl).")
-def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None, size: int,
+def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None,
+          machine_balanced: bool, size: int,
           epochs: int, lr: float, intensity: str, intensity_augment: bool, bf16: bool,
           cache: Path, site_column: str | None, machine_column: str | None, holdouts: int,
           fraction: float, train_fraction: float, seed: int, flip_train: bool, tta: bool,
@@ -246,12 +250,15 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
             x, samples = cached_arrays(samples, preprocess, cache)
             cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size, epochs=epochs,
                                  lr=lr, intensity_augment=intensity_augment, tta=tta,
-                                 mixed_bfloat16=bf16)
+                                 mixed_bfloat16=bf16, machine_balanced=machine_balanced)
+            if machine_balanced and not machine_column:
+                raise click.UsageError("--machine-balanced needs --machine-column")
             y = np.array([s.label for s in samples])
             log = out.with_suffix(".fits.jsonl") if out else None
             if log is not None:
                 log.parent.mkdir(parents=True, exist_ok=True)
-            fit_score = finetune_fit_score(cfg, x, y, log)
+            machines = PanelData.from_csv(source, samples, None, machine_column).machines
+            fit_score = finetune_fit_score(cfg, x, y, log, machines)
             recipe = {"kind": "network training", **cfg.to_dict(),
                       "preprocessing": json.loads(preprocess.to_json())}
         data = PanelData.from_csv(source, samples, site_column, machine_column)

@@ -36,6 +36,7 @@ from trainer.fitting import (
     predict,
 )
 from trainer.model import build_augmentation, build_model
+from trainer.panel import machine_balanced_weights
 from worker.model_metadata import INPUT_NAME
 
 # cached_arrays and predict now live in trainer.arrays and trainer.fitting; re-exported so
@@ -56,6 +57,7 @@ class FinetuneConfig:
     intensity_augment: bool = True
     tta: bool = True  # score = mean of the image and its mirror image
     mixed_bfloat16: bool = False  # ~15% faster on CPUs with AVX-512 BF16
+    machine_balanced: bool = False  # weight training images so machines carry no label signal
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -141,11 +143,21 @@ def fit(cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray, seed: int,
 
 
 def finetune_fit_score(cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray,
-                       log: Path | None = None):  # -> trainer.panel.FitScore
-    """The recipe as a panel ``fit_score``; each fit's test scores appended to ``log``."""
+                       log: Path | None = None,
+                       machines: np.ndarray | None = None):  # -> trainer.panel.FitScore
+    """The recipe as a panel ``fit_score``; each fit's test scores appended to ``log``.
+    With ``cfg.machine_balanced``, each fit weights its training images so that every machine
+    (``machines``, one entry per row) has the same malignant share, and leaves out machines
+    that lack a class: the machine then carries no information about the label."""
+    if cfg.machine_balanced and machines is None:
+        raise ValueError("machine-balanced training needs each image's machine")
 
     def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
-        model = fit(cfg, x[tr], y[tr], seed)
+        weight = None
+        if cfg.machine_balanced and machines is not None:
+            w = machine_balanced_weights(y[tr], machines[tr])
+            tr, weight = tr[w > 0], w[w > 0]
+        model = fit(cfg, x[tr], y[tr], seed, sample_weight=weight)
         scores = predict(model, x[te], cfg.tta)
         if log is not None:
             with log.open("a") as fh:
