@@ -233,9 +233,9 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
             if (flip_train or tta) and "flipped" not in feats:
                 raise click.ClickException("--flip-train and --tta need features extracted "
                                            "with --flip")
+            data = PanelData.from_csv(source, samples, site_column, machine_column)
             patients = np.array([s.patient_id or str(s.path) for s in samples])
-            y = np.array([s.label for s in samples])
-            fit_score = probe_fit_score(feats, y, patients, flip_train, tta)
+            fit_score = probe_fit_score(feats, data.y, patients, flip_train, tta)
             recipe = {"kind": "linear probe on frozen features",
                       "features": [str(f) for f in feature_files],
                       "preprocessing": [json.loads(s) for s in settings],
@@ -253,15 +253,13 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                                  mixed_bfloat16=bf16, machine_balanced=machine_balanced)
             if machine_balanced and not machine_column:
                 raise click.UsageError("--machine-balanced needs --machine-column")
-            y = np.array([s.label for s in samples])
+            data = PanelData.from_csv(source, samples, site_column, machine_column)
             log = out.with_suffix(".fits.jsonl") if out else None
             if log is not None:
                 log.parent.mkdir(parents=True, exist_ok=True)
-            machines = PanelData.from_csv(source, samples, None, machine_column).machines
-            fit_score = finetune_fit_score(cfg, x, y, log, machines)
+            fit_score = finetune_fit_score(cfg, x, data.y, log, data.machines)
             recipe = {"kind": "network training", **cfg.to_dict(),
                       "preprocessing": json.loads(preprocess.to_json())}
-        data = PanelData.from_csv(source, samples, site_column, machine_column)
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))
