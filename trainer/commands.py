@@ -37,23 +37,33 @@ def invocation(ctx: click.Context) -> str:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Run folder for best.keras, metrics.json and the plots.")
-@click.option("--arch", type=click.Choice(["lite0-probe", "lite0-ft", "cnn", "lite0"]),
+@click.option("--arch", type=click.Choice(["lite0-probe", "lite0-ft", "lite0-top", "cnn",
+                                           "lite0"]),
               default="lite0-probe", show_default=True,
               help="lite0-probe (shipped): frozen Lite0 ImageNet features + logistic "
                    "regression, no epochs (--no-augment drops the mirrored copies); "
                    "lite0-ft: Lite0 fine-tuned with in-graph augmentation, AdamW with "
                    "warm-up and cosine decay, a fixed number of epochs, the last one kept; "
+                   "lite0-top: the frozen Lite0 front's maps computed once, an attention "
+                   "head (and --trainable-blocks) trained on them; "
                    "cnn: small CNN from scratch; lite0: Lite0 fine-tuned, the epoch with the "
                    "best validation AUC kept.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
               help="Square input size in pixels (stored in the model's preprocessing).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="[default: 20 for cnn and lite0, 4 for lite0-ft; lite0-probe has none]")
+              help="[default: 20 for cnn and lite0, 4 for lite0-ft, 10 for lite0-top; "
+                   "lite0-probe has none]")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="[default: 16 for lite0-probe and lite0-ft, else 32]")
+@click.option("--trainable-blocks", default=0, show_default=True, type=click.IntRange(0, 15),
+              help="lite0-top: MBConv blocks trained, counted from the last.")
+@click.option("--machine-balanced-by", "machine_column", default=None, metavar="COLUMN",
+              help="lite0-ft, lite0-top: weight training images so that every machine (this "
+                   "CSV column) has the same malignant share; machines lacking a class are "
+                   "left out.")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the cosine schedule "
-                   "[default: 1e-3 from scratch, 3e-4 fine-tuning lite0].")
+                   "[default: 1e-3 from scratch and lite0-top, 3e-4 fine-tuning lite0].")
 @click.option("--pooling", type=click.Choice(["avg", "max", "avg+max"]), default="avg",
               show_default=True, help="lite0-probe without --taps: which pooled features "
                                       "the head reads.")
@@ -86,7 +96,7 @@ def invocation(ctx: click.Context) -> str:
               help="lite0-ft: random gamma, contrast and noise while training.")
 @click.option("--bf16", is_flag=True, help="lite0-ft: mixed_bfloat16 (faster on AVX-512 BF16).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="lite0-ft: keep the preprocessed uint8 arrays in this folder.")
+              help="lite0-ft, lite0-top: keep the preprocessed arrays (and maps) here.")
 @click.option("--exam-column", default=None,
               help="CSV column naming each image's exam (study), for choosing how breasts "
                    "combine into an exam score [default: the patient is the exam].")
@@ -96,7 +106,8 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
 def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
-          batch_size: int | None, lr: float | None, pooling: str, taps: str,
+          batch_size: int | None, trainable_blocks: int, machine_column: str | None,
+          lr: float | None, pooling: str, taps: str,
           random_init: bool, crop: bool, orient: str, intensity: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
           sensitivity_target: float, no_augment: bool, intensity_augment: bool, bf16: bool,
@@ -137,7 +148,10 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
         sensitivity_target=sensitivity_target, augment=not no_augment,
         intensity_augment=intensity_augment, mixed_bfloat16=bf16, cache_dir=cache,
         exam_column=exam_column, patient_regex=patient_regex, verbose=1 if progress else 2,
+        trainable_blocks=trainable_blocks, machine_column=machine_column,
     )
+    if machine_column and arch not in ("lite0-ft", "lite0-top"):
+        raise click.UsageError("--machine-balanced-by is for --arch lite0-ft and lite0-top")
     # Record the per-arch defaults as the values they resolved to, so that the recorded
     # command reproduces the run even if a default changes later.
     ctx = click.get_current_context()
@@ -158,14 +172,19 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Judge a linear probe on these cached frozen features (python -m "
                    "trainer.features). Several files: their columns side by side.")
-@click.option("--finetune", "finetune_arch", type=click.Choice(["lite0", "cnn"]), default=None,
-              help="Judge network training instead: lite0 fine-tuned from ImageNet, or the "
-                   "small CNN from scratch (the control).")
+@click.option("--finetune", "finetune_arch", type=click.Choice(["lite0", "cnn", "lite0-top"]),
+              default=None,
+              help="Judge network training instead: lite0 fine-tuned from ImageNet, the "
+                   "small CNN from scratch (the control), or lite0-top: an attention head "
+                   "(and --trainable-blocks) on cached maps of the frozen front.")
+@click.option("--trainable-blocks", default=0, show_default=True, type=click.IntRange(0, 15),
+              help="--finetune lite0-top: MBConv blocks trained, counted from the last.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
               help="--finetune: input size.")
-@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1),
-              help="--finetune: epochs per fit.")
-@click.option("--lr", default=3e-4, show_default=True, type=float, help="--finetune: peak LR.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="--finetune: epochs per fit [lite0, cnn: 4; lite0-top: 10].")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="--finetune: peak LR [lite0, cnn: 3e-4; lite0-top: 1e-3].")
 @click.option("--intensity", type=click.Choice(["range", "percentile", "equalise"]),
               default="percentile", show_default=True, help="--finetune: preprocessing.")
 @click.option("--intensity-augment/--no-intensity-augment", default=True, show_default=True,
@@ -199,8 +218,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
               help="Write the panel as JSON here (and, for --finetune, every fit's test "
                    "scores beside it as .fits.jsonl).")
 def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None,
-          machine_balanced: bool, size: int,
-          epochs: int, lr: float, intensity: str, intensity_augment: bool, bf16: bool,
+          trainable_blocks: int, machine_balanced: bool, size: int,
+          epochs: int | None, lr: float | None, intensity: str, intensity_augment: bool, bf16: bool,
           cache: Path, site_column: str | None, machine_column: str | None, holdouts: int,
           fraction: float, train_fraction: float, seed: int, flip_train: bool, tta: bool,
           name: str | None, out: Path | None) -> None:
@@ -248,18 +267,31 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
             preprocess = PreprocessSettings(size=size, intensity=intensity)
             samples = [s for s in discover(source) if s.split != "test"]
             x, samples = cached_arrays(samples, preprocess, cache)
-            cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size, epochs=epochs,
-                                 lr=lr, intensity_augment=intensity_augment, tta=tta,
-                                 mixed_bfloat16=bf16, machine_balanced=machine_balanced)
             if machine_balanced and not machine_column:
                 raise click.UsageError("--machine-balanced needs --machine-column")
             data = PanelData.from_csv(source, samples, site_column, machine_column)
             log = out.with_suffix(".fits.jsonl") if out else None
             if log is not None:
                 log.parent.mkdir(parents=True, exist_ok=True)
-            fit_score = finetune_fit_score(cfg, x, data.y, log, data.machines)
-            recipe = {"kind": "network training", **cfg.to_dict(),
-                      "preprocessing": json.loads(preprocess.to_json())}
+            if finetune_arch == "lite0-top":
+                from trainer.top import TopConfig, build_front, cached_maps, top_fit_score
+
+                top = TopConfig(size=size, trainable_blocks=trainable_blocks,
+                                epochs=epochs or 10, lr=lr or 1e-3, tta=tta,
+                                machine_balanced=machine_balanced)
+                plain, mirrored = cached_maps(build_front(top), x, top, cache,
+                                              tag=preprocess.to_json())
+                fit_score = top_fit_score(top, plain, mirrored, data.y, log, data.machines)
+                recipe = {"kind": "top trained on cached maps", **top.to_dict(),
+                          "preprocessing": json.loads(preprocess.to_json())}
+            else:
+                cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size,
+                                     epochs=epochs or 4, lr=lr or 3e-4,
+                                     intensity_augment=intensity_augment, tta=tta,
+                                     mixed_bfloat16=bf16, machine_balanced=machine_balanced)
+                fit_score = finetune_fit_score(cfg, x, data.y, log, data.machines)
+                recipe = {"kind": "network training", **cfg.to_dict(),
+                          "preprocessing": json.loads(preprocess.to_json())}
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))

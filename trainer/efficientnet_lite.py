@@ -42,13 +42,17 @@ from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
     "BACKBONE_NAME",
+    "LITE0_BLOCKS",
     "NORM_OFFSET",
     "NORM_SCALE",
     "WEIGHTS_PACKAGE",
+    "block_output_name",
     "build_efficientnet_lite0",
     "build_efficientnet_lite0_backbone",
     "build_efficientnet_lite0_imagenet",
     "build_keras_applications_backbone",
+    "build_lite0_blocks",
+    "copy_weights",
     "find_pretrained_weights",
     "load_torch_weights",
 ]
@@ -150,6 +154,56 @@ def _mbconv(x: keras.KerasTensor, size: int, idx: int, stage: _Stage, filters_in
     return x, size
 
 
+# (block index, its stage, channels in, stride) for the 16 MBConv blocks, in order.
+_BLOCK_PLAN: tuple[tuple[int, _Stage, int, int], ...] = tuple(
+    (idx, stage, stage.filters_in if r == 0 else stage.filters_out, stage.stride if r == 0 else 1)
+    for idx, (stage, r) in enumerate(
+        (stage, r) for stage in _LITE0_STAGES for r in range(stage.repeats))
+)
+LITE0_BLOCKS = len(_BLOCK_PLAN)
+
+
+def _blocks(x: keras.KerasTensor, spatial: int, first: int, stop: int,
+            drop_connect_rate: float) -> tuple[keras.KerasTensor, int]:
+    """MBConv blocks ``first`` .. ``stop - 1`` on ``x`` (``spatial`` wide)."""
+    for idx, stage, filters_in, stride in _BLOCK_PLAN[first:stop]:
+        # Same linear ramp as the reference: block i drops with rate * i / n_blocks.
+        x, spatial = _mbconv(x, spatial, idx, stage, filters_in, stride,
+                             drop_connect_rate * idx / LITE0_BLOCKS)
+    return x, spatial
+
+
+def block_output_name(backbone: keras.Model, block: int) -> str:
+    """The layer whose output block ``block`` ends with (its residual add, if it has one)."""
+    names = {layer.name for layer in backbone.layers}
+    return f"block{block}_add" if f"block{block}_add" in names else f"block{block}_project_bn"
+
+
+def build_lite0_blocks(in_shape: tuple[int, int, int], first: int,
+                       drop_connect_rate: float = 0.2, name: str = "lite0_top") -> keras.Model:
+    """Blocks ``first`` .. 15 alone (no head conv), on maps of ``in_shape`` (what block
+    ``first - 1`` gives): the trainable top of a split backbone. Layer names are the full
+    backbone's, so :func:`copy_weights` fills them from it."""
+    inputs = keras.Input(shape=in_shape, name="maps")
+    x, _ = _blocks(inputs, in_shape[0], first, LITE0_BLOCKS, drop_connect_rate)
+    return keras.Model(inputs, x, name=name)
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> int:
+    """Copy every weighted layer of ``target`` from the layer of the same name in ``source``;
+    returns how many. Raises ``ValueError`` when one is missing (names drifted apart)."""
+    by_name = {layer.name: layer for layer in source.layers}
+    n = 0
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in by_name:
+            raise ValueError(f"no layer {layer.name!r} in {source.name} to copy from")
+        layer.set_weights(by_name[layer.name].get_weights())
+        n += 1
+    return n
+
+
 def build_efficientnet_lite0_backbone(size: int, drop_connect_rate: float = 0.2,
                                       name: str = BACKBONE_NAME) -> keras.Model:
     """The feature extractor: normalised RGB (size, size, 3) -> (s/32, s/32, 1280) ReLU6 maps.
@@ -163,16 +217,7 @@ def build_efficientnet_lite0_backbone(size: int, drop_connect_rate: float = 0.2,
                       kernel_initializer=_CONV_INIT, name="stem_conv")(x)
     x = _bn("stem_bn")(x)
     x = _relu6("stem_relu")(x)
-    n_blocks = sum(s.repeats for s in _LITE0_STAGES)
-    idx = 0
-    for stage in _LITE0_STAGES:
-        for r in range(stage.repeats):
-            filters_in = stage.filters_in if r == 0 else stage.filters_out
-            stride = stage.stride if r == 0 else 1
-            # Same linear ramp as the reference: block i drops with rate * i / n_blocks.
-            x, spatial = _mbconv(x, spatial, idx, stage, filters_in, stride,
-                                 drop_connect_rate * idx / n_blocks)
-            idx += 1
+    x, spatial = _blocks(x, spatial, 0, LITE0_BLOCKS, drop_connect_rate)
     x = layers.Conv2D(_HEAD_FILTERS, 1, use_bias=False, kernel_initializer=_CONV_INIT,
                       name="head_conv")(x)
     x = _bn("head_bn")(x)

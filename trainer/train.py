@@ -7,7 +7,9 @@ Read top to bottom, like a keras-io example:
 3. fit the recipe on the training split:
    ``lite0-probe`` (shipped): frozen EfficientNet-Lite0 features + logistic regression
    (:mod:`trainer.probe`); ``lite0-ft``: Lite0 fine-tuned with :mod:`trainer.finetune`'s
-   recipe for a fixed number of epochs; ``cnn`` / ``lite0``: a network fitted with
+   recipe for a fixed number of epochs; ``lite0-top``: the frozen Lite0 front's maps cached
+   and an attention head (and the last blocks) trained on them (:mod:`trainer.top`);
+   ``cnn`` / ``lite0``: a network fitted with
    :mod:`trainer.fitting`, keeping the epoch with the best validation AUC;
 4. score the validation split with the saved model and choose on it what the worker needs:
    the operating points and the view-combination rule (:mod:`trainer.evaluation`);
@@ -60,6 +62,7 @@ from trainer.fitting import (
     predict,
 )
 from trainer.model import build_augmentation, build_model, default_lr, with_augmentation
+from trainer.panel import machine_balanced_weights
 from trainer.plots import plot_confusion, plot_roc
 from trainer.probe import PROBE_ARCH, fit_probe_model
 from trainer.record import (
@@ -77,10 +80,14 @@ from worker.preprocess import PreprocessSettings
 
 BEST_MODEL = "best.keras"
 FINETUNE_ARCH = "lite0-ft"
-ARCHES = (PROBE_ARCH, FINETUNE_ARCH, "cnn", "lite0")
+TOP_ARCH = "lite0-top"
+ARCHES = (PROBE_ARCH, FINETUNE_ARCH, TOP_ARCH, "cnn", "lite0")
+# Recipes that train on uint8 arrays (the cast happens in the graph).
+_UINT8_ARCHES = (FINETUNE_ARCH, TOP_ARCH)
 SHIPPED_TAPS = ("block15_project_bn",)
 # (epochs, batch size) when not given; the probe has no epochs (its batch is for features)
-_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 16), FINETUNE_ARCH: (4, 16)}
+_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 16), FINETUNE_ARCH: (4, 16),
+             TOP_ARCH: (10, 32)}
 
 
 @dataclass
@@ -104,7 +111,11 @@ class TrainConfig:
     augment: bool = True
     intensity_augment: bool = True  # lite0-ft: random gamma, contrast and noise
     mixed_bfloat16: bool = False  # lite0-ft: faster on CPUs with AVX-512 BF16
-    cache_dir: str | Path | None = None  # lite0-ft: keep the uint8 arrays here
+    cache_dir: str | Path | None = None  # lite0-ft, lite0-top: keep the arrays (and maps) here
+    trainable_blocks: int = 0  # lite0-top: MBConv blocks trained, counted from the last
+    # lite0-ft, lite0-top: this CSV column names each image's machine, and training weights
+    # images so that every machine has the same malignant share (None: not balanced)
+    machine_column: str | None = None
     patient_regex: str | None = None  # folder layouts: patient id from the file name
     exam_column: str | None = None  # CSV column naming each image's exam (default: patient)
     pooling: str = "avg"  # lite0-probe only: pooled features the logistic head reads
@@ -119,8 +130,12 @@ class TrainConfig:
             raise ValueError(f"unknown arch {self.arch!r}: use one of {', '.join(ARCHES)}")
         epochs, batch = _DEFAULTS[self.arch]
         weights = "pretrained" if self.arch == FINETUNE_ARCH else self.weights
-        lr = self.lr if self.lr is not None else default_lr(self.arch.removesuffix("-ft"),
-                                                            weights)
+        if self.lr is not None:
+            lr = self.lr
+        elif self.arch == TOP_ARCH:
+            lr = 1e-3  # a fresh head (and a few pretrained blocks) on fixed maps
+        else:
+            lr = default_lr(self.arch.removesuffix("-ft"), weights)
         return self.epochs or epochs, self.batch_size or batch, lr
 
 
@@ -209,7 +224,8 @@ def fit_network(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarra
 
 
 def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarray,
-                  y_val: np.ndarray, path: Path, out: Path) -> Fitted:
+                  y_val: np.ndarray, path: Path, out: Path,
+                  sample_weight: np.ndarray | None = None) -> Fitted:
     """Lite0 fine-tuned by :mod:`trainer.finetune`'s recipe for a fixed number of epochs; the
     last epoch is kept (validation AUC is logged per epoch, never used to choose)."""
     from trainer.finetune import FinetuneConfig, fit
@@ -220,7 +236,7 @@ def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndar
                         mixed_bfloat16=cfg.mixed_bfloat16)
     log = keras.callbacks.CSVLogger(str(out / HISTORY_FILE))
     started = time.time()
-    model = fit(ft, x, y, cfg.seed, verbose=cfg.verbose,
+    model = fit(ft, x, y, cfg.seed, verbose=cfg.verbose, sample_weight=sample_weight,
                 callbacks=[ValidationScores(None, x_val, y_val, batch_size), log])
     model.save(path)
     history = _read_history(out / HISTORY_FILE)
@@ -231,6 +247,32 @@ def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndar
                    "loss": "binary cross-entropy, balanced class weights",
                    "augmentation": "geometric and intensity (gamma, contrast, noise) in the graph"
                    if cfg.intensity_augment else "geometric in the graph"})
+
+
+def fit_top(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, path: Path,
+            sample_weight: np.ndarray | None = None) -> Fitted:
+    """:mod:`trainer.top`: the frozen front's maps of the training images (and their mirror
+    images) computed once, the top trained on them for a fixed number of epochs, and the
+    two saved as one model that scores an image as the mean over it and its mirror image."""
+    from trainer.top import TopConfig, build_front, cached_maps, compose, fit
+
+    epochs, batch_size, lr = cfg.resolved()
+    top_cfg = TopConfig(size=cfg.size, trainable_blocks=cfg.trainable_blocks, epochs=epochs,
+                        batch_size=batch_size, lr=lr)
+    started = time.time()
+    front = build_front(top_cfg)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    plain, mirrored = cached_maps(front, x, top_cfg, cache, progress=bool(cfg.verbose))
+    top = fit(top_cfg, plain, mirrored, np.arange(len(y)), y, cfg.seed,
+              sample_weight=sample_weight, verbose=cfg.verbose)
+    compose(front, top, tta=True).save(path)
+    return Fitted([], epochs, time.time() - started,
+                  {"weights": "pretrained", "top": top_cfg.to_dict(),
+                   "schedule": "AdamW (weight decay 1e-4), linear warm-up over 10% of steps, "
+                               "cosine decay to 1%; the last epoch kept",
+                   "loss": "binary cross-entropy, balanced class weights",
+                   "augmentation": "each image plain or mirrored at random per epoch; the "
+                                   "saved model scores the mean of both"})
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -262,7 +304,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     #    fine-tuning reads uint8 (cast in the graph); the probe's features read float16.
     say(f"preprocessing {len(samples)} images at {cfg.size} px")
     progress = cfg.verbose if cfg.verbose else False
-    if cfg.arch == FINETUNE_ARCH:
+    if cfg.arch in _UINT8_ARCHES:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else None
         x_all, kept = cached_arrays(samples, settings, cache, cfg.preprocess_threads, progress)
         paths = {s.path for s in kept}
@@ -291,10 +333,21 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 3. Fit the recipe; the model it leaves in best.keras is the one exported.
     best_path = out / BEST_MODEL
+    weight = None
+    if cfg.machine_column:
+        if cfg.arch not in _UINT8_ARCHES:
+            raise ValueError(f"machine-balanced training is for {' and '.join(_UINT8_ARCHES)}")
+        machines = read_columns(cfg.source, train_s, [cfg.machine_column])[cfg.machine_column]
+        weight = machine_balanced_weights(y_train, machines)
+        keep = weight > 0  # machines lacking a class say nothing once balanced: left out
+        say(f"machine-balanced: {int(keep.sum())} of {len(keep)} training images kept")
+        x_train, y_train, weight = x_train[keep], y_train[keep], weight[keep]
     if cfg.arch == PROBE_ARCH:
         fitted = fit_probe(cfg, x_train, y_train, train_s, best_path, batch_size)
     elif cfg.arch == FINETUNE_ARCH:
-        fitted = fit_finetuned(cfg, x_train, y_train, x_val, y_val, best_path, out)
+        fitted = fit_finetuned(cfg, x_train, y_train, x_val, y_val, best_path, out, weight)
+    elif cfg.arch == TOP_ARCH:
+        fitted = fit_top(cfg, x_train, y_train, best_path, weight)
     else:
         fitted = fit_network(cfg, x_train, y_train, x_val, y_val, best_path, out)
 
@@ -346,6 +399,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "size": cfg.size, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "probe": None, "augment": cfg.augment, "seed": cfg.seed, "limit": cfg.limit,
             "patience": cfg.patience, "params": int(best.count_params()),
+            "machine_balanced_by": cfg.machine_column,
             "hardware": hardware(),
             "started_utc": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
             "fit_seconds": round(fitted.seconds, 1),

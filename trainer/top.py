@@ -1,0 +1,291 @@
+"""The top recipe: a frozen Lite0 front run once per image, its spatial maps cached, and only
+the top of the network trained on them.
+
+Full fine-tuning costs 25-45 min per fit at 256 px on two CPU cores, so a panel of twelve fits
+takes most of a day, and higher resolution is out of reach. Frozen features pooled over the
+whole image are cheap but lose a small lesion in the average, and resolution did not help them
+(256 -> 512 px: 0.647 -> 0.636 pooled AUC). Here the expensive front (stem and the first
+``16 - trainable_blocks`` MBConv blocks, ImageNet weights, frozen) runs once per image and
+once more mirrored; what is trained is:
+
+* the last ``trainable_blocks`` MBConv blocks (0: none), from their ImageNet weights, and
+* a gated-attention pooling head (Ilse et al., 2018) over the 320-channel maps of block 15:
+  every map position gets a learned weight, so the head can look at the few positions where
+  a lesion is, at a resolution where it spans more than one position.
+
+Each fit then costs seconds (head only) to minutes, so the panel runs at 512-640 px here.
+The model that ships is :func:`compose`: front and top in one Keras model, image in, score out,
+exported like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from trainer.efficientnet_lite import (
+    LITE0_BLOCKS,
+    block_output_name,
+    build_efficientnet_lite0_backbone,
+    build_lite0_blocks,
+    copy_weights,
+    grey_to_normalised_rgb,
+    load_torch_weights,
+    resolve_weights,
+)
+from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
+from trainer.panel import machine_balanced_weights
+from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
+
+
+@dataclass(frozen=True)
+class TopConfig:
+    size: int = 512
+    trainable_blocks: int = 0  # of the 16 MBConv blocks, counted from the last
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    attention_dim: int = 128
+    dropout: float = 0.25
+    tta: bool = True  # score = mean over the image and its mirror image
+    machine_balanced: bool = False  # weight training images so machines carry no label signal
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trainable_blocks < LITE0_BLOCKS:
+            raise ValueError(f"trainable_blocks must be 0..{LITE0_BLOCKS - 1}")
+
+    @property
+    def first_trained(self) -> int:
+        """Index of the first trained MBConv block (16: none, the head alone)."""
+        return LITE0_BLOCKS - self.trainable_blocks
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# --- the network, split --------------------------------------------------------------------
+
+
+def _pretrained_backbone(size: int, weights: str | Path | None) -> keras.Model:
+    backbone = build_efficientnet_lite0_backbone(size)
+    if weights is not None:
+        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    return backbone
+
+
+def build_front(cfg: TopConfig, weights: str | Path | None = "pretrained") -> keras.Model:
+    """image (size, size, 1) in [0, 1] -> the maps entering the first trained block (or, with
+    no trained blocks, block 15's 320-channel output). Frozen."""
+    backbone = _pretrained_backbone(cfg.size, weights)
+    cut = backbone.get_layer(block_output_name(backbone, cfg.first_trained - 1)).output
+    front = keras.Model(backbone.input, cut, name="lite0_front")
+    front.trainable = False
+    inputs = keras.Input(shape=(cfg.size, cfg.size, 1), name=INPUT_NAME)
+    return keras.Model(inputs, front(grey_to_normalised_rgb(inputs)), name="front")
+
+
+@keras.saving.register_keras_serializable(package="mammo_screen")
+class AttentionPool(layers.Layer):
+    """Softmax-weighted sum over map positions: (B, H, W, C) values and (B, H, W, 1) logits
+    -> (B, C). The weights sum to 1 per image, so the head can attend to a single position."""
+
+    def call(self, values: keras.KerasTensor, logits: keras.KerasTensor) -> keras.KerasTensor:
+        shape = ops.shape(values)
+        v = ops.reshape(values, (shape[0], -1, shape[3]))
+        w = ops.softmax(ops.reshape(logits, (shape[0], -1, 1)), axis=1)
+        return ops.sum(v * w, axis=1)
+
+
+def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
+              weights: str | Path | None = "pretrained", seed: int | None = None
+              ) -> keras.Model:
+    """maps -> score: the trained blocks (ImageNet-initialised) and the gated-attention head."""
+    inputs = keras.Input(shape=in_shape, name="maps")
+    x = inputs
+    if cfg.trainable_blocks:
+        blocks = build_lite0_blocks(in_shape, cfg.first_trained)
+        copy_weights(_pretrained_backbone(cfg.size, weights), blocks)
+        x = blocks(x)
+    init = keras.initializers.GlorotUniform(seed)
+    h = layers.Conv2D(cfg.attention_dim, 1, activation="relu", kernel_initializer=init,
+                      name="attention_embed")(x)
+    h = layers.Dropout(cfg.dropout, seed=seed, name="attention_dropout")(h)
+    v = layers.Conv2D(cfg.attention_dim // 2, 1, activation="tanh", kernel_initializer=init,
+                      name="attention_v")(h)
+    u = layers.Conv2D(cfg.attention_dim // 2, 1, activation="sigmoid", kernel_initializer=init,
+                      name="attention_u")(h)
+    logits = layers.Conv2D(1, 1, kernel_initializer=init, name="attention_logits")(
+        layers.Multiply(name="attention_gate")([v, u]))
+    pooled = AttentionPool(name="attention_pool")(h, logits)
+    pooled = layers.Dropout(cfg.dropout, seed=seed, name="dropout")(pooled)
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_NAME)(pooled)
+    return keras.Model(inputs, outputs, name="top")
+
+
+@keras.saving.register_keras_serializable(package="mammo_screen")
+class MirrorImage(layers.Layer):
+    """(B, H, W, C) -> the same images mirrored left-right."""
+
+    def call(self, x: keras.KerasTensor) -> keras.KerasTensor:
+        return ops.flip(x, axis=2)
+
+
+def compose(front: keras.Model, top: keras.Model, tta: bool = False) -> keras.Model:
+    """The model that is saved and exported: image in [0, 1] -> score; with ``tta`` the mean
+    of the image's and its mirror image's scores (as the panel scores with ``tta``)."""
+    size = front.input_shape[1]
+    inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
+    score = top(front(inputs))
+    if tta:
+        mirrored = top(front(MirrorImage(name="mirror")(inputs)))
+        score = layers.Average(name=OUTPUT_NAME)([score, mirrored])
+    return keras.Model(inputs, score, name=f"lite0_top_{size}")
+
+
+# --- maps, computed once -------------------------------------------------------------------
+
+
+def _maps_key(cfg: TopConfig, x: np.ndarray, tag: str) -> str:
+    h = hashlib.sha256(f"{cfg.size}:{cfg.first_trained}:{tag}:{x.shape}".encode())
+    # A strided sample of the pixels identifies the images without hashing gigabytes.
+    h.update(np.ascontiguousarray(x.reshape(len(x), -1)[:, ::4099]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_maps(front: keras.Model, x: np.ndarray, cfg: TopConfig, cache_dir: Path | None,
+                tag: str = "", batch_size: int = 16, progress: bool = True
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """float16 maps of the uint8 images ``x`` and of their mirror images, computed once and
+    kept (memory-mapped .npy) in ``cache_dir`` per (images, size, cut); None: not kept."""
+    shape = (len(x), *front.output_shape[1:])
+    paths = None
+    if cache_dir is not None:
+        key = _maps_key(cfg, x, tag)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        paths = [cache_dir / f"maps-{cfg.size}-b{cfg.first_trained}-{key}-{k}.npy"
+                 for k in ("plain", "mirrored")]
+        if all(p.is_file() for p in paths):
+            return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
+    out = []
+    for k, mirrored in enumerate((False, True)):
+        tmp = paths[k].with_suffix(".partial.npy") if paths else None
+        arr = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+               if tmp else np.empty(shape, np.float16))
+        started, step = time.time(), max(1, len(x) // 10)
+        for i in range(0, len(x), batch_size):
+            xb = np.asarray(x[i:i + batch_size], np.float32) / 255.0
+            if mirrored:
+                xb = np.ascontiguousarray(xb[:, :, ::-1])
+            arr[i:i + len(xb)] = np.asarray(front.predict_on_batch(xb), np.float16)
+            done = i + len(xb)
+            if progress and (done // step != i // step or done == len(x)):
+                rate = done / max(time.time() - started, 1e-9)
+                print(f"maps {'mirrored' if mirrored else 'plain'} {cfg.size}px: "
+                      f"{done}/{len(x)} ({rate:.1f} img/s)", flush=True)
+        if tmp is not None and paths is not None:
+            arr.flush()
+            del arr
+            tmp.rename(paths[k])
+            arr = np.load(paths[k], mmap_mode="r")
+        out.append(arr)
+    return out[0], out[1]
+
+
+# --- fit and score -------------------------------------------------------------------------
+
+
+class MapBatches(keras.utils.PyDataset):
+    """Training batches of cached maps: every image once per epoch, plain or mirrored at
+    random (the flip augmentation, precomputed), with per-image weights."""
+
+    def __init__(self, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
+                 y: np.ndarray, weights: np.ndarray, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.plain, self.mirrored, self.rows = plain, mirrored, np.asarray(rows)
+        self.y, self.w = np.asarray(y, np.float32), np.asarray(weights, np.float32)
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        self.order = self.rng.permutation(len(self.rows))
+        self.flip = self.rng.random(len(self.rows)) < 0.5
+
+    def __len__(self) -> int:
+        return max(len(self.rows) // self.batch_size, 1)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pick = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        rows, flip = self.rows[pick], self.flip[pick]
+        xb = np.empty((len(pick), *self.plain.shape[1:]), np.float32)
+        for j, (r, f) in enumerate(zip(rows, flip, strict=True)):
+            xb[j] = (self.mirrored if f else self.plain)[r]
+        return xb, self.y[pick], self.w[pick]
+
+    def on_epoch_end(self) -> None:
+        self._shuffle()
+
+
+def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
+        y: np.ndarray, seed: int, sample_weight: np.ndarray | None = None,
+        verbose: int | str = 0) -> keras.Model:
+    """A fresh top trained for ``cfg.epochs`` on the maps of ``rows`` (labels ``y`` of those
+    rows): AdamW, cosine decay after a 10% warm-up, balanced class weights (times
+    ``sample_weight``)."""
+    keras.utils.set_random_seed(seed)
+    top = build_top(cfg, plain.shape[1:], seed=seed)
+    data = MapBatches(plain, mirrored, rows, y, balanced_sample_weights(y, sample_weight),
+                      cfg.batch_size, seed)
+    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1, alpha=0.01)
+    compile_and_fit(top, data, cfg.epochs,
+                    keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+                    keras.losses.BinaryCrossentropy(), verbose=verbose)
+    return top
+
+
+def score(top: keras.Model, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
+          tta: bool = True, batch_size: int = 64) -> np.ndarray:
+    """Scores of ``rows``; with ``tta`` the mean with their mirror images' scores."""
+    out = np.zeros(len(rows), np.float64)
+    sources: Sequence[np.ndarray] = (plain, mirrored) if tta else (plain,)
+    for i in range(0, len(rows), batch_size):
+        r = np.asarray(rows[i:i + batch_size])
+        out[i:i + len(r)] = np.mean([
+            np.asarray(top.predict_on_batch(np.asarray(src[r], np.float32)),
+                       np.float64).reshape(-1) for src in sources], axis=0)
+    return out
+
+
+def top_fit_score(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, y: np.ndarray,
+                  log: Path | None = None, machines: np.ndarray | None = None):
+    """The recipe as a panel ``fit_score`` (see :func:`trainer.finetune.finetune_fit_score`
+    for ``machines`` and ``log``)."""
+    if cfg.machine_balanced and machines is None:
+        raise ValueError("machine-balanced training needs each image's machine")
+
+    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        weight = None
+        if cfg.machine_balanced and machines is not None:
+            w = machine_balanced_weights(y[tr], machines[tr])
+            tr, weight = tr[w > 0], w[w > 0]
+        started = time.time()
+        top = fit(cfg, plain, mirrored, tr, y[tr], seed, sample_weight=weight)
+        scores = score(top, plain, mirrored, te, cfg.tta)
+        print(f"fit on {len(tr)} images in {time.time() - started:.0f}s", flush=True)
+        if log is not None:
+            with log.open("a") as fh:
+                fh.write(json.dumps({"seed": seed, "test": te.tolist(),
+                                     "scores": scores.round(6).tolist()}) + "\n")
+        keras.backend.clear_session()
+        return scores
+
+    return fit_score
