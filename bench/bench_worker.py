@@ -239,6 +239,10 @@ def main() -> None:
                         help="files dropped at 10/s into `screen watch` for the latency")
     parser.add_argument("--batch-size", type=int, default=SCHEMA["worker"]["batch_size"][1],
                         help="the worker's batch size [default: the config default]")
+    parser.add_argument("--process", choices=("both", "float", "int8"), default="both",
+                        help="which models `screen process` runs (A/B runs: one, to save time)")
+    parser.add_argument("--no-watch", action="store_true",
+                        help="leave out `screen watch` (A/B runs of `screen process`)")
     args = parser.parse_args()
     images = sorted((DATA / "images").rglob("*.jpg"))
     if not images:
@@ -266,28 +270,33 @@ def main() -> None:
             rows.append(("int8 / float, batch 1", f"{b1q / b1f:.2f}x", "target >= 2x"))
         process = {}
         for name, model in (("float", args.model), ("int8", int8)):
+            if args.process not in ("both", name):
+                continue
             r = screen_process(images, args.files, model, bs)
             process[name] = r
             rows.append((f"screen process, {name}, {r['files']} files (first received->last moved)",
                          f"{r['files_per_s']:.1f} files/s",
                          f"{r['files_per_s'] / limits[name]:.2f} of the limit (target 0.9)"))
-        rows.append(("cold start (float)", f"{process['float']['cold_start_s']:.2f} s",
-                     f"process start to first score, less settle_seconds {SETTLE}; "
-                     "target <= 1 s"))
-        rows.append((f"peak RSS, screen process, batch {bs} (float)",
-                     f"{process['float']['peak_rss_mb']:.0f} MB", "target <= 250 MB"))
-        rows.append((f"peak RSS, screen process, batch {bs} (int8)",
-                     f"{process['int8']['peak_rss_mb']:.0f} MB", ""))
-        w = screen_watch(images, max(args.files // 2, 50), args.trickle, 10.0, args.model, bs)
-        rows.append(("screen watch, float, burst", f"{w['burst_files_per_s']:.1f} files/s",
-                     f"{w['burst_files_per_s'] / limits['float']:.2f} of the limit"))
-        rows.append(("screen watch, float, trickle 10/s, settled->committed p50",
-                     f"{w['latency_p50_s']:.2f} s", ""))
-        rows.append(("screen watch, float, trickle 10/s, settled->committed p95",
-                     f"{w['latency_p95_s']:.2f} s",
-                     "target: arrival->committed <= settle + 0.5 s, i.e. this <= 0.5 s"))
-        if args.keras is None:
-            rows.append(("plain Keras predict loop", "-", "skipped: pass --keras FILE.keras"))
+        for name, r in process.items():
+            rows.append((f"cold start ({name})", f"{r['cold_start_s']:.2f} s",
+                         f"process start to first score, less settle_seconds {SETTLE}; "
+                         "target <= 1 s"))
+        for name, r in process.items():
+            rows.append((f"peak RSS, screen process, batch {bs} ({name})",
+                         f"{r['peak_rss_mb']:.0f} MB", "target <= 250 MB"))
+        if not args.no_watch:
+            w = screen_watch(images, max(args.files // 2, 50), args.trickle, 10.0, args.model,
+                             bs)
+            rows.append(("screen watch, float, burst", f"{w['burst_files_per_s']:.1f} files/s",
+                         f"{w['burst_files_per_s'] / limits['float']:.2f} of the limit"))
+            rows.append(("screen watch, float, trickle 10/s, settled->committed p50",
+                         f"{w['latency_p50_s']:.2f} s", ""))
+            rows.append(("screen watch, float, trickle 10/s, settled->committed p95",
+                         f"{w['latency_p95_s']:.2f} s",
+                         "target: arrival->committed <= settle + 0.5 s, i.e. this <= 0.5 s"))
+        if args.keras is None or "float" not in process:
+            rows.append(("plain Keras predict loop", "-",
+                         "skipped: pass --keras FILE.keras (and run `screen process` float)"))
         else:
             k = keras_loop(args.keras, args.model, images, args.keras_files)
             if isinstance(k, str):
