@@ -177,18 +177,29 @@ class Pipeline:
         rows: list[ImageRecord | None] = []
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
-            for path, digest, size in files:
-                source = path_to_db(path)
-                row = s.scalars(
+            # The batch's unfinished rows in one query (at most one per path and content: the
+            # partial unique index), and in one more, which of them this worker may handle.
+            sources = [path_to_db(path) for path, _, _ in files]
+            unfinished = {
+                (r.source_path, r.sha256): r
+                for r in s.scalars(
                     select(ImageRecord).where(
-                        ImageRecord.source_path == source,
-                        ImageRecord.sha256 == digest,
-                        ImageRecord.moved_at.is_(None),
+                        ImageRecord.source_path.in_(sources), ImageRecord.moved_at.is_(None)
                     )
-                ).first()
-                if row is not None and not s.scalar(
-                    select(ImageRecord.id).where(ImageRecord.id == row.id, self._claimable())
-                ):
+                )
+            }
+            mine = set(
+                s.scalars(
+                    select(ImageRecord.id).where(
+                        ImageRecord.id.in_([r.id for r in unfinished.values()]),
+                        self._claimable(),
+                    )
+                )
+            ) if unfinished else set()
+            new: list[ImageRecord] = []
+            for (path, digest, size), source in zip(files, sources, strict=True):
+                row = unfinished.get((source, digest))
+                if row is not None and row.id not in mine:
                     rows.append(None)  # another live worker's: it decides and moves it
                     continue
                 if row is None and not path.exists():
@@ -206,8 +217,16 @@ class Pipeline:
                         attempts=0,
                         claimed_by=self.worker_id,
                     )
-                    s.add(row)
-                    s.flush()
+                    new.append(row)
+                rows.append(row)
+            s.add_all(new)
+            s.flush()  # the new rows' ids, in the batch's order (receipt order decides originals)
+            fresh = {id(r) for r in new}
+            for maybe, (_, _, size) in zip(rows, files, strict=True):
+                if maybe is None:
+                    continue
+                row = maybe
+                if id(row) in fresh:
                     _event(s, row.id, "received", f"{size} bytes")
                 self._claim(s, row)
                 if row.status == RECEIVED:
@@ -222,7 +241,6 @@ class Pipeline:
                             error=f"gave up after {row.attempts - 1} attempts "
                             f"(last: {row.error or 'worker stopped while handling it'})",
                         )
-                rows.append(row)
             s.flush()
             for maybe in rows:
                 if maybe is not None:
@@ -230,17 +248,25 @@ class Pipeline:
         return rows
 
     @staticmethod
-    def _original_in(s: Session, record: ImageRecord) -> ImageRecord | None:
-        """The earliest other row with the same content (scored, pending or quarantined)."""
-        return s.scalars(
-            select(ImageRecord)
+    def _originals_in(s: Session, records: list[ImageRecord]) -> dict[int, int | None]:
+        """For each record, the id of the earliest other row with the same content (scored,
+        pending or quarantined) received before it, or None; one query for them all."""
+        if not records:
+            return {}
+        earlier: dict[str, list[int]] = {}
+        for rid, digest in s.execute(
+            select(ImageRecord.id, ImageRecord.sha256)
             .where(
-                ImageRecord.sha256 == record.sha256,
+                ImageRecord.sha256.in_({r.sha256 for r in records}),
                 ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
-                ImageRecord.id < record.id,
             )
             .order_by(ImageRecord.id)
-        ).first()
+        ):
+            earlier.setdefault(digest, []).append(rid)
+        return {
+            r.id: next((i for i in earlier.get(r.sha256 or "", []) if i < r.id), None)
+            for r in records
+        }
 
     # ---- the batch -------------------------------------------------------------------------
 
@@ -274,9 +300,9 @@ class Pipeline:
         readable = [f for f, _ in mine]
         records = [r for _, r in mine]
         with self.store.read() as s:
-            originals = {
-                r.id: self._original_in(s, r) for r in records if r.status not in FINAL_STATUSES
-            }
+            originals = self._originals_in(
+                s, [r for r in records if r.status not in FINAL_STATUSES]
+            )
         preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]] = {}
         for (path, loaded), record in zip(readable, records, strict=True):
             batch.files.append(_BatchFile(path, record.id, loaded.fingerprint))
@@ -286,9 +312,7 @@ class Pipeline:
             ident = self.identity.identify(record.filename, loaded.data).as_columns()
             original = originals[record.id]
             if original is not None:
-                batch.decided[record.id] = {
-                    "status": DUPLICATE, "duplicate_of": original.id, **ident
-                }
+                batch.decided[record.id] = {"status": DUPLICATE, "duplicate_of": original, **ident}
                 continue
             preprocessing[record.id] = (
                 self.pool.submit(preprocess_bytes, loaded.data, self.settings, self.dicom_policy),
