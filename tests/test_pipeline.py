@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from sqlalchemy import select
 from tests.conftest import copy_into, dev_pool_images, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
-from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord
+from worker.scorer import Scorer
+from worker.store import DUPLICATE, QUARANTINED, RECEIVED, SCORED, ImageRecord
 
 
 def _rows(config: Config) -> list[tuple]:
@@ -247,3 +249,61 @@ def test_overlapped_batches_commit_in_order_and_duplicates_find_their_original(
     rows = {r[0]: r for r in _rows(config)}
     assert rows["a-again.png"][1] == DUPLICATE and rows["a-again.png"][2] == rows["a.png"][2]
     assert rows["a.png"][1] == SCORED and all(r[6] for r in rows.values())
+
+
+def test_onnx_runtime_scores_in_its_own_thread_before_the_caller_finishes(
+    config: Config,
+) -> None:
+    """A begun batch is scored in the scoring thread without waiting for the caller: batch 2
+    is scored while batch 1 is still unfinished, and nothing of it is committed until the
+    caller finishes both, in order."""
+    a = write_mammo_like(config.inbox / "a.png", seed=1)
+    b = write_mammo_like(config.inbox / "b.png", seed=2)
+    worker = open_worker(config)
+    scored_in: list[str] = []
+    score_batch = worker.scorer.score_batch
+
+    def recording(images: list) -> object:  # the real session, its thread noted
+        scored_in.append(threading.current_thread().name)
+        return score_batch(images)
+
+    worker.scorer.score_batch = recording  # type: ignore[method-assign]
+    first = worker.pipeline.begin([a])
+    second = worker.pipeline.begin([b])
+    assert second.scoring is not None
+    decided = second.scoring.result(timeout=120)  # batch 1 not finished yet
+    assert [d["status"] for d in decided.values()] == [SCORED]
+    assert [r[1] for r in _rows(config)] == [RECEIVED, RECEIVED]
+    worker.pipeline.finish(first)
+    worker.pipeline.finish(second)
+    worker.close()
+    assert scored_in and all(name.startswith("score") for name in scored_in)
+    assert [r[1] for r in _rows(config)] == [SCORED, SCORED]
+    assert all(r[6] for r in _rows(config))
+
+
+def test_closing_with_batches_in_flight_leaves_them_received_for_the_next_run(
+    config: Config,
+) -> None:
+    """Stopping between begin and finish (what a stop leaves when it cannot finish) loses
+    nothing: the rows stay `received`, the files stay in the inbox, and the next run scores
+    and moves each once."""
+    paths = [write_mammo_like(config.inbox / f"{i}.png", seed=i) for i in range(3)]
+    worker = open_worker(config)
+    worker.pipeline.begin(paths[:2])
+    worker.pipeline.begin(paths[2:])
+    worker.close()
+    assert [r[1] for r in _rows(config)] == [RECEIVED] * 3
+    assert all(p.exists() for p in paths)
+    again = open_worker(config)
+    again.watcher.run_once(timeout=10)
+    again.close()
+    rows = _rows(config)
+    assert [r[1] for r in rows] == [SCORED] * 3 and all(r[6] for r in rows)
+    assert not any(p.exists() for p in paths)
+
+
+def test_onnx_runtime_threads_sleep_between_calls(mean_model: Path) -> None:
+    """Spinning threads would take the cores decoding and the database need between batches."""
+    options = Scorer(mean_model).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -11,7 +11,7 @@ from sqlalchemy import inspect, text
 import worker.heartbeat  # noqa: F401  (its table is part of the schema)
 from tests.conftest import REPO
 from tests.test_faults import _screen
-from worker.schema import head
+from worker.schema import MIGRATIONS, head, is_current, newest_revision
 from worker.store import Store
 
 BEFORE_ALEMBIC = REPO / "tests" / "fixtures" / "screen-db-before-alembic.sql"
@@ -66,3 +66,58 @@ def test_schema_newer_than_the_code_is_one_clear_line(workdir: Path) -> None:
     lines = [ln for ln in out.stderr.strip().splitlines() if not ln[:4].isdigit()]
     assert len(lines) == 1 and "newer than this mammo-screen" in lines[0], out.stderr
     assert "f00dfeed" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_the_start_up_check_reads_the_newest_revision_as_alembic_does(tmp_path: Path) -> None:
+    """`is_current` reads the head from the scripts without importing Alembic; it must agree
+    with Alembic, including the annotated form newer templates write, and give up (None:
+    Alembic decides) on a form it does not know rather than miss a revision."""
+    assert newest_revision() == head()
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    for script in (MIGRATIONS / "versions").glob("*.py"):
+        (versions / script.name).write_text(script.read_text())
+    (versions / "0002_next.py").write_text(
+        f'revision: str = "0002"\ndown_revision: str | None = "{head()}"\n'
+    )
+    assert newest_revision(versions) == "0002"
+    (versions / "0003_odd.py").write_text('revision = REVISIONS["three"]\n')
+    assert newest_revision(versions) is None
+
+
+def test_a_database_stamped_at_an_older_revision_is_not_current(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        with store.engine.begin() as conn:
+            assert is_current(conn)
+            conn.execute(text("UPDATE alembic_version SET version_num = 'older'"))
+            assert not is_current(conn)
+    finally:
+        store.dispose()
+
+
+def test_a_new_database_is_stamped_as_alembic_stamps_it(tmp_path: Path) -> None:
+    """A new database is stamped without Alembic (start-up time): the same tables, indexes
+    and version row as the tables from the models plus Alembic's own `stamp head`."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from worker.schema import _config
+    from worker.store import Base
+
+    Store(f"sqlite:///{tmp_path / 'fast.db'}").dispose()
+    engine = create_engine(f"sqlite:///{tmp_path / 'alembic.db'}")
+    with engine.begin() as conn:
+        Base.metadata.create_all(conn)
+        command.stamp(_config(conn), "head")
+    engine.dispose()
+
+    def layout(db: Path) -> tuple[list[tuple], list[tuple]]:
+        with sqlite3.connect(db) as con:
+            return (
+                con.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall(),
+                con.execute("SELECT * FROM alembic_version").fetchall(),
+            )
+
+    fast, alembic = layout(tmp_path / "fast.db"), layout(tmp_path / "alembic.db")
+    assert fast == alembic and fast[1] == [(head(),)]

@@ -18,6 +18,9 @@ pictures, and a raw image looks nothing like one.
 Decoders: pydicom itself (uncompressed, Deflate, RLE); ``pylibjpeg`` + ``pylibjpeg-openjpeg``
 (MIT) for JPEG 2000 and HTJ2K; ``python-gdcm`` (BSD) for JPEG, JPEG Lossless and JPEG-LS.
 ``pylibjpeg-libjpeg`` is GPLv3 and deliberately not used.
+
+pydicom is imported when a DICOM file is first read, not with this module: recognising one
+(`is_dicom`) needs only its bytes, and a worker that never meets one starts without it.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ import io
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import UID
 
 from worker.preprocess import ImageError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
 
 # Where the "DICM" magic sits in a DICOM Part 10 file: after a 128-byte preamble.
 _MAGIC_OFFSET = 128
@@ -110,6 +114,8 @@ def is_dicom_file(path: str | Path) -> bool:
 
 
 def _dcmread(data: bytes, stop_before_pixels: bool) -> Dataset:
+    import pydicom
+
     force = data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
     try:
         return pydicom.dcmread(
@@ -148,14 +154,21 @@ def _read_with_pixels(data: bytes) -> Dataset:
 
 def transfer_syntax(ds: Dataset) -> UID:
     """The data set's transfer syntax; for a bare data set, the encoding pydicom read it in."""
+    from pydicom.uid import (
+        UID,
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+
     meta = getattr(ds, "file_meta", None)
     uid = meta.get("TransferSyntaxUID") if meta is not None else None
     if uid:
         return UID(uid)
     implicit, little = getattr(ds, "original_encoding", (True, True))
     if not little:
-        return pydicom.uid.ExplicitVRBigEndian
-    return pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+        return ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
 def _syntax_label(uid: UID) -> str:
@@ -175,6 +188,8 @@ def is_for_processing(ds: Dataset) -> bool:
 
 def check_header(ds: Dataset, max_pixels: int, policy: DicomPolicy) -> None:
     """Refuse, from the header alone, what the worker cannot or must not score."""
+    from pydicom.pixels import get_decoder
+
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality not in policy.allowed_modalities:
         allowed = ", ".join(sorted(policy.allowed_modalities))
@@ -278,6 +293,8 @@ def to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     window centre/width with its VOI LUT Function, else the full range the modality values
     can take; then one inversion for MONOCHROME1 or Presentation LUT Shape INVERSE.
     """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     values = apply_modality_lut(stored, ds)
     if _has_voi_lut(ds):
         descriptor = ds.VOILUTSequence[0].LUTDescriptor
@@ -317,6 +334,8 @@ def decode_dicom(
     data: bytes, max_pixels: int, policy: DicomPolicy | None = None
 ) -> DicomImage:
     """Check the header, decode the pixels, and return the displayed image with its header."""
+    from pydicom.dataset import FileMetaDataset
+
     policy = policy or DicomPolicy()
     ds = _read_with_pixels(data)
     check_header(ds, max_pixels, policy)

@@ -11,7 +11,7 @@ import os
 ENV = "MAMMO_SCREEN_CRASH_AT"
 POINTS = (
     "after_receive",  # row committed as received, nothing scored
-    "after_preprocess",  # pixels ready, score not committed
+    "after_preprocess",  # preprocessed and scored (scoring thread), decisions not committed
     "after_decision",  # score/quarantine committed, file not moved
     "after_move",  # file moved, moved_at not committed
 )

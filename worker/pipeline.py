@@ -15,9 +15,14 @@ and moves a file; a worker whose heartbeat is older than the lease loses its cla
 worker that meets its files (see `_claimable`). Receipts and decisions of all workers take
 turns on an advisory lock, so a copy always finds its original, whoever handles each.
 
-Batches overlap (`begin` the next, then `finish` this one): the next batch is read, received
-and preprocessed in the pool's threads while ONNX Runtime scores this one, and its decisions
-are committed after this batch's, so a duplicate always finds its original decided. A file is
+Batches overlap, as stages in their own threads: `begin` reads and hashes a batch (decode
+threads), commits its receipt and hands its files to the decode threads for preprocessing and
+then to the scoring thread (one, so ONNX Runtime sees one batch at a time, in `begin` order);
+`finish` waits for its scores, commits its decisions and its moves. A caller (the watcher)
+begins the next batch before it finishes this one, so that ONNX Runtime scores batch N while
+the calling thread commits and moves batch N-1 and receives batch N+1. Only the calling
+thread touches the database: decisions are committed in batch order, so a duplicate always
+finds its original decided, and a crash anywhere leaves what the steps above say. A file is
 read once: before its move, its stat fingerprint says whether it is still what was read, and
 only a changed file is hashed again.
 """
@@ -115,8 +120,11 @@ class Pipeline:
         self.read_failures: dict[Path, int] = {}
         self.identity = IdentityReader(config.filename_pattern, config.sidecar_csv)
         # Reading, hashing and decoding run here (file reads, hashlib and OpenCV release the
-        # GIL) while ONNX Runtime scores the batch before in the calling thread.
+        # GIL) while ONNX Runtime scores the batch before in the scoring thread.
         self.pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
+        # One thread runs ONNX Runtime (which releases the GIL), batch after batch in the
+        # order they were begun, while the calling thread does the database and the moves.
+        self.scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         # Files read and hashed a second time before their move (their stat changed, or
         # their read was before a restart): the replaced-file check, counted.
         self.rehashed = 0
@@ -169,18 +177,29 @@ class Pipeline:
         rows: list[ImageRecord | None] = []
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
-            for path, digest, size in files:
-                source = path_to_db(path)
-                row = s.scalars(
+            # The batch's unfinished rows in one query (at most one per path and content: the
+            # partial unique index), and in one more, which of them this worker may handle.
+            sources = [path_to_db(path) for path, _, _ in files]
+            unfinished = {
+                (r.source_path, r.sha256): r
+                for r in s.scalars(
                     select(ImageRecord).where(
-                        ImageRecord.source_path == source,
-                        ImageRecord.sha256 == digest,
-                        ImageRecord.moved_at.is_(None),
+                        ImageRecord.source_path.in_(sources), ImageRecord.moved_at.is_(None)
                     )
-                ).first()
-                if row is not None and not s.scalar(
-                    select(ImageRecord.id).where(ImageRecord.id == row.id, self._claimable())
-                ):
+                )
+            }
+            mine = set(
+                s.scalars(
+                    select(ImageRecord.id).where(
+                        ImageRecord.id.in_([r.id for r in unfinished.values()]),
+                        self._claimable(),
+                    )
+                )
+            ) if unfinished else set()
+            new: list[ImageRecord] = []
+            for (path, digest, size), source in zip(files, sources, strict=True):
+                row = unfinished.get((source, digest))
+                if row is not None and row.id not in mine:
                     rows.append(None)  # another live worker's: it decides and moves it
                     continue
                 if row is None and not path.exists():
@@ -198,8 +217,16 @@ class Pipeline:
                         attempts=0,
                         claimed_by=self.worker_id,
                     )
-                    s.add(row)
-                    s.flush()
+                    new.append(row)
+                rows.append(row)
+            s.add_all(new)
+            s.flush()  # the new rows' ids, in the batch's order (receipt order decides originals)
+            fresh = {id(r) for r in new}
+            for maybe, (_, _, size) in zip(rows, files, strict=True):
+                if maybe is None:
+                    continue
+                row = maybe
+                if id(row) in fresh:
                     _event(s, row.id, "received", f"{size} bytes")
                 self._claim(s, row)
                 if row.status == RECEIVED:
@@ -214,7 +241,6 @@ class Pipeline:
                             error=f"gave up after {row.attempts - 1} attempts "
                             f"(last: {row.error or 'worker stopped while handling it'})",
                         )
-                rows.append(row)
             s.flush()
             for maybe in rows:
                 if maybe is not None:
@@ -222,17 +248,25 @@ class Pipeline:
         return rows
 
     @staticmethod
-    def _original_in(s: Session, record: ImageRecord) -> ImageRecord | None:
-        """The earliest other row with the same content (scored, pending or quarantined)."""
-        return s.scalars(
-            select(ImageRecord)
+    def _originals_in(s: Session, records: list[ImageRecord]) -> dict[int, int | None]:
+        """For each record, the id of the earliest other row with the same content (scored,
+        pending or quarantined) received before it, or None; one query for them all."""
+        if not records:
+            return {}
+        earlier: dict[str, list[int]] = {}
+        for rid, digest in s.execute(
+            select(ImageRecord.id, ImageRecord.sha256)
             .where(
-                ImageRecord.sha256 == record.sha256,
+                ImageRecord.sha256.in_({r.sha256 for r in records}),
                 ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
-                ImageRecord.id < record.id,
             )
             .order_by(ImageRecord.id)
-        ).first()
+        ):
+            earlier.setdefault(digest, []).append(rid)
+        return {
+            r.id: next((i for i in earlier.get(r.sha256 or "", []) if i < r.id), None)
+            for r in records
+        }
 
     # ---- the batch -------------------------------------------------------------------------
 
@@ -242,9 +276,10 @@ class Pipeline:
 
     def begin(self, paths: list[Path]) -> Batch:
         """Read and hash the files (in threads), commit their receipt in one transaction, then
-        start preprocessing them in threads, so that it runs while the caller scores the
-        batch before this one. Preprocessing starts only after the receipt is committed: a
-        file that kills the worker while decoding has an attempt counted for it."""
+        start preprocessing them (decode threads) and scoring them (the scoring thread, after
+        the batches begun before), so that both run while the caller finishes the batch
+        before this one. Preprocessing starts only after the receipt is committed: a file
+        that kills the worker while decoding has an attempt counted for it."""
         loads = list(self.pool.map(_load, paths))
         readable: list[tuple[Path, _Loaded]] = []
         for path, loaded in zip(paths, loads, strict=True):
@@ -265,9 +300,10 @@ class Pipeline:
         readable = [f for f, _ in mine]
         records = [r for _, r in mine]
         with self.store.read() as s:
-            originals = {
-                r.id: self._original_in(s, r) for r in records if r.status not in FINAL_STATUSES
-            }
+            originals = self._originals_in(
+                s, [r for r in records if r.status not in FINAL_STATUSES]
+            )
+        preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]] = {}
         for (path, loaded), record in zip(readable, records, strict=True):
             batch.files.append(_BatchFile(path, record.id, loaded.fingerprint))
             if record.status in FINAL_STATUSES:
@@ -276,23 +312,41 @@ class Pipeline:
             ident = self.identity.identify(record.filename, loaded.data).as_columns()
             original = originals[record.id]
             if original is not None:
-                batch.decided[record.id] = {
-                    "status": DUPLICATE, "duplicate_of": original.id, **ident
-                }
+                batch.decided[record.id] = {"status": DUPLICATE, "duplicate_of": original, **ident}
                 continue
-            batch.identities[record.id] = ident
-            batch.preprocessing[record.id] = self.pool.submit(
-                preprocess_bytes, loaded.data, self.settings, self.dicom_policy
+            preprocessing[record.id] = (
+                self.pool.submit(preprocess_bytes, loaded.data, self.settings, self.dicom_policy),
+                ident,
             )
+        if preprocessing:
+            # The tensors live only in this task: once it has scored them they are freed,
+            # so at most the batches begun and not yet scored hold pixels.
+            batch.scoring = self.scoring.submit(self._preprocessed_and_scored, preprocessing)
         return batch
 
     def finish(self, batch: Batch) -> list[FileResult]:
-        """Wait for the batch's preprocessing, score it, commit its decisions in one
-        transaction, then move its files and commit the moves in one transaction."""
-        to_score: list[tuple[int, np.ndarray]] = []
+        """Wait for the batch's scores (preprocessing and ONNX Runtime, in their threads),
+        commit its decisions in one transaction, then move its files and commit the moves in
+        one transaction."""
         decided = batch.decided
-        for rid, future in batch.preprocessing.items():
-            ident = batch.identities[rid]
+        if batch.scoring is not None:
+            decided.update(batch.scoring.result())
+        if not batch.files:
+            return []
+        crash_point("after_preprocess")
+        self._commit_decisions(decided)
+        crash_point("after_decision")
+        return self._move_batch(batch.files)
+
+    def _preprocessed_and_scored(
+        self, preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]]
+    ) -> dict[int, dict[str, Any]]:
+        """The scoring thread's task for one batch: wait for its preprocessing, score what
+        decoded in one ONNX Runtime call, and return every file's decision (not committed:
+        only the calling thread writes to the database)."""
+        to_score: list[tuple[int, np.ndarray]] = []
+        decided: dict[int, dict[str, Any]] = {}
+        for rid, (future, ident) in preprocessing.items():
             try:
                 to_score.append((rid, future.result()))
             except ImageError as exc:
@@ -303,15 +357,9 @@ class Pipeline:
                     "error": f"preprocessing failed: {exc!r}",
                     **ident,
                 }
-        if not batch.files:
-            return []
-        crash_point("after_preprocess")
-
         for rid, fields in self._score(to_score).items():
-            decided[rid] = {**fields, **batch.identities[rid]}
-        self._commit_decisions(decided)
-        crash_point("after_decision")
-        return self._move_batch(batch.files)
+            decided[rid] = {**fields, **preprocessing[rid][1]}
+        return decided
 
     def _read_ok(self, path: Path, loaded: _Loaded | OSError | None) -> bool:
         """Account for a read's outcome (in the calling thread): True when it has bytes."""
@@ -584,6 +632,9 @@ class Pipeline:
         return len(owed)
 
     def close(self) -> None:
+        # The scoring thread first: a task it has started waits for its batch's
+        # preprocessing, which the decode threads must still be there to finish.
+        self.scoring.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -635,12 +686,12 @@ class _BatchFile:
 @dataclass
 class Batch:
     """A batch between Pipeline.begin() and Pipeline.finish(): its receipt committed, its
-    preprocessing running in the pool."""
+    preprocessing (decode threads) and scoring (the scoring thread) under way."""
 
     files: list[_BatchFile] = field(default_factory=list)
+    # Decided without scoring (duplicates); the scoring task returns the others' decisions.
     decided: dict[int, dict[str, Any]] = field(default_factory=dict)
-    identities: dict[int, dict[str, Any]] = field(default_factory=dict)
-    preprocessing: dict[int, Future[np.ndarray]] = field(default_factory=dict)
+    scoring: Future[dict[int, dict[str, Any]]] | None = None
     # Files another live worker has claimed (or moved): not this worker's to look at again
     # until its next rescan, by which time the claim is finished or its lease has run out.
     elsewhere: list[Path] = field(default_factory=list)

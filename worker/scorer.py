@@ -41,6 +41,10 @@ class Scorer:
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads
+        # ONNX Runtime's threads sleep between calls instead of spinning: spinning burns the
+        # cores that decoding and the database need between batches (`screen process`, int8,
+        # 2 cores: 43 -> 61 files/s).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]

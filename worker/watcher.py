@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,13 @@ class SettleTracker:
         return list(self._seen)
 
 
+# Batches begun ahead of the one being finished: each holds at most batch_size files' bytes
+# and tensors, so memory stays bounded whatever the backlog. One is enough to keep ONNX
+# Runtime busy while this thread commits and moves: two or three measured no faster (300
+# files, int8, 2 cores).
+LOOKAHEAD = 1
+
+
 @dataclass
 class _Begun:
     paths: list[Path]  # as taken from the tracker (unreadable ones are not in the batch)
@@ -161,8 +169,10 @@ class InboxWatcher:
         self.processed = 0
         self.last_activity: float | None = None
         self._backoff = 0.0
-        # The batch begun (received, preprocessing) while the one before it is scored.
-        self._ahead: _Begun | None = None
+        # Batches begun (received; preprocessing and scoring in the pipeline's threads) and
+        # not yet finished, oldest first: up to `lookahead` ahead of the one being finished.
+        self.lookahead = LOOKAHEAD
+        self._ahead: deque[_Begun] = deque()
         self._reported_stale: set[Path] = set()
         # Called on every pass of the loop (the worker's heartbeat); must be cheap.
         self.on_tick: Callable[[], None] = lambda: None
@@ -208,16 +218,22 @@ class InboxWatcher:
         return _Begun(paths, self.pipeline.begin(paths))
 
     def _process_ready(self, take_next: bool = True) -> list[FileResult]:
-        """Finish one batch. The batch after it is begun first (unless `take_next` is
-        false), so that its reading and preprocessing (threads) overlap this one's scoring;
-        its decisions are committed on the next pass, after this one's."""
-        current: _Begun | None = None
+        """Finish one batch, the oldest begun. Batches after it are begun first, up to
+        `lookahead` of them (unless `take_next` is false), so that ONNX Runtime scores them
+        in the pipeline's scoring thread while this thread commits this one's decisions and
+        moves; their decisions are committed on later passes, after this one's."""
         try:
-            current = self._ahead or self._take()
-            self._ahead = None
-            if current is None:
-                return []
-            self._ahead = self._take() if take_next else None
+            if not self._ahead:
+                first = self._take()
+                if first is None:
+                    return []
+                self._ahead.append(first)
+            current = self._ahead.popleft()
+            while take_next and len(self._ahead) < self.lookahead:
+                begun = self._take()
+                if begun is None:
+                    break
+                self._ahead.append(begun)
             results = self.pipeline.finish(current.batch)
         except (OperationalError, OSError) as exc:
             # Database busy past its timeout, disk full, ...: nothing is lost (rows and files
@@ -226,7 +242,7 @@ class InboxWatcher:
             log.error(
                 "batch failed error=%s (retrying in %.1fs)", str(exc).splitlines()[0], self._backoff
             )
-            self._ahead = None  # its files, taken from the tracker, come back with the scan
+            self._ahead.clear()  # their files, taken from the tracker, come back with the scan
             self.stop_event.wait(self._backoff)
             return []
         self._backoff = 0.0
@@ -239,9 +255,9 @@ class InboxWatcher:
         return results
 
     def _finish_ahead(self) -> list[FileResult]:
-        """Finish a batch begun and not yet finished (before returning or stopping)."""
+        """Finish the batches begun and not yet finished (before returning or stopping)."""
         out: list[FileResult] = []
-        while self._ahead is not None:
+        while self._ahead:
             out.extend(self._process_ready(take_next=False))
         return out
 
