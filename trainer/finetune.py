@@ -17,7 +17,6 @@ curve's shape and noise, which is what it varies.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from trainer.fitting import (
     predict,
 )
 from trainer.model import build_augmentation, build_model
-from trainer.panel import machine_balanced_weights
+from trainer.panel import FitScore, network_fit_score
 from worker.model_metadata import INPUT_NAME
 
 # cached_arrays and predict now live in trainer.arrays and trainer.fitting; re-exported so
@@ -144,26 +143,15 @@ def fit(cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray, seed: int,
 
 def finetune_fit_score(cfg: FinetuneConfig, x: np.ndarray, y: np.ndarray,
                        log: Path | None = None,
-                       machines: np.ndarray | None = None):  # -> trainer.panel.FitScore
-    """The recipe as a panel ``fit_score``; each fit's test scores appended to ``log``.
-    With ``cfg.machine_balanced``, each fit weights its training images so that every machine
-    (``machines``, one entry per row) has the same malignant share, and leaves out machines
-    that lack a class: the machine then carries no information about the label."""
-    if cfg.machine_balanced and machines is None:
-        raise ValueError("machine-balanced training needs each image's machine")
+                       machines: np.ndarray | None = None) -> FitScore:
+    """The recipe as a panel ``fit_score`` (:func:`trainer.panel.network_fit_score`: each
+    fit's test scores appended to ``log``; ``cfg.machine_balanced`` weights by ``machines``)."""
 
-    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
-        weight = None
-        if cfg.machine_balanced and machines is not None:
-            w = machine_balanced_weights(y[tr], machines[tr])
-            tr, weight = tr[w > 0], w[w > 0]
+    def fit_and_score(tr: np.ndarray, te: np.ndarray, weight: np.ndarray | None,
+                      seed: int) -> np.ndarray:
         model = fit(cfg, x[tr], y[tr], seed, sample_weight=weight)
         scores = predict(model, x[te], cfg.tta)
-        if log is not None:
-            with log.open("a") as fh:
-                fh.write(json.dumps({"seed": seed, "test": te.tolist(),
-                                     "scores": scores.round(6).tolist()}) + "\n")
         keras.backend.clear_session()
         return scores
 
-    return fit_score
+    return network_fit_score(fit_and_score, y, machines, cfg.machine_balanced, log)

@@ -22,6 +22,7 @@ Grouping columns (site, machine) are the caller's to name; nothing here knows a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,35 @@ def machine_balanced_weights(y: np.ndarray, machines: np.ndarray) -> np.ndarray:
         w[pos] = 0.5 * n / pos.sum()
         w[neg] = 0.5 * n / neg.sum()
     return w
+
+
+# (train rows, test rows, per-train-row weights or None, seed) -> scores of the test rows
+FitAndScore = Callable[[np.ndarray, np.ndarray, np.ndarray | None, int], np.ndarray]
+
+
+def network_fit_score(fit_and_score: FitAndScore, y: np.ndarray,
+                      machines: np.ndarray | None = None, machine_balanced: bool = False,
+                      log: Path | None = None) -> FitScore:
+    """A network recipe as a panel ``fit_score``. With ``machine_balanced``, each fit weights
+    its training images so that every machine (``machines``, one entry per row) has the same
+    malignant share, and leaves out machines that lack a class: the machine then carries no
+    information about the label. Each fit's test scores are appended to ``log`` (JSON lines)."""
+    if machine_balanced and machines is None:
+        raise ValueError("machine-balanced training needs each image's machine")
+
+    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        weight = None
+        if machine_balanced and machines is not None:
+            w = machine_balanced_weights(y[tr], machines[tr])
+            tr, weight = tr[w > 0], w[w > 0]
+        scores = np.asarray(fit_and_score(tr, te, weight, seed), np.float64)
+        if log is not None:
+            with log.open("a") as fh:
+                fh.write(json.dumps({"seed": seed, "test": te.tolist(),
+                                     "scores": scores.round(6).tolist()}) + "\n")
+        return scores
+
+    return fit_score
 
 
 def breast_auc(samples: Sequence[Sample], rows: np.ndarray, scores: np.ndarray

@@ -21,7 +21,6 @@ exported like any other.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -42,7 +41,7 @@ from trainer.efficientnet_lite import (
     resolve_weights,
 )
 from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
-from trainer.panel import machine_balanced_weights
+from trainer.panel import FitScore, network_fit_score
 from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
 
 
@@ -266,26 +265,17 @@ def score(top: keras.Model, plain: np.ndarray, mirrored: np.ndarray, rows: np.nd
 
 
 def top_fit_score(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, y: np.ndarray,
-                  log: Path | None = None, machines: np.ndarray | None = None):
-    """The recipe as a panel ``fit_score`` (see :func:`trainer.finetune.finetune_fit_score`
-    for ``machines`` and ``log``)."""
-    if cfg.machine_balanced and machines is None:
-        raise ValueError("machine-balanced training needs each image's machine")
+                  log: Path | None = None, machines: np.ndarray | None = None) -> FitScore:
+    """The recipe as a panel ``fit_score`` (:func:`trainer.panel.network_fit_score`: each
+    fit's test scores appended to ``log``; ``cfg.machine_balanced`` weights by ``machines``)."""
 
-    def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
-        weight = None
-        if cfg.machine_balanced and machines is not None:
-            w = machine_balanced_weights(y[tr], machines[tr])
-            tr, weight = tr[w > 0], w[w > 0]
+    def fit_and_score(tr: np.ndarray, te: np.ndarray, weight: np.ndarray | None,
+                      seed: int) -> np.ndarray:
         started = time.time()
         top = fit(cfg, plain, mirrored, tr, y[tr], seed, sample_weight=weight)
         scores = score(top, plain, mirrored, te, cfg.tta)
         print(f"fit on {len(tr)} images in {time.time() - started:.0f}s", flush=True)
-        if log is not None:
-            with log.open("a") as fh:
-                fh.write(json.dumps({"seed": seed, "test": te.tolist(),
-                                     "scores": scores.round(6).tolist()}) + "\n")
         keras.backend.clear_session()
         return scores
 
-    return fit_score
+    return network_fit_score(fit_and_score, y, machines, cfg.machine_balanced, log)
