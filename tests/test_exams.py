@@ -25,10 +25,11 @@ from worker.exams import (
     EXAM_COLUMNS,
     SCHEMA_ID,
     ExamBook,
+    Joining,
     aggregate,
     breast_rows,
     exam_rows,
-    join_exam,
+    join_exams,
     score_exam,
     write_atomically,
 )
@@ -39,7 +40,7 @@ from worker.model_metadata import (
     ModelMetadataError,
 )
 from worker.preprocess import PreprocessSettings
-from worker.store import SCORED, ExamResult, ImageRecord, Store, utcnow
+from worker.store import SCORED, ExamResult, ImageRecord, Store, insert_events, utcnow
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_(?P<study_uid>[^_/]+)_(?P<laterality>[LRU])_(?P<view>[A-Z]+)\."
 
@@ -306,7 +307,7 @@ def test_an_instance_sent_twice_counts_once_as_its_latest_copy(tmp_path: Path) -
             )  # fmt: skip
             s.add(row)
             s.flush()
-            join_exam(s, row, now)
+            insert_events(s, list(join_exams(s, [Joining(row.id, "9.9", "P")], now).values()))
     meta = ModelMetadata(PreprocessSettings(size=32), 0.5, "v1")  # breast mean, exam max
     book = ExamBook(store, meta, tmp_path / "outbox", 0.0, lambda: now)
     (scoring,) = book.step()

@@ -51,6 +51,7 @@ from worker.store import (
     ExamStatus,
     ImageRecord,
     Store,
+    event_row,
     utcnow,
 )
 
@@ -126,31 +127,65 @@ def _exam_event(s: Session, exam_id: int, kind: str, detail: str | None = None) 
     s.add(Event(image_id=None, exam_id=exam_id, kind=kind, detail=detail, at=utcnow()))
 
 
-def join_exam(s: Session, row: ImageRecord, now: dt.datetime) -> None:
-    """A newly scored image joins its exam: create it, or note activity and reopen it."""
-    if row.status != SCORED or row.study_uid is None:
-        return
-    exam = s.scalars(select(Exam).where(Exam.study_uid == row.study_uid)).first()
-    if exam is None:
-        exam = Exam(
-            study_uid=row.study_uid,
-            patient_id=row.patient_id,
-            status=ExamStatus.OPEN.value,
-            created_at=now,
-            last_image_at=now,
-            scorings=0,
+@dataclass(frozen=True)
+class Joining:
+    """A newly scored image that joins its study's exam."""
+
+    image_id: int
+    study_uid: str
+    patient_id: str | None
+
+
+def join_exams(s: Session, images: list[Joining], now: dt.datetime) -> dict[int, dict[str, Any]]:
+    """Newly scored images join their exams, in the order given (the decision order): an
+    exam is created for the first image of a study it has not seen, or notes the activity
+    and reopens if it was scored. One query finds the batch's exams and one flush creates
+    the new ones. Returns the `events` row (exam_opened, exam_reopened) that an image
+    caused, by image id, for the caller to insert after that image's own event, so that
+    the history keeps the order in which things happened."""
+    if not images:
+        return {}
+    exams = {
+        e.study_uid: e
+        for e in s.scalars(select(Exam).where(Exam.study_uid.in_({i.study_uid for i in images})))
+    }
+    created: list[tuple[Joining, Exam]] = []
+    reopened: list[tuple[Joining, Exam]] = []
+    for image in images:
+        exam = exams.get(image.study_uid)
+        if exam is None:
+            exam = exams[image.study_uid] = Exam(
+                study_uid=image.study_uid,
+                patient_id=image.patient_id,
+                status=ExamStatus.OPEN.value,
+                created_at=now,
+                last_image_at=now,
+                scorings=0,
+            )
+            s.add(exam)
+            created.append((image, exam))
+            continue
+        exam.last_image_at = now
+        if exam.patient_id is None:
+            exam.patient_id = image.patient_id
+        if exam.status == ExamStatus.SCORED.value:
+            exam.status = ExamStatus.OPEN.value
+            reopened.append((image, exam))
+    if created:
+        s.flush()  # the new exams' ids, in the order of their first image
+    events: dict[int, dict[str, Any]] = {}
+    for image, exam in created:
+        events[image.image_id] = event_row(
+            "exam_opened", f"image #{image.image_id}", exam_id=exam.id
         )
-        s.add(exam)
-        s.flush()
-        _exam_event(s, exam.id, "exam_opened", f"image #{row.id}")
-        return
-    exam.last_image_at = now
-    if exam.patient_id is None:
-        exam.patient_id = row.patient_id
-    if exam.status == ExamStatus.SCORED.value:
-        exam.status = ExamStatus.OPEN.value
-        _exam_event(s, exam.id, "exam_reopened", f"late image #{row.id}")
-        log.info("exam reopened exam=%d study=%s image=%d", exam.id, exam.study_uid, row.id)
+    for image, exam in reopened:
+        events[image.image_id] = event_row(
+            "exam_reopened", f"late image #{image.image_id}", exam_id=exam.id
+        )
+        log.info(
+            "exam reopened exam=%d study=%s image=%d", exam.id, exam.study_uid, image.image_id
+        )
+    return events
 
 
 # ---- scoring settled exams and writing their outbox documents -----------------------------

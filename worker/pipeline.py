@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Config, MissingPathError
 from worker.dicom import DicomPolicy
-from worker.exams import join_exam
+from worker.exams import Joining, join_exams
 from worker.faults import crash_point
 from worker.heartbeat import WorkerRecord
 from worker.identity import IdentityReader
@@ -61,9 +61,10 @@ from worker.store import (
     QUARANTINED,
     RECEIVED,
     SCORED,
-    Event,
     ImageRecord,
     Store,
+    event_row,
+    insert_events,
     utcnow,
 )
 
@@ -100,8 +101,13 @@ def _unique_destination(folder: Path, rel: Path, record_id: int) -> Path:
     return dest.with_name(f"{dest.stem}.{record_id}{dest.suffix}")
 
 
-def _event(s: Session, image_id: int | None, kind: str, detail: str | None = None) -> None:
-    s.add(Event(image_id=image_id, kind=kind, detail=detail, at=utcnow()))
+# The columns a decision sets (besides the identity columns it brings along).
+_DECIDED_COLUMNS = (
+    "status", "score", "label", "threshold", "model_version", "scored_at", "error",
+    "duplicate_of", "final_path", "patient_id", "study_uid", "laterality", "view",
+    "sop_instance_uid",
+)
+_IMAGES = ImageRecord.__table__
 
 
 class Pipeline:
@@ -148,9 +154,11 @@ class Pipeline:
             ImageRecord.claimed_by.in_(dead),
         )
 
-    def _claim(self, s: Session, row: ImageRecord) -> None:
+    def _claim(self, row: ImageRecord, events: list[dict[str, Any]]) -> None:
         if row.claimed_by not in (None, self.worker_id):
-            _event(s, row.id, "taken_over", f"from worker {row.claimed_by} (lease expired)")
+            events.append(event_row(
+                "taken_over", f"from worker {row.claimed_by} (lease expired)", image_id=row.id
+            ))
             log.warning("taken over id=%d from worker=%s", row.id, row.claimed_by)
         row.claimed_by = self.worker_id
 
@@ -222,26 +230,30 @@ class Pipeline:
             s.add_all(new)
             s.flush()  # the new rows' ids, in the batch's order (receipt order decides originals)
             fresh = {id(r) for r in new}
+            events: list[dict[str, Any]] = []
             for maybe, (_, _, size) in zip(rows, files, strict=True):
                 if maybe is None:
                     continue
                 row = maybe
                 if id(row) in fresh:
-                    _event(s, row.id, "received", f"{size} bytes")
-                self._claim(s, row)
+                    events.append(event_row("received", f"{size} bytes", image_id=row.id))
+                self._claim(row, events)
                 if row.status == RECEIVED:
                     row.attempts += 1
                     if row.attempts > 1:
-                        _event(s, row.id, "retry", f"attempt {row.attempts}")
+                        events.append(
+                            event_row("retry", f"attempt {row.attempts}", image_id=row.id)
+                        )
                     if row.attempts > self.config.max_attempts:
                         self._decide(
-                            s,
                             row,
+                            events,
                             QUARANTINED,
                             error=f"gave up after {row.attempts - 1} attempts "
                             f"(last: {row.error or 'worker stopped while handling it'})",
                         )
             s.flush()
+            insert_events(s, events)
             for maybe in rows:
                 if maybe is not None:
                     s.expunge(maybe)
@@ -403,9 +415,12 @@ class Pipeline:
             )
             s.add(row)
             s.flush()
+            events: list[dict[str, Any]] = []
             self._decide(
-                s, row, QUARANTINED, error=f"unreadable after {attempts} attempts: {exc.strerror}"
+                row, events, QUARANTINED,
+                error=f"unreadable after {attempts} attempts: {exc.strerror}",
             )
+            insert_events(s, events)
             rid = row.id
         self._move(path, rid)
 
@@ -436,36 +451,54 @@ class Pipeline:
             for (rid, _), score in zip(items, scores, strict=True)
         }
 
-    def _decide(self, s: Session, row: ImageRecord, status: str, **fields: Any) -> None:
-        """Set a final status and the planned destination, inside the caller's transaction."""
-        row.status = status
-        for key, value in fields.items():
+    def _decide(
+        self, row: ImageRecord, events: list[dict[str, Any]], status: str, **fields: Any
+    ) -> None:
+        """Set a final status and the planned destination on a row of the caller's
+        transaction, and add its event to `events` (see :meth:`_decision`)."""
+        for key, value in self._decision(row, status, fields, events).items():
             setattr(row, key, value)
+
+    def _decision(
+        self, row: ImageRecord, status: str, fields: dict[str, Any],
+        events: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The columns of `row` once decided as `status` with `fields` (every column in
+        _DECIDED_COLUMNS: the row's own value unless the decision sets it), planned
+        destination included; adds the decision's event to `events` and logs it."""
+        values = {key: getattr(row, key) for key in _DECIDED_COLUMNS}
+        values.update(fields, status=status)
         folder = self.config.quarantine if status == QUARANTINED else self.config.processed
         rel = path_from_db(row.source_path)
         try:
             rel = rel.relative_to(self.config.inbox)
         except ValueError:
             rel = Path(rel.name)
-        row.final_path = path_to_db(_unique_destination(folder, rel, row.id))
+        values["final_path"] = path_to_db(_unique_destination(folder, rel, row.id))
+        score, label, error = values["score"], values["label"], values["error"]
         detail = (
-            row.error
+            error
             if status == QUARANTINED
-            else (f"score={row.score:.4f} label={row.label}" if row.score is not None else None)
+            else (f"score={score:.4f} label={label}" if score is not None else None)
         )
-        _event(s, row.id, status, detail)
+        events.append(event_row(status, detail, image_id=row.id))
         log_fn = log.warning if status == QUARANTINED else log.info
         log_fn(
             "%s file=%s id=%d score=%s label=%s%s",
             status,
             row.filename,
             row.id,
-            "-" if row.score is None else f"{row.score:.4f}",
-            row.label or "-",
-            f" reason={row.error}" if row.error else "",
+            "-" if score is None else f"{score:.4f}",
+            label or "-",
+            f" reason={error}" if error else "",
         )
+        return values
 
     def _commit_decisions(self, decided: dict[int, dict[str, Any]]) -> None:
+        """Commit a batch's decisions in one transaction: the rows read in one query,
+        updated in one UPDATE executed per row, their events inserted in one INSERT (in the
+        order they happened: each decision, then the exam event it caused), scored images
+        joined to their exams (worker/exams.py)."""
         if not decided:
             return
         with self.store.write() as s:
@@ -473,6 +506,10 @@ class Pipeline:
             rows = {
                 r.id: r for r in s.scalars(select(ImageRecord).where(ImageRecord.id.in_(decided)))
             }
+            # Each row's columns once decided, by id: a duplicate copies its original's.
+            updates: dict[int, dict[str, Any]] = {}
+            events: dict[int, list[dict[str, Any]]] = {}
+            joining: list[Joining] = []
             # Originals first, so that a duplicate in the same batch can copy their result.
             for rid in sorted(decided):
                 row, fields = rows[rid], dict(decided[rid])
@@ -480,25 +517,46 @@ class Pipeline:
                     continue  # decided already, or taken over by another worker
                 status = fields.pop("status")
                 if status == DUPLICATE:
-                    original = rows.get(fields["duplicate_of"]) or s.get(
-                        ImageRecord, fields["duplicate_of"]
-                    )
-                    if original is not None and original.status == QUARANTINED:
+                    original = self._original(s, rows, updates, fields["duplicate_of"])
+                    if original is not None and original["status"] == QUARANTINED:
                         status = QUARANTINED
                         fields["error"] = (
-                            f"duplicate of #{original.id}, quarantined: {original.error}"
+                            f"duplicate of #{original['id']}, quarantined: {original['error']}"
                         )
-                    elif original is not None and original.status == SCORED:
+                    elif original is not None and original["status"] == SCORED:
                         fields.update(
-                            score=original.score,
-                            label=original.label,
-                            threshold=original.threshold,
-                            model_version=original.model_version,
-                            scored_at=original.scored_at,
+                            {key: original[key] for key in (
+                                "score", "label", "threshold", "model_version", "scored_at"
+                            )}
                         )
-                self._decide(s, row, status, **fields)
+                values = updates[rid] = self._decision(
+                    row, status, fields, events.setdefault(rid, [])
+                )
                 # A scored image joins its exam in the same commit as its score.
-                join_exam(s, row, utcnow())
+                if status == SCORED and values["study_uid"] is not None:
+                    joining.append(Joining(rid, values["study_uid"], values["patient_id"]))
+            if not updates:
+                return
+            s.execute(
+                update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id")),
+                [{"b_id": rid, **values} for rid, values in updates.items()],
+            )
+            for rid, event in join_exams(s, joining, utcnow()).items():
+                events[rid].append(event)
+            insert_events(s, [e for rid in updates for e in events[rid]])
+
+    @staticmethod
+    def _original(
+        s: Session, rows: dict[int, ImageRecord], updates: dict[int, dict[str, Any]], rid: int
+    ) -> dict[str, Any] | None:
+        """A duplicate's original as committed by this transaction: decided just now (its
+        new columns), or its row as read."""
+        if rid in updates:
+            return {"id": rid, **updates[rid]}
+        row = rows.get(rid) or s.get(ImageRecord, rid)
+        if row is None:
+            return None
+        return {"id": rid, **{key: getattr(row, key) for key in _DECIDED_COLUMNS}}
 
     # ---- step 3: move, then record the moves -----------------------------------------------
 
@@ -540,30 +598,49 @@ class Pipeline:
                 )
         if not notes:
             return results
+        moved_at = utcnow()
         with self.store.write() as s:
-            for fresh in s.scalars(
-                select(ImageRecord).where(ImageRecord.id.in_(notes)).with_for_update()
-            ):
-                if fresh.moved_at is not None:
-                    continue
-                note, dest = notes[fresh.id]
-                fresh.moved_at = utcnow()
-                if note != "moved":
-                    fresh.final_path = None
-                    _event(
-                        s,
-                        fresh.id,
-                        note,
-                        "file changed in the inbox before it could be moved"
-                        if note == "replaced"
-                        else "file gone before it could be moved",
-                    )
-                else:
-                    _event(s, fresh.id, "moved", display_name(dest))
+            # The rows locked (PostgreSQL) and read in one query: one already moved (by a
+            # worker that took it over meanwhile) is left as it is.
+            owed = [
+                rid
+                for rid, done in s.execute(
+                    select(ImageRecord.id, ImageRecord.moved_at)
+                    .where(ImageRecord.id.in_(notes))
+                    .order_by(ImageRecord.id)
+                    .with_for_update()
+                )
+                if done is None
+            ]
+            moved = [rid for rid in owed if notes[rid][0] == "moved"]
+            lost = [rid for rid in owed if notes[rid][0] != "moved"]
+            if moved:
+                s.execute(
+                    update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id")),
+                    [{"b_id": rid, "moved_at": moved_at} for rid in moved],
+                )
+            if lost:  # nothing at the destination: no final path
+                s.execute(
+                    update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id")),
+                    [{"b_id": rid, "moved_at": moved_at, "final_path": None} for rid in lost],
+                )
+            insert_events(s, [self._move_event(rid, *notes[rid]) for rid in owed])
         for rid, (note, _) in notes.items():
             if note != "moved":
                 log.warning("%s file=%s id=%d (not moved)", note, rows[rid].filename, rid)
         return results
+
+    @staticmethod
+    def _move_event(rid: int, note: str, dest: Path) -> dict[str, Any]:
+        if note == "moved":
+            return event_row("moved", display_name(dest), image_id=rid)
+        return event_row(
+            note,
+            "file changed in the inbox before it could be moved"
+            if note == "replaced"
+            else "file gone before it could be moved",
+            image_id=rid,
+        )
 
     def _place(self, f: _BatchFile, sha256: str | None, dest: Path) -> str:
         """Move one file; what happened: moved, replaced (left for the scan) or missing."""
@@ -624,8 +701,10 @@ class Pipeline:
             # or its destination): with a local inbox per machine, another machine's owed
             # move is not this worker's to record as missing.
             owed = [r for r in owed if r.claimed_by in (None, self.worker_id) or _visible(r)]
+            events: list[dict[str, Any]] = []
             for row in owed:
-                self._claim(s, row)
+                self._claim(row, events)
+            insert_events(s, events)
         if owed:
             self._move_batch([_BatchFile(path_from_db(r.source_path), r.id, None) for r in owed])
             log.info("reconciled moves=%d", len(owed))
