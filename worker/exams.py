@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from worker.model_metadata import ModelMetadata
@@ -136,6 +136,10 @@ class Joining:
     patient_id: str | None
 
 
+# Built once: it runs for every batch.
+_EXAMS_OF = select(Exam).where(Exam.study_uid.in_(bindparam("uids", expanding=True)))
+
+
 def join_exams(s: Session, images: list[Joining], now: dt.datetime) -> dict[int, dict[str, Any]]:
     """Newly scored images join their exams, in the order given (the decision order): an
     exam is created for the first image of a study it has not seen, or notes the activity
@@ -147,7 +151,7 @@ def join_exams(s: Session, images: list[Joining], now: dt.datetime) -> dict[int,
         return {}
     exams = {
         e.study_uid: e
-        for e in s.scalars(select(Exam).where(Exam.study_uid.in_({i.study_uid for i in images})))
+        for e in s.scalars(_EXAMS_OF, {"uids": list({i.study_uid for i in images})})
     }
     created: list[tuple[Joining, Exam]] = []
     reopened: list[tuple[Joining, Exam]] = []

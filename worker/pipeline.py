@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, bindparam, or_, select, update
+from sqlalchemy import ColumnElement, Row, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Config, MissingPathError
@@ -101,13 +101,48 @@ def _unique_destination(folder: Path, rel: Path, record_id: int) -> Path:
     return dest.with_name(f"{dest.stem}.{record_id}{dest.suffix}")
 
 
-# The columns a decision sets (besides the identity columns it brings along).
+# The columns a decision sets (the identity columns it brings along included).
 _DECIDED_COLUMNS = (
     "status", "score", "label", "threshold", "model_version", "scored_at", "error",
     "duplicate_of", "final_path", "patient_id", "study_uid", "laterality", "view",
     "sop_instance_uid",
 )
+# The columns a decision reads.
+_DECISION_COLUMNS = ("id", "filename", "source_path", "claimed_by", *_DECIDED_COLUMNS)
+# The columns a move needs.
+_MOVE_COLUMNS = (
+    "id", "filename", "status", "score", "label", "error", "sha256", "final_path", "claimed_by",
+)
 _IMAGES = ImageRecord.__table__
+
+# The statements run for every batch, built once (building and keying a statement costs
+# about as much CPU as SQLite takes to run it): lists are bound as expanding parameters.
+_UNFINISHED = select(ImageRecord).where(
+    ImageRecord.source_path.in_(bindparam("sources", expanding=True)),
+    ImageRecord.moved_at.is_(None),
+)
+_INSERT_IMAGES = insert(_IMAGES)
+_SAME_CONTENT = (
+    select(ImageRecord.id, ImageRecord.sha256)
+    .where(
+        ImageRecord.sha256.in_(bindparam("digests", expanding=True)),
+        ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
+    )
+    .order_by(ImageRecord.id)
+)
+_FOR_DECISION = select(*(_IMAGES.c[key] for key in _DECISION_COLUMNS)).where(
+    _IMAGES.c.id.in_(bindparam("ids", expanding=True))
+)
+_FOR_MOVE = select(*(_IMAGES.c[key] for key in _MOVE_COLUMNS)).where(
+    _IMAGES.c.id.in_(bindparam("ids", expanding=True))
+)
+_LOCK_FOR_MOVE = (
+    select(_IMAGES.c.id, _IMAGES.c.moved_at)
+    .where(_IMAGES.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_IMAGES.c.id)
+    .with_for_update()
+)
+_UPDATE_IMAGE = update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id"))
 
 
 class Pipeline:
@@ -166,13 +201,17 @@ class Pipeline:
 
     def _receive(self, path: Path, data: bytes) -> ImageRecord:
         """One file's receipt (see :meth:`_receive_batch`)."""
-        record = self._receive_batch([(path, _sha256(data), len(data))])[0]
+        record = self._receive_batch([(path, _sha256(data), len(data))])[0][0]
         assert record is not None
         return record
 
-    def _receive_batch(self, files: list[tuple[Path, str, int]]) -> list[ImageRecord | None]:
+    def _receive_batch(
+        self, files: list[tuple[Path, str, int]]
+    ) -> tuple[list[ImageRecord | None], dict[int, int | None]]:
         """For each (path, sha256, size), in one transaction: find the file's unfinished row
-        (a restart) or insert a new `received` one, and claim it for this worker.
+        (a restart) or insert a new `received` one, and claim it for this worker. Returns
+        the rows, and the original of each undecided one (see :meth:`_originals_in`), read
+        in the same transaction.
 
         None for a file that another live worker has claimed, or that a worker moved away
         after this one read it. The receipts of all workers on a database take turns (an
@@ -182,20 +221,12 @@ class Pipeline:
         Each receipt of an undecided row counts an attempt: a file that crashes the worker
         every time (a decoder bug) is quarantined after max_attempts instead of looping.
         """
-        rows: list[ImageRecord | None] = []
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
             # The batch's unfinished rows in one query (at most one per path and content: the
             # partial unique index), and in one more, which of them this worker may handle.
             sources = [path_to_db(path) for path, _, _ in files]
-            unfinished = {
-                (r.source_path, r.sha256): r
-                for r in s.scalars(
-                    select(ImageRecord).where(
-                        ImageRecord.source_path.in_(sources), ImageRecord.moved_at.is_(None)
-                    )
-                )
-            }
+            unfinished = self._unfinished(s, sources)
             mine = set(
                 s.scalars(
                     select(ImageRecord.id).where(
@@ -204,39 +235,45 @@ class Pipeline:
                     )
                 )
             ) if unfinished else set()
-            new: list[ImageRecord] = []
+            new: list[dict[str, Any]] = []
+            keys: list[tuple[str, str] | None] = []
             for (path, digest, size), source in zip(files, sources, strict=True):
                 row = unfinished.get((source, digest))
                 if row is not None and row.id not in mine:
-                    rows.append(None)  # another live worker's: it decides and moves it
+                    keys.append(None)  # another live worker's: it decides and moves it
                     continue
                 if row is None and not path.exists():
                     # Moved away (by another worker) since it was read: its row is final.
-                    rows.append(None)
+                    keys.append(None)
                     continue
                 if row is None:
-                    row = ImageRecord(
-                        filename=relative_name(path, self.config.inbox),
-                        source_path=source,
-                        sha256=digest,
-                        size_bytes=size,
-                        status=RECEIVED,
-                        received_at=utcnow(),
-                        attempts=0,
-                        claimed_by=self.worker_id,
-                    )
-                    new.append(row)
-                rows.append(row)
-            s.add_all(new)
-            s.flush()  # the new rows' ids, in the batch's order (receipt order decides originals)
-            fresh = {id(r) for r in new}
+                    # Its first attempt, counted here rather than updated after the insert.
+                    new.append({
+                        "filename": relative_name(path, self.config.inbox),
+                        "source_path": source,
+                        "sha256": digest,
+                        "size_bytes": size,
+                        "status": RECEIVED,
+                        "received_at": utcnow(),
+                        "attempts": 1,
+                        "claimed_by": self.worker_id,
+                    })
+                keys.append((source, digest))
+            fresh = {(r["source_path"], r["sha256"]) for r in new}
+            if new:
+                # One INSERT executed per row, in the batch's order (their ids follow it:
+                # receipt order decides originals), then the rows read back with their ids.
+                s.execute(_INSERT_IMAGES, new)
+                unfinished = self._unfinished(s, sources)
+            rows = [None if key is None else unfinished[key] for key in keys]
             events: list[dict[str, Any]] = []
-            for maybe, (_, _, size) in zip(rows, files, strict=True):
+            for maybe, key, (_, _, size) in zip(rows, keys, files, strict=True):
                 if maybe is None:
                     continue
                 row = maybe
-                if id(row) in fresh:
+                if key in fresh:
                     events.append(event_row("received", f"{size} bytes", image_id=row.id))
+                    continue  # unclaimed before, and its attempt counted
                 self._claim(row, events)
                 if row.status == RECEIVED:
                     row.attempts += 1
@@ -254,10 +291,22 @@ class Pipeline:
                         )
             s.flush()
             insert_events(s, events)
+            originals = self._originals_in(
+                s, [r for r in rows if r is not None and r.status not in FINAL_STATUSES]
+            )
             for maybe in rows:
                 if maybe is not None:
                     s.expunge(maybe)
-        return rows
+        return rows, originals
+
+    @staticmethod
+    def _unfinished(s: Session, sources: list[str]) -> dict[tuple[str, str | None], ImageRecord]:
+        """The unfinished rows of these inbox paths, by (path, content): at most one each
+        (the partial unique index)."""
+        return {
+            (r.source_path, r.sha256): r
+            for r in s.scalars(_UNFINISHED, {"sources": sources})
+        }
 
     @staticmethod
     def _originals_in(s: Session, records: list[ImageRecord]) -> dict[int, int | None]:
@@ -267,12 +316,7 @@ class Pipeline:
             return {}
         earlier: dict[str, list[int]] = {}
         for rid, digest in s.execute(
-            select(ImageRecord.id, ImageRecord.sha256)
-            .where(
-                ImageRecord.sha256.in_({r.sha256 for r in records}),
-                ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
-            )
-            .order_by(ImageRecord.id)
+            _SAME_CONTENT, {"digests": list({r.sha256 for r in records})}
         ):
             earlier.setdefault(digest, []).append(rid)
         return {
@@ -300,7 +344,7 @@ class Pipeline:
         batch = Batch()
         if not readable:
             return batch
-        received = self._receive_batch(
+        received, originals = self._receive_batch(
             [(path, loaded.sha256, len(loaded.data)) for path, loaded in readable]
         )
         crash_point("after_receive")
@@ -311,10 +355,6 @@ class Pipeline:
         mine = [(f, r) for f, r in zip(readable, received, strict=True) if r is not None]
         readable = [f for f, _ in mine]
         records = [r for _, r in mine]
-        with self.store.read() as s:
-            originals = self._originals_in(
-                s, [r for r in records if r.status not in FINAL_STATUSES]
-            )
         preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]] = {}
         for (path, loaded), record in zip(readable, records, strict=True):
             batch.files.append(_BatchFile(path, record.id, loaded.fingerprint))
@@ -460,7 +500,7 @@ class Pipeline:
             setattr(row, key, value)
 
     def _decision(
-        self, row: ImageRecord, status: str, fields: dict[str, Any],
+        self, row: ImageRecord | Row[Any], status: str, fields: dict[str, Any],
         events: list[dict[str, Any]],
     ) -> dict[str, Any]:
         """The columns of `row` once decided as `status` with `fields` (every column in
@@ -503,8 +543,10 @@ class Pipeline:
             return
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
+            # The columns needed, without ORM objects.
             rows = {
-                r.id: r for r in s.scalars(select(ImageRecord).where(ImageRecord.id.in_(decided)))
+                r.id: r
+                for r in s.execute(_FOR_DECISION, {"ids": list(decided)})
             }
             # Each row's columns once decided, by id: a duplicate copies its original's.
             updates: dict[int, dict[str, Any]] = {}
@@ -538,8 +580,7 @@ class Pipeline:
             if not updates:
                 return
             s.execute(
-                update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id")),
-                [{"b_id": rid, **values} for rid, values in updates.items()],
+                _UPDATE_IMAGE, [{"b_id": rid, **values} for rid, values in updates.items()]
             )
             for rid, event in join_exams(s, joining, utcnow()).items():
                 events[rid].append(event)
@@ -547,13 +588,13 @@ class Pipeline:
 
     @staticmethod
     def _original(
-        s: Session, rows: dict[int, ImageRecord], updates: dict[int, dict[str, Any]], rid: int
+        s: Session, rows: dict[int, Row[Any]], updates: dict[int, dict[str, Any]], rid: int
     ) -> dict[str, Any] | None:
         """A duplicate's original as committed by this transaction: decided just now (its
         new columns), or its row as read."""
         if rid in updates:
             return {"id": rid, **updates[rid]}
-        row = rows.get(rid) or s.get(ImageRecord, rid)
+        row = rows.get(rid) or s.execute(_FOR_DECISION, {"ids": [rid]}).first()
         if row is None:
             return None
         return {"id": rid, **{key: getattr(row, key) for key in _DECIDED_COLUMNS}}
@@ -568,12 +609,10 @@ class Pipeline:
         """Move each decided file to its planned destination, then record all the moves in
         one transaction. A crash in between leaves the moves owed: reconcile() finds each
         file gone from the inbox and at its destination, and records it as moved."""
-        with self.store.read() as s:
+        with self.store.read() as s:  # the columns needed, without ORM objects
             rows = {
                 r.id: r
-                for r in s.scalars(
-                    select(ImageRecord).where(ImageRecord.id.in_([f.record_id for f in files]))
-                )
+                for r in s.execute(_FOR_MOVE, {"ids": [f.record_id for f in files]})
             }
         results: list[FileResult] = []
         notes: dict[int, tuple[str, Path]] = {}
@@ -604,24 +643,16 @@ class Pipeline:
             # worker that took it over meanwhile) is left as it is.
             owed = [
                 rid
-                for rid, done in s.execute(
-                    select(ImageRecord.id, ImageRecord.moved_at)
-                    .where(ImageRecord.id.in_(notes))
-                    .order_by(ImageRecord.id)
-                    .with_for_update()
-                )
+                for rid, done in s.execute(_LOCK_FOR_MOVE, {"ids": list(notes)})
                 if done is None
             ]
             moved = [rid for rid in owed if notes[rid][0] == "moved"]
             lost = [rid for rid in owed if notes[rid][0] != "moved"]
             if moved:
-                s.execute(
-                    update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id")),
-                    [{"b_id": rid, "moved_at": moved_at} for rid in moved],
-                )
+                s.execute(_UPDATE_IMAGE, [{"b_id": rid, "moved_at": moved_at} for rid in moved])
             if lost:  # nothing at the destination: no final path
                 s.execute(
-                    update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id")),
+                    _UPDATE_IMAGE,
                     [{"b_id": rid, "moved_at": moved_at, "final_path": None} for rid in lost],
                 )
             insert_events(s, [self._move_event(rid, *notes[rid]) for rid in owed])

@@ -201,11 +201,14 @@ def event_row(
             "at": utcnow()}
 
 
+_INSERT_EVENTS = insert(Event.__table__)
+
+
 def insert_events(s: Session, rows: list[dict[str, Any]]) -> None:
     """A transaction's events in one INSERT executed for each row, in the order given (their
     ids follow it), without an ORM object per event."""
     if rows:
-        s.execute(insert(Event.__table__), rows)
+        s.execute(_INSERT_EVENTS, rows)
 
 
 # Nullable columns added after the first release: added in place to an older database.
