@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.model_metadata import ModelMetadata
@@ -136,58 +136,76 @@ class Joining:
     patient_id: str | None
 
 
-# Built once: it runs for every batch.
-_EXAMS_OF = select(Exam).where(Exam.study_uid.in_(bindparam("uids", expanding=True)))
+_EXAMS = Exam.__table__
+# Built once: they run for every batch.
+_EXAMS_OF = select(_EXAMS.c.id, _EXAMS.c.study_uid, _EXAMS.c.patient_id, _EXAMS.c.status).where(
+    _EXAMS.c.study_uid.in_(bindparam("uids", expanding=True))
+)
+_INSERT_EXAMS = insert(_EXAMS)
+_UPDATE_EXAM = update(_EXAMS).where(_EXAMS.c.id == bindparam("b_id"))
 
 
 def join_exams(s: Session, images: list[Joining], now: dt.datetime) -> dict[int, dict[str, Any]]:
     """Newly scored images join their exams, in the order given (the decision order): an
     exam is created for the first image of a study it has not seen, or notes the activity
-    and reopens if it was scored. One query finds the batch's exams and one flush creates
-    the new ones. Returns the `events` row (exam_opened, exam_reopened) that an image
-    caused, by image id, for the caller to insert after that image's own event, so that
-    the history keeps the order in which things happened."""
+    (and the patient, if it had none) and reopens if it was scored. In a few statements for
+    the batch: the exams read in one query, the new ones inserted in one INSERT executed per
+    exam (ids in the order of their first image) and read back, the others updated in one
+    UPDATE. Returns the `events` row (exam_opened, exam_reopened) that an image caused, by
+    image id, for the caller to insert after that image's own event, so that the history
+    keeps the order in which things happened."""
     if not images:
         return {}
-    exams = {
-        e.study_uid: e
-        for e in s.scalars(_EXAMS_OF, {"uids": list({i.study_uid for i in images})})
+    known = {
+        r.study_uid: r for r in s.execute(_EXAMS_OF, {"uids": list({i.study_uid for i in images})})
     }
-    created: list[tuple[Joining, Exam]] = []
-    reopened: list[tuple[Joining, Exam]] = []
+    new: dict[str, dict[str, Any]] = {}  # by study, in the order of their first image
+    opened: list[Joining] = []
+    changed: dict[int, dict[str, Any]] = {}
+    reopened: list[tuple[Joining, int]] = []
     for image in images:
-        exam = exams.get(image.study_uid)
+        exam = known.get(image.study_uid)
         if exam is None:
-            exam = exams[image.study_uid] = Exam(
-                study_uid=image.study_uid,
-                patient_id=image.patient_id,
-                status=ExamStatus.OPEN.value,
-                created_at=now,
-                last_image_at=now,
-                scorings=0,
-            )
-            s.add(exam)
-            created.append((image, exam))
+            values = new.get(image.study_uid)
+            if values is None:
+                new[image.study_uid] = {
+                    "study_uid": image.study_uid,
+                    "patient_id": image.patient_id,
+                    "status": ExamStatus.OPEN.value,
+                    "created_at": now,
+                    "last_image_at": now,
+                    "scorings": 0,
+                }
+                opened.append(image)
+            elif values["patient_id"] is None:
+                values["patient_id"] = image.patient_id
             continue
-        exam.last_image_at = now
-        if exam.patient_id is None:
-            exam.patient_id = image.patient_id
-        if exam.status == ExamStatus.SCORED.value:
-            exam.status = ExamStatus.OPEN.value
-            reopened.append((image, exam))
-    if created:
-        s.flush()  # the new exams' ids, in the order of their first image
-    events: dict[int, dict[str, Any]] = {}
-    for image, exam in created:
-        events[image.image_id] = event_row(
-            "exam_opened", f"image #{image.image_id}", exam_id=exam.id
+        values = changed.setdefault(
+            exam.id, {"b_id": exam.id, "patient_id": exam.patient_id, "status": exam.status}
         )
-    for image, exam in reopened:
+        values["last_image_at"] = now
+        if values["patient_id"] is None:
+            values["patient_id"] = image.patient_id
+        if values["status"] == ExamStatus.SCORED.value:
+            values["status"] = ExamStatus.OPEN.value
+            reopened.append((image, exam.id))
+    if changed:
+        s.execute(_UPDATE_EXAM, list(changed.values()))
+    ids: dict[str, int] = {}
+    if new:
+        s.execute(_INSERT_EXAMS, list(new.values()))
+        ids = {r.study_uid: r.id for r in s.execute(_EXAMS_OF, {"uids": list(new)})}
+    events: dict[int, dict[str, Any]] = {}
+    for image in opened:
         events[image.image_id] = event_row(
-            "exam_reopened", f"late image #{image.image_id}", exam_id=exam.id
+            "exam_opened", f"image #{image.image_id}", exam_id=ids[image.study_uid]
+        )
+    for image, exam_id in reopened:
+        events[image.image_id] = event_row(
+            "exam_reopened", f"late image #{image.image_id}", exam_id=exam_id
         )
         log.info(
-            "exam reopened exam=%d study=%s image=%d", exam.id, exam.study_uid, image.image_id
+            "exam reopened exam=%d study=%s image=%d", exam_id, image.study_uid, image.image_id
         )
     return events
 

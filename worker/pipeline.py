@@ -386,9 +386,9 @@ class Pipeline:
         if not batch.files:
             return []
         crash_point("after_preprocess")
-        self._commit_decisions(decided)
+        rows = self._commit_decisions(decided, [f.record_id for f in batch.files])
         crash_point("after_decision")
-        return self._move_batch(batch.files)
+        return self._move_batch(batch.files, rows)
 
     def _preprocessed_and_scored(
         self, preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]]
@@ -534,13 +534,17 @@ class Pipeline:
         )
         return values
 
-    def _commit_decisions(self, decided: dict[int, dict[str, Any]]) -> None:
+    def _commit_decisions(
+        self, decided: dict[int, dict[str, Any]], then_read: list[int] | None = None
+    ) -> dict[int, Row[Any]] | None:
         """Commit a batch's decisions in one transaction: the rows read in one query,
         updated in one UPDATE executed per row, their events inserted in one INSERT (in the
         order they happened: each decision, then the exam event it caused), scored images
-        joined to their exams (worker/exams.py)."""
+        joined to their exams (worker/exams.py). Returns the rows `then_read` as the move
+        needs them (see :meth:`_move_batch`), read at the end of the same transaction
+        instead of in one more; None when there was nothing to decide."""
         if not decided:
-            return
+            return None
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
             # The columns needed, without ORM objects.
@@ -577,14 +581,16 @@ class Pipeline:
                 # A scored image joins its exam in the same commit as its score.
                 if status == SCORED and values["study_uid"] is not None:
                     joining.append(Joining(rid, values["study_uid"], values["patient_id"]))
-            if not updates:
-                return
-            s.execute(
-                _UPDATE_IMAGE, [{"b_id": rid, **values} for rid, values in updates.items()]
-            )
-            for rid, event in join_exams(s, joining, utcnow()).items():
-                events[rid].append(event)
-            insert_events(s, [e for rid in updates for e in events[rid]])
+            if updates:
+                s.execute(
+                    _UPDATE_IMAGE, [{"b_id": rid, **values} for rid, values in updates.items()]
+                )
+                for rid, event in join_exams(s, joining, utcnow()).items():
+                    events[rid].append(event)
+                insert_events(s, [e for rid in updates for e in events[rid]])
+            if then_read is None:
+                return None
+            return {r.id: r for r in s.execute(_FOR_MOVE, {"ids": then_read})}
 
     @staticmethod
     def _original(
@@ -605,15 +611,19 @@ class Pipeline:
               ) -> FileResult:
         return self._move_batch([_BatchFile(path, record_id, fingerprint)])[0]
 
-    def _move_batch(self, files: list[_BatchFile]) -> list[FileResult]:
+    def _move_batch(
+        self, files: list[_BatchFile], rows: dict[int, Row[Any]] | None = None
+    ) -> list[FileResult]:
         """Move each decided file to its planned destination, then record all the moves in
         one transaction. A crash in between leaves the moves owed: reconcile() finds each
-        file gone from the inbox and at its destination, and records it as moved."""
-        with self.store.read() as s:  # the columns needed, without ORM objects
-            rows = {
-                r.id: r
-                for r in s.execute(_FOR_MOVE, {"ids": [f.record_id for f in files]})
-            }
+        file gone from the inbox and at its destination, and records it as moved. `rows`:
+        the files' rows as committed (from :meth:`_commit_decisions`), or None to read them."""
+        if rows is None:
+            with self.store.read() as s:  # the columns needed, without ORM objects
+                rows = {
+                    r.id: r
+                    for r in s.execute(_FOR_MOVE, {"ids": [f.record_id for f in files]})
+                }
         results: list[FileResult] = []
         notes: dict[int, tuple[str, Path]] = {}
         for f in files:
