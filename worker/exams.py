@@ -311,7 +311,7 @@ class ExamBook:
                 .order_by(ImageRecord.id)
             )
             images = one_per_instance([r for r in s.scalars(q) if r.score is not None])
-            if not images:  # cannot happen through join_exam; do not loop on it
+            if not images:  # cannot happen through join_exams; do not loop on it
                 exam.status = ExamStatus.SCORED.value
                 _exam_event(s, exam.id, "exam_skipped", "no scored image")
                 return None
