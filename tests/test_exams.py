@@ -25,10 +25,11 @@ from worker.exams import (
     EXAM_COLUMNS,
     SCHEMA_ID,
     ExamBook,
+    Joining,
     aggregate,
     breast_rows,
     exam_rows,
-    join_exam,
+    join_exams,
     score_exam,
     write_atomically,
 )
@@ -39,7 +40,7 @@ from worker.model_metadata import (
     ModelMetadataError,
 )
 from worker.preprocess import PreprocessSettings
-from worker.store import SCORED, ExamResult, ImageRecord, Store, utcnow
+from worker.store import SCORED, ExamResult, ImageRecord, Store, insert_events, utcnow
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_(?P<study_uid>[^_/]+)_(?P<laterality>[LRU])_(?P<view>[A-Z]+)\."
 
@@ -306,7 +307,7 @@ def test_an_instance_sent_twice_counts_once_as_its_latest_copy(tmp_path: Path) -
             )  # fmt: skip
             s.add(row)
             s.flush()
-            join_exam(s, row, now)
+            insert_events(s, list(join_exams(s, [Joining(row.id, "9.9", "P")], now).values()))
     meta = ModelMetadata(PreprocessSettings(size=32), 0.5, "v1")  # breast mean, exam max
     book = ExamBook(store, meta, tmp_path / "outbox", 0.0, lambda: now)
     (scoring,) = book.step()
@@ -314,6 +315,37 @@ def test_an_instance_sent_twice_counts_once_as_its_latest_copy(tmp_path: Path) -
     assert scoring.score == pytest.approx(max((0.3 + 0.5) / 2, 0.2))
     doc = json.loads(scoring.outbox_path.read_text())
     assert [i["filename"] for i in doc["images"]] == ["1.dcm", "2.dcm", "3.dcm"]
+
+
+def test_a_batch_joins_its_exams_in_decision_order(tmp_path: Path) -> None:
+    """One batch: two images of a new study (the second brings the patient the first
+    lacked), and two late images of a scored study (reopened once, by the first)."""
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    now = utcnow()
+    with store.write() as s:
+        insert_events(s, list(join_exams(s, [Joining(1, "old", "P0")], now).values()))
+    book = ExamBook(store, ModelMetadata(PreprocessSettings(size=32), 0.5, "v1"),
+                    tmp_path / "outbox", 0.0, lambda: now)
+    with store.write() as s:
+        s.execute(text("UPDATE exams SET status = 'scored', scorings = 1"))
+    later = now + dt.timedelta(seconds=5)
+    images = [Joining(2, "new", None), Joining(3, "old", "P0"), Joining(4, "new", "P1"),
+              Joining(5, "old", "P0")]
+    with store.write() as s:
+        events = join_exams(s, images, later)
+        insert_events(s, [events[i] for i in sorted(events)])
+    assert {i: (e["kind"], e["detail"]) for i, e in events.items()} == {
+        2: ("exam_opened", "image #2"), 3: ("exam_reopened", "late image #3")}
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute(
+        "SELECT id, study_uid, patient_id, status, last_image_at FROM exams ORDER BY id"
+    ).fetchall() == [(1, "old", "P0", "open", str(later).replace("T", " ")),
+                     (2, "new", "P1", "open", str(later).replace("T", " "))]
+    assert db.execute("SELECT exam_id, kind FROM events ORDER BY id").fetchall() == [
+        (1, "exam_opened"), (2, "exam_opened"), (1, "exam_reopened")]
+    db.close()
+    assert book.due(settle_now=True) == [1, 2]  # both open
+    store.dispose()
 
 
 # ---- the outbox ----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from worker.model_metadata import ModelMetadata
@@ -51,6 +51,7 @@ from worker.store import (
     ExamStatus,
     ImageRecord,
     Store,
+    event_row,
     utcnow,
 )
 
@@ -126,31 +127,87 @@ def _exam_event(s: Session, exam_id: int, kind: str, detail: str | None = None) 
     s.add(Event(image_id=None, exam_id=exam_id, kind=kind, detail=detail, at=utcnow()))
 
 
-def join_exam(s: Session, row: ImageRecord, now: dt.datetime) -> None:
-    """A newly scored image joins its exam: create it, or note activity and reopen it."""
-    if row.status != SCORED or row.study_uid is None:
-        return
-    exam = s.scalars(select(Exam).where(Exam.study_uid == row.study_uid)).first()
-    if exam is None:
-        exam = Exam(
-            study_uid=row.study_uid,
-            patient_id=row.patient_id,
-            status=ExamStatus.OPEN.value,
-            created_at=now,
-            last_image_at=now,
-            scorings=0,
+@dataclass(frozen=True)
+class Joining:
+    """A newly scored image that joins its study's exam."""
+
+    image_id: int
+    study_uid: str
+    patient_id: str | None
+
+
+_EXAMS = Exam.__table__
+# Built once: they run for every batch.
+_EXAMS_OF = select(_EXAMS.c.id, _EXAMS.c.study_uid, _EXAMS.c.patient_id, _EXAMS.c.status).where(
+    _EXAMS.c.study_uid.in_(bindparam("uids", expanding=True))
+)
+_INSERT_EXAMS = insert(_EXAMS)
+_UPDATE_EXAM = update(_EXAMS).where(_EXAMS.c.id == bindparam("b_id"))
+
+
+def join_exams(s: Session, images: list[Joining], now: dt.datetime) -> dict[int, dict[str, Any]]:
+    """Newly scored images join their exams, in the order given (the decision order): an
+    exam is created for the first image of a study it has not seen, or notes the activity
+    (and the patient, if it had none) and reopens if it was scored. In a few statements for
+    the batch: the exams read in one query, the new ones inserted in one INSERT executed per
+    exam (ids in the order of their first image) and read back, the others updated in one
+    UPDATE. Returns the `events` row (exam_opened, exam_reopened) that an image caused, by
+    image id, for the caller to insert after that image's own event, so that the history
+    keeps the order in which things happened."""
+    if not images:
+        return {}
+    known = {
+        r.study_uid: r for r in s.execute(_EXAMS_OF, {"uids": list({i.study_uid for i in images})})
+    }
+    new: dict[str, dict[str, Any]] = {}  # by study, in the order of their first image
+    opened: list[Joining] = []
+    changed: dict[int, dict[str, Any]] = {}
+    reopened: list[tuple[Joining, int]] = []
+    for image in images:
+        exam = known.get(image.study_uid)
+        if exam is None:
+            values = new.get(image.study_uid)
+            if values is None:
+                new[image.study_uid] = {
+                    "study_uid": image.study_uid,
+                    "patient_id": image.patient_id,
+                    "status": ExamStatus.OPEN.value,
+                    "created_at": now,
+                    "last_image_at": now,
+                    "scorings": 0,
+                }
+                opened.append(image)
+            elif values["patient_id"] is None:
+                values["patient_id"] = image.patient_id
+            continue
+        values = changed.setdefault(
+            exam.id, {"b_id": exam.id, "patient_id": exam.patient_id, "status": exam.status}
         )
-        s.add(exam)
-        s.flush()
-        _exam_event(s, exam.id, "exam_opened", f"image #{row.id}")
-        return
-    exam.last_image_at = now
-    if exam.patient_id is None:
-        exam.patient_id = row.patient_id
-    if exam.status == ExamStatus.SCORED.value:
-        exam.status = ExamStatus.OPEN.value
-        _exam_event(s, exam.id, "exam_reopened", f"late image #{row.id}")
-        log.info("exam reopened exam=%d study=%s image=%d", exam.id, exam.study_uid, row.id)
+        values["last_image_at"] = now
+        if values["patient_id"] is None:
+            values["patient_id"] = image.patient_id
+        if values["status"] == ExamStatus.SCORED.value:
+            values["status"] = ExamStatus.OPEN.value
+            reopened.append((image, exam.id))
+    if changed:
+        s.execute(_UPDATE_EXAM, list(changed.values()))
+    ids: dict[str, int] = {}
+    if new:
+        s.execute(_INSERT_EXAMS, list(new.values()))
+        ids = {r.study_uid: r.id for r in s.execute(_EXAMS_OF, {"uids": list(new)})}
+    events: dict[int, dict[str, Any]] = {}
+    for image in opened:
+        events[image.image_id] = event_row(
+            "exam_opened", f"image #{image.image_id}", exam_id=ids[image.study_uid]
+        )
+    for image, exam_id in reopened:
+        events[image.image_id] = event_row(
+            "exam_reopened", f"late image #{image.image_id}", exam_id=exam_id
+        )
+        log.info(
+            "exam reopened exam=%d study=%s image=%d", exam_id, image.study_uid, image.image_id
+        )
+    return events
 
 
 # ---- scoring settled exams and writing their outbox documents -----------------------------
@@ -254,7 +311,7 @@ class ExamBook:
                 .order_by(ImageRecord.id)
             )
             images = one_per_instance([r for r in s.scalars(q) if r.score is not None])
-            if not images:  # cannot happen through join_exam; do not loop on it
+            if not images:  # cannot happen through join_exams; do not loop on it
                 exam.status = ExamStatus.SCORED.value
                 _exam_event(s, exam.id, "exam_skipped", "no scored image")
                 return None

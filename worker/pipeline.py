@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, Row, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Config, MissingPathError
 from worker.dicom import DicomPolicy
-from worker.exams import join_exam
+from worker.exams import Joining, join_exams
 from worker.faults import crash_point
 from worker.heartbeat import WorkerRecord
 from worker.identity import IdentityReader
@@ -61,9 +61,10 @@ from worker.store import (
     QUARANTINED,
     RECEIVED,
     SCORED,
-    Event,
     ImageRecord,
     Store,
+    event_row,
+    insert_events,
     utcnow,
 )
 
@@ -100,8 +101,48 @@ def _unique_destination(folder: Path, rel: Path, record_id: int) -> Path:
     return dest.with_name(f"{dest.stem}.{record_id}{dest.suffix}")
 
 
-def _event(s: Session, image_id: int | None, kind: str, detail: str | None = None) -> None:
-    s.add(Event(image_id=image_id, kind=kind, detail=detail, at=utcnow()))
+# The columns a decision sets (the identity columns it brings along included).
+_DECIDED_COLUMNS = (
+    "status", "score", "label", "threshold", "model_version", "scored_at", "error",
+    "duplicate_of", "final_path", "patient_id", "study_uid", "laterality", "view",
+    "sop_instance_uid",
+)
+# The columns a decision reads.
+_DECISION_COLUMNS = ("id", "filename", "source_path", "claimed_by", *_DECIDED_COLUMNS)
+# The columns a move needs.
+_MOVE_COLUMNS = (
+    "id", "filename", "status", "score", "label", "error", "sha256", "final_path", "claimed_by",
+)
+_IMAGES = ImageRecord.__table__
+
+# The statements run for every batch, built once (building and keying a statement costs
+# about as much CPU as SQLite takes to run it): lists are bound as expanding parameters.
+_UNFINISHED = select(ImageRecord).where(
+    ImageRecord.source_path.in_(bindparam("sources", expanding=True)),
+    ImageRecord.moved_at.is_(None),
+)
+_INSERT_IMAGES = insert(_IMAGES)
+_SAME_CONTENT = (
+    select(ImageRecord.id, ImageRecord.sha256)
+    .where(
+        ImageRecord.sha256.in_(bindparam("digests", expanding=True)),
+        ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
+    )
+    .order_by(ImageRecord.id)
+)
+_FOR_DECISION = select(*(_IMAGES.c[key] for key in _DECISION_COLUMNS)).where(
+    _IMAGES.c.id.in_(bindparam("ids", expanding=True))
+)
+_FOR_MOVE = select(*(_IMAGES.c[key] for key in _MOVE_COLUMNS)).where(
+    _IMAGES.c.id.in_(bindparam("ids", expanding=True))
+)
+_LOCK_FOR_MOVE = (
+    select(_IMAGES.c.id, _IMAGES.c.moved_at)
+    .where(_IMAGES.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_IMAGES.c.id)
+    .with_for_update()
+)
+_UPDATE_IMAGE = update(_IMAGES).where(_IMAGES.c.id == bindparam("b_id"))
 
 
 class Pipeline:
@@ -148,9 +189,11 @@ class Pipeline:
             ImageRecord.claimed_by.in_(dead),
         )
 
-    def _claim(self, s: Session, row: ImageRecord) -> None:
+    def _claim(self, row: ImageRecord, events: list[dict[str, Any]]) -> None:
         if row.claimed_by not in (None, self.worker_id):
-            _event(s, row.id, "taken_over", f"from worker {row.claimed_by} (lease expired)")
+            events.append(event_row(
+                "taken_over", f"from worker {row.claimed_by} (lease expired)", image_id=row.id
+            ))
             log.warning("taken over id=%d from worker=%s", row.id, row.claimed_by)
         row.claimed_by = self.worker_id
 
@@ -158,13 +201,17 @@ class Pipeline:
 
     def _receive(self, path: Path, data: bytes) -> ImageRecord:
         """One file's receipt (see :meth:`_receive_batch`)."""
-        record = self._receive_batch([(path, _sha256(data), len(data))])[0]
+        record = self._receive_batch([(path, _sha256(data), len(data))])[0][0]
         assert record is not None
         return record
 
-    def _receive_batch(self, files: list[tuple[Path, str, int]]) -> list[ImageRecord | None]:
+    def _receive_batch(
+        self, files: list[tuple[Path, str, int]]
+    ) -> tuple[list[ImageRecord | None], dict[int, int | None]]:
         """For each (path, sha256, size), in one transaction: find the file's unfinished row
-        (a restart) or insert a new `received` one, and claim it for this worker.
+        (a restart) or insert a new `received` one, and claim it for this worker. Returns
+        the rows, and the original of each undecided one (see :meth:`_originals_in`), read
+        in the same transaction.
 
         None for a file that another live worker has claimed, or that a worker moved away
         after this one read it. The receipts of all workers on a database take turns (an
@@ -174,20 +221,12 @@ class Pipeline:
         Each receipt of an undecided row counts an attempt: a file that crashes the worker
         every time (a decoder bug) is quarantined after max_attempts instead of looping.
         """
-        rows: list[ImageRecord | None] = []
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
             # The batch's unfinished rows in one query (at most one per path and content: the
             # partial unique index), and in one more, which of them this worker may handle.
             sources = [path_to_db(path) for path, _, _ in files]
-            unfinished = {
-                (r.source_path, r.sha256): r
-                for r in s.scalars(
-                    select(ImageRecord).where(
-                        ImageRecord.source_path.in_(sources), ImageRecord.moved_at.is_(None)
-                    )
-                )
-            }
+            unfinished = self._unfinished(s, sources)
             mine = set(
                 s.scalars(
                     select(ImageRecord.id).where(
@@ -196,56 +235,78 @@ class Pipeline:
                     )
                 )
             ) if unfinished else set()
-            new: list[ImageRecord] = []
+            new: list[dict[str, Any]] = []
+            keys: list[tuple[str, str] | None] = []
             for (path, digest, size), source in zip(files, sources, strict=True):
                 row = unfinished.get((source, digest))
                 if row is not None and row.id not in mine:
-                    rows.append(None)  # another live worker's: it decides and moves it
+                    keys.append(None)  # another live worker's: it decides and moves it
                     continue
                 if row is None and not path.exists():
                     # Moved away (by another worker) since it was read: its row is final.
-                    rows.append(None)
+                    keys.append(None)
                     continue
                 if row is None:
-                    row = ImageRecord(
-                        filename=relative_name(path, self.config.inbox),
-                        source_path=source,
-                        sha256=digest,
-                        size_bytes=size,
-                        status=RECEIVED,
-                        received_at=utcnow(),
-                        attempts=0,
-                        claimed_by=self.worker_id,
-                    )
-                    new.append(row)
-                rows.append(row)
-            s.add_all(new)
-            s.flush()  # the new rows' ids, in the batch's order (receipt order decides originals)
-            fresh = {id(r) for r in new}
-            for maybe, (_, _, size) in zip(rows, files, strict=True):
+                    # Its first attempt, counted here rather than updated after the insert.
+                    new.append({
+                        "filename": relative_name(path, self.config.inbox),
+                        "source_path": source,
+                        "sha256": digest,
+                        "size_bytes": size,
+                        "status": RECEIVED,
+                        "received_at": utcnow(),
+                        "attempts": 1,
+                        "claimed_by": self.worker_id,
+                    })
+                keys.append((source, digest))
+            fresh = {(r["source_path"], r["sha256"]) for r in new}
+            if new:
+                # One INSERT executed per row, in the batch's order (their ids follow it:
+                # receipt order decides originals), then the rows read back with their ids.
+                s.execute(_INSERT_IMAGES, new)
+                unfinished = self._unfinished(s, sources)
+            rows = [None if key is None else unfinished[key] for key in keys]
+            events: list[dict[str, Any]] = []
+            for maybe, key, (_, _, size) in zip(rows, keys, files, strict=True):
                 if maybe is None:
                     continue
                 row = maybe
-                if id(row) in fresh:
-                    _event(s, row.id, "received", f"{size} bytes")
-                self._claim(s, row)
+                if key in fresh:
+                    events.append(event_row("received", f"{size} bytes", image_id=row.id))
+                    continue  # unclaimed before, and its attempt counted
+                self._claim(row, events)
                 if row.status == RECEIVED:
                     row.attempts += 1
                     if row.attempts > 1:
-                        _event(s, row.id, "retry", f"attempt {row.attempts}")
+                        events.append(
+                            event_row("retry", f"attempt {row.attempts}", image_id=row.id)
+                        )
                     if row.attempts > self.config.max_attempts:
                         self._decide(
-                            s,
                             row,
+                            events,
                             QUARANTINED,
                             error=f"gave up after {row.attempts - 1} attempts "
                             f"(last: {row.error or 'worker stopped while handling it'})",
                         )
             s.flush()
+            insert_events(s, events)
+            originals = self._originals_in(
+                s, [r for r in rows if r is not None and r.status not in FINAL_STATUSES]
+            )
             for maybe in rows:
                 if maybe is not None:
                     s.expunge(maybe)
-        return rows
+        return rows, originals
+
+    @staticmethod
+    def _unfinished(s: Session, sources: list[str]) -> dict[tuple[str, str | None], ImageRecord]:
+        """The unfinished rows of these inbox paths, by (path, content): at most one each
+        (the partial unique index)."""
+        return {
+            (r.source_path, r.sha256): r
+            for r in s.scalars(_UNFINISHED, {"sources": sources})
+        }
 
     @staticmethod
     def _originals_in(s: Session, records: list[ImageRecord]) -> dict[int, int | None]:
@@ -255,12 +316,7 @@ class Pipeline:
             return {}
         earlier: dict[str, list[int]] = {}
         for rid, digest in s.execute(
-            select(ImageRecord.id, ImageRecord.sha256)
-            .where(
-                ImageRecord.sha256.in_({r.sha256 for r in records}),
-                ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
-            )
-            .order_by(ImageRecord.id)
+            _SAME_CONTENT, {"digests": list({r.sha256 for r in records})}
         ):
             earlier.setdefault(digest, []).append(rid)
         return {
@@ -288,7 +344,7 @@ class Pipeline:
         batch = Batch()
         if not readable:
             return batch
-        received = self._receive_batch(
+        received, originals = self._receive_batch(
             [(path, loaded.sha256, len(loaded.data)) for path, loaded in readable]
         )
         crash_point("after_receive")
@@ -299,10 +355,6 @@ class Pipeline:
         mine = [(f, r) for f, r in zip(readable, received, strict=True) if r is not None]
         readable = [f for f, _ in mine]
         records = [r for _, r in mine]
-        with self.store.read() as s:
-            originals = self._originals_in(
-                s, [r for r in records if r.status not in FINAL_STATUSES]
-            )
         preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]] = {}
         for (path, loaded), record in zip(readable, records, strict=True):
             batch.files.append(_BatchFile(path, record.id, loaded.fingerprint))
@@ -334,9 +386,9 @@ class Pipeline:
         if not batch.files:
             return []
         crash_point("after_preprocess")
-        self._commit_decisions(decided)
+        rows = self._commit_decisions(decided, [f.record_id for f in batch.files])
         crash_point("after_decision")
-        return self._move_batch(batch.files)
+        return self._move_batch(batch.files, rows)
 
     def _preprocessed_and_scored(
         self, preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]]
@@ -403,9 +455,12 @@ class Pipeline:
             )
             s.add(row)
             s.flush()
+            events: list[dict[str, Any]] = []
             self._decide(
-                s, row, QUARANTINED, error=f"unreadable after {attempts} attempts: {exc.strerror}"
+                row, events, QUARANTINED,
+                error=f"unreadable after {attempts} attempts: {exc.strerror}",
             )
+            insert_events(s, events)
             rid = row.id
         self._move(path, rid)
 
@@ -436,43 +491,71 @@ class Pipeline:
             for (rid, _), score in zip(items, scores, strict=True)
         }
 
-    def _decide(self, s: Session, row: ImageRecord, status: str, **fields: Any) -> None:
-        """Set a final status and the planned destination, inside the caller's transaction."""
-        row.status = status
-        for key, value in fields.items():
+    def _decide(
+        self, row: ImageRecord, events: list[dict[str, Any]], status: str, **fields: Any
+    ) -> None:
+        """Set a final status and the planned destination on a row of the caller's
+        transaction, and add its event to `events` (see :meth:`_decision`)."""
+        for key, value in self._decision(row, status, fields, events).items():
             setattr(row, key, value)
+
+    def _decision(
+        self, row: ImageRecord | Row[Any], status: str, fields: dict[str, Any],
+        events: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The columns of `row` once decided as `status` with `fields` (every column in
+        _DECIDED_COLUMNS: the row's own value unless the decision sets it), planned
+        destination included; adds the decision's event to `events` and logs it."""
+        values = {key: getattr(row, key) for key in _DECIDED_COLUMNS}
+        values.update(fields, status=status)
         folder = self.config.quarantine if status == QUARANTINED else self.config.processed
         rel = path_from_db(row.source_path)
         try:
             rel = rel.relative_to(self.config.inbox)
         except ValueError:
             rel = Path(rel.name)
-        row.final_path = path_to_db(_unique_destination(folder, rel, row.id))
+        values["final_path"] = path_to_db(_unique_destination(folder, rel, row.id))
+        score, label, error = values["score"], values["label"], values["error"]
         detail = (
-            row.error
+            error
             if status == QUARANTINED
-            else (f"score={row.score:.4f} label={row.label}" if row.score is not None else None)
+            else (f"score={score:.4f} label={label}" if score is not None else None)
         )
-        _event(s, row.id, status, detail)
+        events.append(event_row(status, detail, image_id=row.id))
         log_fn = log.warning if status == QUARANTINED else log.info
         log_fn(
             "%s file=%s id=%d score=%s label=%s%s",
             status,
             row.filename,
             row.id,
-            "-" if row.score is None else f"{row.score:.4f}",
-            row.label or "-",
-            f" reason={row.error}" if row.error else "",
+            "-" if score is None else f"{score:.4f}",
+            label or "-",
+            f" reason={error}" if error else "",
         )
+        return values
 
-    def _commit_decisions(self, decided: dict[int, dict[str, Any]]) -> None:
+    def _commit_decisions(
+        self, decided: dict[int, dict[str, Any]], then_read: list[int] | None = None
+    ) -> dict[int, Row[Any]] | None:
+        """Commit a batch's decisions in one transaction: the rows read in one query,
+        updated in one UPDATE executed per row, their events inserted in one INSERT (in the
+        order they happened: each decision, then the exam event it caused), scored images
+        joined to their exams (worker/exams.py). Returns the rows `then_read` as the move
+        needs them (see :meth:`_move_batch`), read at the end of the same transaction
+        instead of in one more; None when there was nothing to decide."""
         if not decided:
-            return
+            return None
         with self.store.write() as s:
             self.store.serialise(s, FILES_LOCK)
+            # The columns needed, without ORM objects.
             rows = {
-                r.id: r for r in s.scalars(select(ImageRecord).where(ImageRecord.id.in_(decided)))
+                r.id: r
+                for r in s.execute(_FOR_DECISION, {"ids": list(decided)})
             }
+            # Each row's columns once decided, by id: a duplicate copies its original's.
+            updates: dict[int, dict[str, Any]] = {}
+            events: dict[int, list[dict[str, Any]]] = {}
+            joining: list[Joining] = []
             # Originals first, so that a duplicate in the same batch can copy their result.
             for rid in sorted(decided):
                 row, fields = rows[rid], dict(decided[rid])
@@ -480,25 +563,47 @@ class Pipeline:
                     continue  # decided already, or taken over by another worker
                 status = fields.pop("status")
                 if status == DUPLICATE:
-                    original = rows.get(fields["duplicate_of"]) or s.get(
-                        ImageRecord, fields["duplicate_of"]
-                    )
-                    if original is not None and original.status == QUARANTINED:
+                    original = self._original(s, rows, updates, fields["duplicate_of"])
+                    if original is not None and original["status"] == QUARANTINED:
                         status = QUARANTINED
                         fields["error"] = (
-                            f"duplicate of #{original.id}, quarantined: {original.error}"
+                            f"duplicate of #{original['id']}, quarantined: {original['error']}"
                         )
-                    elif original is not None and original.status == SCORED:
+                    elif original is not None and original["status"] == SCORED:
                         fields.update(
-                            score=original.score,
-                            label=original.label,
-                            threshold=original.threshold,
-                            model_version=original.model_version,
-                            scored_at=original.scored_at,
+                            {key: original[key] for key in (
+                                "score", "label", "threshold", "model_version", "scored_at"
+                            )}
                         )
-                self._decide(s, row, status, **fields)
+                values = updates[rid] = self._decision(
+                    row, status, fields, events.setdefault(rid, [])
+                )
                 # A scored image joins its exam in the same commit as its score.
-                join_exam(s, row, utcnow())
+                if status == SCORED and values["study_uid"] is not None:
+                    joining.append(Joining(rid, values["study_uid"], values["patient_id"]))
+            if updates:
+                s.execute(
+                    _UPDATE_IMAGE, [{"b_id": rid, **values} for rid, values in updates.items()]
+                )
+                for rid, event in join_exams(s, joining, utcnow()).items():
+                    events[rid].append(event)
+                insert_events(s, [e for rid in updates for e in events[rid]])
+            if then_read is None:
+                return None
+            return {r.id: r for r in s.execute(_FOR_MOVE, {"ids": then_read})}
+
+    @staticmethod
+    def _original(
+        s: Session, rows: dict[int, Row[Any]], updates: dict[int, dict[str, Any]], rid: int
+    ) -> dict[str, Any] | None:
+        """A duplicate's original as committed by this transaction: decided just now (its
+        new columns), or its row as read."""
+        if rid in updates:
+            return {"id": rid, **updates[rid]}
+        row = rows.get(rid) or s.execute(_FOR_DECISION, {"ids": [rid]}).first()
+        if row is None:
+            return None
+        return {"id": rid, **{key: getattr(row, key) for key in _DECIDED_COLUMNS}}
 
     # ---- step 3: move, then record the moves -----------------------------------------------
 
@@ -506,17 +611,19 @@ class Pipeline:
               ) -> FileResult:
         return self._move_batch([_BatchFile(path, record_id, fingerprint)])[0]
 
-    def _move_batch(self, files: list[_BatchFile]) -> list[FileResult]:
+    def _move_batch(
+        self, files: list[_BatchFile], rows: dict[int, Row[Any]] | None = None
+    ) -> list[FileResult]:
         """Move each decided file to its planned destination, then record all the moves in
         one transaction. A crash in between leaves the moves owed: reconcile() finds each
-        file gone from the inbox and at its destination, and records it as moved."""
-        with self.store.read() as s:
-            rows = {
-                r.id: r
-                for r in s.scalars(
-                    select(ImageRecord).where(ImageRecord.id.in_([f.record_id for f in files]))
-                )
-            }
+        file gone from the inbox and at its destination, and records it as moved. `rows`:
+        the files' rows as committed (from :meth:`_commit_decisions`), or None to read them."""
+        if rows is None:
+            with self.store.read() as s:  # the columns needed, without ORM objects
+                rows = {
+                    r.id: r
+                    for r in s.execute(_FOR_MOVE, {"ids": [f.record_id for f in files]})
+                }
         results: list[FileResult] = []
         notes: dict[int, tuple[str, Path]] = {}
         for f in files:
@@ -540,30 +647,41 @@ class Pipeline:
                 )
         if not notes:
             return results
+        moved_at = utcnow()
         with self.store.write() as s:
-            for fresh in s.scalars(
-                select(ImageRecord).where(ImageRecord.id.in_(notes)).with_for_update()
-            ):
-                if fresh.moved_at is not None:
-                    continue
-                note, dest = notes[fresh.id]
-                fresh.moved_at = utcnow()
-                if note != "moved":
-                    fresh.final_path = None
-                    _event(
-                        s,
-                        fresh.id,
-                        note,
-                        "file changed in the inbox before it could be moved"
-                        if note == "replaced"
-                        else "file gone before it could be moved",
-                    )
-                else:
-                    _event(s, fresh.id, "moved", display_name(dest))
+            # The rows locked (PostgreSQL) and read in one query: one already moved (by a
+            # worker that took it over meanwhile) is left as it is.
+            owed = [
+                rid
+                for rid, done in s.execute(_LOCK_FOR_MOVE, {"ids": list(notes)})
+                if done is None
+            ]
+            moved = [rid for rid in owed if notes[rid][0] == "moved"]
+            lost = [rid for rid in owed if notes[rid][0] != "moved"]
+            if moved:
+                s.execute(_UPDATE_IMAGE, [{"b_id": rid, "moved_at": moved_at} for rid in moved])
+            if lost:  # nothing at the destination: no final path
+                s.execute(
+                    _UPDATE_IMAGE,
+                    [{"b_id": rid, "moved_at": moved_at, "final_path": None} for rid in lost],
+                )
+            insert_events(s, [self._move_event(rid, *notes[rid]) for rid in owed])
         for rid, (note, _) in notes.items():
             if note != "moved":
                 log.warning("%s file=%s id=%d (not moved)", note, rows[rid].filename, rid)
         return results
+
+    @staticmethod
+    def _move_event(rid: int, note: str, dest: Path) -> dict[str, Any]:
+        if note == "moved":
+            return event_row("moved", display_name(dest), image_id=rid)
+        return event_row(
+            note,
+            "file changed in the inbox before it could be moved"
+            if note == "replaced"
+            else "file gone before it could be moved",
+            image_id=rid,
+        )
 
     def _place(self, f: _BatchFile, sha256: str | None, dest: Path) -> str:
         """Move one file; what happened: moved, replaced (left for the scan) or missing."""
@@ -624,8 +742,10 @@ class Pipeline:
             # or its destination): with a local inbox per machine, another machine's owed
             # move is not this worker's to record as missing.
             owed = [r for r in owed if r.claimed_by in (None, self.worker_id) or _visible(r)]
+            events: list[dict[str, Any]] = []
             for row in owed:
-                self._claim(s, row)
+                self._claim(row, events)
+            insert_events(s, events)
         if owed:
             self._move_batch([_BatchFile(path_from_db(r.source_path), r.id, None) for r in owed])
             log.info("reconciled moves=%d", len(owed))

@@ -41,6 +41,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     inspect,
     select,
     text,
@@ -189,6 +190,25 @@ class BreastResult(Base):
     n_images: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
     label: Mapped[str] = mapped_column(String(32))
+
+
+def event_row(
+    kind: str, detail: str | None = None, *, image_id: int | None = None,
+    exam_id: int | None = None
+) -> dict[str, Any]:
+    """One `events` row, timed now, for :func:`insert_events`."""
+    return {"image_id": image_id, "exam_id": exam_id, "kind": kind, "detail": detail,
+            "at": utcnow()}
+
+
+_INSERT_EVENTS = insert(Event.__table__)
+
+
+def insert_events(s: Session, rows: list[dict[str, Any]]) -> None:
+    """A transaction's events in one INSERT executed for each row, in the order given (their
+    ids follow it), without an ORM object per event."""
+    if rows:
+        s.execute(_INSERT_EVENTS, rows)
 
 
 # Nullable columns added after the first release: added in place to an older database.
