@@ -187,6 +187,8 @@ def export_to_onnx(
     src, out = Path(keras_model_path), Path(out_path)
     if not src.is_file():
         raise ExportError(f"Keras model not found: {src}")
+    import trainer.top  # noqa: F401  (registers the custom layers a lite0-top model holds)
+
     model = keras.saving.load_model(src, compile=False)
     size = model.input_shape[1]
     if model.input_shape[1:] != (size, size, 1):
