@@ -131,23 +131,34 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
 
 
 @keras.saving.register_keras_serializable(package="mammo_screen")
-class MirrorImage(layers.Layer):
-    """(B, H, W, C) -> the same images mirrored left-right."""
+class WithMirrorImages(layers.Layer):
+    """(B, H, W, C) -> (2B, H, W, C): the images, then the same images mirrored left-right."""
 
     def call(self, x: keras.KerasTensor) -> keras.KerasTensor:
-        return ops.flip(x, axis=2)
+        return ops.concatenate([x, ops.flip(x, axis=2)], axis=0)
+
+
+@keras.saving.register_keras_serializable(package="mammo_screen")
+class MeanOfHalves(layers.Layer):
+    """(2B, 1) -> (B, 1): the mean of row i and row B + i (an image and its mirror image)."""
+
+    def call(self, s: keras.KerasTensor) -> keras.KerasTensor:
+        half = ops.shape(s)[0] // 2
+        return 0.5 * (s[:half] + s[half:])
 
 
 def compose(front: keras.Model, top: keras.Model, tta: bool = False) -> keras.Model:
     """The model that is saved and exported: image in [0, 1] -> score; with ``tta`` the mean
-    of the image's and its mirror image's scores (as the panel scores with ``tta``)."""
+    of the image's and its mirror image's scores (as the panel scores with ``tta``). The
+    mirror images ride in the same batch, so the graph holds each layer once (ONNX Runtime's
+    quantiser failed on a graph that ran the network twice side by side)."""
     size = front.input_shape[1]
     inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
-    score = top(front(inputs))
-    if tta:
-        mirrored = top(front(MirrorImage(name="mirror")(inputs)))
-        score = layers.Average(name=OUTPUT_NAME)([score, mirrored])
-    return keras.Model(inputs, score, name=f"lite0_top_{size}")
+    if not tta:
+        return keras.Model(inputs, top(front(inputs)), name=f"lite0_top_{size}")
+    scores = top(front(WithMirrorImages(name="with_mirror_images")(inputs)))
+    return keras.Model(inputs, MeanOfHalves(name=OUTPUT_NAME)(scores),
+                       name=f"lite0_top_{size}")
 
 
 # --- maps, computed once -------------------------------------------------------------------
