@@ -28,24 +28,13 @@ from keras import layers  # noqa: E402
 
 from trainer.arrays import preprocess_samples  # noqa: E402
 from trainer.dataset import discover  # noqa: E402
-from trainer.efficientnet_lite import (  # noqa: E402
-    build_efficientnet_lite0_backbone,
-    grey_to_normalised_rgb,
-    load_torch_weights,
-    resolve_weights,
-)
+from trainer.efficientnet_lite import grey_to_normalised_rgb, lite0_backbone  # noqa: E402
 from trainer.features import extract  # noqa: E402
 from trainer.fitting import class_weights  # noqa: E402
 from trainer.panel import PanelData, format_panel, run_panel  # noqa: E402
 from worker.preprocess import PreprocessSettings  # noqa: E402
 
 SIZE = 256
-
-
-def _backbone() -> keras.Model:
-    bb = build_efficientnet_lite0_backbone(SIZE)
-    load_torch_weights(bb, resolve_weights("pretrained"), classifier=None)
-    return bb
 
 
 def block14_maps(source: str, cache: Path) -> tuple[list, np.ndarray, np.ndarray]:
@@ -55,7 +44,7 @@ def block14_maps(source: str, cache: Path) -> tuple[list, np.ndarray, np.ndarray
         by = {str(s.path.resolve()): s for s in samples}
         return [by[str(Path(p).resolve())] for p in d["paths"]], d["plain"], d["flipped"]
     x, samples, _ = preprocess_samples(samples, PreprocessSettings(size=SIZE), 2, verbose=2)
-    bb = _backbone()
+    bb = lite0_backbone(SIZE)
     inputs = keras.Input((SIZE, SIZE, 1))
     maps = keras.Model(bb.input, bb.get_layer("block14_add").output)(
         grey_to_normalised_rgb(inputs))
@@ -72,7 +61,7 @@ def block14_maps(source: str, cache: Path) -> tuple[list, np.ndarray, np.ndarray
 def top_model() -> keras.Model:
     """block-14 maps (8, 8, 192) -> ImageNet-initialised block 15 (trainable) -> avg+max
     pooling -> dropout -> Dense(1, sigmoid)."""
-    bb = _backbone()
+    bb = lite0_backbone(SIZE)
     block15 = keras.Model(bb.get_layer("block14_add").output,
                           bb.get_layer("block15_project_bn").output)
     inputs = keras.Input((8 * 8 * 192,))

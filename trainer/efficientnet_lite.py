@@ -54,6 +54,7 @@ __all__ = [
     "build_lite0_blocks",
     "copy_weights",
     "find_pretrained_weights",
+    "lite0_backbone",
     "load_torch_weights",
 ]
 
@@ -225,6 +226,16 @@ def build_efficientnet_lite0_backbone(size: int, drop_connect_rate: float = 0.2,
     return keras.Model(inputs, x, name=name)
 
 
+def lite0_backbone(size: int, weights: str | Path | None = "pretrained",
+                   drop_connect_rate: float = 0.2) -> keras.Model:
+    """:func:`build_efficientnet_lite0_backbone` filled with ``weights`` (see
+    :func:`resolve_weights`; None: left at random init), its ImageNet classifier unused."""
+    backbone = build_efficientnet_lite0_backbone(size, drop_connect_rate)
+    if weights is not None:
+        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    return backbone
+
+
 def grey_to_normalised_rgb(inputs: keras.KerasTensor) -> keras.KerasTensor:
     # Repeat the grey channel (Concatenate exports to ONNX as one Concat) and apply the
     # checkpoint's fixed normalisation as a layer, so the ONNX graph carries it.
@@ -248,9 +259,7 @@ def build_efficientnet_lite0(size: int, weights: str | Path | None = "pretrained
     Unfreeze later with ``model.get_layer(BACKBONE_NAME).trainable = True`` and recompile.
     """
     inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
-    backbone = build_efficientnet_lite0_backbone(size, drop_connect_rate)
-    if weights is not None:
-        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    backbone = lite0_backbone(size, weights, drop_connect_rate)
     backbone.trainable = train_backbone
     x = backbone(grey_to_normalised_rgb(inputs))
     x = layers.GlobalAveragePooling2D(name="gap")(x)

@@ -21,12 +21,7 @@ from keras import layers
 
 from trainer.arrays import preprocess_samples
 from trainer.dataset import DatasetError, Sample, discover
-from trainer.efficientnet_lite import (
-    build_efficientnet_lite0_backbone,
-    grey_to_normalised_rgb,
-    load_torch_weights,
-    resolve_weights,
-)
+from trainer.efficientnet_lite import grey_to_normalised_rgb, lite0_backbone
 from worker.model_metadata import INPUT_NAME
 
 POOLINGS = ("avg", "max", "avg+max")
@@ -40,9 +35,7 @@ def build_feature_model(size: int, weights: str | Path | None = "pretrained",
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
     inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
-    backbone = build_efficientnet_lite0_backbone(size)
-    if weights is not None:
-        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    backbone = lite0_backbone(size, weights)
     backbone.trainable = False
     maps = backbone(grey_to_normalised_rgb(inputs))
     pools = []
@@ -60,9 +53,7 @@ def build_tap_model(size: int, taps: Sequence[str],
     backbone layers (e.g. ``block10_add``, the end of the 112-channel stage), concatenated in
     ``taps`` order: mid-level features for the probe, from one forward pass."""
     inputs = keras.Input(shape=(size, size, 1), name=INPUT_NAME)
-    backbone = build_efficientnet_lite0_backbone(size)
-    if weights is not None:
-        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
+    backbone = lite0_backbone(size, weights)
     tapped = keras.Model(backbone.input, [backbone.get_layer(t).output for t in taps])
     tapped.trainable = False
     maps = tapped(grey_to_normalised_rgb(inputs))

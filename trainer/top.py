@@ -33,12 +33,10 @@ from keras import layers, ops
 from trainer.efficientnet_lite import (
     LITE0_BLOCKS,
     block_output_name,
-    build_efficientnet_lite0_backbone,
     build_lite0_blocks,
     copy_weights,
     grey_to_normalised_rgb,
-    load_torch_weights,
-    resolve_weights,
+    lite0_backbone,
 )
 from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
 from trainer.panel import FitScore, network_fit_score
@@ -74,17 +72,10 @@ class TopConfig:
 # --- the network, split --------------------------------------------------------------------
 
 
-def _pretrained_backbone(size: int, weights: str | Path | None) -> keras.Model:
-    backbone = build_efficientnet_lite0_backbone(size)
-    if weights is not None:
-        load_torch_weights(backbone, resolve_weights(weights), classifier=None)
-    return backbone
-
-
 def build_front(cfg: TopConfig, weights: str | Path | None = "pretrained") -> keras.Model:
     """image (size, size, 1) in [0, 1] -> the maps entering the first trained block (or, with
     no trained blocks, block 15's 320-channel output). Frozen."""
-    backbone = _pretrained_backbone(cfg.size, weights)
+    backbone = lite0_backbone(cfg.size, weights)
     cut = backbone.get_layer(block_output_name(backbone, cfg.first_trained - 1)).output
     front = keras.Model(backbone.input, cut, name="lite0_front")
     front.trainable = False
@@ -112,7 +103,7 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
     x = inputs
     if cfg.trainable_blocks:
         blocks = build_lite0_blocks(in_shape, cfg.first_trained)
-        copy_weights(_pretrained_backbone(cfg.size, weights), blocks)
+        copy_weights(lite0_backbone(cfg.size, weights), blocks)
         x = blocks(x)
     init = keras.initializers.GlorotUniform(seed)
     h = layers.Conv2D(cfg.attention_dim, 1, activation="relu", kernel_initializer=init,
