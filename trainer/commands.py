@@ -273,12 +273,13 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
             log = out.with_suffix(".fits.jsonl") if out else None
             if log is not None:
                 log.parent.mkdir(parents=True, exist_ok=True)
+            # Epochs and LR not given: the recipe's own defaults (its config's).
+            given = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
             if finetune_arch == "lite0-top":
                 from trainer.top import TopConfig, build_front, cached_maps, top_fit_score
 
-                top = TopConfig(size=size, trainable_blocks=trainable_blocks,
-                                epochs=epochs or 10, lr=lr or 1e-3, tta=tta,
-                                machine_balanced=machine_balanced)
+                top = TopConfig(size=size, trainable_blocks=trainable_blocks, tta=tta,
+                                machine_balanced=machine_balanced, **given)
                 plain, mirrored = cached_maps(build_front(top), x, top, cache,
                                               tag=preprocess.to_json())
                 fit_score = top_fit_score(top, plain, mirrored, data.y, log, data.machines)
@@ -286,9 +287,9 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                           "preprocessing": json.loads(preprocess.to_json())}
             else:
                 cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size,
-                                     epochs=epochs or 4, lr=lr or 3e-4,
                                      intensity_augment=intensity_augment, tta=tta,
-                                     mixed_bfloat16=bf16, machine_balanced=machine_balanced)
+                                     mixed_bfloat16=bf16, machine_balanced=machine_balanced,
+                                     **given)
                 fit_score = finetune_fit_score(cfg, x, data.y, log, data.machines)
                 recipe = {"kind": "network training", **cfg.to_dict(),
                           "preprocessing": json.loads(preprocess.to_json())}

@@ -78,6 +78,16 @@ def machine_balanced_weights(y: np.ndarray, machines: np.ndarray) -> np.ndarray:
     return w
 
 
+def machine_balanced_rows(y: np.ndarray, machines: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """For training: which images to keep (a boolean mask: machines lacking a class say
+    nothing once balanced and are left out) and the kept images' weights, per
+    :func:`machine_balanced_weights`."""
+    w = machine_balanced_weights(y, machines)
+    keep = w > 0
+    return keep, w[keep]
+
+
 # (train rows, test rows, per-train-row weights or None, seed) -> scores of the test rows
 FitAndScore = Callable[[np.ndarray, np.ndarray, np.ndarray | None, int], np.ndarray]
 
@@ -95,8 +105,8 @@ def network_fit_score(fit_and_score: FitAndScore, y: np.ndarray,
     def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
         weight = None
         if machine_balanced and machines is not None:
-            w = machine_balanced_weights(y[tr], machines[tr])
-            tr, weight = tr[w > 0], w[w > 0]
+            keep, weight = machine_balanced_rows(y[tr], machines[tr])
+            tr = tr[keep]
         scores = np.asarray(fit_and_score(tr, te, weight, seed), np.float64)
         if log is not None:
             with log.open("a") as fh:

@@ -62,7 +62,7 @@ from trainer.fitting import (
     predict,
 )
 from trainer.model import build_augmentation, build_model, default_lr, with_augmentation
-from trainer.panel import machine_balanced_weights
+from trainer.panel import machine_balanced_rows
 from trainer.plots import plot_confusion, plot_roc
 from trainer.probe import PROBE_ARCH, fit_probe_model
 from trainer.record import (
@@ -338,10 +338,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.arch not in _UINT8_ARCHES:
             raise ValueError(f"machine-balanced training is for {' and '.join(_UINT8_ARCHES)}")
         machines = read_columns(cfg.source, train_s, [cfg.machine_column])[cfg.machine_column]
-        weight = machine_balanced_weights(y_train, machines)
-        keep = weight > 0  # machines lacking a class say nothing once balanced: left out
+        keep, weight = machine_balanced_rows(y_train, machines)
         say(f"machine-balanced: {int(keep.sum())} of {len(keep)} training images kept")
-        x_train, y_train, weight = x_train[keep], y_train[keep], weight[keep]
+        x_train, y_train = x_train[keep], y_train[keep]
     if cfg.arch == PROBE_ARCH:
         fitted = fit_probe(cfg, x_train, y_train, train_s, best_path, batch_size)
     elif cfg.arch == FINETUNE_ARCH:
