@@ -60,11 +60,12 @@ def head() -> str:
     return heads[0]
 
 
-# `revision = "0002"`, or with a type annotation as newer Alembic templates write it.
-_REVISION = re.compile(r"""^revision(?:\s*:[^=\n]*)?\s*=\s*["'](\w+)["']""", re.MULTILINE)
-_DOWN_REVISION = re.compile(
-    r"""^down_revision(?:\s*:[^=\n]*)?\s*=\s*["'](\w+)["']""", re.MULTILINE
-)
+def _assignment(name: str) -> re.Pattern[str]:
+    """`name = "0002"`, or with a type annotation as newer Alembic templates write it."""
+    return re.compile(rf"""^{name}(?:\s*:[^=\n]*)?\s*=\s*["'](\w+)["']""", re.MULTILINE)
+
+
+_REVISION, _DOWN_REVISION = _assignment("revision"), _assignment("down_revision")
 
 
 def newest_revision(versions: Path = MIGRATIONS / "versions") -> str | None:
