@@ -4,7 +4,7 @@ The worker's calling thread receives, decides and moves while ONNX Runtime score
 thread, so its CPU per file bounds `screen process` (issue 11). This copies N dev-pool files
 into a temp inbox (with a file-name pattern, so that scored images join exams, and a few
 copies, so that duplicates are decided too), processes them in-process with the shipped
-int8 model, and prints the calling thread's CPU time (`time.thread_time`, which other jobs
+model, and prints the calling thread's CPU time (`time.thread_time`, which other jobs
 on the machine do not inflate) per file: in total, and in each bookkeeping step. Figures
 only; nothing is asserted.
 """
@@ -30,7 +30,7 @@ from worker.config import load_config  # noqa: E402
 from worker.pipeline import Pipeline  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
-MODEL = REPO / "models" / "mammo-lite0-probe-256-int8.onnx"
+MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"
 STEPS = ("begin", "finish", "_receive_batch", "_commit_decisions", "_move_batch")
 
 

@@ -42,7 +42,7 @@ from worker.preprocess import preprocess_bytes, preprocess_file  # noqa: E402
 from worker.scorer import Scorer  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
-MODEL = REPO / "models" / "mammo-lite0-probe-256.onnx"
+MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"
 SETTLE = 0.2
 
 Rows = list[tuple[str, str, str]]  # (figure, value, note)

@@ -53,7 +53,7 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
 
     Example:
 
-        screen export runs/probe256/best.keras --out models/mammo-lite0-probe-256.onnx
+        screen export runs/ship/best.keras --out models/mine.onnx --metrics runs/ship/metrics.json
     """
     if not keras_model.is_file():
         raise click.ClickException(f"Keras model not found: {keras_model}")

@@ -43,9 +43,8 @@ def require_programs(package: str, *programs: str) -> None:
         raise RuntimeError(why)
     pytest.skip(why, allow_module_level=True)
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
-# The default config's model (int8) and the float model it was quantised from.
-SHIPPED_MODEL = REPO / "models" / "mammo-lite0-probe-256-int8.onnx"
-FLOAT_MODEL = REPO / "models" / "mammo-lite0-probe-256.onnx"
+# The default config's model (see models/MODEL_CARD.md).
+SHIPPED_MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"
 
 
 def make_mean_model(

@@ -22,7 +22,7 @@ def test_shipped_config_documents_every_key() -> None:
 def test_shipped_config_loads_with_defaults() -> None:
     cfg = load_config(REPO / "config.toml")
     assert cfg.inbox == REPO / "data" / "inbox"
-    assert cfg.model_path == REPO / "models" / "mammo-lite0-probe-256-int8.onnx"
+    assert cfg.model_path == REPO / "models" / "mammo-lite0-top-384.onnx"
     assert cfg.database_url == f"sqlite:///{REPO / 'data' / 'screen.db'}"
 
 

@@ -238,20 +238,24 @@ def test_train_defaults_are_the_shipped_recipe() -> None:
     """`screen train SOURCE --out DIR` reproduces the shipped model's recipe."""
     import shlex
 
+    from tests.conftest import SHIPPED_MODEL
     from trainer.commands import train
     from trainer.train import TrainConfig
     from worker.preprocess import PreprocessSettings
     from worker.scorer import Scorer
 
-    shipped = Scorer(Path(__file__).parents[1] / "models" / "mammo-lite0-probe-256.onnx")
+    shipped = Scorer(SHIPPED_MODEL)
     words = shlex.split(shipped.metadata.training["command"])[2:]  # past "screen train"
     recorded = train.make_context("train", words).params
     defaults = train.make_context("train", ["labels.csv", "--out", "run"]).params
-    for key in ("arch", "size", "pooling", "taps", "crop", "orient", "intensity",
-                "val_fraction", "seed", "sensitivity_target", "no_augment"):
+    for key in ("arch", "pooling", "taps", "crop", "orient", "intensity", "val_fraction",
+                "seed", "sensitivity_target", "no_augment", "intensity_augment",
+                "machine_column"):
         assert defaults[key] == recorded[key], key
-    cfg = TrainConfig("labels.csv", "run")
-    assert cfg.resolved()[1] == recorded["batch_size"]
+    # Per-arch defaults resolve in TrainConfig (the command records what they resolved to).
+    cfg = TrainConfig("labels.csv", "run", arch=defaults["arch"])
+    assert (cfg.size, cfg.trainable_blocks) == (recorded["size"], recorded["trainable_blocks"])
+    assert cfg.resolved() == (recorded["epochs"], recorded["batch_size"], recorded["lr"])
     assert PreprocessSettings(size=cfg.size, crop=cfg.crop, orient=cfg.orient,
                               intensity=cfg.intensity) == shipped.metadata.preprocess
 

@@ -39,24 +39,25 @@ def invocation(ctx: click.Context) -> str:
               required=True, help="Run folder for best.keras, metrics.json and the plots.")
 @click.option("--arch", type=click.Choice(["lite0-probe", "lite0-ft", "lite0-top", "cnn",
                                            "lite0"]),
-              default="lite0-probe", show_default=True,
-              help="lite0-probe (shipped): frozen Lite0 ImageNet features + logistic "
+              default="lite0-top", show_default=True,
+              help="lite0-top (shipped): the frozen Lite0 front's maps computed once, the "
+                   "last --trainable-blocks blocks and an attention head trained on them; "
+                   "lite0-probe: frozen Lite0 ImageNet features + logistic "
                    "regression, no epochs (--no-augment drops the mirrored copies); "
                    "lite0-ft: Lite0 fine-tuned with in-graph augmentation, AdamW with "
                    "warm-up and cosine decay, a fixed number of epochs, the last one kept; "
-                   "lite0-top: the frozen Lite0 front's maps computed once, an attention "
-                   "head (and --trainable-blocks) trained on them; "
                    "cnn: small CNN from scratch; lite0: Lite0 fine-tuned, the epoch with the "
                    "best validation AUC kept.")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
-              help="Square input size in pixels (stored in the model's preprocessing).")
+@click.option("--size", default=None, type=click.IntRange(64, 1024),
+              help="Square input size in pixels (stored in the model's preprocessing) "
+                   "[default: 384 for lite0-top, else 256].")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="[default: 20 for cnn and lite0, 4 for lite0-ft, 10 for lite0-top; "
+              help="[default: 20 for cnn and lite0, 4 for lite0-ft, 6 for lite0-top; "
                    "lite0-probe has none]")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="[default: 16 for lite0-probe and lite0-ft, else 32]")
-@click.option("--trainable-blocks", default=0, show_default=True, type=click.IntRange(0, 15),
-              help="lite0-top: MBConv blocks trained, counted from the last.")
+@click.option("--trainable-blocks", default=None, type=click.IntRange(0, 15),
+              help="lite0-top: MBConv blocks trained, counted from the last [default: 1].")
 @click.option("--machine-balanced-by", "machine_column", default=None, metavar="COLUMN",
               help="lite0-ft, lite0-top: weight training images so that every machine (this "
                    "CSV column) has the same malignant share; machines lacking a class are "
@@ -105,8 +106,8 @@ def invocation(ctx: click.Context) -> str:
                    r"e.g. '^(\d+)_'.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
-def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
-          batch_size: int | None, trainable_blocks: int, machine_column: str | None,
+def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int | None,
+          batch_size: int | None, trainable_blocks: int | None, machine_column: str | None,
           lr: float | None, pooling: str, taps: str,
           random_init: bool, crop: bool, orient: str, intensity: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
@@ -124,7 +125,7 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
 
     Examples:
 
-        screen train ../shared/data/mammo-3383/labels.csv --out runs/ship
+        screen train ../shared/data/mammo-3383/labels.csv --out runs/ship --cache runs/cache
 
         screen train ../shared/data/mammo-3383/labels.csv --out runs/ft --arch lite0-ft \\
             --epochs 8 --cache runs/cache
@@ -139,6 +140,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
     from trainer.train import TrainConfig
     from trainer.train import train as run_training
 
+    if trainable_blocks and arch != "lite0-top":
+        raise click.UsageError("--trainable-blocks is for --arch lite0-top")
     cfg = TrainConfig(
         source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
@@ -156,6 +159,7 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
     # command reproduces the run even if a default changes later.
     ctx = click.get_current_context()
     ctx.params["epochs"], ctx.params["batch_size"], ctx.params["lr"] = cfg.resolved()
+    ctx.params["size"], ctx.params["trainable_blocks"] = cfg.size, cfg.trainable_blocks
     cfg.command = invocation(ctx)
     try:
         result = run_training(cfg)
@@ -182,7 +186,7 @@ def train(source: Path, out_dir: Path, arch: str, size: int, epochs: int | None,
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
               help="--finetune: input size.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="--finetune: epochs per fit [lite0, cnn: 4; lite0-top: 10].")
+              help="--finetune: epochs per fit [lite0, cnn: 4; lite0-top: 6].")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="--finetune: peak LR [lite0, cnn: 3e-4; lite0-top: 1e-3].")
 @click.option("--intensity", type=click.Choice(["range", "percentile", "equalise"]),

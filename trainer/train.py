@@ -51,6 +51,7 @@ from trainer.evaluation import (
     group_scores,
     operating_points,
 )
+from trainer.finetune import FinetuneConfig
 from trainer.fitting import (
     ArrayBatches,
     BestCheckpoint,
@@ -75,6 +76,7 @@ from trainer.record import (
     write_metrics,
     write_predictions,
 )
+from trainer.top import TopConfig
 from worker.metrics import summary
 from worker.preprocess import PreprocessSettings
 
@@ -85,17 +87,18 @@ ARCHES = (PROBE_ARCH, FINETUNE_ARCH, TOP_ARCH, "cnn", "lite0")
 # Recipes that train on uint8 arrays (the cast happens in the graph).
 _UINT8_ARCHES = (FINETUNE_ARCH, TOP_ARCH)
 SHIPPED_TAPS = ("block15_project_bn",)
-# (epochs, batch size) when not given; the probe has no epochs (its batch is for features)
-_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 16), FINETUNE_ARCH: (4, 16),
-             TOP_ARCH: (10, 32)}
+# (epochs, batch size) of the recipes without a config of their own; the probe has no epochs
+# (its batch is for features). lite0-ft and lite0-top take theirs from their configs.
+_DEFAULTS = {"cnn": (20, 32), "lite0": (20, 32), PROBE_ARCH: (1, 16)}
+DEFAULT_SIZE = 256  # every recipe but lite0-top, whose config has its own
 
 
 @dataclass
 class TrainConfig:
     source: str | Path
     out_dir: str | Path
-    arch: str = PROBE_ARCH  # one of ARCHES; the default is the shipped recipe
-    size: int = 256
+    arch: str = TOP_ARCH  # one of ARCHES; the default is the shipped recipe
+    size: int | None = None  # None: lite0-top's config default, else DEFAULT_SIZE
     epochs: int | None = None  # None: per arch (_DEFAULTS); lite0-probe has no epochs
     batch_size: int | None = None
     lr: float | None = None  # None: 1e-3 from scratch, 3e-4 when fine-tuning pretrained lite0
@@ -112,7 +115,7 @@ class TrainConfig:
     intensity_augment: bool = True  # lite0-ft: random gamma, contrast and noise
     mixed_bfloat16: bool = False  # lite0-ft: faster on CPUs with AVX-512 BF16
     cache_dir: str | Path | None = None  # lite0-ft, lite0-top: keep the arrays (and maps) here
-    trainable_blocks: int = 0  # lite0-top: MBConv blocks trained, counted from the last
+    trainable_blocks: int | None = None  # lite0-top: blocks trained (None: its config's)
     # lite0-ft, lite0-top: this CSV column names each image's machine, and training weights
     # images so that every machine has the same malignant share (None: not balanced)
     machine_column: str | None = None
@@ -124,19 +127,28 @@ class TrainConfig:
     preprocess_threads: int = 2
     command: str = ""  # the command line that started the run, recorded in metrics.json
 
-    def resolved(self) -> tuple[int, int, float]:
-        """(epochs, batch size, learning rate) with the per-arch defaults filled in."""
+    def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise ValueError(f"unknown arch {self.arch!r}: use one of {', '.join(ARCHES)}")
-        epochs, batch = _DEFAULTS[self.arch]
-        weights = "pretrained" if self.arch == FINETUNE_ARCH else self.weights
-        if self.lr is not None:
-            lr = self.lr
-        elif self.arch == TOP_ARCH:
-            lr = 1e-3  # a fresh head (and a few pretrained blocks) on fixed maps
+        if self.trainable_blocks and self.arch != TOP_ARCH:
+            raise ValueError("trainable_blocks is for the lite0-top recipe")
+        if self.arch == TOP_ARCH:
+            top = TopConfig()
+            self.size = self.size or top.size
+            if self.trainable_blocks is None:
+                self.trainable_blocks = top.trainable_blocks
+        self.size = self.size or DEFAULT_SIZE
+        self.trainable_blocks = self.trainable_blocks or 0
+
+    def resolved(self) -> tuple[int, int, float]:
+        """(epochs, batch size, learning rate) with the per-arch defaults filled in."""
+        if self.arch in (FINETUNE_ARCH, TOP_ARCH):
+            own = TopConfig() if self.arch == TOP_ARCH else FinetuneConfig()
+            epochs, batch, lr = own.epochs, own.batch_size, own.lr
         else:
-            lr = default_lr(self.arch.removesuffix("-ft"), weights)
-        return self.epochs or epochs, self.batch_size or batch, lr
+            epochs, batch = _DEFAULTS[self.arch]
+            lr = default_lr(self.arch, self.weights)
+        return self.epochs or epochs, self.batch_size or batch, self.lr or lr
 
 
 @dataclass
@@ -228,7 +240,7 @@ def fit_finetuned(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndar
                   sample_weight: np.ndarray | None = None) -> Fitted:
     """Lite0 fine-tuned by :mod:`trainer.finetune`'s recipe for a fixed number of epochs; the
     last epoch is kept (validation AUC is logged per epoch, never used to choose)."""
-    from trainer.finetune import FinetuneConfig, fit
+    from trainer.finetune import fit
 
     epochs, batch_size, lr = cfg.resolved()
     ft = FinetuneConfig(arch="lite0", size=cfg.size, epochs=epochs, batch_size=batch_size,
@@ -254,7 +266,7 @@ def fit_top(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, path: Path,
     """:mod:`trainer.top`: the frozen front's maps of the training images (and their mirror
     images) computed once, the top trained on them for a fixed number of epochs, and the
     two saved as one model that scores an image as the mean over it and its mirror image."""
-    from trainer.top import TopConfig, build_front, cached_maps, compose, fit
+    from trainer.top import build_front, cached_maps, compose, fit
 
     epochs, batch_size, lr = cfg.resolved()
     top_cfg = TopConfig(size=cfg.size, trainable_blocks=cfg.trainable_blocks, epochs=epochs,

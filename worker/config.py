@@ -41,7 +41,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "busy_timeout_seconds": ("float", 30.0),
     },
     "model": {
-        "path": ("path", "models/mammo-lite0-probe-256-int8.onnx"),
+        "path": ("path", "models/mammo-lite0-top-384.onnx"),
         "sha256": ("str", ""),
         "threads": ("int", 0),
         "operating_point": ("str", ""),
