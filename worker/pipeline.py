@@ -121,7 +121,10 @@ _UNFINISHED = select(ImageRecord).where(
     ImageRecord.source_path.in_(bindparam("sources", expanding=True)),
     ImageRecord.moved_at.is_(None),
 )
-_INSERT_IMAGES = insert(_IMAGES)
+# Ids must follow the batch's order (receipt order decides which copy is the original).
+# sort_by_parameter_order makes SQLAlchemy guarantee it on every backend: on PostgreSQL its
+# multi-row INSERT becomes INSERT .. SELECT .. ORDER BY, which takes serial values in order.
+_INSERT_IMAGES = insert(_IMAGES).returning(_IMAGES.c.id, sort_by_parameter_order=True)
 _SAME_CONTENT = (
     select(ImageRecord.id, ImageRecord.sha256)
     .where(
@@ -261,8 +264,8 @@ class Pipeline:
                 keys.append((source, digest))
             fresh = {(r["source_path"], r["sha256"]) for r in new}
             if new:
-                # One INSERT executed per row, in the batch's order (their ids follow it:
-                # receipt order decides originals), then the rows read back with their ids.
+                # Inserted in the batch's order (their ids follow it), then the rows read
+                # back with their ids.
                 s.execute(_INSERT_IMAGES, new)
                 unfinished = self._unfinished(s, sources)
             rows = [None if key is None else unfinished[key] for key in keys]
