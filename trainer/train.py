@@ -116,6 +116,7 @@ class TrainConfig:
     mixed_bfloat16: bool = False  # lite0-ft: faster on CPUs with AVX-512 BF16
     cache_dir: str | Path | None = None  # lite0-ft, lite0-top: keep the arrays (and maps) here
     trainable_blocks: int | None = None  # lite0-top: blocks trained (None: its config's)
+    members: int = 1  # lite0-top: tops trained with different seeds, scores averaged
     # lite0-ft, lite0-top: this CSV column names each image's machine, and training weights
     # images so that every machine has the same malignant share (None: not balanced)
     machine_column: str | None = None
@@ -130,8 +131,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise ValueError(f"unknown arch {self.arch!r}: use one of {', '.join(ARCHES)}")
-        if self.trainable_blocks and self.arch != TOP_ARCH:
-            raise ValueError("trainable_blocks is for the lite0-top recipe")
+        if (self.trainable_blocks or self.members != 1) and self.arch != TOP_ARCH:
+            raise ValueError("trainable_blocks and members are for the lite0-top recipe")
         if self.arch == TOP_ARCH:
             top = TopConfig()
             self.size = self.size or top.size
@@ -270,7 +271,7 @@ def fit_top(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, path: Path,
 
     epochs, batch_size, lr = cfg.resolved()
     top_cfg = TopConfig(size=cfg.size, trainable_blocks=cfg.trainable_blocks, epochs=epochs,
-                        batch_size=batch_size, lr=lr)
+                        batch_size=batch_size, lr=lr, members=cfg.members)
     started = time.time()
     front = build_front(top_cfg)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
