@@ -214,11 +214,11 @@ def threading_drain(proc: subprocess.Popen[str]) -> None:
 def keras_loop(keras_file: Path, model: Path, images: list[Path], n: int) -> float | str:
     """What a user would write instead: for each file, preprocess it and `model.predict`."""
     try:
-        import keras  # noqa: F401
+        from trainer.model import load_trained
     except ImportError:
         return "skipped: keras is not installed"
     try:
-        net = keras.saving.load_model(keras_file, compile=False)
+        net = load_trained(keras_file)
     except Exception as exc:  # noqa: BLE001
         return f"skipped: cannot load {keras_file}: {str(exc).splitlines()[0]}"
     settings = Scorer(model).metadata.preprocess

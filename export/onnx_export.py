@@ -183,13 +183,13 @@ def export_to_onnx(
     import onnx
 
     started = time.time()
-    keras = _keras()
+    _keras()  # before any Keras import below: the TensorFlow backend, or a clear error
     src, out = Path(keras_model_path), Path(out_path)
     if not src.is_file():
         raise ExportError(f"Keras model not found: {src}")
-    import trainer.top  # noqa: F401  (registers the custom layers a lite0-top model holds)
+    from trainer.model import load_trained
 
-    model = keras.saving.load_model(src, compile=False)
+    model = load_trained(src)
     size = model.input_shape[1]
     if model.input_shape[1:] != (size, size, 1):
         raise ExportError(f"model input {model.input_shape} is not (None, S, S, 1)")

@@ -7,6 +7,8 @@ alone; augmentation wraps it only for ``fit`` (see :func:`with_augmentation`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 from keras import layers
 
@@ -92,3 +94,11 @@ def build_model(arch: str, size: int, weights: str | None = "pretrained") -> ker
 def default_lr(arch: str, weights: str | None) -> float:
     """Fine-tuning pretrained weights wants a gentler start than training from scratch."""
     return 3e-4 if arch == "lite0" and weights else 1e-3
+
+
+def load_trained(path: str | Path) -> keras.Model:
+    """A saved ``best.keras`` of any recipe, read as the exporter, the bench and the trainer
+    all read it: the custom layers a recipe's model holds are registered first."""
+    import trainer.top  # noqa: F401  (AttentionPool, WithMirrorImages, MeanOfHalves)
+
+    return keras.saving.load_model(path, compile=False)

@@ -62,7 +62,13 @@ from trainer.fitting import (
     cosine_schedule,
     predict,
 )
-from trainer.model import build_augmentation, build_model, default_lr, with_augmentation
+from trainer.model import (
+    build_augmentation,
+    build_model,
+    default_lr,
+    load_trained,
+    with_augmentation,
+)
 from trainer.panel import machine_balanced_rows
 from trainer.plots import plot_confusion, plot_roc
 from trainer.probe import PROBE_ARCH, fit_probe_model
@@ -365,7 +371,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 4. Score the validation split with the saved model, as the worker will see it, and
     #    choose there the operating points and how views combine.
-    best = keras.saving.load_model(best_path)
+    best = load_trained(best_path)
     scores = predict(best, x_val, batch_size=batch_size)
     sensitivities = tuple(sorted({*SENSITIVITY_POINTS, cfg.sensitivity_target}))
     points = operating_points(y_val, scores, sensitivities, RECALL_RATE_POINTS)
