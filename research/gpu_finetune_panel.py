@@ -238,6 +238,12 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None, help="Keep the uint8 arrays here.")
     p.add_argument("--jax-cache", type=Path, default=None,
                    help="JAX persistent compilation cache (fits of one size share graphs).")
+    p.add_argument("--holdout-size", type=int, default=None,
+                   help="Hold-outs at this size (one of --sizes) [the size whose worst "
+                        "leave-one-site-out AUC in this run is higher].")
+    p.add_argument("--only", nargs="+", default=[], metavar="SIZE:SPLIT",
+                   help="Run only these fits, e.g. 384:loso-site2 512:holdout3 (what a "
+                        "run stopped at its limit left out).")
     p.add_argument("--smoke", type=int, default=0,
                    help="Quick check: about N of the images present, one fit per step.")
     args = p.parse_args()
@@ -264,7 +270,11 @@ def main() -> None:
     recipes = {size: Recipe(args, samples, labels, size) for size in args.sizes}
     clock = Clock(args.budget, args.margin)
 
-    def attempt(r: Recipe, split: str, tr: np.ndarray, te: np.ndarray, seed: int) -> bool:
+    def attempt(r: Recipe, split: str, tr: np.ndarray, te: np.ndarray, seed: int
+                ) -> bool | None:
+        """True: fitted; False: out of time; None: not among ``--only``."""
+        if args.only and f"{r.size}:{split}" not in args.only:
+            return None
         n = int(len(tr))
         if not clock.allows(f"{r.name} {split} ({n} train images)", r.size, n, args.epochs):
             return False
@@ -288,13 +298,16 @@ def main() -> None:
                 worst_loso[size] = min(aucs)
                 say(f"{r.name}: worst leave-one-site-out {worst_loso[size]:.3f}")
     # 3: hold-outs at the size whose worst leave-one-site-out AUC is higher.
-    if worst_loso:
-        best = recipes[max(worst_loso, key=lambda s: worst_loso[s])]
+    if args.holdout_size or worst_loso:
+        best = recipes[args.holdout_size or max(worst_loso, key=lambda s: worst_loso[s])]
         splits = holdout_splits(best.data.samples, args.holdouts, 0.15, 0)
         finished = 0
         for k, (tr, te) in enumerate(splits):
-            if not attempt(best, f"holdout{k + 1}", tr, te, k + 1):
+            ran = attempt(best, f"holdout{k + 1}", tr, te, k + 1)
+            if ran is False:
                 break
+            if ran is None:
+                continue
             finished += 1
             result = best.summary(finished, args.out)
         say(f"{finished} of {args.holdouts} hold-outs at {best.size} px")
