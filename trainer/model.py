@@ -56,7 +56,7 @@ def build_augmentation(seed: int | None = None) -> keras.Sequential:
     Horizontal flips mirror left/right breasts (the pool has both orientations). No vertical
     flip: the pectoral muscle and nipple keep their up/down order on real images.
     """
-    return keras.Sequential(
+    augment = keras.Sequential(
         [
             layers.RandomFlip("horizontal", seed=seed),
             layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
@@ -66,6 +66,13 @@ def build_augmentation(seed: int | None = None) -> keras.Sequential:
         ],
         name="augment",
     )
+    if keras.backend.backend() == "jax":
+        # Keras marks rotation, zoom and translation as not XLA-compilable, for TensorFlow's
+        # transform op; under JAX they are plain jnp ops. Left marked, any model holding them
+        # trains op by op, uncompiled (seen: one JAX compile per operation, every step).
+        for layer in augment.layers:
+            layer.supports_jit = True
+    return augment
 
 
 def with_augmentation(model: keras.Model, augment: keras.Sequential) -> keras.Model:
