@@ -47,7 +47,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "operating_point": ("str", ""),
     },
     "worker": {
-        "batch_size": ("int", 4),
+        "batch_size": ("int", 1),
         "settle_seconds": ("float", 1.0),
         "rescan_seconds": ("float", 30.0),
         "polling": ("bool", False),
