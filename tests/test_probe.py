@@ -158,6 +158,11 @@ def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     assert half["train_fraction"] == 0.5 and len(seen) == 2 + len(half["leave_one_site_out"])
     full = {len({s.patient_id for s in rows})}
     assert all(n < 0.6 * max(full) for n, _ in seen)
+    # The model card's learning-curve picture, from these two points.
+    from trainer.plots import plot_learning_curve
+
+    png = plot_learning_curve([good, half], tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # Feature files of other images cannot be put side by side.
     np.savez(tmp_path / "other.npz", paths=paths[1:], settings=np.array(settings),
              plain=noise[1:], flipped=noise[1:])

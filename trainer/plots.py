@@ -62,3 +62,33 @@ def plot_roc(y_true: np.ndarray, scores: np.ndarray, threshold: float, path: Pat
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_learning_curve(panels: list[dict], path: Path,
+                        title: str = "Learning curve under the panel") -> Path:
+    """Figures of :func:`trainer.panel.run_panel` results against each one's
+    ``train_fraction`` (the share of every fit's training patients): each held-out site, the
+    machine-balanced mean, the hold-out mean with its 5th percentile, and the worst."""
+    rows = sorted(panels, key=lambda r: r["train_fraction"])
+    x = [100 * r["train_fraction"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=100)
+    for site in sorted(rows[0]["leave_one_site_out"]):
+        ax.plot(x, [r["leave_one_site_out"][site]["image_auc"] for r in rows], "o--", lw=1,
+                label=f"site {site} held out")
+    ax.plot(x, [r["holdouts"]["machine_balanced_auc"]["mean"] for r in rows], "s:", lw=1,
+            label="machine-balanced, mean")
+    mean = [r["holdouts"]["image_auc"]["mean"] for r in rows]
+    p5 = [r["holdouts"]["image_auc"]["p5"] for r in rows]
+    ax.plot(x, mean, "o-", lw=1.5, color="black", label="hold-outs: mean, band to p5")
+    ax.fill_between(x, p5, mean, color="grey", alpha=0.2)
+    ax.plot(x, [r["worst"] for r in rows], "v-", lw=2, color="crimson", label="worst")
+    ax.axhline(0.5, ls="--", lw=0.8, color="grey")
+    ax.set_xlabel("share of each fit's training patients (%)")
+    ax.set_ylabel("image ROC AUC")
+    ax.set_xticks(x)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
