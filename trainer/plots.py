@@ -17,6 +17,13 @@ import numpy as np  # noqa: E402
 from worker.metrics import confusion_at, roc_auc, roc_curve  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(y_true: np.ndarray, scores: np.ndarray, threshold: float, path: Path,
                    class_names: tuple[str, str] = ("benign", "malignant"),
                    title: str = "Validation confusion matrix") -> Path:
@@ -34,10 +41,7 @@ def plot_confusion(y_true: np.ndarray, scores: np.ndarray, threshold: float, pat
     ax.set_xticks([0, 1], [f"pred {n}" for n in class_names])
     ax.set_yticks([0, 1], [f"true {n}" for n in class_names])
     ax.set_title(f"{title}\nthreshold {threshold:.3f}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_roc(y_true: np.ndarray, scores: np.ndarray, threshold: float, path: Path,
@@ -58,10 +62,7 @@ def plot_roc(y_true: np.ndarray, scores: np.ndarray, threshold: float, path: Pat
     ax.set_ylim(0, 1.01)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_learning_curve(panels: list[dict], path: Path,
@@ -88,7 +89,4 @@ def plot_learning_curve(panels: list[dict], path: Path,
     ax.set_xticks(x)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
