@@ -54,6 +54,7 @@ def make_mean_model(
     version: str = "test-mean-1",
     aggregation: dict[str, str] | None = None,
     operating_points: dict[str, float] | None = None,  # name -> threshold; first is default
+    batch: int | str = "N",  # an int fixes the batch dimension (ONNX Runtime refuses others)
 ) -> Path:
     """A real ONNX graph: score = sigmoid(8 * (mean pixel - 0.25)). Brighter tissue, higher score.
 
@@ -62,8 +63,8 @@ def make_mean_model(
     import onnx
     from onnx import TensorProto, helper
 
-    inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", size, size, 1])
-    out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])
+    inp = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, size, size, 1])
+    out = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [batch, 1])
     nodes = [
         helper.make_node("ReduceMean", [INPUT_NAME, "axes"], ["m"], keepdims=0),
         helper.make_node("Unsqueeze", ["m", "one"], ["m2"]),

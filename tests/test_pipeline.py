@@ -110,6 +110,36 @@ def test_batches_agree_with_single_scoring(config: Config) -> None:
     worker.close()
 
 
+def test_images_per_call_splits_a_batch_into_model_calls(workdir: Path, tmp_path: Path) -> None:
+    """[model] images_per_call: a batch of 8 files is scored one image per ONNX Runtime call.
+    The model here takes exactly one image per call, so a batch sent whole would fail."""
+    import numpy as np
+
+    from tests.conftest import make_mean_model
+    from worker.config import load_config
+
+    single = make_mean_model(tmp_path / "models" / "single.onnx", batch=1)
+    cfg = (workdir / "config.toml").read_text().replace("mean.onnx", "single.onnx")
+    (workdir / "config.toml").write_text(cfg.replace("[model]\n", "[model]\nimages_per_call = 0\n"))
+    assert load_config(workdir / "config.toml").model_images_per_call == 0
+    x = [np.full((32, 32, 1), v, np.float32) for v in (0.1, 0.5, 0.9)]
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        Scorer(single).score_batch(x)
+    split = Scorer(single, images_per_call=1).score_batch(x)
+    assert split.shape == (3,) and split[0] < split[1] < split[2]
+
+    (workdir / "config.toml").write_text(cfg)  # the default: one image per call
+    config = load_config(workdir / "config.toml")
+    assert config.model_images_per_call == 1 and config.batch_size == 8
+    for i in range(8):
+        write_mammo_like(config.inbox / f"img{i}.png", seed=i)
+    worker = open_worker(config)
+    worker.watcher.run_once(timeout=10)
+    with worker.store.read() as s:
+        assert [r.status for r in s.scalars(select(ImageRecord))] == [SCORED] * 8
+    worker.close()
+
+
 def test_subfolders_and_temporary_names(config: Config) -> None:
     write_mammo_like(config.inbox / "site-a" / "x.png")
     write_mammo_like(config.inbox / "copying.png.part")

@@ -44,10 +44,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "path": ("path", "models/mammo-lite0-top-384.onnx"),
         "sha256": ("str", ""),
         "threads": ("int", 0),
+        "images_per_call": ("int", 1),
         "operating_point": ("str", ""),
     },
     "worker": {
-        "batch_size": ("int", 1),
+        "batch_size": ("int", 4),
         "settle_seconds": ("float", 1.0),
         "rescan_seconds": ("float", 30.0),
         "polling": ("bool", False),
@@ -86,7 +87,7 @@ _POSITIVE = {
     "worker.heartbeat_stale_seconds",
     "database.busy_timeout_seconds",
 }
-_NON_NEGATIVE = {"worker.study_settle_seconds"}
+_NON_NEGATIVE = {"worker.study_settle_seconds", "model.images_per_call"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Config:
     model_path: Path
     model_sha256: str
     model_threads: int
+    model_images_per_call: int  # 0: a whole batch in one ONNX Runtime call
     model_operating_point: str
     batch_size: int
     settle_seconds: float
@@ -286,6 +288,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         model_path=Path(values["model.path"]),
         model_sha256=values["model.sha256"],
         model_threads=values["model.threads"],
+        model_images_per_call=values["model.images_per_call"],
         model_operating_point=values["model.operating_point"],
         batch_size=values["worker.batch_size"],
         settle_seconds=values["worker.settle_seconds"],

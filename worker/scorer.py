@@ -28,8 +28,11 @@ class Scorer:
     """An ONNX Runtime session plus the metadata that says how to feed it."""
 
     def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0,
-                 operating_point: str = "") -> None:
+                 operating_point: str = "", images_per_call: int = 0) -> None:
         self.path = Path(path)
+        # At most this many images per ONNX Runtime call (0: no limit). A large network's
+        # activations grow with the batch while its speed does not (README "Speed and memory").
+        self.images_per_call = images_per_call
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         if expected_sha256:
@@ -84,6 +87,10 @@ class Scorer:
         """Scores (probability of the positive class) for preprocessed (H, W, 1) arrays."""
         if not images:
             return np.zeros((0,), dtype=np.float32)
+        step = self.images_per_call or len(images)
+        if len(images) > step:
+            return np.concatenate([self.score_batch(images[i:i + step])
+                                   for i in range(0, len(images), step)])
         batch = np.stack(images).astype(np.float32, copy=False)
         (out,) = self.session.run(None, {self.input_name: batch})
         return np.asarray(out, dtype=np.float32).reshape(len(images))
