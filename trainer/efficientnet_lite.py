@@ -26,7 +26,6 @@ Import without TensorFlow: the module uses ``keras`` only, so ``KERAS_BACKEND=ja
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -54,7 +53,6 @@ __all__ = [
     "build_keras_applications_backbone",
     "build_lite0_blocks",
     "copy_weights",
-    "pretrained_layer_weights",
     "find_pretrained_weights",
     "lite0_backbone",
     "load_torch_weights",
@@ -192,31 +190,19 @@ def build_lite0_blocks(in_shape: tuple[int, int, int], first: int,
     return keras.Model(inputs, x, name=name)
 
 
-def copy_weights(source: keras.Model | Mapping[str, list[np.ndarray]],
-                 target: keras.Model) -> int:
-    """Copy every weighted layer of ``target`` from the layer of the same name in ``source``
-    (a model, or :func:`pretrained_layer_weights`); returns how many. Raises ``ValueError``
-    when one is missing (names drifted apart)."""
-    arrays = (source if isinstance(source, Mapping)
-              else {layer.name: layer.get_weights() for layer in source.layers})
+def copy_weights(source: keras.Model, target: keras.Model) -> int:
+    """Copy every weighted layer of ``target`` from the layer of the same name in ``source``;
+    returns how many. Raises ``ValueError`` when one is missing (names drifted apart)."""
+    by_name = {layer.name: layer for layer in source.layers}
     n = 0
     for layer in target.layers:
         if not layer.weights:
             continue
-        if layer.name not in arrays:
-            raise ValueError(f"no layer {layer.name!r} in the source to copy from")
-        layer.set_weights(arrays[layer.name])
+        if layer.name not in by_name:
+            raise ValueError(f"no layer {layer.name!r} in {source.name} to copy from")
+        layer.set_weights(by_name[layer.name].get_weights())
         n += 1
     return n
-
-
-@functools.lru_cache(maxsize=2)
-def pretrained_layer_weights(weights: str | Path = "pretrained") -> dict[str, list[np.ndarray]]:
-    """The arrays of every weighted layer of the Lite0 backbone filled with ``weights``, read
-    once per process: they do not depend on the input size, so a 64 px backbone gives them
-    (a panel fit that trains the last blocks no longer builds a whole backbone to copy them)."""
-    backbone = lite0_backbone(64, weights)
-    return {layer.name: layer.get_weights() for layer in backbone.layers if layer.weights}
 
 
 def build_efficientnet_lite0_backbone(size: int, drop_connect_rate: float = 0.2,

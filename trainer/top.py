@@ -37,7 +37,6 @@ from trainer.efficientnet_lite import (
     copy_weights,
     grey_to_normalised_rgb,
     lite0_backbone,
-    pretrained_layer_weights,
 )
 from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
 from trainer.panel import FitScore, network_fit_score
@@ -111,8 +110,7 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
     x = inputs
     if cfg.trainable_blocks:
         blocks = build_lite0_blocks(in_shape, cfg.first_trained)
-        if weights is not None:  # None: the blocks keep their random initial weights
-            copy_weights(pretrained_layer_weights(weights), blocks)
+        copy_weights(lite0_backbone(cfg.size, weights), blocks)
         x = blocks(x)
     init = keras.initializers.GlorotUniform(seed)
     h = layers.Conv2D(cfg.attention_dim, 1, activation="relu", kernel_initializer=init,
