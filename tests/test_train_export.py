@@ -66,7 +66,7 @@ def run_dir(small_pool: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_training_writes_the_run_folder(run_dir: Path) -> None:
     for name in ("best.keras", "metrics.json", "history.csv", "val_predictions.csv",
-                 "confusion.png", "roc.png"):
+                 "confusion.png", "roc.png", "calibration.png"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     image = metrics["validation"]["image"]

@@ -1,4 +1,5 @@
-"""Validation pictures for the run folder and the model card: confusion matrix and ROC curve.
+"""Validation pictures for the run folder and the model card: confusion matrix, ROC curve,
+calibration (drawn as `screen report` draws it) and the panel's learning curve.
 
 Matplotlib with the Agg backend (no display); small figures so the PNGs stay well under 200 KB.
 """
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from worker.metrics import confusion_at, roc_auc, roc_curve  # noqa: E402
+from worker.report_plots import draw_calibration  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -62,6 +64,16 @@ def plot_roc(y_true: np.ndarray, scores: np.ndarray, threshold: float, path: Pat
     ax.set_ylim(0, 1.01)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_calibration(y_true: np.ndarray, scores: np.ndarray, path: Path,
+                     title: str = "Validation calibration (image level)") -> Path:
+    """Observed malignant share per score bin against the score: the picture `screen report`
+    draws for an audit, here for the run's validation split."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=100)
+    draw_calibration(ax, np.asarray(y_true, dtype=float), np.asarray(scores, dtype=float))
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -13,7 +13,8 @@ Read top to bottom, like a keras-io example:
    :mod:`trainer.fitting`, keeping the epoch with the best validation AUC;
 4. score the validation split with the saved model and choose on it what the worker needs:
    the operating points and the view-combination rule (:mod:`trainer.evaluation`);
-5. write ``metrics.json``, ``val_predictions.csv``, ``confusion.png`` and ``roc.png``
+5. write ``metrics.json``, ``val_predictions.csv``, ``confusion.png``, ``roc.png`` and
+   ``calibration.png``
    (:mod:`trainer.record`, :mod:`trainer.plots`).
 """
 
@@ -70,7 +71,7 @@ from trainer.model import (
     with_augmentation,
 )
 from trainer.panel import machine_balanced_rows
-from trainer.plots import plot_confusion, plot_roc
+from trainer.plots import plot_calibration, plot_confusion, plot_roc
 from trainer.probe import PROBE_ARCH, fit_probe_model
 from trainer.record import (
     HISTORY_FILE,
@@ -427,6 +428,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     write_predictions(out / PREDICTIONS_FILE, val_s, scores, threshold, base)
     plot_confusion(y_val, scores, threshold, out / "confusion.png")
     plot_roc(y_val, scores, threshold, out / "roc.png")
+    plot_calibration(y_val, scores, out / "calibration.png")
     metrics["training"]["seconds"] = round(time.time() - started, 1)
     write_metrics(out / METRICS_FILE, metrics)
     say(format_summary(metrics))
