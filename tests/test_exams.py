@@ -30,6 +30,7 @@ from worker.exams import (
     breast_rows,
     exam_rows,
     join_exams,
+    publish,
     score_exam,
     write_atomically,
 )
@@ -360,6 +361,23 @@ def test_outbox_write_is_atomic_and_never_replaces_another_document(tmp_path: Pa
     with pytest.raises(FileExistsError):
         write_atomically(dest, b'{"a": 3}\n', "r7")
     assert sorted(p.name for p in dest.parent.iterdir()) == ["S1.001.json", "S1.001.r7.json"]
+
+
+def test_a_document_written_meanwhile_by_another_worker_is_not_replaced(tmp_path: Path) -> None:
+    """Two workers racing on one owed document: the one that names its file second finds the
+    name taken and leaves the first file in place (same inode: a reader watching the folder
+    sees one document, not two), and its temp file is gone."""
+    dest = tmp_path / "S1.001.json"
+    dest.write_bytes(b'{"a": 1}\n')
+    before = dest.stat().st_ino
+    tmp = tmp_path / ".S1.001.json.99.tmp"
+    tmp.write_bytes(b'{"a": 1}\n')
+    assert publish(tmp, dest) is False
+    assert dest.stat().st_ino == before and not tmp.exists()
+    fresh = tmp_path / ".S2.001.json.99.tmp"
+    fresh.write_bytes(b'{"b": 2}\n')
+    assert publish(fresh, tmp_path / "S2.001.json") is True
+    assert (tmp_path / "S2.001.json").read_bytes() == b'{"b": 2}\n' and not fresh.exists()
 
 
 def test_document_owed_after_a_crash_is_written_by_the_next_step(workdir: Path) -> None:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,37 +411,66 @@ class ExamBook:
 
 
 def write_atomically(dest: Path, data: bytes, alternative: str) -> Path:
-    """Write `data` to `dest` by temp name + fsync + rename; readers never see half a file.
+    """Write `data` to `dest` by temp name + fsync + link; readers never see half a file.
 
-    If `dest` already holds the same bytes (a retry after a crash), that is success; if it
-    holds something else, the document goes to `<stem>.<alternative>.json` instead: an
-    existing document is never silently replaced.
+    If `dest` already holds the same bytes (a retry after a crash, or another worker that
+    wrote the same owed document first), that is success; if it holds something else, the
+    document goes to `<stem>.<alternative>.json` instead: an existing document is never
+    replaced. The temp file is linked to its name, which fails if the name exists, so of two
+    workers racing on one document exactly one creates it (a rename would let the second
+    replace the first, and a reader watching the folder would see the document twice).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     for candidate in (dest, dest.with_name(f"{dest.stem}.{alternative}{dest.suffix}")):
+        if _holds(candidate, data):
+            return candidate
         if candidate.exists():
-            try:
-                if candidate.read_bytes() == data:
-                    return candidate
-            except OSError:
-                pass
             continue
         # A dot-name: readers that skip hidden files never pick up a partial document.
-        tmp = candidate.with_name(f".{candidate.name}.{os.getpid()}.tmp")
+        tmp = candidate.with_name(f".{candidate.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, candidate)
+        if not publish(tmp, candidate):  # created meanwhile by another worker
+            if _holds(candidate, data):
+                return candidate
+            continue
         dir_fd = os.open(candidate.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)  # make the rename itself durable
+            os.fsync(dir_fd)  # make the new name itself durable
         finally:
             os.close(dir_fd)
         return candidate
     raise FileExistsError(f"outbox document exists with other content: {dest}")
+
+
+def publish(tmp: Path, dest: Path) -> bool:
+    """Give the finished file `tmp` the name `dest` unless that name exists (False then, and
+    `dest` untouched); `tmp` is gone either way. A hard link fails on an existing name where
+    a rename would replace it; file systems without hard links get the rename."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        return False
+    except OSError:  # no hard links here (some network or FAT file systems)
+        if dest.exists():
+            tmp.unlink(missing_ok=True)
+            return False
+        os.replace(tmp, dest)
+        return True
+    tmp.unlink()
+    return True
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def build_document(s: Session, row: ExamResult) -> dict[str, Any]:
