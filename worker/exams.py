@@ -12,7 +12,7 @@ An exam's life, each step committed before the next touches the disk:
 
     open --(study quiet for study_settle_seconds)--> scored: an `exam_results` row with its
          `breast_results`, and the outbox document's planned path
-         --> outbox document written (temp name, fsync, rename), `outbox_written_at` set
+         --> outbox document written (temp name, fsync, hard link), `outbox_written_at` set
     scored --(a later image of the study is scored)--> open again (event `exam_reopened`); its
          next scoring is a new `exam_results` row and a new document, the earlier ones stay.
 
