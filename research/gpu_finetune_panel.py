@@ -42,13 +42,13 @@ from trainer.fitting import predict  # noqa: E402
 from trainer.panel import (  # noqa: E402
     PanelData,
     breast_auc,
+    fmt_auc,
     format_panel,
     holdout_splits,
     machine_balanced_weights,
     network_fit_score,
     run_panel,
 )
-from trainer.panel import _f as _f  # noqa: E402
 from worker.metrics import roc_auc, weighted_roc_auc  # noqa: E402
 from worker.preprocess import PreprocessSettings  # noqa: E402
 
@@ -166,9 +166,9 @@ class Recipe:
         with (out / "fits.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.done[(seed, *te.tolist())] = scores
-        say(f"{self.name} {split}: image {_f(row['image_auc'])}, breast "
-            f"{_f(row['breast_auc'])}, machine-balanced {_f(row['machine_balanced_auc'])} "
-            f"({row['seconds']} s)")
+        say(f"{self.name} {split}: image {fmt_auc(row['image_auc'])}, breast "
+            f"{fmt_auc(row['breast_auc'])}, machine-balanced "
+            f"{fmt_auc(row['machine_balanced_auc'])} ({row['seconds']} s)")
 
     def summary(self, holdouts: int, out: Path) -> dict[str, Any] | None:
         """:func:`run_panel` on the finished fits (None until both sites are done)."""

@@ -180,8 +180,8 @@ def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
                       "breast_auc": breast_auc(samples, te, scores),
                       "machine_balanced_auc": weighted_roc_auc(
                           y[te], scores, machine_balanced_weights(y[te], data.machines[te]))}
-        say(f"held-out site {site}: image AUC {_f(loso[site]['image_auc'])}, "
-            f"breast {_f(loso[site]['breast_auc'])}")
+        say(f"held-out site {site}: image AUC {fmt_auc(loso[site]['image_auc'])}, "
+            f"breast {fmt_auc(loso[site]['breast_auc'])}")
 
     image, balanced, breast = [], [], []
     for k, (tr, te) in enumerate(holdout_splits(samples, holdouts, fraction, seed)):
@@ -190,8 +190,8 @@ def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
         balanced.append(weighted_roc_auc(y[te], scores,
                                          machine_balanced_weights(y[te], data.machines[te])))
         breast.append(breast_auc(samples, te, scores))
-        say(f"hold-out {k + 1}/{holdouts}: image AUC {_f(image[-1])}, machine-balanced "
-            f"{_f(balanced[-1])}, breast {_f(breast[-1])}")
+        say(f"hold-out {k + 1}/{holdouts}: image AUC {fmt_auc(image[-1])}, machine-balanced "
+            f"{fmt_auc(balanced[-1])}, breast {fmt_auc(breast[-1])}")
 
     result: dict[str, Any] = {
         "leave_one_site_out": loso,
@@ -211,20 +211,21 @@ def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
     return result
 
 
-def _f(v: float | None) -> str:
+def fmt_auc(v: float | None) -> str:
+    """An AUC to three places, or "n/a" where it is undefined (one class only)."""
     return "n/a" if v is None else f"{v:.3f}"
 
 
 def format_panel(name: str, result: dict[str, Any]) -> str:
     """One readable block per recipe, for logs and the lever table."""
     h = result["holdouts"]
-    lines = [f"{name}: worst {_f(result.get('worst'))} ({result.get('worst_of', 'n/a')})"]
+    lines = [f"{name}: worst {fmt_auc(result.get('worst'))} ({result.get('worst_of', 'n/a')})"]
     for site, v in result["leave_one_site_out"].items():
-        lines.append(f"  leave site {site} out: image {_f(v['image_auc'])}, "
-                     f"breast {_f(v['breast_auc'])}, machine-balanced "
-                     f"{_f(v['machine_balanced_auc'])} ({v['images']} images)")
+        lines.append(f"  leave site {site} out: image {fmt_auc(v['image_auc'])}, "
+                     f"breast {fmt_auc(v['breast_auc'])}, machine-balanced "
+                     f"{fmt_auc(v['machine_balanced_auc'])} ({v['images']} images)")
     for key, label in (("image_auc", "image"), ("machine_balanced_auc", "machine-balanced"),
                        ("breast_auc", "breast")):
         lines.append(f"  {h['n']} hold-outs of {h['fraction']:.0%}, {label}: mean "
-                     f"{_f(h[key]['mean'])}, 5th percentile {_f(h[key]['p5'])}")
+                     f"{fmt_auc(h[key]['mean'])}, 5th percentile {fmt_auc(h[key]['p5'])}")
     return "\n".join(lines)
