@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.conftest import REPO
+from worker.outcome_labels import OUTCOME_LABELS, describe_vocabulary
 from worker.results import (
-    OUTCOME_LABELS,
     OutcomeConflictError,
     OutcomeFileError,
     import_outcomes,
@@ -140,7 +140,6 @@ def test_cli_messages(tmp_path: Path) -> None:
 
     helptext = subprocess.run([*run[:5], "--help"], capture_output=True, text=True).stdout
     readme = (REPO / "README.md").read_text()
-    from worker.results import describe_vocabulary
 
     assert describe_vocabulary() in " ".join(helptext.split())
     assert describe_vocabulary() in readme, "the README must list the same vocabulary"

@@ -1,6 +1,7 @@
 """Start-up cost: `screen process` and `screen watch` import only what they use (issue 11's
-cold start). pydicom waits for the first DICOM file and Alembic for a migration to run; a
-module-level import that brings one back fails here rather than slowing every start."""
+cold start). pydicom waits for the first DICOM file and Alembic for a migration to run; the
+CLI itself (`screen --help`) waits for neither ONNX Runtime nor SQLAlchemy. A module-level
+import that brings one back fails here rather than slowing every start."""
 
 from __future__ import annotations
 
@@ -50,3 +51,18 @@ def test_pydicom_comes_with_the_first_dicom_file(workdir: Path) -> None:
     (workdir / "inbox" / "a.dcm").write_bytes(dicom_bytes(mammo_like()))
     assert _imported_by(workdir, "process", "--timeout", "10") == ["pydicom"]
     assert (workdir / "processed" / "a.dcm").exists()
+
+
+def test_the_cli_alone_imports_neither_onnx_runtime_nor_sqlalchemy() -> None:
+    """`screen --help` (and every command's parsing) loads only the CLI and the config."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json, sys, worker.cli; print(json.dumps("
+         "[m for m in ('onnxruntime', 'sqlalchemy', 'pydicom', 'alembic') if m in sys.modules]))"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+    help_text = subprocess.run([sys.executable, "-m", "worker", "--help"], cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "process" in help_text.stdout
+

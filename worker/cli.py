@@ -319,7 +319,7 @@ def outcomes() -> None:
 
 
 def _outcomes_import_help() -> str:
-    from worker.results import describe_vocabulary
+    from worker.outcome_labels import describe_vocabulary
 
     return f"""Import true labels from CSV_FILE (columns: filename or sha256, and label).
 

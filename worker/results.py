@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from worker.outcome_labels import OUTCOME_LABELS, describe_vocabulary
 from worker.store import ImageRecord, Outcome, OutcomeChange, Store, utcnow
 
 RESULT_COLUMNS = (
@@ -37,23 +38,9 @@ RESULT_COLUMNS = (
     "sop_instance_uid",
 )
 
-# The one vocabulary of `screen outcomes import`: each label and the aliases it accepts
-# (case-insensitive). Anything else makes the import fail (or, with --skip-invalid, is skipped).
-OUTCOME_LABELS: dict[str, tuple[str, ...]] = {
-    "malignant": ("cancer", "positive", "1"),
-    "benign": ("negative", "0"),
-}
-VALID_LABELS = ("benign", "malignant")
 _LABEL_OF = {
     word: label for label, aliases in OUTCOME_LABELS.items() for word in (label, *aliases)
 }
-
-
-def describe_vocabulary() -> str:
-    """'malignant (or cancer, positive, 1); benign (or negative, 0)', for help and errors."""
-    return "; ".join(
-        f"{label} (or {', '.join(aliases)})" for label, aliases in OUTCOME_LABELS.items()
-    )
 
 
 def _iso(value: dt.datetime | None) -> str | None:
