@@ -144,21 +144,20 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
     from trainer.train import TrainConfig
     from trainer.train import train as run_training
 
-    if (trainable_blocks or members != 1) and arch != "lite0-top":
-        raise click.UsageError("--trainable-blocks and --members are for --arch lite0-top")
-    cfg = TrainConfig(
-        source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
-        arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
-        intensity=intensity,
-        pooling=pooling, taps=tuple(t.strip() for t in taps.split(",") if t.strip()),
-        val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
-        sensitivity_target=sensitivity_target, augment=not no_augment,
-        intensity_augment=intensity_augment, mixed_bfloat16=bf16, cache_dir=cache,
-        exam_column=exam_column, patient_regex=patient_regex, verbose=1 if progress else 2,
-        trainable_blocks=trainable_blocks, members=members, machine_column=machine_column,
-    )
-    if machine_column and arch not in ("lite0-ft", "lite0-top"):
-        raise click.UsageError("--machine-balanced-by is for --arch lite0-ft and lite0-top")
+    try:
+        cfg = TrainConfig(
+            source=source, out_dir=out_dir, size=size, epochs=epochs, batch_size=batch_size, lr=lr,
+            arch=arch, weights=None if random_init else "pretrained", crop=crop, orient=orient,
+            intensity=intensity,
+            pooling=pooling, taps=tuple(t.strip() for t in taps.split(",") if t.strip()),
+            val_fraction=val_fraction, seed=seed, limit=limit, patience=patience,
+            sensitivity_target=sensitivity_target, augment=not no_augment,
+            intensity_augment=intensity_augment, mixed_bfloat16=bf16, cache_dir=cache,
+            exam_column=exam_column, patient_regex=patient_regex, verbose=1 if progress else 2,
+            trainable_blocks=trainable_blocks, members=members, machine_column=machine_column,
+        )
+    except ValueError as exc:  # an option the chosen recipe does not take
+        raise click.UsageError(str(exc)) from exc
     # Record the per-arch defaults as the values they resolved to, so that the recorded
     # command reproduces the run even if a default changes later.
     ctx = click.get_current_context()

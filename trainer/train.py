@@ -138,8 +138,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHES:
             raise ValueError(f"unknown arch {self.arch!r}: use one of {', '.join(ARCHES)}")
+        # The options each recipe takes, checked here once (the CLI shows these messages).
         if (self.trainable_blocks or self.members != 1) and self.arch != TOP_ARCH:
-            raise ValueError("trainable_blocks and members are for the lite0-top recipe")
+            raise ValueError("--trainable-blocks and --members are for --arch lite0-top")
+        if self.machine_column and self.arch not in _UINT8_ARCHES:
+            raise ValueError("--machine-balanced-by is for --arch "
+                             + " and ".join(_UINT8_ARCHES))
         if self.arch == TOP_ARCH:
             top = TopConfig()
             self.size = self.size or top.size
@@ -288,8 +292,8 @@ def fit_top(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, path: Path,
     compose(front, top, tta=True).save(path)
     return Fitted([], epochs, time.time() - started,
                   {"weights": "pretrained", "top": top_cfg.to_dict(),
-                   "schedule": "AdamW (weight decay 1e-4), linear warm-up over 10% of steps, "
-                               "cosine decay to 1%; the last epoch kept",
+                   "schedule": f"AdamW (weight decay {top_cfg.weight_decay:g}), linear warm-up "
+                               "over 10% of steps, cosine decay to 1%; the last epoch kept",
                    "loss": "binary cross-entropy, balanced class weights",
                    "augmentation": "each image plain or mirrored at random per epoch; the "
                                    "saved model scores the mean of both"})
@@ -355,8 +359,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     best_path = out / BEST_MODEL
     weight = None
     if cfg.machine_column:
-        if cfg.arch not in _UINT8_ARCHES:
-            raise ValueError(f"machine-balanced training is for {' and '.join(_UINT8_ARCHES)}")
         machines = read_columns(cfg.source, train_s, [cfg.machine_column])[cfg.machine_column]
         keep, weight = machine_balanced_rows(y_train, machines)
         say(f"machine-balanced: {int(keep.sum())} of {len(keep)} training images kept")
