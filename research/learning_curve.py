@@ -15,10 +15,7 @@ from trainer.plots import plot_learning_curve  # noqa: E402
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise SystemExit(__doc__)
-    panels = []
-    for name in argv[1:]:
-        data = json.loads(Path(name).read_text())
-        panels.append(data.get("result", data))
+    panels = [json.loads(Path(name).read_text()) for name in argv[1:]]
     print(plot_learning_curve(panels, Path(argv[0])))
 
 
