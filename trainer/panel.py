@@ -157,6 +157,25 @@ def fewer_patients(samples: Sequence[Sample], rows: np.ndarray, share: float, se
     return rows[np.isin(patients, keep)]
 
 
+def leave_one_site_out(data: PanelData, fit_score: FitScore, seed: int = 0,
+                       progress: Callable[[str], None] | None = print
+                       ) -> dict[str, dict[str, Any]]:
+    """Figure 1 of the panel: per site, a fit on every other site scored on it."""
+    y, samples = data.y, data.samples
+    say = progress or (lambda _: None)
+    loso: dict[str, dict[str, Any]] = {}
+    for site in sorted(set(data.sites.tolist()) - {""}):
+        tr, te = np.where(data.sites != site)[0], np.where(data.sites == site)[0]
+        scores = np.asarray(fit_score(tr, te, seed), dtype=np.float64)
+        loso[site] = {"images": int(len(te)), "image_auc": roc_auc(y[te], scores),
+                      "breast_auc": breast_auc(samples, te, scores),
+                      "machine_balanced_auc": weighted_roc_auc(
+                          y[te], scores, machine_balanced_weights(y[te], data.machines[te]))}
+        say(f"held-out site {site}: image AUC {fmt_auc(loso[site]['image_auc'])}, "
+            f"breast {fmt_auc(loso[site]['breast_auc'])}")
+    return loso
+
+
 def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
               fraction: float = 0.15, seed: int = 0,
               progress: Callable[[str], None] | None = print,
@@ -172,17 +191,7 @@ def run_panel(data: PanelData, fit_score: FitScore, holdouts: int = 10,
         def fit_score(tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
             return whole(fewer_patients(samples, tr, train_fraction, seed), te, seed)
 
-    loso: dict[str, dict[str, Any]] = {}
-    for site in sorted(set(data.sites.tolist()) - {""}):
-        tr, te = np.where(data.sites != site)[0], np.where(data.sites == site)[0]
-        scores = np.asarray(fit_score(tr, te, seed), dtype=np.float64)
-        loso[site] = {"images": int(len(te)), "image_auc": roc_auc(y[te], scores),
-                      "breast_auc": breast_auc(samples, te, scores),
-                      "machine_balanced_auc": weighted_roc_auc(
-                          y[te], scores, machine_balanced_weights(y[te], data.machines[te]))}
-        say(f"held-out site {site}: image AUC {fmt_auc(loso[site]['image_auc'])}, "
-            f"breast {fmt_auc(loso[site]['breast_auc'])}")
-
+    loso = leave_one_site_out(data, fit_score, seed, say)
     image, balanced, breast = [], [], []
     for k, (tr, te) in enumerate(holdout_splits(samples, holdouts, fraction, seed)):
         scores = np.asarray(fit_score(tr, te, seed + k + 1), dtype=np.float64)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,12 +60,23 @@ class TopConfig:
     # new-site AUC moves by ~0.03 with the seed; the front is shared, so a member costs
     # only its trained blocks and head.
     members: int = 1
+    # Levers under measurement (models/EXPERIMENTS.md); the defaults leave them off.
+    # Intensity-augmented copies of every image (random gamma, contrast and noise, as
+    # :class:`trainer.finetune.RandomIntensity` draws them), whose maps are cached beside the
+    # plain ones: the frozen front cannot be augmented per step, so the views are fixed draws.
+    intensity_views: int = 0
+    ema: bool = False  # score with an exponential moving average of the weights
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.trainable_blocks < LITE0_BLOCKS:
             raise ValueError(f"trainable_blocks must be 0..{LITE0_BLOCKS - 1}")
         if self.members < 1:
             raise ValueError("members must be at least 1")
+        if self.intensity_views < 0:
+            raise ValueError("intensity_views must be at least 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must be in [0, 0.5)")
 
     @property
     def first_trained(self) -> int:
@@ -124,7 +135,10 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
         layers.Multiply(name="attention_gate")([v, u]))
     pooled = AttentionPool(name="attention_pool")(h, logits)
     pooled = layers.Dropout(cfg.dropout, seed=seed, name="dropout")(pooled)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_NAME)(pooled)
+    # Seeded like every other layer: an unseeded initializer draws from Keras's global seed
+    # generator, so a fit would depend on what the process drew before it.
+    outputs = layers.Dense(1, activation="sigmoid", kernel_initializer=init, dtype="float32",
+                           name=OUTPUT_NAME)(pooled)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -169,56 +183,101 @@ def _maps_key(cfg: TopConfig, x: np.ndarray, tag: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _compute_maps(front: keras.Model, x: np.ndarray, path: Path | None, what: str,
+                  transform: Callable[[np.ndarray], np.ndarray], batch_size: int,
+                  progress: bool) -> np.ndarray:
+    """float16 maps of ``transform``(images in [0, 1]); written to ``path`` (via a partial
+    file, so that a run cut short leaves no cache that looks whole) when given."""
+    shape = (len(x), *front.output_shape[1:])
+    tmp = path.with_suffix(".partial.npy") if path else None
+    arr = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+           if tmp else np.empty(shape, np.float16))
+    started, step = time.time(), max(1, len(x) // 10)
+    for i in range(0, len(x), batch_size):
+        xb = transform(np.asarray(x[i:i + batch_size], np.float32) / 255.0)
+        arr[i:i + len(xb)] = np.asarray(front.predict_on_batch(xb), np.float16)
+        done = i + len(xb)
+        if progress and (done // step != i // step or done == len(x)):
+            rate = done / max(time.time() - started, 1e-9)
+            print(f"maps {what}: {done}/{len(x)} ({rate:.1f} img/s)", flush=True)
+    if tmp is None or path is None:
+        return arr
+    arr.flush()
+    del arr
+    tmp.rename(path)
+    return np.load(path, mmap_mode="r")
+
+
+def _mirror(xb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(xb[:, :, ::-1])
+
+
+def _maps_paths(cfg: TopConfig, x: np.ndarray, tag: str, cache_dir: Path | None,
+                kinds: Sequence[str]) -> list[Path] | None:
+    if cache_dir is None:
+        return None
+    key = _maps_key(cfg, x, tag)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return [cache_dir / f"maps-{cfg.size}-b{cfg.first_trained}-{key}-{k}.npy" for k in kinds]
+
+
 def cached_maps(front: keras.Model, x: np.ndarray, cfg: TopConfig, cache_dir: Path | None,
                 tag: str = "", batch_size: int = 16, progress: bool = True
                 ) -> tuple[np.ndarray, np.ndarray]:
     """float16 maps of the uint8 images ``x`` and of their mirror images, computed once and
     kept (memory-mapped .npy) in ``cache_dir`` per (images, size, cut); None: not kept."""
-    shape = (len(x), *front.output_shape[1:])
-    paths = None
-    if cache_dir is not None:
-        key = _maps_key(cfg, x, tag)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        paths = [cache_dir / f"maps-{cfg.size}-b{cfg.first_trained}-{key}-{k}.npy"
-                 for k in ("plain", "mirrored")]
-        if all(p.is_file() for p in paths):
-            return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
+    paths = _maps_paths(cfg, x, tag, cache_dir, ("plain", "mirrored"))
     out = []
-    for k, mirrored in enumerate((False, True)):
-        tmp = paths[k].with_suffix(".partial.npy") if paths else None
-        arr = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-               if tmp else np.empty(shape, np.float16))
-        started, step = time.time(), max(1, len(x) // 10)
-        for i in range(0, len(x), batch_size):
-            xb = np.asarray(x[i:i + batch_size], np.float32) / 255.0
-            if mirrored:
-                xb = np.ascontiguousarray(xb[:, :, ::-1])
-            arr[i:i + len(xb)] = np.asarray(front.predict_on_batch(xb), np.float16)
-            done = i + len(xb)
-            if progress and (done // step != i // step or done == len(x)):
-                rate = done / max(time.time() - started, 1e-9)
-                print(f"maps {'mirrored' if mirrored else 'plain'} {cfg.size}px: "
-                      f"{done}/{len(x)} ({rate:.1f} img/s)", flush=True)
-        if tmp is not None and paths is not None:
-            arr.flush()
-            del arr
-            tmp.rename(paths[k])
-            arr = np.load(paths[k], mmap_mode="r")
-        out.append(arr)
+    for k, (kind, transform) in enumerate((("plain", lambda b: b), ("mirrored", _mirror))):
+        path = paths[k] if paths else None
+        if path is not None and path.is_file():
+            out.append(np.load(path, mmap_mode="r"))
+        else:
+            out.append(_compute_maps(front, x, path, f"{kind} {cfg.size}px", transform,
+                                     batch_size, progress))
     return out[0], out[1]
+
+
+def intensity_view_maps(front: keras.Model, x: np.ndarray, cfg: TopConfig,
+                        cache_dir: Path | None, tag: str = "", batch_size: int = 16,
+                        progress: bool = True) -> list[np.ndarray]:
+    """Maps of ``cfg.intensity_views`` intensity-augmented copies of the images (view k:
+    its own fixed draw of gamma, contrast and noise; odd views mirrored), cached like
+    :func:`cached_maps`."""
+    from trainer.finetune import RandomIntensity
+
+    kinds = [f"intensity{k}" for k in range(cfg.intensity_views)]
+    paths = _maps_paths(cfg, x, tag, cache_dir, kinds)
+    out = []
+    for k, kind in enumerate(kinds):
+        path = paths[k] if paths else None
+        if path is not None and path.is_file():
+            out.append(np.load(path, mmap_mode="r"))
+            continue
+        augment = RandomIntensity(seed=k, dtype="float32")
+
+        def transform(xb: np.ndarray, k: int = k, augment: RandomIntensity = augment
+                      ) -> np.ndarray:
+            xb = np.asarray(augment(xb, training=True), np.float32)
+            return _mirror(xb) if k % 2 else xb
+
+        out.append(_compute_maps(front, x, path, f"{kind} {cfg.size}px", transform,
+                                 batch_size, progress))
+    return out
 
 
 # --- fit and score -------------------------------------------------------------------------
 
 
 class MapBatches(keras.utils.PyDataset):
-    """Training batches of cached maps: every image once per epoch, plain or mirrored at
-    random (the flip augmentation, precomputed), with per-image weights."""
+    """Training batches of cached maps: every image once per epoch, from one of ``sources``
+    at random (plain or mirrored: the flip augmentation, precomputed; then any intensity
+    views), with per-image weights."""
 
-    def __init__(self, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
-                 y: np.ndarray, weights: np.ndarray, batch_size: int, seed: int) -> None:
+    def __init__(self, sources: Sequence[np.ndarray], rows: np.ndarray, y: np.ndarray,
+                 weights: np.ndarray, batch_size: int, seed: int) -> None:
         super().__init__()
-        self.plain, self.mirrored, self.rows = plain, mirrored, np.asarray(rows)
+        self.sources, self.rows = list(sources), np.asarray(rows)
         self.y, self.w = np.asarray(y, np.float32), np.asarray(weights, np.float32)
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
@@ -226,17 +285,20 @@ class MapBatches(keras.utils.PyDataset):
 
     def _shuffle(self) -> None:
         self.order = self.rng.permutation(len(self.rows))
-        self.flip = self.rng.random(len(self.rows)) < 0.5
+        if len(self.sources) == 2:  # the draw the recorded plain/mirrored fits made
+            self.source = (self.rng.random(len(self.rows)) < 0.5).astype(np.int64)
+        else:
+            self.source = self.rng.integers(0, len(self.sources), len(self.rows))
 
     def __len__(self) -> int:
         return max(len(self.rows) // self.batch_size, 1)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pick = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        rows, flip = self.rows[pick], self.flip[pick]
-        xb = np.empty((len(pick), *self.plain.shape[1:]), np.float32)
-        for j, (r, f) in enumerate(zip(rows, flip, strict=True)):
-            xb[j] = (self.mirrored if f else self.plain)[r]
+        rows, source = self.rows[pick], self.source[pick]
+        xb = np.empty((len(pick), *self.sources[0].shape[1:]), np.float32)
+        for j, (r, k) in enumerate(zip(rows, source, strict=True)):
+            xb[j] = self.sources[k][r]
         return xb, self.y[pick], self.w[pick]
 
     def on_epoch_end(self) -> None:
@@ -251,24 +313,29 @@ def member_seeds(seed: int, members: int) -> list[int]:
 
 def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
         y: np.ndarray, seed: int, sample_weight: np.ndarray | None = None,
-        verbose: int | str = 0) -> keras.Model:
+        verbose: int | str = 0, views: Sequence[np.ndarray] = ()) -> keras.Model:
     """A fresh top trained for ``cfg.epochs`` on the maps of ``rows`` (labels ``y`` of those
-    rows): AdamW, cosine decay after a 10% warm-up, balanced class weights (times
-    ``sample_weight``). With ``cfg.members`` > 1, that many tops (seeds
-    :func:`member_seeds`) in one model that scores the mean of theirs."""
+    rows; ``views``: :func:`intensity_view_maps`): AdamW, cosine decay after a 10% warm-up,
+    balanced class weights (times ``sample_weight``). With ``cfg.members`` > 1, that many
+    tops (seeds :func:`member_seeds`) in one model that scores the mean of theirs."""
+    if len(views) != cfg.intensity_views:
+        raise ValueError(f"the recipe trains on {cfg.intensity_views} intensity views, "
+                         f"{len(views)} given")
     tops = []
     for k, member_seed in enumerate(member_seeds(seed, cfg.members)):
         keras.utils.set_random_seed(member_seed)
         top = build_top(cfg, plain.shape[1:], seed=member_seed,
                         name="top" if cfg.members == 1 else f"top_{k}")
-        data = MapBatches(plain, mirrored, rows, y,
+        data = MapBatches([plain, mirrored, *views], rows, y,
                           balanced_sample_weights(y, sample_weight), cfg.batch_size,
                           member_seed)
         schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
                                    alpha=0.01)
         compile_and_fit(top, data, cfg.epochs,
-                        keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-                        keras.losses.BinaryCrossentropy(), verbose=verbose)
+                        keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay,
+                                               use_ema=cfg.ema),
+                        keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
+                        verbose=verbose)
         tops.append(top)
     if len(tops) == 1:
         return tops[0]
@@ -291,14 +358,15 @@ def score(top: keras.Model, plain: np.ndarray, mirrored: np.ndarray, rows: np.nd
 
 
 def top_fit_score(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, y: np.ndarray,
-                  log: Path | None = None, machines: np.ndarray | None = None) -> FitScore:
+                  log: Path | None = None, machines: np.ndarray | None = None,
+                  views: Sequence[np.ndarray] = ()) -> FitScore:
     """The recipe as a panel ``fit_score`` (:func:`trainer.panel.network_fit_score`: each
     fit's test scores appended to ``log``; ``cfg.machine_balanced`` weights by ``machines``)."""
 
     def fit_and_score(tr: np.ndarray, te: np.ndarray, weight: np.ndarray | None,
                       seed: int) -> np.ndarray:
         started = time.time()
-        top = fit(cfg, plain, mirrored, tr, y[tr], seed, sample_weight=weight)
+        top = fit(cfg, plain, mirrored, tr, y[tr], seed, sample_weight=weight, views=views)
         scores = score(top, plain, mirrored, te, cfg.tta)
         print(f"fit on {len(tr)} images in {time.time() - started:.0f}s", flush=True)
         keras.backend.clear_session()

@@ -1,0 +1,120 @@
+"""Screen levers of the top recipe on leave-one-site-out, over several seeds.
+
+One leave-one-site-out fit moves by ~0.03 with its seed alone (models/EXPERIMENTS.md), so a
+single panel row cannot tell two recipes apart by less than that. This script fits each
+lever's two leave-one-site-out directions with several seeds on the same cached maps (the
+panel's first figure, :func:`trainer.panel.leave_one_site_out`) and prints each direction's
+mean and spread over the seeds; the finalist then takes the whole panel (`screen panel`).
+Every fit is appended to ``--out`` (JSON lines) as it ends, and a rerun skips fits already
+there.
+
+    python research/top_levers_loso.py ../shared/data/mammo-3383/labels.csv \\
+        --site-column rsna_site_id --machine-column rsna_machine_id \\
+        --out research/results/top_levers_loso.jsonl --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer.arrays import cached_arrays  # noqa: E402
+from trainer.dataset import discover  # noqa: E402
+from trainer.panel import PanelData, leave_one_site_out  # noqa: E402
+from trainer.top import (  # noqa: E402
+    TopConfig,
+    build_front,
+    cached_maps,
+    intensity_view_maps,
+    top_fit_score,
+)
+from worker.preprocess import PreprocessSettings  # noqa: E402
+
+BASE = TopConfig()  # the shipped recipe: 384 px, block 15 trained, 6 epochs
+LEVERS: dict[str, TopConfig] = {
+    "shipped": BASE,
+    "ema": replace(BASE, ema=True),
+    "label_smoothing_0.1": replace(BASE, label_smoothing=0.1),
+    "intensity_views_2": replace(BASE, intensity_views=2),
+    "epochs_10": replace(BASE, epochs=10),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("labels_csv")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="*", help="run only these levers, in this order")
+    p.add_argument("--site-column", required=True)
+    p.add_argument("--machine-column", required=True)
+    p.add_argument("--cache", type=Path, default=REPO / "runs" / "cache")
+    a = p.parse_args()
+    names = a.only or list(LEVERS)
+    unknown = sorted(set(names) - set(LEVERS))
+    if unknown:
+        p.error(f"unknown levers: {', '.join(unknown)} (known: {', '.join(LEVERS)})")
+
+    preprocess = PreprocessSettings(size=BASE.size)
+    samples = [s for s in discover(a.labels_csv) if s.split != "test"]
+    x, samples = cached_arrays(samples, preprocess, a.cache)
+    data = PanelData.from_csv(a.labels_csv, samples, a.site_column, a.machine_column)
+    front = build_front(BASE)
+    tag = preprocess.to_json()
+    plain, mirrored = cached_maps(front, x, BASE, a.cache, tag=tag)
+    most_views = max(LEVERS[n].intensity_views for n in names)
+    views = (intensity_view_maps(front, x, replace(BASE, intensity_views=most_views), a.cache,
+                                 tag=tag) if most_views else [])
+
+    done = set()
+    if a.out.is_file():
+        done = {(r["lever"], r["seed"]) for r in map(json.loads, a.out.read_text().splitlines())}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        cfg = LEVERS[name]
+        for seed in a.seeds:
+            if (name, seed) in done:
+                continue
+            fit_score = top_fit_score(cfg, plain, mirrored, data.y, machines=data.machines,
+                                      views=views[:cfg.intensity_views])
+            loso = leave_one_site_out(data, fit_score, seed,
+                                      progress=lambda line, n=name, s=seed:
+                                      print(f"[{n} seed {s}] {line}", flush=True))
+            with a.out.open("a") as fh:
+                fh.write(json.dumps({"lever": name, "seed": seed, "recipe": cfg.to_dict(),
+                                     "leave_one_site_out": loso}) + "\n")
+    print(summary(a.out))
+
+
+def summary(path: Path) -> str:
+    """Markdown: per lever and held-out site, the image (and breast) AUC's mean over seeds
+    and its range, and the mean over seeds of each seed's worse direction."""
+    rows: dict[str, list[dict]] = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        rows.setdefault(r["lever"], []).append(r)
+    sites = sorted({s for rs in rows.values() for r in rs for s in r["leave_one_site_out"]})
+    head = ["lever", "seeds", *(f"site {s}: image mean (min-max) / breast mean"
+                                for s in sites), "worse direction, mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lever, rs in rows.items():
+        cells = [lever, str(len(rs))]
+        for s in sites:
+            img = np.array([r["leave_one_site_out"][s]["image_auc"] for r in rs])
+            br = np.array([r["leave_one_site_out"][s]["breast_auc"] for r in rs])
+            cells.append(f"{img.mean():.3f} ({img.min():.3f}-{img.max():.3f}) / {br.mean():.3f}")
+        worse = [min(r["leave_one_site_out"][s]["image_auc"] for s in sites) for r in rs]
+        cells.append(f"{np.mean(worse):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
