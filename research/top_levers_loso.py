@@ -10,7 +10,8 @@ there.
 
     python research/top_levers_loso.py ../shared/data/mammo-3383/labels.csv \\
         --site-column rsna_site_id --machine-column rsna_machine_id \\
-        --out research/results/top_levers_loso.jsonl --seeds 0 1 2
+        --out research/results/top_levers_loso.jsonl --seeds 0 1 2 \\
+        [--auxiliary-column rsna_density]
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.arrays import cached_arrays  # noqa: E402
-from trainer.dataset import discover  # noqa: E402
+from trainer.dataset import discover, read_columns  # noqa: E402
 from trainer.panel import PanelData, leave_one_site_out  # noqa: E402
 from trainer.top import (  # noqa: E402
     TopConfig,
+    auxiliary_codes,
     build_front,
     cached_maps,
     intensity_view_maps,
@@ -45,6 +47,8 @@ LEVERS: dict[str, TopConfig] = {
     "label_smoothing_0.1": replace(BASE, label_smoothing=0.1),
     "intensity_views_2": replace(BASE, intensity_views=2),
     "epochs_10": replace(BASE, epochs=10),
+    # with --auxiliary-column (a reading of the image, e.g. breast density)
+    "auxiliary_0.3": replace(BASE, auxiliary_weight=0.3),
 }
 
 
@@ -56,6 +60,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="run only these levers, in this order")
     p.add_argument("--site-column", required=True)
     p.add_argument("--machine-column", required=True)
+    p.add_argument("--auxiliary-column", help="the auxiliary target of auxiliary_* levers")
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "cache")
     a = p.parse_args()
     names = a.only or list(LEVERS)
@@ -70,6 +75,14 @@ def main() -> None:
     front = build_front(BASE)
     tag = preprocess.to_json()
     plain, mirrored = cached_maps(front, x, BASE, a.cache, tag=tag)
+    auxiliary = None
+    if any(LEVERS[n].auxiliary_weight for n in names):
+        if not a.auxiliary_column:
+            p.error("auxiliary_* levers need --auxiliary-column")
+        column = read_columns(a.labels_csv, samples, [a.auxiliary_column])[a.auxiliary_column]
+        auxiliary, classes = auxiliary_codes(column)
+        print(f"auxiliary target {a.auxiliary_column}: {classes}, known for "
+              f"{int(np.sum(auxiliary >= 0))} of {len(auxiliary)} images", flush=True)
     most_views = max(LEVERS[n].intensity_views for n in names)
     views = (intensity_view_maps(front, x, replace(BASE, intensity_views=most_views), a.cache,
                                  tag=tag) if most_views else [])
@@ -84,12 +97,15 @@ def main() -> None:
             if (name, seed) in done:
                 continue
             fit_score = top_fit_score(cfg, plain, mirrored, data.y, machines=data.machines,
-                                      views=views[:cfg.intensity_views])
+                                      views=views[:cfg.intensity_views],
+                                      auxiliary=auxiliary if cfg.auxiliary_weight else None)
             loso = leave_one_site_out(data, fit_score, seed,
                                       progress=lambda line, n=name, s=seed:
                                       print(f"[{n} seed {s}] {line}", flush=True))
             with a.out.open("a") as fh:
                 fh.write(json.dumps({"lever": name, "seed": seed, "recipe": cfg.to_dict(),
+                                     "auxiliary_column": a.auxiliary_column
+                                     if cfg.auxiliary_weight else None,
                                      "leave_one_site_out": loso}) + "\n")
     print(summary(a.out))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -110,7 +111,9 @@ def test_batches_agree_with_single_scoring(config: Config) -> None:
     worker.close()
 
 
-def test_images_per_call_splits_a_batch_into_model_calls(workdir: Path, tmp_path: Path) -> None:
+def test_images_per_call_splits_a_batch_into_model_calls(workdir: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
     """[model] images_per_call: a batch of 8 files is scored one image per ONNX Runtime call.
     The model here takes exactly one image per call, so a batch sent whole would fail."""
     import numpy as np
@@ -127,6 +130,13 @@ def test_images_per_call_splits_a_batch_into_model_calls(workdir: Path, tmp_path
         Scorer(single).score_batch(x)
     split = Scorer(single, images_per_call=1).score_batch(x)
     assert split.shape == (3,) and split[0] < split[1] < split[2]
+    # The start-up warm-up calls with the worker's call size; a failure there is a warning
+    # (the first real batch meets it again and is handled as any scoring failure).
+    with caplog.at_level(logging.WARNING, logger="mammo_screen"):
+        Scorer(single, images_per_call=1).warm_up(1)
+        assert not caplog.records
+        Scorer(single).warm_up(4)
+    assert len(caplog.records) == 1 and "warm-up failed" in caplog.records[0].getMessage()
 
     (workdir / "config.toml").write_text(cfg)  # the default: one image per call
     config = load_config(workdir / "config.toml")

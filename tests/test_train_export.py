@@ -438,6 +438,32 @@ def test_a_top_starts_from_its_seed_alone() -> None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
 
 
+def test_top_auxiliary_target() -> None:
+    """``auxiliary_weight``: a second output learns a reading of the image (density) where it
+    is known; unknown rows add nothing, and the fitted top keeps the score output alone."""
+    from trainer.top import TopConfig, auxiliary_codes, fit
+
+    codes, classes = auxiliary_codes(["B", "", "A", "C", "", "B", "D", "A"])
+    assert classes == ["A", "B", "C", "D"]
+    assert codes.tolist() == [1, -1, 0, 2, -1, 1, 3, 0]
+    rng = np.random.default_rng(0)
+    plain = rng.standard_normal((8, 2, 2, 320)).astype(np.float16)
+    mirrored = np.ascontiguousarray(plain[:, :, ::-1])
+    y, rows = np.array([0, 1] * 4), np.arange(8)
+    base = TopConfig(size=64, trainable_blocks=0, epochs=2, batch_size=4)
+    aux = TopConfig(size=64, trainable_blocks=0, epochs=2, batch_size=4, auxiliary_weight=1.0)
+    plain_top = fit(base, plain, mirrored, rows, y, seed=0)
+    unknown = fit(aux, plain, mirrored, rows, y, seed=0, auxiliary=np.full(8, -1))
+    known = fit(aux, plain, mirrored, rows, y, seed=0, auxiliary=codes)
+    maps = np.asarray(plain, np.float32)
+    assert len(known.outputs) == 1 and known.output_shape == (None, 1)
+    want = plain_top.predict(maps, verbose=0)
+    np.testing.assert_allclose(unknown.predict(maps, verbose=0), want, atol=1e-6)
+    assert not np.allclose(known.predict(maps, verbose=0), want, atol=1e-4)
+    with pytest.raises(ValueError, match="auxiliary"):
+        fit(aux, plain, mirrored, rows, y, seed=0)
+
+
 def test_top_trains_on_intensity_views(tmp_path: Path) -> None:
     """``intensity_views``: maps of fixed intensity-augmented copies (odd ones mirrored),
     cached beside the plain maps, drawn from at random while training."""

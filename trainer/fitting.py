@@ -88,13 +88,18 @@ def cosine_schedule(lr: float, steps: int, warmup_fraction: float = 0.0,
 
 def compile_and_fit(fit_model: keras.Model, data: ArrayBatches, epochs: int,
                     optimizer: keras.optimizers.Optimizer,
-                    loss: str | keras.losses.Loss = "binary_crossentropy",
+                    loss: str | keras.losses.Loss | Sequence[keras.losses.Loss]
+                    = "binary_crossentropy",
                     callbacks: Sequence[keras.callbacks.Callback] = (),
                     metrics: Sequence[keras.metrics.Metric] = (),
-                    verbose: int | str = 2) -> list[dict[str, float]]:
+                    verbose: int | str = 2,
+                    loss_weights: Sequence[float] | None = None) -> list[dict[str, float]]:
     """Compile ``fit_model`` (usually a training wrapper around the model that is saved) and
-    fit it for ``epochs``; returns one row of logs per epoch run."""
-    fit_model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    fit it for ``epochs``; returns one row of logs per epoch run. A model with several
+    outputs takes one loss per output, weighted by ``loss_weights``."""
+    fit_model.compile(optimizer=optimizer, loss=loss if isinstance(loss, str | keras.losses.Loss)
+                      else list(loss), metrics=list(metrics),
+                      loss_weights=list(loss_weights) if loss_weights is not None else None)
     history = fit_model.fit(data, epochs=epochs, callbacks=list(callbacks), verbose=verbose)
     n = len(history.history.get("loss", []))
     return [{k: float(v[i]) for k, v in history.history.items()} | {"epoch": i + 1}

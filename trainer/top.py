@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -67,6 +68,10 @@ class TopConfig:
     intensity_views: int = 0
     ema: bool = False  # score with an exponential moving average of the weights
     label_smoothing: float = 0.0
+    # Weight of an auxiliary target's loss: a reading of the image (e.g. breast density)
+    # predicted from the same pooled features where it is known, never a model input; the
+    # saved model keeps the score output alone. 0: no auxiliary target.
+    auxiliary_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.trainable_blocks < LITE0_BLOCKS:
@@ -77,6 +82,8 @@ class TopConfig:
             raise ValueError("intensity_views must be at least 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must be in [0, 0.5)")
+        if self.auxiliary_weight < 0:
+            raise ValueError("auxiliary_weight must be at least 0")
 
     @property
     def first_trained(self) -> int:
@@ -115,8 +122,9 @@ class AttentionPool(layers.Layer):
 
 def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
               weights: str | Path | None = "pretrained", seed: int | None = None,
-              name: str = "top") -> keras.Model:
-    """maps -> score: the trained blocks (ImageNet-initialised) and the gated-attention head."""
+              name: str = "top", auxiliary_classes: int = 0) -> keras.Model:
+    """maps -> score: the trained blocks (ImageNet-initialised) and the gated-attention head;
+    with ``auxiliary_classes``, a second output: that target's class probabilities."""
     inputs = keras.Input(shape=in_shape, name="maps")
     x = inputs
     if cfg.trainable_blocks:
@@ -139,7 +147,18 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
     # generator, so a fit would depend on what the process drew before it.
     outputs = layers.Dense(1, activation="sigmoid", kernel_initializer=init, dtype="float32",
                            name=OUTPUT_NAME)(pooled)
-    return keras.Model(inputs, outputs, name=name)
+    if not auxiliary_classes:
+        return keras.Model(inputs, outputs, name=name)
+    auxiliary = layers.Dense(auxiliary_classes, activation="softmax", kernel_initializer=init,
+                             dtype="float32", name="auxiliary")(pooled)
+    return keras.Model(inputs, [outputs, auxiliary], name=name)
+
+
+def auxiliary_codes(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Class codes of an auxiliary target's column (sorted classes; -1 where blank)."""
+    classes = sorted({v for v in values if v})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(v, -1) for v in values], np.int64), classes
 
 
 @keras.saving.register_keras_serializable(package="mammo_screen")
@@ -275,10 +294,12 @@ class MapBatches(keras.utils.PyDataset):
     views), with per-image weights."""
 
     def __init__(self, sources: Sequence[np.ndarray], rows: np.ndarray, y: np.ndarray,
-                 weights: np.ndarray, batch_size: int, seed: int) -> None:
+                 weights: np.ndarray, batch_size: int, seed: int,
+                 auxiliary: np.ndarray | None = None) -> None:
         super().__init__()
         self.sources, self.rows = list(sources), np.asarray(rows)
         self.y, self.w = np.asarray(y, np.float32), np.asarray(weights, np.float32)
+        self.aux = None if auxiliary is None else np.asarray(auxiliary, np.int64)
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self._shuffle()
@@ -293,13 +314,18 @@ class MapBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return max(len(self.rows) // self.batch_size, 1)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, Any, Any]:
         pick = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         rows, source = self.rows[pick], self.source[pick]
         xb = np.empty((len(pick), *self.sources[0].shape[1:]), np.float32)
         for j, (r, k) in enumerate(zip(rows, source, strict=True)):
             xb[j] = self.sources[k][r]
-        return xb, self.y[pick], self.w[pick]
+        if self.aux is None:
+            return xb, self.y[pick], self.w[pick]
+        # The auxiliary loss counts only where its target is known.
+        aux = self.aux[pick]
+        return (xb, (self.y[pick], np.maximum(aux, 0)),
+                (self.w[pick], (aux >= 0).astype(np.float32)))
 
     def on_epoch_end(self) -> None:
         self._shuffle()
@@ -313,29 +339,39 @@ def member_seeds(seed: int, members: int) -> list[int]:
 
 def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
         y: np.ndarray, seed: int, sample_weight: np.ndarray | None = None,
-        verbose: int | str = 0, views: Sequence[np.ndarray] = ()) -> keras.Model:
+        verbose: int | str = 0, views: Sequence[np.ndarray] = (),
+        auxiliary: np.ndarray | None = None) -> keras.Model:
     """A fresh top trained for ``cfg.epochs`` on the maps of ``rows`` (labels ``y`` of those
-    rows; ``views``: :func:`intensity_view_maps`): AdamW, cosine decay after a 10% warm-up,
+    rows; ``views``: :func:`intensity_view_maps`; ``auxiliary``: the auxiliary target's codes
+    of those rows, :func:`auxiliary_codes`): AdamW, cosine decay after a 10% warm-up,
     balanced class weights (times ``sample_weight``). With ``cfg.members`` > 1, that many
     tops (seeds :func:`member_seeds`) in one model that scores the mean of theirs."""
     if len(views) != cfg.intensity_views:
         raise ValueError(f"the recipe trains on {cfg.intensity_views} intensity views, "
                          f"{len(views)} given")
+    if (auxiliary is not None) != (cfg.auxiliary_weight > 0):
+        raise ValueError("an auxiliary target goes with auxiliary_weight > 0, and only then")
+    classes = 0 if auxiliary is None else max(2, int(np.max(auxiliary)) + 1)
+    loss = keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
     tops = []
     for k, member_seed in enumerate(member_seeds(seed, cfg.members)):
         keras.utils.set_random_seed(member_seed)
-        top = build_top(cfg, plain.shape[1:], seed=member_seed,
-                        name="top" if cfg.members == 1 else f"top_{k}")
+        name = "top" if cfg.members == 1 else f"top_{k}"
+        top = build_top(cfg, plain.shape[1:], seed=member_seed, name=name,
+                        auxiliary_classes=classes)
         data = MapBatches([plain, mirrored, *views], rows, y,
                           balanced_sample_weights(y, sample_weight), cfg.batch_size,
-                          member_seed)
+                          member_seed, auxiliary)
         schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
                                    alpha=0.01)
         compile_and_fit(top, data, cfg.epochs,
                         keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay,
                                                use_ema=cfg.ema),
-                        keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
-                        verbose=verbose)
+                        [loss, keras.losses.SparseCategoricalCrossentropy()] if classes
+                        else loss, verbose=verbose,
+                        loss_weights=[1.0, cfg.auxiliary_weight] if classes else None)
+        if classes:  # the score alone is kept
+            top = keras.Model(top.inputs, top.outputs[0], name=name)
         tops.append(top)
     if len(tops) == 1:
         return tops[0]
@@ -359,14 +395,16 @@ def score(top: keras.Model, plain: np.ndarray, mirrored: np.ndarray, rows: np.nd
 
 def top_fit_score(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, y: np.ndarray,
                   log: Path | None = None, machines: np.ndarray | None = None,
-                  views: Sequence[np.ndarray] = ()) -> FitScore:
+                  views: Sequence[np.ndarray] = (), auxiliary: np.ndarray | None = None
+                  ) -> FitScore:
     """The recipe as a panel ``fit_score`` (:func:`trainer.panel.network_fit_score`: each
     fit's test scores appended to ``log``; ``cfg.machine_balanced`` weights by ``machines``)."""
 
     def fit_and_score(tr: np.ndarray, te: np.ndarray, weight: np.ndarray | None,
                       seed: int) -> np.ndarray:
         started = time.time()
-        top = fit(cfg, plain, mirrored, tr, y[tr], seed, sample_weight=weight, views=views)
+        top = fit(cfg, plain, mirrored, tr, y[tr], seed, sample_weight=weight, views=views,
+                  auxiliary=None if auxiliary is None else auxiliary[tr])
         scores = score(top, plain, mirrored, te, cfg.tta)
         print(f"fit on {len(tr)} images in {time.time() - started:.0f}s", flush=True)
         keras.backend.clear_session()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from worker.model_metadata import ModelMetadata, ModelMetadataError
+
+log = logging.getLogger("mammo_screen")
 
 
 class ModelLoadError(RuntimeError):
@@ -89,6 +92,17 @@ class Scorer:
     def label_for(self, score: float) -> str:
         benign, malignant = self.metadata.class_names
         return malignant if score >= self.threshold else benign
+
+    def warm_up(self, images: int) -> None:
+        """One call on blank images: ONNX Runtime's first call of a shape costs about twice
+        a steady one (its allocations), and a worker would otherwise pay it on its first
+        file. The pipeline runs this in its scoring thread while the rest starts up."""
+        size = self.metadata.preprocess.size
+        blank = np.zeros((size, size, 1), np.float32)
+        try:
+            self.score_batch([blank] * max(1, images))
+        except Exception as exc:  # a real batch will meet (and report) the same failure
+            log.warning("model warm-up failed: %s", str(exc).splitlines()[0])
 
     def score_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Scores (probability of the positive class) for preprocessed (H, W, 1) arrays."""
