@@ -47,6 +47,7 @@ LEVERS: dict[str, TopConfig] = {
     "label_smoothing_0.1": replace(BASE, label_smoothing=0.1),
     "intensity_views_2": replace(BASE, intensity_views=2),
     "epochs_10": replace(BASE, epochs=10),
+    "regularised": replace(BASE, dropout=0.5, weight_decay=1e-2),
     # with --auxiliary-column (a reading of the image, e.g. breast density)
     "auxiliary_0.3": replace(BASE, auxiliary_weight=0.3),
 }

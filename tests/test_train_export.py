@@ -347,6 +347,7 @@ def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: 
     metrics = json.loads((out / "metrics.json").read_text())
     training = metrics["training"]
     assert training["arch"] == "lite0-top" and training["top"]["epochs"] == 2
+    assert metrics["best_epoch"] == metrics["epochs_run"] == 2  # each member's 2 epochs
     assert training["machine_balanced_by"] == "rsna_machine_id"
     assert "machine-balanced:" in result.output
     # The default recipe trains the last block: maps are block 14's output.

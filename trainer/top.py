@@ -340,12 +340,14 @@ def member_seeds(seed: int, members: int) -> list[int]:
 def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,
         y: np.ndarray, seed: int, sample_weight: np.ndarray | None = None,
         verbose: int | str = 0, views: Sequence[np.ndarray] = (),
-        auxiliary: np.ndarray | None = None) -> keras.Model:
+        auxiliary: np.ndarray | None = None,
+        logs: list[dict[str, float]] | None = None) -> keras.Model:
     """A fresh top trained for ``cfg.epochs`` on the maps of ``rows`` (labels ``y`` of those
     rows; ``views``: :func:`intensity_view_maps`; ``auxiliary``: the auxiliary target's codes
     of those rows, :func:`auxiliary_codes`): AdamW, cosine decay after a 10% warm-up,
     balanced class weights (times ``sample_weight``). With ``cfg.members`` > 1, that many
-    tops (seeds :func:`member_seeds`) in one model that scores the mean of theirs."""
+    tops (seeds :func:`member_seeds`) in one model that scores the mean of theirs. ``logs``,
+    when given, receives one row per epoch and member."""
     if len(views) != cfg.intensity_views:
         raise ValueError(f"the recipe trains on {cfg.intensity_views} intensity views, "
                          f"{len(views)} given")
@@ -364,12 +366,13 @@ def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarra
                           member_seed, auxiliary)
         schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
                                    alpha=0.01)
-        compile_and_fit(top, data, cfg.epochs,
-                        keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay,
-                                               use_ema=cfg.ema),
-                        [loss, keras.losses.SparseCategoricalCrossentropy()] if classes
-                        else loss, verbose=verbose,
-                        loss_weights=[1.0, cfg.auxiliary_weight] if classes else None)
+        epoch_logs = compile_and_fit(
+            top, data, cfg.epochs,
+            keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=cfg.ema),
+            [loss, keras.losses.SparseCategoricalCrossentropy()] if classes else loss,
+            verbose=verbose, loss_weights=[1.0, cfg.auxiliary_weight] if classes else None)
+        if logs is not None:
+            logs.extend(row | {"member": k} for row in epoch_logs)
         if classes:  # the score alone is kept
             top = keras.Model(top.inputs, top.outputs[0], name=name)
         tops.append(top)

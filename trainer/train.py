@@ -287,10 +287,11 @@ def fit_top(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, path: Path,
     front = build_front(top_cfg)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     plain, mirrored = cached_maps(front, x, top_cfg, cache, progress=bool(cfg.verbose))
+    history: list[dict[str, float]] = []
     top = fit(top_cfg, plain, mirrored, np.arange(len(y)), y, cfg.seed,
-              sample_weight=sample_weight, verbose=cfg.verbose)
+              sample_weight=sample_weight, verbose=cfg.verbose, logs=history)
     compose(front, top, tta=True).save(path)
-    return Fitted([], epochs, time.time() - started,
+    return Fitted(history, epochs, time.time() - started,
                   {"weights": "pretrained", "top": top_cfg.to_dict(),
                    "schedule": f"AdamW (weight decay {top_cfg.weight_decay:g}), linear warm-up "
                                "over 10% of steps, cosine decay to 1%; the last epoch kept",
@@ -409,7 +410,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if len(ey) else None,
         },
         "best_epoch": fitted.best_epoch,
-        "epochs_run": len(fitted.history),
+        "epochs_run": len({int(row["epoch"]) for row in fitted.history}),
         "split": {
             "strategy": strategy, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
             "train": describe(train_s), "val": describe(val_s),
