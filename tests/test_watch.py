@@ -66,6 +66,60 @@ def test_watcher_records_dropped_files(config: Config, polling: bool) -> None:
     ]
 
 
+def test_folder_events_hint_only_new_folders(tmp_path: Path) -> None:
+    """A folder's own "modified" event (each file dropped into it sends one) gives no hint:
+    rescanning the folder for each made a burst cost a scan of the inbox per file. A folder
+    that appears, created or moved in, is a hint: its files send no events of their own."""
+    import queue
+
+    from watchdog.events import (
+        DirCreatedEvent,
+        DirModifiedEvent,
+        DirMovedEvent,
+        FileClosedEvent,
+        FileCreatedEvent,
+    )
+
+    from worker.watcher import _Handler
+
+    hints: queue.Queue[Path] = queue.Queue()
+    handler = _Handler(hints)
+    inbox = str(tmp_path)
+    handler.dispatch(DirModifiedEvent(inbox))
+    assert hints.empty()
+    handler.dispatch(FileCreatedEvent(f"{inbox}/a.png"))
+    handler.dispatch(FileClosedEvent(f"{inbox}/a.png"))
+    handler.dispatch(DirCreatedEvent(f"{inbox}/new"))
+    handler.dispatch(DirMovedEvent("/elsewhere/study", f"{inbox}/study"))
+    got = [hints.get_nowait() for _ in range(hints.qsize())]
+    assert got == [tmp_path / "a.png", tmp_path / "a.png", tmp_path / "new", tmp_path / "study"]
+
+
+def test_a_folder_moved_in_is_found_without_a_rescan(config: Config, tmp_path: Path) -> None:
+    """A study folder moved into the watched inbox is scanned when it appears, not at the next
+    periodic rescan (here an hour away)."""
+    import dataclasses
+
+    study = tmp_path / "staging" / "study-1"
+    write_mammo_like(study / "L_CC.png", seed=4)
+    write_mammo_like(study / "R_CC.png", seed=5)
+    worker = open_worker(dataclasses.replace(config, rescan_seconds=3600.0))
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
+    thread.start()
+    try:
+        assert ready.wait(10)
+        time.sleep(0.5)  # past the first pass's scan
+        study.rename(config.inbox / "study-1")
+        rows = _wait_for_rows(config.database_url.removeprefix("sqlite:///"), 2, timeout=15)
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+    assert sorted((r[0], r[1]) for r in rows) == [("study-1/L_CC.png", "scored"),
+                                                  ("study-1/R_CC.png", "scored")]
+
+
 def test_slow_writer_is_not_read_early(config: Config) -> None:
     """A file written in pieces over longer than settle_seconds is read once, complete.
 
