@@ -142,11 +142,6 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("deleted", "closed_no_write", "opened"):
             return
-        # A folder's "modified" only says that its entries changed, and each entry sends its
-        # own events; scanning the folder for it made a burst of N files cost N scans of the
-        # inbox (300 files: 7 of the main thread's 18 s). A folder that appears is scanned.
-        if event.is_directory and event.event_type == "modified":
-            return
         target = getattr(event, "dest_path", "") or event.src_path
         if isinstance(target, bytes):
             target = os.fsdecode(target)
@@ -202,7 +197,12 @@ class InboxWatcher:
         return n
 
     def _drain_hints(self) -> None:
-        # A file sends several events (created, modified, closed): each is looked at once.
+        # A file sends several events (created, modified, closed) and its folder a "modified"
+        # for each: each path is looked at once per pass, so a burst of N files costs a scan
+        # of the inbox per pass, not per event (300 files: 7 of the main thread's 18 s went to
+        # scans). The folder's events stay hints: watchdog holds events back behind a
+        # move out of the inbox (up to 0.5 s, to pair it), so scanning on the folder's event
+        # finds new files sooner (latency p50 0.13-0.17 s against 0.38-0.41 s without).
         paths: dict[Path, None] = {}
         while True:
             try:
