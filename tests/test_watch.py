@@ -97,6 +97,27 @@ def test_hints_are_looked_at_once_per_pass(config: Config,
         worker.close()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_watching_shortens_watchdogs_move_pairing_wait(config: Config) -> None:
+    """watchdog holds every inotify event behind an unpaired "moved from" (each file the
+    worker moves out of the inbox is one) while it waits for the "moved to": 0.5 s by default,
+    which new files used to wait behind. A watch shortens it; this fails if a watchdog upgrade
+    moves the knob (then the import in `_pair_moves_quickly` finds nothing to set)."""
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    worker = open_worker(config)
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
+    thread.start()
+    try:
+        assert ready.wait(10)
+        assert InotifyMoveEventGrouper().delay <= 0.05
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
+
+
 def test_a_folder_moved_in_is_found_without_a_rescan(config: Config, tmp_path: Path) -> None:
     """A study folder moved into the watched inbox is found when it appears, not at the next
     periodic rescan (here an hour away)."""

@@ -148,6 +148,19 @@ class _Handler(FileSystemEventHandler):
         self.hints.put(Path(target))
 
 
+def _pair_moves_quickly() -> None:
+    """watchdog's inotify observer holds every event behind an unpaired "moved from" for 0.5 s
+    (to pair it with its "moved to"), and each file the worker moves out of the inbox is such
+    an event: new files waited behind it (watch latency p50 0.18 s, p95 0.51 s; with 0.02 s:
+    0.02-0.03 and 0.09-0.15 s). A rename's two events come from the kernel together, and an
+    unpaired one is harmless here: its "moved to" half is a hint like any other."""
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # not Linux: other observers have no such queue
+        return
+    InotifyMoveEventGrouper.delay = 0.02
+
+
 class InboxWatcher:
     """Runs the pipeline over the inbox: once (`run_once`) or until stopped (`watch`)."""
 
@@ -329,6 +342,7 @@ class InboxWatcher:
 
         The first pass of the loop reconciles and scans at once, and again every
         rescan_seconds."""
+        _pair_moves_quickly()
         observer = PollingObserver(timeout=1.0) if self.polling else Observer()
         observer.schedule(
             _Handler(self.hints), str(self.config.inbox), recursive=self.config.recursive
