@@ -6,8 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -16,6 +19,9 @@ import pytest
 from worker.config import Config, load_config
 from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata, OperatingPoint
 from worker.preprocess import PreprocessSettings
+
+if TYPE_CHECKING:
+    from worker.app import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,6 +159,22 @@ def workdir(tmp_path: Path, mean_model: Path) -> Iterator[Path]:
 @pytest.fixture
 def config(workdir: Path) -> Config:
     return load_config(workdir / "config.toml")
+
+
+@contextmanager
+def watching(worker: Worker) -> Iterator[threading.Thread]:
+    """The worker's watch loop, running in a thread and ready; on leaving, stopped, joined
+    (the thread is then checked with ``is_alive``) and the worker closed."""
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
+    thread.start()
+    try:
+        assert ready.wait(10), "the watch loop did not start"
+        yield thread
+    finally:
+        worker.watcher.stop()
+        thread.join(15)
+        worker.close()
 
 
 def dev_pool_images(n: int, label: str | None = None) -> list[Path]:

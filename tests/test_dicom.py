@@ -10,7 +10,6 @@ import csv
 import shutil
 import sqlite3
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tests.conftest import make_mean_model, run_screen, write_mammo_like
+from tests.conftest import make_mean_model, run_screen, watching, write_mammo_like
 from tests.dicom_files import (
     MAMMO_FOR_PROCESSING,
     dicom_bytes,
@@ -430,13 +429,9 @@ def test_trainer_discovers_and_preprocesses_dicom(tmp_path: Path) -> None:
 
 def test_live_watcher_picks_up_uid_named_and_extensionless_dicom(config: Config) -> None:
     worker = open_worker(config)
-    ready = threading.Event()
-    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
-    thread.start()
     db = config.database_url.removeprefix("sqlite:///")
     rows: list[tuple] = []
-    try:
-        assert ready.wait(10)
+    with watching(worker):
         # As a DICOM receiver writes: a temporary name, then a rename to the SOP Instance UID.
         part = config.inbox / "1.2.840.113619.2.55.3.777.42.part"
         part.write_bytes(dicom_bytes(mammo_like(seed=7)))
@@ -449,8 +444,4 @@ def test_live_watcher_picks_up_uid_named_and_extensionless_dicom(config: Config)
                 rows = con.execute(
                     "SELECT filename, status FROM images WHERE moved_at IS NOT NULL ORDER BY id"
                 ).fetchall()
-    finally:
-        worker.watcher.stop()
-        thread.join(15)
-        worker.close()
     assert sorted(rows) == [("1.2.840.113619.2.55.3.777.42", SCORED), ("IMG00017", SCORED)]

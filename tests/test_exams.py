@@ -10,14 +10,13 @@ import json
 import re
 import sqlite3
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
-from tests.conftest import REPO, make_mean_model, run_screen, write_mammo_like
+from tests.conftest import REPO, make_mean_model, run_screen, watching, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config, load_config
 from worker.exams import (
@@ -524,19 +523,11 @@ def test_screen_watch_scores_settled_exams_and_rescores_after_a_late_image(
     _drop(config, "P1_S1_L_CC.png", 0.3)
     _drop(config, "P1_S1_R_CC.png", 0.4)
     worker = open_worker(config)
-    ready = threading.Event()
-    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with watching(worker) as thread:
         first = _wait_for_document(config.outbox, 2)
         assert first is not None, "exam not scored by the watch loop"
         _drop(config, "P1_S1_L_MLO.png", 0.5)
         second = _wait_for_document(config.outbox, 3)
-    finally:
-        worker.watcher.stop()
-        thread.join(15)
-        worker.close()
     assert not thread.is_alive()
     assert second is not None and second["seq"] == first["seq"] + 1
     assert second["supersedes"] == f"S1.{first['seq']:03d}.json"

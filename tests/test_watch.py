@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_mammo_like
+from tests.conftest import REPO, watching, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
 from worker.watcher import SettleTracker
@@ -41,11 +41,7 @@ def _wait_for_rows(db: str, n: int, timeout: float = 20.0) -> list[tuple]:
 def test_watcher_records_dropped_files(config: Config, polling: bool) -> None:
     write_mammo_like(config.inbox / "before.png")  # present at start: found by the scan
     worker = open_worker(config, polling=polling)
-    ready = threading.Event()
-    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with watching(worker) as thread:
         # copy-then-rename, the recommended way to drop a file
         tmp = write_mammo_like(config.inbox / "during.png.part", seed=2)
         tmp.rename(config.inbox / "during.png")
@@ -53,10 +49,6 @@ def test_watcher_records_dropped_files(config: Config, polling: bool) -> None:
         (config.inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
         db = config.database_url.removeprefix("sqlite:///")
         rows = _wait_for_rows(db, 4)
-    finally:
-        worker.watcher.stop()
-        thread.join(15)
-        worker.close()
     assert not thread.is_alive()
     assert sorted((r[0], r[1]) for r in rows) == [
         ("before.png", "scored"),
@@ -106,16 +98,8 @@ def test_watching_shortens_watchdogs_move_pairing_wait(config: Config) -> None:
     from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
     worker = open_worker(config)
-    ready = threading.Event()
-    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with watching(worker):
         assert InotifyMoveEventGrouper().delay <= 0.05
-    finally:
-        worker.watcher.stop()
-        thread.join(15)
-        worker.close()
 
 
 def test_a_folder_moved_in_is_found_without_a_rescan(config: Config, tmp_path: Path) -> None:
@@ -127,18 +111,10 @@ def test_a_folder_moved_in_is_found_without_a_rescan(config: Config, tmp_path: P
     write_mammo_like(study / "L_CC.png", seed=4)
     write_mammo_like(study / "R_CC.png", seed=5)
     worker = open_worker(dataclasses.replace(config, rescan_seconds=3600.0))
-    ready = threading.Event()
-    thread = threading.Thread(target=worker.watcher.watch, kwargs={"ready": ready})
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with watching(worker):
         time.sleep(0.5)  # past the first pass's scan
         study.rename(config.inbox / "study-1")
         rows = _wait_for_rows(config.database_url.removeprefix("sqlite:///"), 2, timeout=15)
-    finally:
-        worker.watcher.stop()
-        thread.join(15)
-        worker.close()
     assert sorted((r[0], r[1]) for r in rows) == [("study-1/L_CC.png", "scored"),
                                                   ("study-1/R_CC.png", "scored")]
 
