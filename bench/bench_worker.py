@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from worker.config import SCHEMA  # noqa: E402
 from worker.preprocess import preprocess_bytes, preprocess_file  # noqa: E402
-from worker.scorer import Scorer  # noqa: E402
+from worker.scorer import Scorer, call_size  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
 MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"
@@ -271,7 +271,7 @@ def main() -> None:
     images = images[: max(args.files, 64)]  # distinct contents: no duplicates in a drop
     cores = os.cpu_count() or 1
     bs, per_call = args.batch_size, args.images_per_call
-    call = min(per_call or bs, bs)  # images per ONNX Runtime call in the worker
+    call = call_size(bs, per_call)  # images per ONNX Runtime call in the worker
     rows: Rows = []
     with tempfile.TemporaryDirectory() as tmp:
         int8 = args.int8 or make_int8(args.model, Path(tmp) / "int8.onnx")

@@ -169,8 +169,7 @@ class Pipeline:
         # One thread runs ONNX Runtime (which releases the GIL), batch after batch in the
         # order they were begun, while the calling thread does the database and the moves.
         self.scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
-        self.scoring.submit(scorer.warm_up, min(scorer.images_per_call or config.batch_size,
-                                                config.batch_size))
+        self.scoring.submit(scorer.warm_up, config.batch_size)
         # Files read and hashed a second time before their move (their stat changed, or
         # their read was before a restart): the replaced-file check, counted.
         self.rehashed = 0

@@ -18,6 +18,12 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be used; the message is one line for the operator."""
 
 
+def call_size(images: int, images_per_call: int) -> int:
+    """Images per ONNX Runtime call when ``images`` are scored together with a per-call limit
+    of ``images_per_call`` (0: none)."""
+    return min(images_per_call or images, images)
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -94,14 +100,15 @@ class Scorer:
         benign, malignant = self.metadata.class_names
         return malignant if score >= self.threshold else benign
 
-    def warm_up(self, images: int) -> None:
-        """One call on blank images: ONNX Runtime's first call of a shape costs about twice
-        a steady one (its allocations), and a worker would otherwise pay it on its first
-        file. The pipeline runs this in its scoring thread while the rest starts up."""
+    def warm_up(self, batch: int) -> None:
+        """One call on blank images, of the size a batch of ``batch`` images is scored in:
+        ONNX Runtime's first call of a shape costs about twice a steady one (its
+        allocations), and a worker would otherwise pay it on its first file. The pipeline
+        runs this in its scoring thread while the rest starts up."""
         size = self.metadata.preprocess.size
         blank = np.zeros((size, size, 1), np.float32)
         try:
-            self.score_batch([blank] * max(1, images))
+            self.score_batch([blank] * call_size(max(1, batch), self.images_per_call))
         except Exception as exc:  # a real batch will meet (and report) the same failure
             log.warning("model warm-up failed: %s", str(exc).splitlines()[0])
 
@@ -109,7 +116,7 @@ class Scorer:
         """Scores (probability of the positive class) for preprocessed (H, W, 1) arrays."""
         if not images:
             return np.zeros((0,), dtype=np.float32)
-        step = self.images_per_call or len(images)
+        step = call_size(len(images), self.images_per_call)
         if len(images) > step:
             return np.concatenate([self.score_batch(images[i:i + step])
                                    for i in range(0, len(images), step)])
