@@ -202,11 +202,14 @@ def _maps_key(cfg: TopConfig, x: np.ndarray, tag: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _compute_maps(front: keras.Model, x: np.ndarray, path: Path | None, what: str,
-                  transform: Callable[[np.ndarray], np.ndarray], batch_size: int,
-                  progress: bool) -> np.ndarray:
-    """float16 maps of ``transform``(images in [0, 1]); written to ``path`` (via a partial
-    file, so that a run cut short leaves no cache that looks whole) when given."""
+def _maps(front: keras.Model, x: np.ndarray, path: Path | None, what: str,
+          transform: Callable[[np.ndarray], np.ndarray], batch_size: int,
+          progress: bool) -> np.ndarray:
+    """float16 maps of ``transform``(images in [0, 1]): read from ``path`` when it is there,
+    else computed and, with a ``path``, written there (via a partial file, so that a run cut
+    short leaves no cache that looks whole)."""
+    if path is not None and path.is_file():
+        return np.load(path, mmap_mode="r")
     shape = (len(x), *front.output_shape[1:])
     tmp = path.with_suffix(".partial.npy") if path else None
     arr = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
@@ -248,12 +251,8 @@ def cached_maps(front: keras.Model, x: np.ndarray, cfg: TopConfig, cache_dir: Pa
     paths = _maps_paths(cfg, x, tag, cache_dir, ("plain", "mirrored"))
     out = []
     for k, (kind, transform) in enumerate((("plain", lambda b: b), ("mirrored", _mirror))):
-        path = paths[k] if paths else None
-        if path is not None and path.is_file():
-            out.append(np.load(path, mmap_mode="r"))
-        else:
-            out.append(_compute_maps(front, x, path, f"{kind} {cfg.size}px", transform,
-                                     batch_size, progress))
+        out.append(_maps(front, x, paths[k] if paths else None, f"{kind} {cfg.size}px",
+                         transform, batch_size, progress))
     return out[0], out[1]
 
 
@@ -269,10 +268,6 @@ def intensity_view_maps(front: keras.Model, x: np.ndarray, cfg: TopConfig,
     paths = _maps_paths(cfg, x, tag, cache_dir, kinds)
     out = []
     for k, kind in enumerate(kinds):
-        path = paths[k] if paths else None
-        if path is not None and path.is_file():
-            out.append(np.load(path, mmap_mode="r"))
-            continue
         augment = RandomIntensity(seed=k, dtype="float32")
 
         def transform(xb: np.ndarray, k: int = k, augment: RandomIntensity = augment
@@ -280,8 +275,8 @@ def intensity_view_maps(front: keras.Model, x: np.ndarray, cfg: TopConfig,
             xb = np.asarray(augment(xb, training=True), np.float32)
             return _mirror(xb) if k % 2 else xb
 
-        out.append(_compute_maps(front, x, path, f"{kind} {cfg.size}px", transform,
-                                 batch_size, progress))
+        out.append(_maps(front, x, paths[k] if paths else None, f"{kind} {cfg.size}px",
+                         transform, batch_size, progress))
     return out
 
 
