@@ -12,6 +12,9 @@ there.
         --site-column rsna_site_id --machine-column rsna_machine_id \\
         --out research/results/top_levers_loso.jsonl --seeds 0 1 2 \\
         [--auxiliary-column rsna_density]
+
+``auxiliary_*`` levers learn ``--auxiliary-column`` beside the score; ``adversarial_machine_*``
+levers learn the machine with its gradient reversed into the features.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ LEVERS: dict[str, TopConfig] = {
     "regularised": replace(BASE, dropout=0.5, weight_decay=1e-2),
     # with --auxiliary-column (a reading of the image, e.g. breast density)
     "auxiliary_0.3": replace(BASE, auxiliary_weight=0.3),
+    # the machine (--machine-column) as a target the features should not carry
+    "adversarial_machine_0.1": replace(BASE, auxiliary_weight=0.1, auxiliary_reversed=True),
+    "adversarial_machine_0.3": replace(BASE, auxiliary_weight=0.3, auxiliary_reversed=True),
+    "adversarial_machine_1": replace(BASE, auxiliary_weight=1.0, auxiliary_reversed=True),
 }
 
 
@@ -77,13 +84,14 @@ def main() -> None:
     tag = preprocess.to_json()
     plain, mirrored = cached_maps(front, x, BASE, a.cache, tag=tag)
     auxiliary = None
-    if any(LEVERS[n].auxiliary_weight for n in names):
+    if any(LEVERS[n].auxiliary_weight and not LEVERS[n].auxiliary_reversed for n in names):
         if not a.auxiliary_column:
             p.error("auxiliary_* levers need --auxiliary-column")
         column = read_columns(a.labels_csv, samples, [a.auxiliary_column])[a.auxiliary_column]
         auxiliary, classes = auxiliary_codes(column)
         print(f"auxiliary target {a.auxiliary_column}: {classes}, known for "
               f"{int(np.sum(auxiliary >= 0))} of {len(auxiliary)} images", flush=True)
+    machine_codes, _ = auxiliary_codes(list(data.machines))
     most_views = max(LEVERS[n].intensity_views for n in names)
     views = (intensity_view_maps(front, x, replace(BASE, intensity_views=most_views), a.cache,
                                  tag=tag) if most_views else [])
@@ -97,15 +105,17 @@ def main() -> None:
         for seed in a.seeds:
             if (name, seed) in done:
                 continue
+            target = (machine_codes if cfg.auxiliary_reversed
+                      else auxiliary if cfg.auxiliary_weight else None)
             fit_score = top_fit_score(cfg, plain, mirrored, data.y, machines=data.machines,
-                                      views=views[:cfg.intensity_views],
-                                      auxiliary=auxiliary if cfg.auxiliary_weight else None)
+                                      views=views[:cfg.intensity_views], auxiliary=target)
             loso = leave_one_site_out(data, fit_score, seed,
                                       progress=lambda line, n=name, s=seed:
                                       print(f"[{n} seed {s}] {line}", flush=True))
             with a.out.open("a") as fh:
                 fh.write(json.dumps({"lever": name, "seed": seed, "recipe": cfg.to_dict(),
-                                     "auxiliary_column": a.auxiliary_column
+                                     "auxiliary_column": a.machine_column
+                                     if cfg.auxiliary_reversed else a.auxiliary_column
                                      if cfg.auxiliary_weight else None,
                                      "leave_one_site_out": loso}) + "\n")
     print(summary(a.out))

@@ -465,6 +465,29 @@ def test_top_auxiliary_target() -> None:
         fit(aux, plain, mirrored, rows, y, seed=0)
 
 
+def test_gradient_reversal_is_identity_forwards_and_negates_gradients() -> None:
+    """``auxiliary_reversed``: the adversarial head's layer passes values through unchanged
+    and sends the gradient back times -1, so the shared layers learn to forget the target."""
+    import tensorflow as tf
+
+    from trainer.top import GradientReversal, TopConfig, build_top
+
+    x = tf.constant([[1.5, -2.0, 0.25]])
+    w = tf.constant([[3.0, 0.5, -1.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = GradientReversal()(x)
+        loss = tf.reduce_sum(out * w)
+    np.testing.assert_allclose(out.numpy(), x.numpy())
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), -w.numpy())
+    cfg = TopConfig(size=64, trainable_blocks=0, auxiliary_weight=0.3, auxiliary_reversed=True)
+    top = build_top(cfg, (2, 2, 320), seed=0, auxiliary_classes=3)
+    assert "gradient_reversal" in [layer.name for layer in top.layers]
+    assert top.get_layer("auxiliary").input is top.get_layer("gradient_reversal").output
+    with pytest.raises(ValueError, match="auxiliary_reversed"):
+        TopConfig(auxiliary_reversed=True)
+
+
 def test_top_trains_on_intensity_views(tmp_path: Path) -> None:
     """``intensity_views``: maps of fixed intensity-augmented copies (odd ones mirrored),
     cached beside the plain maps, drawn from at random while training."""

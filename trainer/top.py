@@ -72,6 +72,10 @@ class TopConfig:
     # predicted from the same pooled features where it is known, never a model input; the
     # saved model keeps the score output alone. 0: no auxiliary target.
     auxiliary_weight: float = 0.0
+    # The auxiliary target is one the features should *not* carry (e.g. the machine): its
+    # head still learns it, but its gradient reaches the shared layers reversed (domain-
+    # adversarial training, Ganin & Lempitsky 2015), pushing them to forget it.
+    auxiliary_reversed: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.trainable_blocks < LITE0_BLOCKS:
@@ -84,6 +88,8 @@ class TopConfig:
             raise ValueError("label_smoothing must be in [0, 0.5)")
         if self.auxiliary_weight < 0:
             raise ValueError("auxiliary_weight must be at least 0")
+        if self.auxiliary_reversed and not self.auxiliary_weight:
+            raise ValueError("auxiliary_reversed needs an auxiliary_weight above 0")
 
     @property
     def first_trained(self) -> int:
@@ -120,6 +126,15 @@ class AttentionPool(layers.Layer):
         return ops.sum(v * w, axis=1)
 
 
+@keras.saving.register_keras_serializable(package="mammo_screen")
+class GradientReversal(layers.Layer):
+    """Identity forwards; the gradient backwards times -1. Written with ``stop_gradient`` (2x
+    held constant, minus x) so that it needs no backend's custom-gradient API."""
+
+    def call(self, x: keras.KerasTensor) -> keras.KerasTensor:
+        return ops.stop_gradient(2.0 * x) - x
+
+
 def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
               weights: str | Path | None = "pretrained", seed: int | None = None,
               name: str = "top", auxiliary_classes: int = 0) -> keras.Model:
@@ -149,6 +164,8 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
                            name=OUTPUT_NAME)(pooled)
     if not auxiliary_classes:
         return keras.Model(inputs, outputs, name=name)
+    if cfg.auxiliary_reversed:
+        pooled = GradientReversal(name="gradient_reversal")(pooled)
     auxiliary = layers.Dense(auxiliary_classes, activation="softmax", kernel_initializer=init,
                              dtype="float32", name="auxiliary")(pooled)
     return keras.Model(inputs, [outputs, auxiliary], name=name)
