@@ -57,6 +57,10 @@ LEVERS: dict[str, TopConfig] = {
     "adversarial_machine_0.1": replace(BASE, auxiliary_weight=0.1, auxiliary_reversed=True),
     "adversarial_machine_0.3": replace(BASE, auxiliary_weight=0.3, auxiliary_reversed=True),
     "adversarial_machine_1": replace(BASE, auxiliary_weight=1.0, auxiliary_reversed=True),
+    # ... with machine-balanced training, whose weights the adversary learns under too
+    "machine_balanced": replace(BASE, machine_balanced=True),
+    "balanced_adversarial_machine_0.3": replace(BASE, machine_balanced=True,
+                                                auxiliary_weight=0.3, auxiliary_reversed=True),
 }
 
 

@@ -488,6 +488,21 @@ def test_gradient_reversal_is_identity_forwards_and_negates_gradients() -> None:
         TopConfig(auxiliary_reversed=True)
 
 
+def test_the_adversary_learns_under_the_machine_balancing_weights() -> None:
+    """With machine-balanced training, the reversed target's loss is weighted like the
+    score's machine balance (so the label tells it nothing about the machine); its unknown
+    rows still count for nothing, and without balancing every known row counts once."""
+    from trainer.top import MapBatches
+
+    maps = np.zeros((4, 1, 1, 2), np.float16)
+    y, aux = np.array([0, 1, 0, 1]), np.array([0, 1, -1, 1])
+    balance = np.array([2.0, 0.5, 1.0, 1.5])
+    batch = MapBatches([maps, maps], np.arange(4), y, np.ones(4), 4, 0, aux, balance)[0]
+    np.testing.assert_allclose(batch[2][1], [2.0, 0.5, 0.0, 1.5])
+    plain = MapBatches([maps, maps], np.arange(4), y, np.ones(4), 4, 0, aux)[0]
+    np.testing.assert_allclose(plain[2][1], [1.0, 1.0, 0.0, 1.0])
+
+
 def test_top_trains_on_intensity_views(tmp_path: Path) -> None:
     """``intensity_views``: maps of fixed intensity-augmented copies (odd ones mirrored),
     cached beside the plain maps, drawn from at random while training."""

@@ -307,11 +307,15 @@ class MapBatches(keras.utils.PyDataset):
 
     def __init__(self, sources: Sequence[np.ndarray], rows: np.ndarray, y: np.ndarray,
                  weights: np.ndarray, batch_size: int, seed: int,
-                 auxiliary: np.ndarray | None = None) -> None:
+                 auxiliary: np.ndarray | None = None,
+                 auxiliary_weights: np.ndarray | None = None) -> None:
         super().__init__()
         self.sources, self.rows = list(sources), np.asarray(rows)
         self.y, self.w = np.asarray(y, np.float32), np.asarray(weights, np.float32)
         self.aux = None if auxiliary is None else np.asarray(auxiliary, np.int64)
+        # Per-image weights of the auxiliary loss where its target is known (None: 1).
+        self.aux_w = (np.ones(len(self.rows), np.float32) if auxiliary_weights is None
+                      else np.asarray(auxiliary_weights, np.float32))
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self._shuffle()
@@ -337,7 +341,7 @@ class MapBatches(keras.utils.PyDataset):
         # The auxiliary loss counts only where its target is known.
         aux = self.aux[pick]
         return (xb, (self.y[pick], np.maximum(aux, 0)),
-                (self.w[pick], (aux >= 0).astype(np.float32)))
+                (self.w[pick], (aux >= 0) * self.aux_w[pick]))
 
     def on_epoch_end(self) -> None:
         self._shuffle()
@@ -373,9 +377,14 @@ def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarra
         name = "top" if cfg.members == 1 else f"top_{k}"
         top = build_top(cfg, plain.shape[1:], seed=member_seed, name=name,
                         auxiliary_classes=classes)
+        # A reversed target learns under the machine-balancing weights when they are given:
+        # the label then tells nothing about the machine in the adversary's data, so
+        # forgetting the machine cannot take the label's own signal with it.
+        adversary_weights = (sample_weight / np.mean(sample_weight)
+                             if cfg.auxiliary_reversed and sample_weight is not None else None)
         data = MapBatches([plain, mirrored, *views], rows, y,
                           balanced_sample_weights(y, sample_weight), cfg.batch_size,
-                          member_seed, auxiliary)
+                          member_seed, auxiliary, adversary_weights)
         schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
                                    alpha=0.01)
         epoch_logs = compile_and_fit(
