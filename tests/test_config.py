@@ -63,6 +63,7 @@ def test_overrides_replace_single_keys(tmp_path: Path) -> None:
         ("[worker]\nbatch_size = 0\n", "worker.batch_size"),
         ("[worker]\npolling = 'yes'\n", "worker.polling"),
         ("[model]\nimages_per_call = -1\n", "model.images_per_call"),
+        ("[model]\nstreams = 0\n", "model.streams"),
         ("[paths]\ninbox = ''\n", "paths.inbox"),
         ("[paths\n", "not valid TOML"),
         ("[dicom]\nallowed_modalities = 'MG'\n", "dicom.allowed_modalities"),

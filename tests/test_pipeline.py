@@ -347,3 +347,35 @@ def test_onnx_runtime_threads_sleep_between_calls(mean_model: Path) -> None:
     """Spinning threads would take the cores decoding and the database need between batches."""
     options = Scorer(mean_model).session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_streams_score_batches_side_by_side(config: Config) -> None:
+    """`[model] streams = 2`: two scoring threads share the cores (each call its share of
+    ONNX Runtime's threads), and every file still gets its own image's score, committed and
+    moved as with one stream."""
+    import dataclasses
+
+    import numpy as np
+
+    from worker.preprocess import preprocess_bytes
+
+    config = dataclasses.replace(config, batch_size=2, model_streams=2)
+    paths = [write_mammo_like(config.inbox / f"{k}.png", seed=k) for k in range(6)]
+    data = {p.name: p.read_bytes() for p in paths}
+    worker = open_worker(config)
+    assert worker.pipeline.scoring._max_workers == 2
+    options = worker.scorer.session.get_session_options()
+    assert options.intra_op_num_threads == max(1, (os.cpu_count() or 1) // 2)
+    want = {
+        name: float(worker.scorer.score_batch([preprocess_bytes(
+            raw, worker.pipeline.settings, worker.pipeline.dicom_policy)])[0])
+        for name, raw in data.items()
+    }
+    worker.watcher.run_once(timeout=10)
+    worker.close()
+    rows = _rows(config)
+    assert sorted(r[0] for r in rows) == sorted(want)
+    assert all(r[1] == SCORED and r[6] for r in rows)
+    got = {r[0]: r[2] for r in rows}
+    np.testing.assert_allclose([got[n] for n in want], list(want.values()), atol=1e-6)
+    assert len(set(got.values())) > 1  # distinct images, distinct scores

@@ -132,7 +132,8 @@ class Worker:
 def open_worker(config: Config, polling: bool | None = None) -> Worker:
     """Load the model first (the likeliest mistake), then check folders, then the database."""
     scorer = Scorer(config.model_path, config.model_sha256, config.model_threads,
-                    config.model_operating_point, config.model_images_per_call)
+                    config.model_operating_point, config.model_images_per_call,
+                    config.model_streams)
     ensure_folders(config)
     store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)

@@ -44,6 +44,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "path": ("path", "models/mammo-lite0-top-384.onnx"),
         "sha256": ("str", ""),
         "threads": ("int", 0),
+        "streams": ("int", 1),
         "images_per_call": ("int", 1),
         "operating_point": ("str", ""),
     },
@@ -77,6 +78,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
 }
 
 _POSITIVE = {
+    "model.streams",
     "worker.batch_size",
     "worker.settle_seconds",
     "worker.rescan_seconds",
@@ -103,6 +105,7 @@ class Config:
     model_path: Path
     model_sha256: str
     model_threads: int
+    model_streams: int  # ONNX Runtime calls at once (batches scored side by side)
     model_images_per_call: int  # 0: a whole batch in one ONNX Runtime call
     model_operating_point: str
     batch_size: int
@@ -288,6 +291,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         model_path=Path(values["model.path"]),
         model_sha256=values["model.sha256"],
         model_threads=values["model.threads"],
+        model_streams=values["model.streams"],
         model_images_per_call=values["model.images_per_call"],
         model_operating_point=values["model.operating_point"],
         batch_size=values["worker.batch_size"],

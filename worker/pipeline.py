@@ -17,7 +17,8 @@ turns on an advisory lock, so a copy always finds its original, whoever handles 
 
 Batches overlap, as stages in their own threads: `begin` reads and hashes a batch (decode
 threads), commits its receipt and hands its files to the decode threads for preprocessing and
-then to the scoring thread (one, so ONNX Runtime sees one batch at a time, in `begin` order);
+then to the scoring thread (one by default, so ONNX Runtime sees one batch at a time, in
+`begin` order; `[model] streams` runs several);
 `finish` waits for its scores, commits its decisions and its moves. A caller (the watcher)
 begins the next batch before it finishes this one, so that ONNX Runtime scores batch N while
 the calling thread commits and moves batch N-1 and receives batch N+1. Only the calling
@@ -166,9 +167,12 @@ class Pipeline:
         # Reading, hashing and decoding run here (file reads, hashlib and OpenCV release the
         # GIL) while ONNX Runtime scores the batch before in the scoring thread.
         self.pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode")
-        # One thread runs ONNX Runtime (which releases the GIL), batch after batch in the
-        # order they were begun, while the calling thread does the database and the moves.
-        self.scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        # ONNX Runtime (which releases the GIL) runs here, batches taken in the order they
+        # were begun, while the calling thread does the database and the moves. One thread by
+        # default; `[model] streams` scores that many batches side by side (faster on a
+        # machine whose cores one call cannot keep busy, at the cost of memory).
+        self.scoring = ThreadPoolExecutor(max_workers=scorer.streams,
+                                          thread_name_prefix="score")
         self.scoring.submit(scorer.warm_up, config.batch_size)
         # Files read and hashed a second time before their move (their stat changed, or
         # their read was before a restart): the replaced-file check, counted.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,8 +37,11 @@ class Scorer:
     """An ONNX Runtime session plus the metadata that says how to feed it."""
 
     def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0,
-                 operating_point: str = "", images_per_call: int = 0) -> None:
+                 operating_point: str = "", images_per_call: int = 0, streams: int = 1) -> None:
         self.path = Path(path)
+        # Calls the caller makes at once (ONNX Runtime sessions are safe to share): with
+        # several, each call gets its share of the cores instead of all of them.
+        self.streams = streams
         # At most this many images per ONNX Runtime call (0: no limit). A large network's
         # activations grow with the batch while its speed does not (README "Speed and memory").
         self.images_per_call = images_per_call
@@ -56,6 +60,8 @@ class Scorer:
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads
+        elif streams > 1:
+            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // streams)
         # ONNX Runtime's threads sleep between calls instead of spinning: spinning burns the
         # cores that decoding and the database need between batches (`screen process`, int8,
         # 2 cores: 43 -> 61 files/s).
