@@ -25,8 +25,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from worker.app import open_worker, setup_logging  # noqa: E402
+from worker.app import open_worker  # noqa: E402
 from worker.config import load_config  # noqa: E402
+from worker.logs import setup_logging  # noqa: E402
 from worker.pipeline import Pipeline  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))

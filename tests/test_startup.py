@@ -66,3 +66,39 @@ def test_the_cli_alone_imports_neither_onnx_runtime_nor_sqlalchemy() -> None:
                                capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "process" in help_text.stdout
 
+
+
+# `screen ARGS` with a hook that notes, when SQLAlchemy's import begins, whether the model has
+# begun loading (its thread running, or ONNX Runtime already imported by it).
+_MODEL_FIRST = """
+import json, runpy, sys, threading
+seen = {}
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sqlalchemy" and not seen:
+            seen["model_loading"] = "onnxruntime" in sys.modules or any(
+                t.name.startswith("model-load") for t in threading.enumerate())
+        return None
+sys.meta_path.insert(0, Hook())
+sys.argv = ["screen", *sys.argv[1:]]
+try:
+    runpy.run_module("worker", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, **seen}))
+"""
+
+
+def test_the_model_loads_while_the_database_layer_imports(workdir: Path) -> None:
+    """`screen process` starts loading its model (ONNX Runtime's import and session: ~0.15 s)
+    in a thread before it imports SQLAlchemy (~0.35 s), so the two overlap at start-up."""
+    write_mammo_like(workdir / "inbox" / "a.png", seed=1)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MODEL_FIRST, "--config", str(workdir / "config.toml"),
+         "process", "--timeout", "10"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["code"] in (0, None), proc.stderr
+    assert out["model_loading"] is True
+    assert (workdir / "processed" / "a.png").exists()

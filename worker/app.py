@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,16 +28,6 @@ from worker.store import Exam, ImageRecord, Store
 from worker.watcher import InboxWatcher, scan_inbox
 
 log = logging.getLogger("mammo_screen")
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """One line per event on stderr: journald keeps stderr and adds its own timestamps."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("mammo_screen")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -129,11 +119,12 @@ class Worker:
         self.store.dispose()
 
 
-def open_worker(config: Config, polling: bool | None = None) -> Worker:
-    """Load the model first (the likeliest mistake), then check folders, then the database."""
-    scorer = Scorer(config.model_path, config.model_sha256, config.model_threads,
-                    config.model_operating_point, config.model_images_per_call,
-                    config.model_streams)
+def open_worker(config: Config, polling: bool | None = None,
+                loading: Future[Scorer] | None = None) -> Worker:
+    """Load the model first (the likeliest mistake), then check folders, then the database.
+    ``loading``: the model already loading in a thread (:func:`worker.scorer.load_scorer`),
+    waited for here, so nothing is created on disk for a model that fails."""
+    scorer = loading.result() if loading is not None else Scorer.for_config(config)
     ensure_folders(config)
     store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
@@ -159,8 +150,9 @@ def _install_stop_handlers(
     return previous
 
 
-def run_watch(config: Config, polling: bool | None = None) -> None:
-    worker = open_worker(config, polling)
+def run_watch(config: Config, polling: bool | None = None,
+              loading: Future[Scorer] | None = None) -> None:
+    worker = open_worker(config, polling, loading)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
         with worker.inbox_lock(), worker.heartbeat("watch").running():
@@ -183,9 +175,10 @@ def run_process(
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     settle_now: bool = False,
+    loading: Future[Scorer] | None = None,
 ) -> ProcessSummary:
     """Handle the inbox now, then score settled exams (every open one with `settle_now`)."""
-    worker = open_worker(config)
+    worker = open_worker(config, loading=loading)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
         with worker.inbox_lock(), worker.heartbeat("process").running():
@@ -225,8 +218,7 @@ def status(config: Config) -> dict[str, Any]:
     )
     model: dict[str, Any] = {"path": str(config.model_path)}
     try:
-        scorer = Scorer(config.model_path, config.model_sha256,
-                        operating_point=config.model_operating_point)
+        scorer = Scorer.for_config(config)
         model.update(
             version=scorer.version,
             operating_point=scorer.operating_point,

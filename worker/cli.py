@@ -140,7 +140,7 @@ def cli(ctx: click.Context, config_path: Path | None, log_level: str) -> None:
       screen results --format csv      # what was scored
       screen report                    # counts and, with outcomes, confusion figures
     """
-    from worker.app import setup_logging
+    from worker.logs import setup_logging
 
     setup_logging(log_level)
     ctx.ensure_object(dict)
@@ -159,9 +159,13 @@ def watch(ctx: click.Context, polling: bool | None, **overrides: Any) -> None:
     Example:
       screen watch --inbox /data/inbox
     """
+    from worker.scorer import load_scorer
+
+    config = _config(ctx, **overrides)
+    loading = load_scorer(config)  # while the database layer imports
     from worker.app import run_watch
 
-    run_watch(_config(ctx, **overrides), polling)
+    run_watch(config, polling, loading)
 
 
 @cli.command()
@@ -192,6 +196,10 @@ def process(
     Example:
       screen process --inbox ./backlog --settle-now
     """
+    from worker.scorer import load_scorer
+
+    config = _config(ctx, **overrides)
+    loading = load_scorer(config)  # while the database layer imports
     from worker.app import run_process
 
     tty = sys.stderr.isatty()
@@ -205,7 +213,7 @@ def process(
             shown[0] = done
             click.echo(f"processed {done}/{total}", err=True)
 
-    outcome = run_process(_config(ctx, **overrides), timeout, progress, settle_now)
+    outcome = run_process(config, timeout, progress, settle_now, loading)
     results = outcome.files
     if results and tty:
         click.echo("", err=True)

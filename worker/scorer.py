@@ -6,11 +6,16 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from worker.model_metadata import ModelMetadata, ModelMetadataError
+
+if TYPE_CHECKING:
+    from worker.config import Config
 
 log = logging.getLogger("mammo_screen")
 
@@ -25,6 +30,17 @@ def call_size(images: int, images_per_call: int) -> int:
     return min(images_per_call or images, images)
 
 
+def load_scorer(config: Config) -> Future[Scorer]:
+    """Start loading the config's model (importing ONNX Runtime, building its session) in a
+    thread, so that a starting worker imports and opens the rest meanwhile; the future
+    raises what :class:`Scorer` raises."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+    try:
+        return pool.submit(Scorer.for_config, config)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -35,6 +51,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 class Scorer:
     """An ONNX Runtime session plus the metadata that says how to feed it."""
+
+    @classmethod
+    def for_config(cls, config: Config) -> Scorer:
+        """The scorer a worker with this config runs."""
+        return cls(config.model_path, config.model_sha256, config.model_threads,
+                   config.model_operating_point, config.model_images_per_call,
+                   config.model_streams)
 
     def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0,
                  operating_point: str = "", images_per_call: int = 0, streams: int = 1) -> None:
