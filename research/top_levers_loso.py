@@ -61,6 +61,13 @@ LEVERS: dict[str, TopConfig] = {
     "machine_balanced": replace(BASE, machine_balanced=True),
     "balanced_adversarial_machine_0.3": replace(BASE, machine_balanced=True,
                                                 auxiliary_weight=0.3, auxiliary_reversed=True),
+    # ... reading unit-length features, so that growing them cannot raise its loss
+    "normalised_adversarial_machine_0.3": replace(BASE, auxiliary_weight=0.3,
+                                                  auxiliary_reversed=True,
+                                                  auxiliary_normalised=True),
+    "normalised_adversarial_machine_1": replace(BASE, auxiliary_weight=1.0,
+                                                auxiliary_reversed=True,
+                                                auxiliary_normalised=True),
 }
 
 
@@ -74,13 +81,16 @@ def main() -> None:
     p.add_argument("--machine-column", required=True)
     p.add_argument("--auxiliary-column", help="the auxiliary target of auxiliary_* levers")
     p.add_argument("--cache", type=Path, default=REPO / "runs" / "cache")
+    p.add_argument("--crop", action="store_true",
+                   help="preprocess with the breast crop (each lever recorded as LEVER+crop)")
     a = p.parse_args()
     names = a.only or list(LEVERS)
     unknown = sorted(set(names) - set(LEVERS))
     if unknown:
         p.error(f"unknown levers: {', '.join(unknown)} (known: {', '.join(LEVERS)})")
 
-    preprocess = PreprocessSettings(size=BASE.size)
+    preprocess = PreprocessSettings(size=BASE.size, crop=a.crop)
+    suffix = "+crop" if a.crop else ""
     samples = [s for s in discover(a.labels_csv) if s.split != "test"]
     x, samples = cached_arrays(samples, preprocess, a.cache)
     data = PanelData.from_csv(a.labels_csv, samples, a.site_column, a.machine_column)
@@ -107,7 +117,7 @@ def main() -> None:
     for name in names:
         cfg = LEVERS[name]
         for seed in a.seeds:
-            if (name, seed) in done:
+            if (name + suffix, seed) in done:
                 continue
             target = (machine_codes if cfg.auxiliary_reversed
                       else auxiliary if cfg.auxiliary_weight else None)
@@ -115,9 +125,9 @@ def main() -> None:
                                       views=views[:cfg.intensity_views], auxiliary=target)
             loso = leave_one_site_out(data, fit_score, seed,
                                       progress=lambda line, n=name, s=seed:
-                                      print(f"[{n} seed {s}] {line}", flush=True))
+                                      print(f"[{n}{suffix} seed {s}] {line}", flush=True))
             with a.out.open("a") as fh:
-                fh.write(json.dumps({"lever": name, "seed": seed, "recipe": cfg.to_dict(),
+                fh.write(json.dumps({"lever": name + suffix, "seed": seed, "recipe": cfg.to_dict(),
                                      "auxiliary_column": a.machine_column
                                      if cfg.auxiliary_reversed else a.auxiliary_column
                                      if cfg.auxiliary_weight else None,

@@ -468,6 +468,8 @@ def test_top_auxiliary_target() -> None:
 def test_gradient_reversal_is_identity_forwards_and_negates_gradients() -> None:
     """``auxiliary_reversed``: the adversarial head's layer passes values through unchanged
     and sends the gradient back times -1, so the shared layers learn to forget the target."""
+    from dataclasses import replace
+
     import tensorflow as tf
 
     from trainer.top import GradientReversal, TopConfig, build_top
@@ -486,6 +488,19 @@ def test_gradient_reversal_is_identity_forwards_and_negates_gradients() -> None:
     assert top.get_layer("auxiliary").input is top.get_layer("gradient_reversal").output
     with pytest.raises(ValueError, match="auxiliary_reversed"):
         TopConfig(auxiliary_reversed=True)
+    # auxiliary_normalised: the adversary reads unit-length features, so growing them cannot
+    # raise its loss; the score's path is untouched.
+    unit = build_top(replace(cfg, auxiliary_normalised=True), (2, 2, 320), seed=0,
+                     auxiliary_classes=3)
+    assert (unit.get_layer("auxiliary").input
+            is unit.get_layer("auxiliary_unit_length").output)
+    assert (unit.get_layer("auxiliary_unit_length").input
+            is unit.get_layer("gradient_reversal").output)
+    maps = np.random.default_rng(0).standard_normal((4, 2, 2, 320)).astype(np.float32)
+    np.testing.assert_allclose(unit.predict(maps, verbose=0)[0],
+                               top.predict(maps, verbose=0)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="auxiliary_normalised"):
+        TopConfig(auxiliary_weight=0.3, auxiliary_normalised=True)
 
 
 def test_the_adversary_learns_under_the_machine_balancing_weights() -> None:

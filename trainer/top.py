@@ -76,6 +76,11 @@ class TopConfig:
     # head still learns it, but its gradient reaches the shared layers reversed (domain-
     # adversarial training, Ganin & Lempitsky 2015), pushing them to forget it.
     auxiliary_reversed: bool = False
+    # The reversed head reads the pooled features scaled to unit length: otherwise the shared
+    # layers can raise its loss without bound just by growing the features (measured: its
+    # loss 100-360 against ln 6 = 1.8 at chance, and the score's own loss 25), and training
+    # comes apart. Normalised, they can only turn the features away from the machine.
+    auxiliary_normalised: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.trainable_blocks < LITE0_BLOCKS:
@@ -90,6 +95,8 @@ class TopConfig:
             raise ValueError("auxiliary_weight must be at least 0")
         if self.auxiliary_reversed and not self.auxiliary_weight:
             raise ValueError("auxiliary_reversed needs an auxiliary_weight above 0")
+        if self.auxiliary_normalised and not self.auxiliary_reversed:
+            raise ValueError("auxiliary_normalised is for an auxiliary_reversed target")
 
     @property
     def first_trained(self) -> int:
@@ -166,6 +173,8 @@ def build_top(cfg: TopConfig, in_shape: tuple[int, int, int],
         return keras.Model(inputs, outputs, name=name)
     if cfg.auxiliary_reversed:
         pooled = GradientReversal(name="gradient_reversal")(pooled)
+    if cfg.auxiliary_normalised:
+        pooled = layers.UnitNormalization(name="auxiliary_unit_length")(pooled)
     auxiliary = layers.Dense(auxiliary_classes, activation="softmax", kernel_initializer=init,
                              dtype="float32", name="auxiliary")(pooled)
     return keras.Model(inputs, [outputs, auxiliary], name=name)
