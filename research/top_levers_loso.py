@@ -119,8 +119,10 @@ def main() -> None:
         for seed in a.seeds:
             if (name + suffix, seed) in done:
                 continue
-            target = (machine_codes if cfg.auxiliary_reversed
-                      else auxiliary if cfg.auxiliary_weight else None)
+            # The lever's auxiliary target and the column it comes from, if any.
+            target, column = ((machine_codes, a.machine_column) if cfg.auxiliary_reversed
+                              else (auxiliary, a.auxiliary_column) if cfg.auxiliary_weight
+                              else (None, None))
             fit_score = top_fit_score(cfg, plain, mirrored, data.y, machines=data.machines,
                                       views=views[:cfg.intensity_views], auxiliary=target)
             loso = leave_one_site_out(data, fit_score, seed,
@@ -128,9 +130,7 @@ def main() -> None:
                                       print(f"[{n}{suffix} seed {s}] {line}", flush=True))
             with a.out.open("a") as fh:
                 fh.write(json.dumps({"lever": name + suffix, "seed": seed, "recipe": cfg.to_dict(),
-                                     "auxiliary_column": a.machine_column
-                                     if cfg.auxiliary_reversed else a.auxiliary_column
-                                     if cfg.auxiliary_weight else None,
+                                     "auxiliary_column": column,
                                      "leave_one_site_out": loso}) + "\n")
     print(summary(a.out))
 

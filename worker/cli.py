@@ -12,13 +12,18 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.config import Config, ConfigError, load_config
 from worker.lock import InboxBusyError
 from worker.scorer import ModelLoadError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from worker.scorer import Scorer
 
 _USER_ERRORS = (
     ConfigError,
@@ -66,6 +71,15 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
     }
     mapped = {names[k]: v for k, v in overrides.items() if k in names}
     return load_config(ctx.obj.get("config"), mapped)
+
+
+def _config_and_model(ctx: click.Context, **overrides: Any) -> tuple[Config, Future[Scorer]]:
+    """A worker's config, and its model already loading in a thread: the caller imports the
+    database layer (`worker.app`) after this, so that the two overlap at start-up."""
+    from worker.scorer import load_scorer
+
+    config = _config(ctx, **overrides)
+    return config, load_scorer(config)
 
 
 def _since(value: str | None, param_hint: str = "--since") -> dt.datetime | None:
@@ -159,10 +173,7 @@ def watch(ctx: click.Context, polling: bool | None, **overrides: Any) -> None:
     Example:
       screen watch --inbox /data/inbox
     """
-    from worker.scorer import load_scorer
-
-    config = _config(ctx, **overrides)
-    loading = load_scorer(config)  # while the database layer imports
+    config, loading = _config_and_model(ctx, **overrides)
     from worker.app import run_watch
 
     run_watch(config, polling, loading)
@@ -196,10 +207,7 @@ def process(
     Example:
       screen process --inbox ./backlog --settle-now
     """
-    from worker.scorer import load_scorer
-
-    config = _config(ctx, **overrides)
-    loading = load_scorer(config)  # while the database layer imports
+    config, loading = _config_and_model(ctx, **overrides)
     from worker.app import run_process
 
     tty = sys.stderr.isatty()
