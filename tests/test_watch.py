@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO, watching, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
-from worker.watcher import SettleTracker
+from worker.inbox import SettleTracker
 
 
 def _wait_for_rows(db: str, n: int, timeout: float = 20.0) -> list[tuple]:
@@ -163,6 +163,44 @@ def test_settle_tracker_waits_for_stillness(tmp_path: Path) -> None:
     assert tracker.ready(10) == [p]
     p.unlink()
     assert tracker.ready(10) == [] and len(tracker) == 0
+
+
+def test_next_due_is_the_time_until_the_first_file_can_have_settled(tmp_path: Path) -> None:
+    now = [0.0]
+    tracker = SettleTracker(1.0, clock=lambda: now[0])
+    assert tracker.next_due() is None  # nothing waiting
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"a")
+    tracker.observe(a)
+    now[0] = 0.4
+    b.write_bytes(b"b")
+    tracker.observe(b)
+    assert tracker.next_due() == pytest.approx(0.6)
+    now[0] = 1.2
+    assert tracker.next_due() == 0.0
+    assert tracker.ready(10) == [a]
+    tracker.forget(a)
+    assert tracker.next_due() == pytest.approx(0.2)
+
+
+def test_an_idle_pass_waits_until_the_first_file_can_have_settled(config: Config) -> None:
+    """Not a fixed poll: a file is looked at again just after its settle time is up."""
+    worker = open_worker(config)  # settle_seconds 0.2
+    try:
+        watcher = worker.watcher
+        assert watcher._idle_wait(0.25) == pytest.approx(0.1)  # none waiting: half the settle
+        now = [0.0]
+        watcher.tracker = SettleTracker(config.settle_seconds, clock=lambda: now[0])
+        write_mammo_like(config.inbox / "a.png", seed=1)
+        watcher.tracker.observe(config.inbox / "a.png")
+        now[0] = 0.05
+        assert watcher._idle_wait(0.25) == pytest.approx(0.1)
+        now[0] = 0.16
+        assert watcher._idle_wait(0.25) == pytest.approx(0.045)
+        now[0] = 0.3  # settled, and not taken (a retry): the poll, not a spin
+        assert watcher._idle_wait(0.25) == pytest.approx(0.1)
+    finally:
+        worker.close()
 
 
 def test_sigterm_stops_the_watch_command_cleanly(workdir: Path) -> None:

@@ -20,12 +20,13 @@ from sqlalchemy.exc import DatabaseError
 from worker.config import Config, ConfigError, MissingPathError
 from worker.exams import ExamBook, ExamScoring
 from worker.heartbeat import Heartbeat, running_workers
+from worker.inbox import SettleTracker, scan_inbox
 from worker.lock import InboxLock
 from worker.pipeline import FileResult, Pipeline, ensure_folders
 from worker.schema import SchemaTooNewError
 from worker.scorer import Scorer
 from worker.store import Exam, ImageRecord, Store
-from worker.watcher import InboxWatcher, scan_inbox
+from worker.watcher import InboxWatcher
 
 log = logging.getLogger("mammo_screen")
 
@@ -120,17 +121,20 @@ class Worker:
 
 
 def open_worker(config: Config, polling: bool | None = None,
-                loading: Future[Scorer] | None = None) -> Worker:
+                loading: Future[Scorer] | None = None,
+                looked: Future[SettleTracker] | None = None) -> Worker:
     """Load the model first (the likeliest mistake), then check folders, then the database.
     ``loading``: the model already loading in a thread (:func:`worker.scorer.load_scorer`),
-    waited for here, so nothing is created on disk for a model that fails."""
+    waited for here, so nothing is created on disk for a model that fails. ``looked``: the
+    first look at the inbox, taken at start-up (:func:`worker.inbox.look_at_inbox`)."""
     scorer = loading.result() if loading is not None else Scorer.for_config(config)
     ensure_folders(config)
     store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
     exams = ExamBook(store, scorer.metadata, config.outbox, config.study_settle_seconds,
                      operating_point=scorer.operating_point)
-    watcher = InboxWatcher(config, pipeline, polling, exams)
+    tracker = looked.result() if looked is not None else None
+    watcher = InboxWatcher(config, pipeline, polling, exams, tracker)
     return Worker(config, store, scorer, pipeline, watcher, exams)
 
 
@@ -151,8 +155,9 @@ def _install_stop_handlers(
 
 
 def run_watch(config: Config, polling: bool | None = None,
-              loading: Future[Scorer] | None = None) -> None:
-    worker = open_worker(config, polling, loading)
+              loading: Future[Scorer] | None = None,
+              looked: Future[SettleTracker] | None = None) -> None:
+    worker = open_worker(config, polling, loading, looked)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
         with worker.inbox_lock(), worker.heartbeat("watch").running():
@@ -176,9 +181,10 @@ def run_process(
     progress: Callable[[int, int], None] | None = None,
     settle_now: bool = False,
     loading: Future[Scorer] | None = None,
+    looked: Future[SettleTracker] | None = None,
 ) -> ProcessSummary:
     """Handle the inbox now, then score settled exams (every open one with `settle_now`)."""
-    worker = open_worker(config, loading=loading)
+    worker = open_worker(config, loading=loading, looked=looked)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
         with worker.inbox_lock(), worker.heartbeat("process").running():

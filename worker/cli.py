@@ -23,6 +23,7 @@ from worker.scorer import ModelLoadError
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from worker.inbox import SettleTracker
     from worker.scorer import Scorer
 
 _USER_ERRORS = (
@@ -73,13 +74,19 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
     return load_config(ctx.obj.get("config"), mapped)
 
 
-def _config_and_model(ctx: click.Context, **overrides: Any) -> tuple[Config, Future[Scorer]]:
-    """A worker's config, and its model already loading in a thread: the caller imports the
-    database layer (`worker.app`) after this, so that the two overlap at start-up."""
-    from worker.scorer import load_scorer
+def _start_worker(
+    ctx: click.Context, **overrides: Any
+) -> tuple[Config, Future[Scorer], Future[SettleTracker]]:
+    """A worker's config, then two threads: its first look at the inbox (whose files' settle
+    wait starts now) and its model loading. The caller imports the database layer
+    (`worker.app`) after this, so that all three overlap at start-up."""
+    from worker.inbox import look_at_inbox
 
     config = _config(ctx, **overrides)
-    return config, load_scorer(config)
+    looked = look_at_inbox(config)  # before the scorer's imports (NumPy, OpenCV: ~0.3 s)
+    from worker.scorer import load_scorer
+
+    return config, load_scorer(config), looked
 
 
 def _since(value: str | None, param_hint: str = "--since") -> dt.datetime | None:
@@ -173,10 +180,10 @@ def watch(ctx: click.Context, polling: bool | None, **overrides: Any) -> None:
     Example:
       screen watch --inbox /data/inbox
     """
-    config, loading = _config_and_model(ctx, **overrides)
+    config, loading, looked = _start_worker(ctx, **overrides)
     from worker.app import run_watch
 
-    run_watch(config, polling, loading)
+    run_watch(config, polling, loading, looked)
 
 
 @cli.command()
@@ -207,7 +214,7 @@ def process(
     Example:
       screen process --inbox ./backlog --settle-now
     """
-    config, loading = _config_and_model(ctx, **overrides)
+    config, loading, looked = _start_worker(ctx, **overrides)
     from worker.app import run_process
 
     tty = sys.stderr.isatty()
@@ -221,7 +228,7 @@ def process(
             shown[0] = done
             click.echo(f"processed {done}/{total}", err=True)
 
-    outcome = run_process(config, timeout, progress, settle_now, loading)
+    outcome = run_process(config, timeout, progress, settle_now, loading, looked)
     results = outcome.files
     if results and tty:
         click.echo("", err=True)

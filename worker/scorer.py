@@ -31,14 +31,20 @@ def call_size(images: int, images_per_call: int) -> int:
 
 
 def load_scorer(config: Config) -> Future[Scorer]:
-    """Start loading the config's model (importing ONNX Runtime, building its session) in a
-    thread, so that a starting worker imports and opens the rest meanwhile; the future
-    raises what :class:`Scorer` raises."""
+    """Start loading the config's model (importing ONNX Runtime, building its session, one
+    warm-up call) in a thread, so that a starting worker imports and opens the rest
+    meanwhile; the future raises what :class:`Scorer` raises."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
     try:
-        return pool.submit(Scorer.for_config, config)
+        return pool.submit(_load_and_warm_up, config)
     finally:
         pool.shutdown(wait=False)
+
+
+def _load_and_warm_up(config: Config) -> Scorer:
+    scorer = Scorer.for_config(config)
+    scorer.warm_up(config.batch_size)
+    return scorer
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -68,6 +74,7 @@ class Scorer:
         # At most this many images per ONNX Runtime call (0: no limit). A large network's
         # activations grow with the batch while its speed does not (README "Speed and memory").
         self.images_per_call = images_per_call
+        self._warm_call_sizes: set[int] = set()  # the call sizes warm_up has run
         if not self.path.is_file():
             raise ModelLoadError(f"model file not found: {self.path}")
         if expected_sha256:
@@ -132,14 +139,20 @@ class Scorer:
     def warm_up(self, batch: int) -> None:
         """One call on blank images, of the size a batch of ``batch`` images is scored in:
         ONNX Runtime's first call of a shape costs about twice a steady one (its
-        allocations), and a worker would otherwise pay it on its first file. The pipeline
-        runs this in its scoring thread while the rest starts up."""
+        allocations), and a worker would otherwise pay it on its first file. A starting
+        worker runs it in the model's loading thread (:func:`load_scorer`), the pipeline
+        again in its scoring thread, where it is free once done: once per call size."""
+        n = call_size(max(1, batch), self.images_per_call)
+        if n in self._warm_call_sizes:
+            return
         size = self.metadata.preprocess.size
         blank = np.zeros((size, size, 1), np.float32)
         try:
-            self.score_batch([blank] * call_size(max(1, batch), self.images_per_call))
+            self.score_batch([blank] * n)
         except Exception as exc:  # a real batch will meet (and report) the same failure
             log.warning("model warm-up failed: %s", str(exc).splitlines()[0])
+            return
+        self._warm_call_sizes.add(n)
 
     def score_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Scores (probability of the positive class) for preprocessed (H, W, 1) arrays."""

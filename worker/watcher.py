@@ -1,9 +1,9 @@
-"""Find inbox files and hand them to the pipeline once they are completely written.
+"""Run the pipeline over the inbox, once or as files arrive, each file once it has settled.
 
 Events from watchdog are only hints: a start-up scan and a periodic rescan find whatever the
 events missed (files that arrived while the worker was down, an overflowed inotify queue, a
 network filesystem with no events). A file is read only after its size and mtime have held
-still for `settle_seconds` across two looks.
+still for `settle_seconds` across two looks (`worker.inbox`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,102 +25,10 @@ from watchdog.observers.polling import PollingObserver
 
 from worker.config import Config
 from worker.exams import ExamBook, ExamScoring
+from worker.inbox import SettleTracker, is_ignored_name, scan_inbox
 from worker.pipeline import Batch, FileResult, Pipeline
 
 log = logging.getLogger("mammo_screen")
-
-# Names that copy tools and editors use while a file is still being written.
-_TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart")
-
-
-def is_ignored_name(name: str) -> bool:
-    lower = name.lower()
-    return name.startswith((".", "~$", "~")) or lower.endswith(_TEMP_SUFFIXES)
-
-
-def scan_inbox(inbox: Path, recursive: bool = True) -> Iterator[Path]:
-    """Regular files under the inbox, skipping temporary names and not following symlinks."""
-    try:
-        entries = list(os.scandir(inbox))
-    except OSError as exc:
-        log.error("cannot scan folder=%s error=%s", inbox, exc)
-        return
-    for entry in sorted(entries, key=lambda e: e.name):
-        if is_ignored_name(entry.name):
-            continue
-        if entry.is_symlink():
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            if recursive:
-                yield from scan_inbox(Path(entry.path), recursive)
-        elif entry.is_file(follow_symlinks=False):
-            yield Path(entry.path)
-
-
-@dataclass
-class _Seen:
-    size: int
-    mtime_ns: int
-    changed_at: float  # monotonic time of the last observed change
-    first_seen: float
-
-
-class SettleTracker:
-    """Decides when a file has stopped changing. Pure bookkeeping over stat results."""
-
-    def __init__(self, settle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.settle_seconds = settle_seconds
-        self.clock = clock
-        self._seen: dict[Path, _Seen] = {}
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._seen
-
-    def observe(self, path: Path) -> None:
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except OSError:
-            self._seen.pop(path, None)
-            return
-        now = self.clock()
-        prev = self._seen.get(path)
-        if prev is None:
-            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now, now)
-        elif (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now, prev.first_seen)
-
-    def ready(self, limit: int) -> list[Path]:
-        """Up to `limit` files unchanged for settle_seconds (re-checked with a fresh stat)."""
-        out: list[Path] = []
-        for path in list(self._seen):
-            self.observe(path)
-            seen = self._seen.get(path)
-            if seen is None:
-                continue
-            if self.clock() - seen.changed_at >= self.settle_seconds:
-                out.append(path)
-                if len(out) >= limit:
-                    break
-        return out
-
-    def stale(self, after_seconds: float) -> list[Path]:
-        """Files seen for longer than `after_seconds` that have not yet settled."""
-        now = self.clock()
-        return [
-            p
-            for p, s in self._seen.items()
-            if now - s.first_seen > after_seconds and now - s.changed_at < self.settle_seconds
-        ]
-
-    def forget(self, path: Path) -> None:
-        self._seen.pop(path, None)
-
-    def pending(self) -> list[Path]:
-        return list(self._seen)
-
 
 # Batches begun ahead of the one being finished: each holds at most batch_size files' bytes
 # and tensors, so memory stays bounded whatever the backlog. One is enough to keep ONNX
@@ -170,13 +78,16 @@ class InboxWatcher:
         pipeline: Pipeline,
         polling: bool | None = None,
         exams: ExamBook | None = None,
+        tracker: SettleTracker | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.exams = exams
         self.exams_scored: list[ExamScoring] = []
         self.polling = config.polling if polling is None else polling
-        self.tracker = SettleTracker(config.settle_seconds)
+        # Given: the worker's first look at the inbox (`worker.inbox.look_at_inbox`), taken at
+        # start-up, whose files' settle wait has been running since.
+        self.tracker = tracker if tracker is not None else SettleTracker(config.settle_seconds)
         self.hints: queue.Queue[Path] = queue.Queue()
         self.stop_event = threading.Event()
         self.processed = 0
@@ -200,6 +111,17 @@ class InboxWatcher:
         if not self.config.recursive and len(rel.parts) > 1:
             return False
         return not path.is_symlink() and path.is_file()
+
+    def _idle_wait(self, longest: float) -> float:
+        """How long a pass with nothing to do waits before the next look: until the first
+        waiting file can have settled, at most `longest` or half the settle time. A fixed
+        poll made a file wait up to one more poll (0.1 s at settle_seconds 0.2) after it had
+        settled."""
+        wait = min(longest, self.config.settle_seconds / 2)
+        due = self.tracker.next_due()
+        if due:  # None: nothing waits; 0: one has settled and was left (a retry): keep the poll
+            wait = min(wait, due + 0.005)  # a little after, so that the look finds it settled
+        return wait
 
     def rescan(self) -> int:
         n = 0
@@ -332,7 +254,7 @@ class InboxWatcher:
                     for path in self.tracker.pending():
                         log.warning("still being written file=%s (left in inbox)", path)
                     break
-                time.sleep(min(0.2, self.config.settle_seconds / 2))
+                time.sleep(self._idle_wait(0.2))
         results.extend(self._finish_ahead())
         self._exam_step(settle_now)
         return results
@@ -374,7 +296,7 @@ class InboxWatcher:
                 if not done:
                     # Wait for a hint or the next settle check, whichever is first.
                     try:
-                        path = self.hints.get(timeout=min(0.25, self.config.settle_seconds / 2))
+                        path = self.hints.get(timeout=self._idle_wait(0.25))
                         self.hints.put(path)
                     except queue.Empty:
                         pass
