@@ -144,14 +144,15 @@ def screen_process(images: list[Path], n: int, model: Path, batch_size: int,
     with tempfile.TemporaryDirectory() as tmp:
         config = _workdir(Path(tmp), model, batch_size, per_call, streams)
         _drop(images, n, Path(tmp) / "inbox")
-        # A fresh wrapper per run, so RUSAGE_CHILDREN's peak is this worker's alone.
+        # A fresh wrapper per run, so RUSAGE_CHILDREN's peak is this worker's alone. It notes
+        # when it starts the worker: its own interpreter's start is not the worker's.
         wrapper = (
-            "import resource, subprocess, sys; "
+            "import resource, subprocess, sys, time; "
+            "print(time.time(), file=sys.stderr, flush=True); "
             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
             "sys.exit(r.returncode)"
         )
-        start = time.time()
         proc = subprocess.run(
             [sys.executable, "-c", wrapper, sys.executable, "-m", "worker", "--log-level",
              "WARNING", "--config", str(config), "process"],
@@ -165,9 +166,10 @@ def screen_process(images: list[Path], n: int, model: Path, batch_size: int,
             "FROM images",
         )[0]
         span = _ts(last_moved) - _ts(first_received)
+        lines = proc.stderr.strip().splitlines()
         return {"files": done, "files_per_s": done / span,
-                "peak_rss_mb": int(proc.stderr.strip().splitlines()[-1]) / 1024,
-                "cold_start_s": _ts(first_scored) - start}
+                "peak_rss_mb": int(lines[-1]) / 1024,
+                "cold_start_s": _ts(first_scored) - float(lines[0])}
 
 
 def screen_watch(images: list[Path], burst: int, trickle: int, rate: float, model: Path,

@@ -61,10 +61,12 @@ def test_pydicom_comes_with_the_first_dicom_file(workdir: Path) -> None:
 
 
 def test_the_cli_alone_imports_neither_onnx_runtime_nor_sqlalchemy() -> None:
-    """`screen --help` (and every command's parsing) loads only the CLI and the config."""
+    """`screen --help` (and every command's parsing) loads only the CLI and the config: a
+    starting worker looks at its inbox before NumPy and OpenCV are imported too."""
     proc = subprocess.run(
         [sys.executable, "-c", "import json, sys, worker.cli; print(json.dumps("
-         "[m for m in ('onnxruntime', 'sqlalchemy', 'pydicom', 'alembic') if m in sys.modules]))"],
+         "[m for m in ('onnxruntime', 'sqlalchemy', 'pydicom', 'alembic', 'numpy', 'cv2') "
+         "if m in sys.modules]))"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,6 @@ import click
 
 from worker.config import Config, ConfigError, load_config
 from worker.lock import InboxBusyError
-from worker.scorer import ModelLoadError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
 _USER_ERRORS = (
     ConfigError,
-    ModelLoadError,
     InboxBusyError,
     FileNotFoundError,
     PermissionError,
@@ -52,10 +50,22 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _USER_ERRORS as exc:
-            raise click.ClickException(_describe(exc)) from None
+        except Exception as exc:
+            if _is_user_error(exc):
+                raise click.ClickException(_describe(exc)) from None
+            raise
 
     return wrapper
+
+
+def _is_user_error(exc: Exception) -> bool:
+    if isinstance(exc, _USER_ERRORS):
+        return True
+    # The scorer's module is not imported for this check: it brings NumPy and OpenCV (~0.3 s)
+    # that a starting worker's first look at its inbox should not wait for. Only a command
+    # that imported it can raise its ModelLoadError.
+    scorer = sys.modules.get("worker.scorer")
+    return scorer is not None and isinstance(exc, scorer.ModelLoadError)
 
 
 def _config(ctx: click.Context, **overrides: Any) -> Config:

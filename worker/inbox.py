@@ -12,10 +12,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from worker.threads import run_in_thread
 
 if TYPE_CHECKING:
     from worker.config import Config
@@ -129,11 +131,9 @@ def look_at_inbox(config: Config) -> Future[SettleTracker]:
     after. The tracker goes to the worker's InboxWatcher, whose own first scan then finds
     them already waiting. Only reads: an inbox that is missing or unreadable gives an empty
     tracker here, and its one-line error comes from the worker's folder checks."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-look")
-    try:
-        return pool.submit(_first_look, config.inbox, config.recursive, config.settle_seconds)
-    finally:
-        pool.shutdown(wait=False)
+    return run_in_thread(
+        "inbox-look", _first_look, config.inbox, config.recursive, config.settle_seconds
+    )
 
 
 def _first_look(inbox: Path, recursive: bool, settle_seconds: float) -> SettleTracker:

@@ -6,13 +6,14 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from worker.model_metadata import ModelMetadata, ModelMetadataError
+from worker.threads import run_in_thread
 
 if TYPE_CHECKING:
     from worker.config import Config
@@ -34,11 +35,7 @@ def load_scorer(config: Config) -> Future[Scorer]:
     """Start loading the config's model (importing ONNX Runtime, building its session, one
     warm-up call) in a thread, so that a starting worker imports and opens the rest
     meanwhile; the future raises what :class:`Scorer` raises."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
-    try:
-        return pool.submit(_load_and_warm_up, config)
-    finally:
-        pool.shutdown(wait=False)
+    return run_in_thread("model-load", _load_and_warm_up, config)
 
 
 def _load_and_warm_up(config: Config) -> Scorer:
