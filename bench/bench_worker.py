@@ -257,7 +257,9 @@ def keras_loop(keras_file: Path, model: Path, images: list[Path], n: int) -> flo
 def make_int8(model: Path, out: Path) -> Path:
     from export.quantise import quantise_from_run
 
-    report = quantise_from_run(model, out, DATA / "labels.csv", None, 64, 200, 0, 1.0)
+    # Made to be measured, whether or not it would pass the accuracy checks.
+    report = quantise_from_run(model, out, DATA / "labels.csv", None, 64, 200, 0,
+                               max_auc_drop=1.0, max_rate_change=1.0)
     print(report.describe(), file=sys.stderr)
     return out
 

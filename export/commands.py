@@ -39,11 +39,15 @@ import click
               help="int8: images on which float and int8 AUC are compared.")
 @click.option("--max-auc-drop", default=0.005, show_default=True,
               type=click.FloatRange(min=0), help="int8: largest allowed AUC drop.")
+@click.option("--max-rate-change", default=0.02, show_default=True,
+              type=click.FloatRange(min=0),
+              help="int8: largest allowed change of sensitivity, specificity or recall rate at "
+                   "an operating point's threshold (AUC alone ignores a shift of every score).")
 @click.option("--seed", default=0, show_default=True, help="int8: seed of the image draws.")
 def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_images: int,
            images_source: Path | None, tolerance: float, opset: int, int8: bool,
            calibration_images: int, evaluation_images: int, max_auc_drop: float,
-           seed: int) -> None:
+           max_rate_change: float, seed: int) -> None:
     """Convert a trained KERAS_MODEL (best.keras) to an ONNX model the worker can serve.
 
     The ONNX file carries the preprocessing settings, the decision threshold and its rule,
@@ -58,7 +62,7 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
     if not keras_model.is_file():
         raise click.ClickException(f"Keras model not found: {keras_model}")
     int8_options = dict(n_calibration=calibration_images, n_evaluation=evaluation_images,
-                        seed=seed, max_auc_drop=max_auc_drop)
+                        seed=seed, max_auc_drop=max_auc_drop, max_rate_change=max_rate_change)
     if keras_model.suffix == ".onnx":
         if not int8:
             raise click.ClickException(f"{keras_model} is already ONNX (did you mean --int8?)")

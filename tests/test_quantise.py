@@ -12,7 +12,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantise import INT8_SUFFIX, QuantiseError, QuantiseReport, check_accuracy
+from export.quantise import (
+    INT8_SUFFIX,
+    QuantiseError,
+    QuantiseReport,
+    check_accuracy,
+    rate_changes,
+)
 from tests.conftest import write_mammo_like
 from worker.cli import cli
 from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
@@ -83,6 +89,7 @@ def test_export_int8_quantises_a_conv_model_and_keeps_its_metadata(tmp_path: Pat
     result = CliRunner().invoke(cli, [
         "export", str(model), "--int8", "--out", str(out), "--images", str(labels),
         "--calibration-images", "12", "--evaluation-images", "20", "--max-auc-drop", "1",
+        "--max-rate-change", "1",
     ])
     assert result.exit_code == 0, result.output
     assert "AUC float" in result.output and "test-conv-1-int8" in result.output
@@ -135,3 +142,30 @@ def test_accuracy_check_refuses_a_drop_over_the_limit() -> None:
     check_accuracy(report(0.80, 0.81), 0.005)  # int8 better: fine
     with pytest.raises(QuantiseError, match="below float"):
         check_accuracy(report(0.80, 0.79), 0.005)
+
+
+def test_accuracy_check_refuses_scores_that_shift_at_an_operating_point() -> None:
+    """A shift of every score keeps the AUC and moves every rate at a kept threshold: measured
+    on the shipped model's int8 form (mean shift +0.10, specificity at sens90 0.32 -> 0.10)."""
+    from worker.metrics import roc_auc
+    from worker.model_metadata import OperatingPoint
+
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 4 == 0
+    s_float = np.clip(rng.normal(0.3, 0.15, 200) + 0.2 * y, 0.0, 0.9)
+    s_int8 = s_float + 0.1  # every score up: the same order
+    assert roc_auc(y, s_float) == roc_auc(y, s_int8)
+    points = {"sens90": OperatingPoint(0.3), "recall10": OperatingPoint(0.6)}
+
+    def report(shifted: np.ndarray) -> QuantiseReport:
+        return QuantiseReport(Path("m.onnx"), "v-int8", 64, 200, "validation-split",
+                              roc_auc(y, s_float), roc_auc(y, shifted), 0.1, 10.0, 4.0,
+                              tuple(rate_changes(y, s_float, shifted, points)))
+
+    check_accuracy(report(s_float + 1e-6), 0.005, 0.02)  # the same calls
+    shifted = report(s_int8)
+    assert {c.point for c in shifted.rate_changes} == {"sens90", "recall10"}
+    with pytest.raises(QuantiseError, match="at the threshold it keeps"):
+        check_accuracy(shifted, 0.005, 0.02)
+    check_accuracy(shifted, 0.005, 1.0)  # the limit is the operator's
+    assert "largest rate change" in shifted.describe()
