@@ -9,8 +9,9 @@ labelled images (the run's validation split when known, else a seeded draw) is w
 `max_auc_drop` of the float model's on the same images, and if, at each of its operating
 points' thresholds (which it carries over from the float model), sensitivity, specificity and
 recall rate on those images move by at most `max_rate_change`: AUC alone ignores a shift of
-every score, and the int8 models measured shifted scores by +0.03 to +0.10 on average, which
-took specificity at sens90 from 0.32 to 0.10-0.14 with the AUC within 0.005.
+every score. The shipped model's int8 forms shifted scores by +0.03 to +0.10 on average, which
+took specificity at sens90 from 0.32 to 0.10-0.14, one of them with its validation AUC within
+0.005 (models/EXPERIMENTS.md).
 
 Needs onnx and onnxruntime only (no TensorFlow), so it can quantise any exported model.
 """
@@ -64,7 +65,10 @@ class RateChange:
         return abs(self.int8_value - self.float_value)
 
     def describe(self) -> str:
-        return f"{self.point} {self.rate} {self.float_value:.3f} -> {self.int8_value:.3f}"
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        return f"{self.point} {self.rate} {fmt(self.float_value)} -> {fmt(self.int8_value)}"
 
 
 def rate_changes(y: np.ndarray, s_float: np.ndarray, s_int8: np.ndarray,
@@ -116,7 +120,6 @@ class QuantiseReport:
             f"int8 {self.ms_int8_batch1:.1f} ms per image "
             f"({self.ms_float_batch1 / max(self.ms_int8_batch1, 1e-9):.2f}x)"
         )
-
 
     def _largest_rate_change(self) -> str:
         largest = self.largest_rate_change

@@ -169,3 +169,5 @@ def test_accuracy_check_refuses_scores_that_shift_at_an_operating_point() -> Non
         check_accuracy(shifted, 0.005, 0.02)
     check_accuracy(shifted, 0.005, 1.0)  # the limit is the operator's
     assert "largest rate change" in shifted.describe()
+    one_class = rate_changes(~y[y], s_float[y], s_int8[y], points)  # no cancers: no sensitivity
+    assert "n/a" in " ".join(c.describe() for c in one_class)
