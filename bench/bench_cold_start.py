@@ -11,10 +11,7 @@ checkout's median and runs; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import random
-import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -23,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
+from bench_worker import DATA, db_time, drop_files  # the same pool and files as its cold start
+
 MODEL = Path("models") / "mammo-lite0-top-384.onnx"
 
 
@@ -34,8 +31,7 @@ def cold_start(tree: Path, images: list[Path], files: int, settle: float) -> flo
         root = Path(tmp)
         for folder in ("inbox", "out", "q", "outbox"):
             (root / folder).mkdir()
-        for i in range(files):
-            shutil.copyfile(images[i % len(images)], root / "inbox" / f"f{i:05d}.jpg")
+        drop_files(images, files, root / "inbox")
         (root / "config.toml").write_text(
             f"[model]\npath = '{tree / MODEL}'\n[paths]\ninbox = 'inbox'\nprocessed = 'out'\n"
             "quarantine = 'q'\noutbox = 'outbox'\n[database]\nurl = 'sqlite:///s.db'\n"
@@ -60,7 +56,7 @@ def cold_start(tree: Path, images: list[Path], files: int, settle: float) -> flo
                 pass
         proc.terminate()
         proc.wait()
-        return dt.datetime.fromisoformat(first).replace(tzinfo=dt.UTC).timestamp() - start
+        return db_time(first) - start
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from worker.config import SCHEMA  # noqa: E402
 from worker.preprocess import preprocess_bytes, preprocess_file  # noqa: E402
-from worker.scorer import Scorer, call_size  # noqa: E402
+from worker.scorer import Scorer, call_size, threads_per_stream  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
 MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"
@@ -74,7 +74,7 @@ def bare_onnx(model: Path, images: list[Path], batch: int, streams: int = 1
     settings = Scorer(model).metadata.preprocess
     options = ort.SessionOptions()
     if streams > 1:
-        options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // streams)
+        options.intra_op_num_threads = threads_per_stream(streams)
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     arrays = [preprocess_file(p, settings) for p in images[:32]]
@@ -121,7 +121,7 @@ def _workdir(root: Path, model: Path, batch_size: int, per_call: int, streams: i
     return root / "config.toml"
 
 
-def _drop(images: list[Path], n: int, inbox: Path, prefix: str = "f") -> None:
+def drop_files(images: list[Path], n: int, inbox: Path, prefix: str = "f") -> None:
     for i in range(n):
         shutil.copyfile(images[i % len(images)], inbox / f"{prefix}{i:05d}.jpg")
 
@@ -131,7 +131,7 @@ def _db_times(db: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
 
 
-def _ts(text: str) -> float:
+def db_time(text: str) -> float:
     """The database's naive-UTC time as epoch seconds."""
     return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
 
@@ -143,7 +143,7 @@ def screen_process(images: list[Path], n: int, model: Path, batch_size: int,
     cold start (process start to first score)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = _workdir(Path(tmp), model, batch_size, per_call, streams)
-        _drop(images, n, Path(tmp) / "inbox")
+        drop_files(images, n, Path(tmp) / "inbox")
         # A fresh wrapper per run, so RUSAGE_CHILDREN's peak is this worker's alone. It notes
         # when it starts the worker: its own interpreter's start is not the worker's.
         wrapper = (
@@ -165,11 +165,11 @@ def screen_process(images: list[Path], n: int, model: Path, batch_size: int,
             "SELECT MIN(received_at), MIN(scored_at), MAX(moved_at), COUNT(moved_at) "
             "FROM images",
         )[0]
-        span = _ts(last_moved) - _ts(first_received)
+        span = db_time(last_moved) - db_time(first_received)
         lines = proc.stderr.strip().splitlines()
         return {"files": done, "files_per_s": done / span,
                 "peak_rss_mb": int(lines[-1]) / 1024,
-                "cold_start_s": _ts(first_scored) - float(lines[0])}
+                "cold_start_s": db_time(first_scored) - float(lines[0])}
 
 
 def screen_watch(images: list[Path], burst: int, trickle: int, rate: float, model: Path,
@@ -201,10 +201,10 @@ def screen_watch(images: list[Path], burst: int, trickle: int, rate: float, mode
                     time.sleep(0.2)
                 raise SystemExit(f"screen watch did not finish {total} files in {limit:.0f}s")
 
-            _drop(images, burst, root / "inbox", "b")
+            drop_files(images, burst, root / "inbox", "b")
             wait_for(burst, 60 + burst)
             first, last = _db_times(db, "SELECT MIN(received_at), MAX(moved_at) FROM images")[0]
-            burst_rate = burst / (_ts(last) - _ts(first))
+            burst_rate = burst / (db_time(last) - db_time(first))
             for i in range(trickle):
                 shutil.copyfile(images[i % len(images)], root / "inbox" / f"t{i:05d}.jpg")
                 time.sleep(1 / rate)
@@ -216,7 +216,8 @@ def screen_watch(images: list[Path], burst: int, trickle: int, rate: float, mode
             proc.wait(30)
         # The file's mtime (moved with it) says when it was last written.
         latencies = sorted(
-            _ts(moved) - ((root / "out" / name).stat().st_mtime + SETTLE) for name, moved in rows
+            db_time(moved) - ((root / "out" / name).stat().st_mtime + SETTLE)
+            for name, moved in rows
         )
         return {"burst_files_per_s": burst_rate,
                 "latency_p50_s": statistics.median(latencies),

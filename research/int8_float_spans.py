@@ -8,7 +8,8 @@ For each span: `screen export --int8`'s own measurement on the run's validation 
 drop, batch-1 speed; both limits lifted so that every form is measured), then, on 562 pool
 images outside the validation split (the float model trained on them: the drop and the score
 changes count, not the AUC), the AUC drop, the mean score change (signed and absolute) and
-sensitivity and specificity at each operating point's threshold, float -> int8. Node indices
+sensitivity and specificity at each operating point's threshold, float -> int8 (the export's
+own `rate_changes`). Node indices
 are those of `quant_pre_process`'s graph. Prints one line per span; writes nothing outside a
 temporary folder.
 """
@@ -30,7 +31,7 @@ import onnxruntime.quantization as oq  # noqa: E402
 
 import export.quantise as eq  # noqa: E402
 from trainer.dataset import discover, read_predictions  # noqa: E402
-from worker.metrics import confusion_at, rates, roc_auc  # noqa: E402
+from worker.metrics import roc_auc  # noqa: E402
 from worker.preprocess import preprocess_file  # noqa: E402
 from worker.scorer import Scorer  # noqa: E402
 
@@ -79,11 +80,9 @@ def main() -> None:
                 f"{report.ms_float_batch1 / report.ms_int8_batch1:.2f}x  |  other 562: drop "
                 f"{roc_auc(y, s_float) - roc_auc(y, s_int8):+.4f}, mean change "
                 f"{change.mean():+.3f}, mean |change| {np.abs(change).mean():.3f}")
-        for name, point in float_scorer.metadata.points.items():
-            before = rates(confusion_at(y, s_float, point.threshold))
-            after = rates(confusion_at(y, s_int8, point.threshold))
-            line += (f"; {name} sens {before['sensitivity']:.3f}->{after['sensitivity']:.3f}"
-                     f" spec {before['specificity']:.3f}->{after['specificity']:.3f}")
+        # The export's own comparison, at every operating point's threshold.
+        changes = eq.rate_changes(y, s_float, s_int8, float_scorer.metadata.points)
+        line += "".join(f"; {c.describe()}" for c in changes if c.rate != "recall_rate")
         print(line, flush=True)
 
 

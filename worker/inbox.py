@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +87,16 @@ class SettleTracker:
         elif (prev.size, prev.mtime_ns) != (st.st_size, st.st_mtime_ns):
             self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now, prev.first_seen)
 
+    def add_new(self, paths: Iterable[Path]) -> int:
+        """Observe each path not yet waiting here (a waiting one keeps its settle clock);
+        returns how many were new."""
+        n = 0
+        for path in paths:
+            if path not in self._seen:
+                self.observe(path)
+                n += 1
+        return n
+
     def ready(self, limit: int) -> list[Path]:
         """Up to `limit` files unchanged for settle_seconds (re-checked with a fresh stat)."""
         out: list[Path] = []
@@ -139,6 +149,5 @@ def look_at_inbox(config: Config) -> Future[SettleTracker]:
 def _first_look(inbox: Path, recursive: bool, settle_seconds: float) -> SettleTracker:
     tracker = SettleTracker(settle_seconds)
     if inbox.is_dir() and os.access(inbox, os.R_OK | os.X_OK):
-        for path in scan_inbox(inbox, recursive):
-            tracker.observe(path)
+        tracker.add_new(scan_inbox(inbox, recursive))
     return tracker

@@ -31,6 +31,12 @@ def call_size(images: int, images_per_call: int) -> int:
     return min(images_per_call or images, images)
 
 
+def threads_per_stream(streams: int) -> int:
+    """ONNX Runtime intra-op threads for each of ``streams`` calls made at once: the cores
+    shared between them."""
+    return max(1, (os.cpu_count() or 1) // streams)
+
+
 def load_scorer(config: Config) -> Future[Scorer]:
     """Start loading the config's model (importing ONNX Runtime, building its session, one
     warm-up call) in a thread, so that a starting worker imports and opens the rest
@@ -88,7 +94,7 @@ class Scorer:
         if threads > 0:
             options.intra_op_num_threads = threads
         elif streams > 1:
-            options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // streams)
+            options.intra_op_num_threads = threads_per_stream(streams)
         # ONNX Runtime's threads sleep between calls instead of spinning: spinning burns the
         # cores that decoding and the database need between batches (`screen process`, int8,
         # 2 cores: 43 -> 61 files/s).

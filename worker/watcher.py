@@ -124,12 +124,7 @@ class InboxWatcher:
         return wait
 
     def rescan(self) -> int:
-        n = 0
-        for path in scan_inbox(self.config.inbox, self.config.recursive):
-            if path not in self.tracker:
-                self.tracker.observe(path)
-                n += 1
-        return n
+        return self.tracker.add_new(scan_inbox(self.config.inbox, self.config.recursive))
 
     def _drain_hints(self) -> None:
         # A file sends several events (created, modified, closed) and its folder a "modified"
