@@ -43,11 +43,14 @@ import click
               type=click.FloatRange(min=0),
               help="int8: largest allowed change of sensitivity, specificity or recall rate at "
                    "an operating point's threshold (AUC alone ignores a shift of every score).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="int8: correct each convolution's bias on the calibration images, so that "
+                   "quantisation does not shift every score (export/bias_correction.py).")
 @click.option("--seed", default=0, show_default=True, help="int8: seed of the image draws.")
 def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_images: int,
            images_source: Path | None, tolerance: float, opset: int, int8: bool,
            calibration_images: int, evaluation_images: int, max_auc_drop: float,
-           max_rate_change: float, seed: int) -> None:
+           max_rate_change: float, bias_correction: bool, seed: int) -> None:
     """Convert a trained KERAS_MODEL (best.keras) to an ONNX model the worker can serve.
 
     The ONNX file carries the preprocessing settings, the decision threshold and its rule,
@@ -62,7 +65,8 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
     if not keras_model.is_file():
         raise click.ClickException(f"Keras model not found: {keras_model}")
     int8_options = dict(n_calibration=calibration_images, n_evaluation=evaluation_images,
-                        seed=seed, max_auc_drop=max_auc_drop, max_rate_change=max_rate_change)
+                        seed=seed, max_auc_drop=max_auc_drop, max_rate_change=max_rate_change,
+                        bias_correction=bias_correction)
     if keras_model.suffix == ".onnx":
         if not int8:
             raise click.ClickException(f"{keras_model} is already ONNX (did you mean --int8?)")
@@ -101,8 +105,13 @@ def _int8(float_model: Path, out_path: Path, images_source: Path | None,
           metrics_path: Path | None, options: dict) -> None:
     from export.quantise import QuantiseError, quantise_from_run
 
+    def progress(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:  # about a second a convolution at 384 px
+            click.echo(f"bias correction: {done}/{total} convolutions", err=True)
+
     try:
-        report = quantise_from_run(float_model, out_path, images_source, metrics_path, **options)
+        report = quantise_from_run(float_model, out_path, images_source, metrics_path,
+                                   progress=progress, **options)
     except QuantiseError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.describe())

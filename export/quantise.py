@@ -2,16 +2,18 @@
 
 Steps: `quant_pre_process` (shape inference and graph optimisation), then `quantize_static`
 in the QDQ format with per-channel int8 weights and uint8 activations, calibrated on real
-images preprocessed by the worker's own `preprocess_file` with the model's own settings. The
+images preprocessed by the worker's own `preprocess_file` with the model's own settings, then
+(unless turned off) bias correction on the same images (`export.bias_correction`). The
 int8 model carries the float model's metadata with `-int8` appended to its model_version, so
 the two are never confused in the database. It is written only if its ROC AUC on held-out
 labelled images (the run's validation split when known, else a seeded draw) is within
 `max_auc_drop` of the float model's on the same images, and if, at each of its operating
 points' thresholds (which it carries over from the float model), sensitivity, specificity and
 recall rate on those images move by at most `max_rate_change`: AUC alone ignores a shift of
-every score. The shipped model's int8 forms shifted scores by +0.03 to +0.10 on average, which
-took specificity at sens90 from 0.32 to 0.10-0.14, one of them with its validation AUC within
-0.005 (models/EXPERIMENTS.md).
+every score. Without bias correction the shipped model's int8 forms shifted scores by +0.03
+to +0.10 on average, which took specificity at sens90 from 0.32 to 0.10-0.14, one of them with
+its validation AUC within 0.005 (models/EXPERIMENTS.md); bias correction takes the shift to
+within 0.01.
 
 Needs onnx and onnxruntime only (no TensorFlow), so it can quantise any exported model.
 """
@@ -23,12 +25,13 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from export.bias_correction import BiasShift, correct_biases
 from trainer.dataset import DatasetError, Sample, discover, read_predictions
 from worker.metrics import confusion_at, rates, roc_auc
 from worker.model_metadata import (
@@ -95,6 +98,7 @@ class QuantiseReport:
     ms_float_batch1: float
     ms_int8_batch1: float
     rate_changes: tuple[RateChange, ...] = ()
+    bias_shifts: tuple[BiasShift, ...] = ()  # empty: no bias correction
 
     @property
     def largest_rate_change(self) -> RateChange | None:
@@ -112,7 +116,8 @@ class QuantiseReport:
 
         return (
             f"wrote {self.out_path} (model_version {self.model_version}): calibrated on "
-            f"{self.n_calibration} images; on {self.n_evaluation} {self.evaluation_source} "
+            f"{self.n_calibration} images{self._bias_correction()}; on {self.n_evaluation} "
+            f"{self.evaluation_source} "
             f"images AUC float {fmt(self.auc_float)}, int8 {fmt(self.auc_int8)} "
             f"(drop {self.auc_drop:+.4f}), largest score difference "
             f"{self.max_abs_score_diff:.4f}{self._largest_rate_change()}; "
@@ -120,6 +125,14 @@ class QuantiseReport:
             f"int8 {self.ms_int8_batch1:.1f} ms per image "
             f"({self.ms_float_batch1 / max(self.ms_int8_batch1, 1e-9):.2f}x)"
         )
+
+    def _bias_correction(self) -> str:
+        if not self.bias_shifts:
+            return ""
+        largest = max(self.bias_shifts, key=lambda b: b.shift)
+        n = len(self.bias_shifts)
+        return (f", the biases of {n} convolution{'s' if n != 1 else ''} corrected on them "
+                f"(largest mean shift {largest.shift:.4f}, {largest.conv})")
 
     def _largest_rate_change(self) -> str:
         largest = self.largest_rate_change
@@ -228,8 +241,12 @@ def quantise(
     max_auc_drop: float = 0.005,
     evaluation_source: str = "held-out",
     max_rate_change: float = 0.02,
+    bias_correction: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> QuantiseReport:
-    """Write the int8 model of `float_model` to `out_path` (atomically), or raise."""
+    """Write the int8 model of `float_model` to `out_path` (atomically), or raise. With
+    `bias_correction`, each int8 convolution's bias is corrected on the calibration images
+    (`export.bias_correction`; `progress(done, total)` after each)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -272,6 +289,11 @@ def quantise(
         except Exception as exc:  # ORT's quantiser raises many kinds
             raise QuantiseError(f"quantisation failed: {str(exc).splitlines()[0]}") from exc
         model = onnx.load(str(q))
+        try:
+            shifts = (correct_biases(onnx.load(str(pre)), model, float_scorer.input_name,
+                                     cal_arrays, progress) if bias_correction else [])
+        except Exception as exc:  # ONNX Runtime raises its own types
+            raise QuantiseError(f"bias correction failed: {str(exc).splitlines()[0]}") from exc
         props = dict(float_scorer.session.get_modelmeta().custom_metadata_map)
         version = props[KEY_MODEL_VERSION] + INT8_SUFFIX
         props[KEY_MODEL_VERSION] = version
@@ -304,6 +326,7 @@ def quantise(
             ms_int8_batch1=_ms_per_image(int8_scorer, cal_arrays),
             rate_changes=tuple(rate_changes(y, s_float, s_int8, float_scorer.metadata.points))
             if len(y) else (),
+            bias_shifts=tuple(shifts),
         )
         check_accuracy(report, max_auc_drop, max_rate_change)
         os.replace(final, out_path)
@@ -320,6 +343,8 @@ def quantise_from_run(
     seed: int = 0,
     max_auc_drop: float = 0.005,
     max_rate_change: float = 0.02,
+    bias_correction: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> QuantiseReport:
     """`screen export --int8`: images from the labelled pool (`images_source`: its labels CSV
     or the folder holding labels.csv; default the training source recorded in metrics.json),
@@ -351,4 +376,6 @@ def quantise_from_run(
         max_auc_drop=max_auc_drop,
         evaluation_source=source_name,
         max_rate_change=max_rate_change,
+        bias_correction=bias_correction,
+        progress=progress,
     )

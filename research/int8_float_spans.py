@@ -3,6 +3,10 @@ left in float, and measure each form against the float model.
 
     python research/int8_float_spans.py 12:29 0:12 ...   (node index spans, end exclusive;
                                                          0:0 quantises every node)
+        [--variant reduce-range|int8-symmetric|per-tensor|entropy] [--no-bias-correction]
+
+`--variant` changes the quantiser's settings (`VARIANTS`); `--no-bias-correction` leaves out
+the export's bias correction (`export/bias_correction.py`).
 
 For each span: `screen export --int8`'s own measurement on the run's validation split (AUC
 drop, batch-1 speed; both limits lifted so that every form is measured), then, on 562 pool
@@ -16,6 +20,7 @@ temporary folder.
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import tempfile
@@ -40,12 +45,27 @@ POOL = REPO.parent / "shared" / "data" / "mammo-3383"
 RUN = REPO / "runs" / "top384s"  # the shipped model's training run (its validation split)
 
 
-def with_span_in_float(start: int, end: int) -> None:
-    """Make export.quantise leave nodes [start, end) of its pre-processed graph in float."""
+# Quantiser settings other than the export's (min-max ranges, uint8 activations, per-channel
+# int8 weights), for `--variant`; entropy calibration keeps every tensor's histogram and is
+# run on 16 calibration images (percentile ran out of 24 GB at 64).
+VARIANTS: dict[str, dict] = {
+    "minmax": {},
+    "reduce-range": {"reduce_range": True},
+    "int8-symmetric": {"activation_type": oq.QuantType.QInt8,
+                       "extra_options": {"ActivationSymmetric": True}},
+    "per-tensor": {"per_channel": False},
+    "entropy": {"calibrate_method": oq.CalibrationMethod.Entropy},
+}
+
+
+def quantise_as(start: int, end: int, variant: str) -> None:
+    """Make export.quantise leave nodes [start, end) of its pre-processed graph in float and
+    use `variant`'s settings."""
     quantize_static = oq.quantize_static
 
     def patched(pre: str, out: str, reader: object, **kwargs: object) -> None:
         nodes = list(onnx.load(pre).graph.node)
+        kwargs.update(VARIANTS[variant])
         quantize_static(pre, out, reader, nodes_to_exclude=[n.name for n in nodes[start:end]],
                         **kwargs)
 
@@ -59,7 +79,13 @@ def other_images(n: int = 562, seed: int = 7) -> list:
 
 
 def main() -> None:
-    spans = [tuple(int(v) for v in arg.split(":")) for arg in sys.argv[1:]] or [(0, 0)]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spans", nargs="*", default=["0:0"])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="minmax")
+    parser.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                        help="as `screen export --int8 --no-bias-correction`")
+    args = parser.parse_args()
+    spans = [tuple(int(v) for v in arg.split(":")) for arg in args.spans]
     float_scorer = Scorer(MODEL)
     images = other_images()
     arrays = [preprocess_file(im.path, float_scorer.metadata.preprocess) for im in images]
@@ -68,15 +94,20 @@ def main() -> None:
     real = oq.quantize_static
     for start, end in spans:
         oq.quantize_static = real
-        with_span_in_float(start, end)
+        quantise_as(start, end, args.variant)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "int8.onnx"
             report = eq.quantise_from_run(MODEL, out, POOL / "labels.csv", RUN / "metrics.json",
                                           n_evaluation=562, max_auc_drop=1.0,
-                                          max_rate_change=1.0)
+                                          n_calibration=16 if args.variant == "entropy" else 64,
+                                          max_rate_change=1.0,
+                                          bias_correction=args.bias_correction)
             s_int8 = eq._scores(Scorer(out), arrays)
         change = s_int8 - s_float
-        line = (f"float {start}:{end}  validation: drop {report.auc_drop:+.4f}, "
+        corrected = "" if args.bias_correction else " no-bias-correction"
+        line = (f"float {start}:{end} {args.variant}{corrected}  validation: drop "
+                f"{report.auc_drop:+.4f}, largest rate change "
+                f"{report.largest_rate_change.describe()}, "
                 f"{report.ms_float_batch1 / report.ms_int8_batch1:.2f}x  |  other 562: drop "
                 f"{roc_auc(y, s_float) - roc_auc(y, s_int8):+.4f}, mean change "
                 f"{change.mean():+.3f}, mean |change| {np.abs(change).mean():.3f}")

@@ -171,3 +171,43 @@ def test_accuracy_check_refuses_scores_that_shift_at_an_operating_point() -> Non
     assert "largest rate change" in shifted.describe()
     one_class = rate_changes(~y[y], s_float[y], s_int8[y], points)  # no cancers: no sensitivity
     assert "n/a" in " ".join(c.describe() for c in one_class)
+
+
+def test_bias_correction_removes_each_convolutions_mean_shift(tmp_path: Path) -> None:
+    """Quantised as the export does, the conv's output mean moves off the float one's; after
+    correction, what is left on the same images is the rounding to the bias's int32 steps."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from export.bias_correction import channel_means, correct_biases
+    from export.quantise import _reader
+
+    pre, q = tmp_path / "pre.onnx", tmp_path / "q.onnx"
+    quant_pre_process(str(make_conv_model(tmp_path / "conv.onnx")), str(pre),
+                      skip_symbolic_shape=True)
+    labels = make_pool(tmp_path / "pool", n=12)
+    settings = PreprocessSettings(size=SIZE)
+    arrays = [preprocess_file(p, settings) for p in sorted(labels.parent.rglob("*.png"))]
+    quantize_static(str(pre), str(q), _reader(INPUT_NAME, arrays), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    float_graph, model = onnx.load(str(pre)), onnx.load(str(q))
+    (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
+    (float_conv,) = [n for n in float_graph.graph.node if n.op_type == "Conv"]
+    bias_dq = next(n for n in model.graph.node if n.output[0] == conv.input[2])
+    step = numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == bias_dq.input[1]))
+    expected = channel_means(float_graph, INPUT_NAME, [float_conv.output[0]], arrays)
+
+    def shift() -> np.ndarray:
+        return (channel_means(model, INPUT_NAME, [conv.output[0]], arrays)[conv.output[0]]
+                - expected[float_conv.output[0]])
+
+    before = shift()
+    assert np.abs(before).max() > 5 * step.max()  # a shift worth correcting
+    done: list[tuple[int, int]] = []
+    shifts = correct_biases(float_graph, model, INPUT_NAME, arrays,
+                            lambda i, n: done.append((i, n)))
+    assert [s.conv for s in shifts] == [conv.name] and done == [(1, 1)]
+    assert shifts[0].shift == pytest.approx(np.abs(before).mean())
+    np.testing.assert_array_less(np.abs(shift()), step / 2 + 1e-6)
