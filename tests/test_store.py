@@ -27,8 +27,18 @@ def test_wal_and_busy_timeout(tmp_path: Path) -> None:
         assert con.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
-def test_one_open_row_per_path_and_content(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new database on SQLite, then on PostgreSQL (skipped without a server)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 's.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def test_one_open_row_per_path_and_content(any_url: str) -> None:
+    """The exactly-once index, partial on both databases (on PostgreSQL its predicate is
+    added as the table is created: worker.store `_open_file_index_on_postgresql`)."""
+    store = Store(any_url)
     with store.write() as s:
         s.add(_row())
     with pytest.raises(IntegrityError), store.write() as s:
@@ -40,6 +50,7 @@ def test_one_open_row_per_path_and_content(tmp_path: Path) -> None:
     with store.write() as s:
         s.add(_row())  # dropped again after the first was finished and moved: a new row
     assert len(store.all_images()) == 2
+    store.dispose()
 
 
 def test_write_rolls_back_on_error(tmp_path: Path) -> None:

@@ -73,6 +73,10 @@ class Base(DeclarativeBase):
     pass
 
 
+OPEN_FILE_INDEX = "uq_images_open_file"
+OPEN_FILE = "moved_at IS NULL"  # a row whose file has not yet left the inbox
+
+
 class ImageRecord(Base):
     __tablename__ = "images"
 
@@ -105,16 +109,23 @@ class ImageRecord(Base):
     claimed_by: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
 
     __table_args__ = (
-        # At most one unfinished row per (inbox path, content): the exactly-once guard.
+        # At most one unfinished row per (inbox path, content): the exactly-once guard. Its
+        # predicate on PostgreSQL is added when the table is created there
+        # (`_open_file_index_on_postgresql`).
         Index(
-            "uq_images_open_file",
-            "source_path",
-            "sha256",
-            unique=True,
-            sqlite_where=text("moved_at IS NULL"),
-            postgresql_where=text("moved_at IS NULL"),
+            OPEN_FILE_INDEX, "source_path", "sha256", unique=True, sqlite_where=text(OPEN_FILE)
         ),
     )
+
+
+@event.listens_for(ImageRecord.__table__, "before_create")
+def _open_file_index_on_postgresql(table: Any, connection: Any, **_: Any) -> None:
+    """Give the exactly-once index its predicate on PostgreSQL, as the table is created there.
+    Named in the model, `postgresql_where` would make SQLAlchemy import its PostgreSQL dialect
+    with this module: about 25 ms of every worker's start, on SQLite too."""
+    if connection.dialect.name == "postgresql":
+        (index,) = [i for i in table.indexes if i.name == OPEN_FILE_INDEX]
+        index.dialect_options["postgresql"]["where"] = text(OPEN_FILE)
 
 
 class Event(Base):
