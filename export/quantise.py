@@ -217,6 +217,22 @@ def _reader(input_name: str, arrays: Sequence[np.ndarray], batch: int = 8):  # t
     return _Batches()
 
 
+def quantise_graph(float_model: Path, pre: Path, out: Path, input_name: str,
+                   arrays: Sequence[np.ndarray]) -> None:
+    """The export's quantisation, without its checks: `float_model` pre-processed to `pre`
+    (shape inference, graph optimisation), then quantised to `out` (static QDQ, per-channel
+    int8 weights, uint8 activations, min-max ranges over `arrays`)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # ONNX shape inference suffices for a CNN (symbolic inference is for transformers'
+    # dynamic dims, and would need sympy).
+    quant_pre_process(str(float_model), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), _reader(input_name, arrays),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
 def _ms_per_image(scorer: Scorer, arrays: Sequence[np.ndarray], repeats: int = 15) -> float:
     scorer.score_batch(arrays[:1])  # warm-up
     times = []
@@ -248,8 +264,6 @@ def quantise(
     `bias_correction`, each int8 convolution's bias is corrected on the calibration images
     (`export.bias_correction`; `progress(done, total)` after each)."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
         float_scorer = Scorer(float_model)
@@ -274,18 +288,7 @@ def quantise(
         q = Path(tmp) / "int8.onnx"
         final = Path(tmp) / "final.onnx"
         try:
-            # ONNX shape inference suffices for a CNN (symbolic inference is for
-            # transformers' dynamic dims, and would need sympy).
-            quant_pre_process(str(float_model), str(pre), skip_symbolic_shape=True)
-            quantize_static(
-                str(pre),
-                str(q),
-                _reader(float_scorer.input_name, cal_arrays),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+            quantise_graph(float_model, pre, q, float_scorer.input_name, cal_arrays)
         except Exception as exc:  # ORT's quantiser raises many kinds
             raise QuantiseError(f"quantisation failed: {str(exc).splitlines()[0]}") from exc
         model = onnx.load(str(q))

@@ -93,6 +93,7 @@ def test_export_int8_quantises_a_conv_model_and_keeps_its_metadata(tmp_path: Pat
     ])
     assert result.exit_code == 0, result.output
     assert "AUC float" in result.output and "test-conv-1-int8" in result.output
+    assert "the biases of 1 convolution corrected" in result.output  # on by default
 
     q = onnx.load(str(out))
     ops = {n.op_type for n in q.graph.node}
@@ -176,21 +177,14 @@ def test_accuracy_check_refuses_scores_that_shift_at_an_operating_point() -> Non
 def test_bias_correction_removes_each_convolutions_mean_shift(tmp_path: Path) -> None:
     """Quantised as the export does, the conv's output mean moves off the float one's; after
     correction, what is left on the same images is the rounding to the bias's int32 steps."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     from export.bias_correction import channel_means, correct_biases
-    from export.quantise import _reader
+    from export.quantise import quantise_graph
 
     pre, q = tmp_path / "pre.onnx", tmp_path / "q.onnx"
-    quant_pre_process(str(make_conv_model(tmp_path / "conv.onnx")), str(pre),
-                      skip_symbolic_shape=True)
     labels = make_pool(tmp_path / "pool", n=12)
     settings = PreprocessSettings(size=SIZE)
     arrays = [preprocess_file(p, settings) for p in sorted(labels.parent.rglob("*.png"))]
-    quantize_static(str(pre), str(q), _reader(INPUT_NAME, arrays), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    quantise_graph(make_conv_model(tmp_path / "conv.onnx"), pre, q, INPUT_NAME, arrays)
     float_graph, model = onnx.load(str(pre)), onnx.load(str(q))
     (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
     (float_conv,) = [n for n in float_graph.graph.node if n.op_type == "Conv"]
