@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from trainer.dataset import read_predictions
+from worker.model_file import file_sha256
 from worker.model_metadata import (
     AGGREGATION_LEVELS,
     DEFAULT_AGGREGATION,
@@ -39,7 +40,7 @@ from worker.model_metadata import (
     OperatingPoint,
 )
 from worker.preprocess import PreprocessSettings, preprocess_file
-from worker.scorer import Scorer, file_sha256
+from worker.scorer import Scorer
 
 OPSET = 17
 TOLERANCE = 1e-4

@@ -18,6 +18,7 @@ import click
 
 from worker.config import Config, ConfigError, load_config
 from worker.lock import InboxBusyError
+from worker.model_file import ModelLoadError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 _USER_ERRORS = (
     ConfigError,
+    ModelLoadError,
     InboxBusyError,
     FileNotFoundError,
     PermissionError,
@@ -50,22 +52,10 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:
-            if _is_user_error(exc):
-                raise click.ClickException(_describe(exc)) from None
-            raise
+        except _USER_ERRORS as exc:
+            raise click.ClickException(_describe(exc)) from None
 
     return wrapper
-
-
-def _is_user_error(exc: Exception) -> bool:
-    if isinstance(exc, _USER_ERRORS):
-        return True
-    # The scorer's module is not imported for this check: it brings NumPy and OpenCV (~0.3 s)
-    # that a starting worker's first look at its inbox should not wait for. Only a command
-    # that imported it can raise its ModelLoadError.
-    scorer = sys.modules.get("worker.scorer")
-    return scorer is not None and isinstance(exc, scorer.ModelLoadError)
 
 
 def _config(ctx: click.Context, **overrides: Any) -> Config:
@@ -455,7 +445,7 @@ def report(
     """
     from worker.app import open_store
     from worker.report import audit, format_report
-    from worker.scorer import ModelLoadError, Scorer
+    from worker.scorer import Scorer
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from worker.model_file import ModelLoadError, check_model_file
 from worker.model_metadata import ModelMetadata, ModelMetadataError
 from worker.threads import run_in_thread
 
@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from worker.config import Config
 
 log = logging.getLogger("mammo_screen")
-
-
-class ModelLoadError(RuntimeError):
-    """The configured model cannot be used; the message is one line for the operator."""
 
 
 def call_size(images: int, images_per_call: int) -> int:
@@ -50,14 +46,6 @@ def _load_and_warm_up(config: Config) -> Scorer:
     return scorer
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Scorer:
     """An ONNX Runtime session plus the metadata that says how to feed it."""
 
@@ -78,14 +66,7 @@ class Scorer:
         # activations grow with the batch while its speed does not (README "Speed and memory").
         self.images_per_call = images_per_call
         self._warm_call_sizes: set[int] = set()  # the call sizes warm_up has run
-        if not self.path.is_file():
-            raise ModelLoadError(f"model file not found: {self.path}")
-        if expected_sha256:
-            actual = file_sha256(self.path)
-            if actual != expected_sha256.lower():
-                raise ModelLoadError(
-                    f"model {self.path} has SHA-256 {actual}, config expects {expected_sha256}"
-                )
+        check_model_file(self.path, expected_sha256)
         # Imported here, not at the top: `screen --help` and the commands that only read the
         # database need no ONNX Runtime (about 0.2 s and 35 MB).
         import onnxruntime as ort
