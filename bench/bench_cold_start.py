@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_worker import DATA, db_time, drop_files  # the same pool and files as its cold start
+# The same pool, files and worker settings as bench_worker.py's cold start.
+from bench_worker import DATA, db_time, drop_files, workdir
 
 MODEL = Path("models") / "mammo-lite0-top-384.onnx"
 
@@ -29,19 +30,13 @@ def cold_start(tree: Path, images: list[Path], files: int, settle: float) -> flo
     """Seconds from starting `screen process` in `tree` to its first committed score."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for folder in ("inbox", "out", "q", "outbox"):
-            (root / folder).mkdir()
+        config = workdir(root, tree / MODEL, settle=settle)
         drop_files(images, files, root / "inbox")
-        (root / "config.toml").write_text(
-            f"[model]\npath = '{tree / MODEL}'\n[paths]\ninbox = 'inbox'\nprocessed = 'out'\n"
-            "quarantine = 'q'\noutbox = 'outbox'\n[database]\nurl = 'sqlite:///s.db'\n"
-            f"[worker]\nsettle_seconds = {settle}\n"
-        )
         time.sleep(1.0)  # the files at rest, and the copies' writes off the disk
         start = time.time()
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--log-level", "WARNING", "--config",
-             str(root / "config.toml"), "process"],
+             str(config), "process"],
             cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         first = None

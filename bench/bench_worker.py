@@ -109,14 +109,17 @@ def preprocess_ms(model: Path, images: list[Path]) -> float:
     )
 
 
-def _workdir(root: Path, model: Path, batch_size: int, per_call: int, streams: int) -> Path:
+def workdir(root: Path, model: Path, batch_size: int = SCHEMA["worker"]["batch_size"][1],
+            per_call: int = SCHEMA["model"]["images_per_call"][1],
+            streams: int = SCHEMA["model"]["streams"][1], settle: float = SETTLE) -> Path:
+    """A worker's folders and config.toml under `root` (the worker's defaults unless given)."""
     for d in ("inbox", "out", "q", "outbox"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "config.toml").write_text(
         f"[model]\npath = '{model}'\nimages_per_call = {per_call}\nstreams = {streams}\n"
         "[paths]\ninbox = 'inbox'\nprocessed = 'out'\n"
         "quarantine = 'q'\noutbox = 'outbox'\n[database]\nurl = 'sqlite:///s.db'\n"
-        f"[worker]\nsettle_seconds = {SETTLE}\nbatch_size = {batch_size}\n"
+        f"[worker]\nsettle_seconds = {settle}\nbatch_size = {batch_size}\n"
     )
     return root / "config.toml"
 
@@ -142,7 +145,7 @@ def screen_process(images: list[Path], n: int, model: Path, batch_size: int,
     the last committed, so start-up and the settle wait are not counted), peak RSS, and the
     cold start (process start to first score)."""
     with tempfile.TemporaryDirectory() as tmp:
-        config = _workdir(Path(tmp), model, batch_size, per_call, streams)
+        config = workdir(Path(tmp), model, batch_size, per_call, streams)
         drop_files(images, n, Path(tmp) / "inbox")
         # A fresh wrapper per run, so RUSAGE_CHILDREN's peak is this worker's alone. It notes
         # when it starts the worker: its own interpreter's start is not the worker's.
@@ -178,7 +181,7 @@ def screen_watch(images: list[Path], burst: int, trickle: int, rate: float, mode
     (latency from settled to committed, p50 and p95)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = _workdir(root, model, batch_size, per_call, streams)
+        config = workdir(root, model, batch_size, per_call, streams)
         db = root / "s.db"
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--log-level", "INFO", "--config", str(config),
