@@ -126,7 +126,8 @@ def workdir(root: Path, model: Path, batch_size: int = SCHEMA["worker"]["batch_s
 
 def drop_files(images: list[Path], n: int, inbox: Path, prefix: str = "f") -> None:
     for i in range(n):
-        shutil.copyfile(images[i % len(images)], inbox / f"{prefix}{i:05d}.jpg")
+        source = images[i % len(images)]
+        shutil.copyfile(source, inbox / f"{prefix}{i:05d}{source.suffix}")
 
 
 def _db_times(db: Path, sql: str) -> list[tuple]:

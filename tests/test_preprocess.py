@@ -44,15 +44,27 @@ def test_resizes_to_model_size(tmp_path: Path, size: int) -> None:
     assert preprocess_file(p, PreprocessSettings(size=size)).shape == (size, size, 1)
 
 
-def test_non_square_is_padded_not_stretched() -> None:
-    # A 100x50 white rectangle padded to 100x100 keeps half its area white.
+def _bright_portrait() -> np.ndarray:
     arr = np.zeros((100, 50), np.uint8)
     arr[:, :] = 200
     arr[:5, :5] = 0  # dark corners so the polarity rule leaves it alone
     arr[:5, -5:] = 0
     arr[-5:, :5] = 0
     arr[-5:, -5:] = 0
-    x = preprocess_bytes(_png_bytes(arr), PreprocessSettings(size=100))
+    return arr
+
+
+def test_non_square_is_stretched_by_default() -> None:
+    # v3: the development pool's squares were stretched from portrait originals, so a
+    # 100x50 white rectangle fills (nearly) all of the 100x100 input.
+    x = preprocess_bytes(_png_bytes(_bright_portrait()), PreprocessSettings(size=100))
+    assert float((x > 0.5).mean()) > 0.9
+
+
+def test_non_square_is_padded_when_asked() -> None:
+    # A 100x50 white rectangle padded to 100x100 keeps half its area white.
+    s = PreprocessSettings(size=100, pad_square=True)
+    x = preprocess_bytes(_png_bytes(_bright_portrait()), s)
     bright = float((x > 0.5).mean())
     assert 0.45 < bright < 0.52
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.preprocess import ImageError
+from worker.reduction import JPEG_REDUCED, Reduction, reduce_to
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -113,16 +114,26 @@ def is_dicom_file(path: str | Path) -> bool:
 # ---- the header -------------------------------------------------------------------------------
 
 
-def _dcmread(data: bytes, stop_before_pixels: bool) -> Dataset:
+def _dcmread(data: bytes | Path, stop_before_pixels: bool) -> Dataset:
+    """Parse a data set from its bytes or its file (a file: Pixel Data read once, no copy of
+    the whole file in memory besides)."""
     import pydicom
 
-    force = data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
+    head = data if isinstance(data, bytes) else _head(data)
+    force = head[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        return pydicom.dcmread(
-            io.BytesIO(data), force=force, stop_before_pixels=stop_before_pixels
-        )
+        return pydicom.dcmread(source, force=force, stop_before_pixels=stop_before_pixels)
     except Exception as exc:  # pydicom raises many types for cut or garbled headers
         raise ImageError(f"not a readable DICOM file: {_one_line(exc)}") from exc
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(_MAGIC_OFFSET + 4)
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror}") from exc
 
 
 def _is_image(ds: Dataset) -> bool:
@@ -130,7 +141,7 @@ def _is_image(ds: Dataset) -> bool:
     return "Rows" in ds or "SOPClassUID" in ds
 
 
-def read_dicom(data: bytes) -> Dataset:
+def read_dicom(data: bytes | Path) -> Dataset:
     """The header of a DICOM file, without its pixel data (for identity and checks).
 
     Raises :class:`ImageError` when the bytes are not a readable DICOM data set.
@@ -141,7 +152,7 @@ def read_dicom(data: bytes) -> Dataset:
     return ds
 
 
-def _read_with_pixels(data: bytes) -> Dataset:
+def _read_with_pixels(data: bytes | Path) -> Dataset:
     """The whole data set, Pixel Data as undecoded bytes."""
     ds = _dcmread(data, stop_before_pixels=False)
     if _is_image(ds):
@@ -286,6 +297,39 @@ def _has_voi_lut(ds: Dataset) -> bool:
     return bool(seq) and seq[0].get("LUTDescriptor") is not None and "LUTData" in seq[0]
 
 
+def voi_lut_table(item: Dataset) -> tuple[np.ndarray, int, int]:
+    """A VOI LUT Sequence item's (table, first mapped value, output bits), read as viewers do.
+
+    PS3.3 C.11.2.1.1: with 8-bit entries the LUT Data holds one byte per entry (value length
+    = number of entries, padded to even), but some implementations pad each entry to a
+    16-bit word; the value length tells the two apart. pydicom unpacks OW data as 16-bit words
+    whatever the descriptor says, so the bytes are read here. Where the data's largest entry
+    does not fit the descriptor's bit count, the data wins (as Horos, Cornerstone and dicom-rs
+    do): scaling by the descriptor would clip the picture.
+    """
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    raw = item["LUTData"].value
+    if isinstance(raw, (bytes, bytearray)):
+        data = bytes(raw)
+    else:  # read as US: the values of 16-bit words
+        values = [raw] if isinstance(raw, int) else list(raw)
+        data = np.asarray(values, dtype="<u2").tobytes()
+    if bits <= 8 and len(data) in (entries, entries + 1):
+        table = np.frombuffer(data[:entries], dtype=np.uint8)
+    elif len(data) >= 2 * entries:
+        # 16-bit words; 8-bit entries padded to words keep their value in the low byte,
+        # except from writers that put it in the high byte (and leave the low one zero).
+        table = np.frombuffer(data[: 2 * entries], dtype="<u2")
+        if bits <= 8 and table.any() and not (table & 0xFF).any():
+            table = table >> 8
+    else:
+        raise ValueError(f"VOI LUT Data holds {len(data)} bytes for {entries} entries")
+    largest = int(table.max()) if table.size else 0
+    bits = max(bits, largest.bit_length())
+    return table, first, bits
+
+
 def to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """Stored values -> the displayed grey level, float32 in [0, 1] (0 = dark).
 
@@ -295,14 +339,14 @@ def to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    if ds.get("ModalityLUTSequence") and not np.issubdtype(stored.dtype, np.integer):
+        stored = np.rint(stored).astype(np.int64)  # a LUT is indexed by whole stored values
     values = apply_modality_lut(stored, ds)
     if _has_voi_lut(ds):
-        descriptor = ds.VOILUTSequence[0].LUTDescriptor
-        entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
-        # LUT input is integral; clip first so pydicom's uint16 index cannot wrap around.
-        index = np.clip(np.rint(values), first, first + entries - 1).astype(np.int64)
-        out = apply_voi_lut(index, ds, prefer_lut=True).astype(np.float64)
-        x = out / float(2 ** int(descriptor[2]) - 1)
+        table, first, bits = voi_lut_table(ds.VOILUTSequence[0])
+        # LUT input is integral; values outside the table take its first or last entry.
+        index = np.clip(np.rint(values), first, first + len(table) - 1).astype(np.int64)
+        x = table[index - first] / float(2**bits - 1)
     elif _has_window(ds):
         lo, hi = _stored_range(ds)
         x = (apply_voi_lut(values, ds, prefer_lut=True) - lo) / (hi - lo)
@@ -331,9 +375,17 @@ def needs_inversion(ds: Dataset) -> bool:
 
 
 def decode_dicom(
-    data: bytes, max_pixels: int, policy: DicomPolicy | None = None
+    data: bytes | Path,
+    max_pixels: int,
+    policy: DicomPolicy | None = None,
+    reduction: Reduction | None = None,
 ) -> DicomImage:
-    """Check the header, decode the pixels, and return the displayed image with its header."""
+    """Check the header, decode the pixels, and return the displayed image with its header.
+
+    `reduction`: a large image is brought down to the model's geometry on its stored values
+    (worker.reduction) before the grey-level transforms, which then run on the small image.
+    Only one full-size array lives at a time, and only until it is reduced.
+    """
     from pydicom.dataset import FileMetaDataset
 
     policy = policy or DicomPolicy()
@@ -344,17 +396,61 @@ def decode_dicom(
         ds.file_meta = FileMetaDataset()
     if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: say how it was read
         ds.file_meta.TransferSyntaxUID = uid
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    target = reduction.target(rows, cols) if reduction else None
+    scale = reduction.decoder_scale(rows, cols) if reduction else 1
     try:
-        stored = ds.pixel_array
+        stored = _stored_pixels(ds, uid, scale)
     except Exception as exc:  # each decoder plugin raises its own types for corrupt data
         raise ImageError(
             f"cannot decode DICOM pixel data ({uid.name}; corrupt or truncated): {_one_line(exc)}"
         ) from exc
+    del ds.PixelData  # the header is what callers keep; the pixels are in `stored`
     if stored.ndim != 2:
         raise ImageError(f"DICOM pixel data has shape {stored.shape}, expected one 2D image")
+    if target is not None:
+        stored = reduce_to(stored, target)
     try:
         pixels = to_display(stored, ds)
     except (ValueError, NotImplementedError, AttributeError, IndexError, TypeError) as exc:
         raise ImageError(f"cannot apply the DICOM grey-level transforms: {_one_line(exc)}") from exc
-    del ds.PixelData  # the header is what callers keep; the pixels are in `pixels`
     return DicomImage(pixels=pixels, dataset=ds)
+
+
+# JPEG 2000 syntaxes whose codestream keeps resolution levels (Part 1 and High-Throughput).
+_J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+def _stored_pixels(ds: Dataset, uid: UID, scale: int) -> np.ndarray:
+    """The stored values, divided in size by up to `scale` where the codec can stop early
+    (JPEG 2000 resolution levels through the system's OpenJPEG; libjpeg's scaling for 8-bit
+    baseline JPEG); otherwise pydicom decodes the whole frame."""
+    unsigned = int(ds.get("PixelRepresentation", 0)) == 0
+    if scale > 1 and unsigned and str(uid) in _J2K_SYNTAXES:
+        from worker import j2k
+
+        if j2k.reduced_decoder_available():
+            return j2k.decode_reduced(_first_frame(ds), scale)
+    if scale > 1 and str(uid) == _JPEG_BASELINE and int(ds.BitsAllocated) == 8:
+        import cv2
+
+        frame = np.frombuffer(_first_frame(ds), dtype=np.uint8)
+        pixels = cv2.imdecode(frame, JPEG_REDUCED[scale])
+        if pixels is not None:
+            return pixels
+    return ds.pixel_array
+
+
+def _first_frame(ds: Dataset) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=1))

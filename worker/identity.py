@@ -99,7 +99,14 @@ class Identity:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def is_dicom(data: bytes) -> bool:
+def is_dicom(data: bytes | Path) -> bool:
+    """A DICOM Part 10 file, from its bytes or (reading 132 bytes) its path."""
+    if isinstance(data, Path):
+        try:
+            with open(data, "rb") as fh:
+                data = fh.read(DICOM_MAGIC_OFFSET + 4)
+        except OSError:
+            return False
     return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC
 
 
@@ -125,7 +132,7 @@ def normalise_view(value: object) -> str | None:
     return text or None
 
 
-def identity_from_dicom(data: bytes) -> Identity:
+def identity_from_dicom(data: bytes | Path) -> Identity:
     """The identity fields of a DICOM file's header; pixel data is never read here.
 
     A header pydicom cannot parse gives an empty identity: the decoder, not this step,
@@ -135,7 +142,8 @@ def identity_from_dicom(data: bytes) -> Identity:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
     except InvalidDicomError as exc:
         log.info("unreadable DICOM header (identity unknown) error=%s", exc)
         return Identity()
@@ -276,8 +284,9 @@ class IdentityReader:
         self.pattern = compile_pattern(filename_pattern)
         self.sidecar = Sidecar(sidecar_csv)
 
-    def identify(self, name: str, data: bytes) -> Identity:
-        """`name` is the file's name relative to the inbox, with '/' separators."""
+    def identify(self, name: str, data: bytes | Path) -> Identity:
+        """`name` is the file's name relative to the inbox, with '/' separators; `data` its
+        bytes, or its path (a large file: only the header is read)."""
         ident = identity_from_dicom(data) if is_dicom(data) else Identity()
         ident = ident.fill_from(self.sidecar.lookup(name))
         return ident.fill_from(identity_from_name(name, self.pattern))

@@ -53,7 +53,7 @@ from worker.faults import crash_point
 from worker.heartbeat import WorkerRecord
 from worker.identity import IdentityReader
 from worker.paths import display_name, path_from_db, path_to_db
-from worker.preprocess import ImageError, preprocess_bytes
+from worker.preprocess import ImageError, PreprocessSettings, preprocess_bytes, preprocess_file
 from worker.scorer import Scorer
 from worker.store import (
     DUPLICATE,
@@ -353,7 +353,7 @@ class Pipeline:
         if not readable:
             return batch
         received, originals = self._receive_batch(
-            [(path, loaded.sha256, len(loaded.data)) for path, loaded in readable]
+            [(path, loaded.sha256, loaded.fingerprint[2]) for path, loaded in readable]
         )
         crash_point("after_receive")
         for (path, _), r in zip(readable, received, strict=True):
@@ -369,13 +369,15 @@ class Pipeline:
             if record.status in FINAL_STATUSES:
                 continue  # decided before a restart: only the move is owed
             # Who and which breast, recorded with the decision whatever it is.
-            ident = self.identity.identify(record.filename, loaded.data).as_columns()
+            source = loaded.data if loaded.data is not None else path
+            ident = self.identity.identify(record.filename, source).as_columns()
             original = originals[record.id]
             if original is not None:
                 batch.decided[record.id] = {"status": DUPLICATE, "duplicate_of": original, **ident}
                 continue
             preprocessing[record.id] = (
-                self.pool.submit(preprocess_bytes, loaded.data, self.settings, self.dicom_policy),
+                self.pool.submit(_preprocess, source, loaded.fingerprint, self.settings,
+                                 self.dicom_policy),
                 ident,
             )
         if preprocessing:
@@ -719,7 +721,7 @@ class Pipeline:
                 return False
         self.rehashed += 1
         try:
-            return _sha256(f.path.read_bytes()) == sha256
+            return _stream_sha256(f.path)[0] == sha256
         except OSError:
             return False
 
@@ -783,25 +785,65 @@ def _fingerprint(st: os.stat_result) -> Fingerprint:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+# Files up to this size are held in memory from their hashing to their decoding; larger ones
+# (full-size mammograms, 15-50 MB) are hashed as they stream by and read again by the decode
+# thread, so that memory is bounded by one full image per decoding thread, not by the batch.
+KEEP_BYTES = 4 << 20
+_CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class _Loaded:
-    data: bytes
+    data: bytes | None  # None: over KEEP_BYTES, read again to be decoded
     sha256: str
     fingerprint: Fingerprint
 
 
 def _load(path: Path) -> _Loaded | OSError | None:
-    """Read and hash one file: its bytes, or None when it changed while being read (still
-    being written after all), or the OSError that stopped the read."""
+    """Read and hash one file: its bytes (or only its hash, for a large file), or None when
+    it changed while being read (still being written after all), or the OSError that
+    stopped the read."""
     try:
         before = os.stat(path)
-        data = path.read_bytes()
+        if before.st_size <= KEEP_BYTES:
+            data: bytes | None = path.read_bytes()
+            digest, size = _sha256(data), len(data)
+        else:
+            data, (digest, size) = None, _stream_sha256(path)
         after = os.stat(path)
     except OSError as exc:
         return exc
-    if _fingerprint(before) != _fingerprint(after) or len(data) != after.st_size:
+    if _fingerprint(before) != _fingerprint(after) or size != after.st_size:
         return None
-    return _Loaded(data, _sha256(data), _fingerprint(after))
+    return _Loaded(data, digest, _fingerprint(after))
+
+
+def _stream_sha256(path: Path) -> tuple[str, int]:
+    """(SHA-256, bytes read) of a file, a chunk at a time."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _preprocess(source: bytes | Path, fingerprint: Fingerprint, settings: PreprocessSettings,
+                policy: DicomPolicy) -> np.ndarray:
+    """A decode thread's task: the model input from the bytes read at receipt, or, for a
+    large file, from the file itself, which must still be what was hashed then."""
+    if isinstance(source, bytes):
+        return preprocess_bytes(source, settings, policy)
+    changed = ImageError("file changed after it was received; its new content is taken "
+                         "as a new file")
+    try:
+        x = preprocess_file(source, settings, policy)
+        unchanged = _fingerprint(os.stat(source)) == fingerprint
+    except OSError as exc:
+        raise changed from exc
+    if not unchanged:  # the pixels may be the new content's: not this record's to score
+        raise changed
+    return x
 
 
 @dataclass

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from worker.image_header import read_header
+from worker.reduction import JPEG_REDUCED, Reduction, reduce_to
 
 if TYPE_CHECKING:
     from worker.dicom import DicomPolicy
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
 # Bump when the arithmetic below changes in a way that changes pixels: a model records the
 # version it was trained with and the worker refuses a mismatch.
 # v2: intensity from the image's own range, then normalised within the breast (``intensity``).
-PREPROCESS_VERSION = 2
+# v3: a non-square image is stretched to the square, as the development pool's squares were
+#     made from portrait originals (``pad_square`` off), and a large image is first brought
+#     down to the model's geometry (area averaging on its stored integers, worker.reduction)
+#     before any grey-level work. A 640 px square at 384 px takes the same path as in v2.
+PREPROCESS_VERSION = 3
 
 # How the breast's grey levels are normalised (after polarity, at model size):
 #   "range":      the image's own darkest..brightest, nothing more (bit depth stops mattering);
@@ -47,7 +52,9 @@ class PreprocessSettings:
 
     size: int = 640
     polarity: str = "auto"  # "auto": invert images whose background is bright; "none": leave
-    pad_square: bool = True  # pad to a square (dark) before resizing, keeping the aspect ratio
+    # True: pad to a square (dark) before resizing, keeping the aspect ratio; False: stretch
+    # to the square, the geometry of the development pool's images.
+    pad_square: bool = False
     corner_fraction: float = 0.05  # side of the corner patches used to judge the background
     max_pixels: int = 100_000_000  # refuse larger images from the header, before decoding
     crop: bool = False  # crop to the breast's bounding box (largest bright region) first
@@ -55,6 +62,10 @@ class PreprocessSettings:
     intensity: str = "percentile"  # one of INTENSITY_MODES
     percentiles: tuple[float, float] = (1.0, 99.0)  # "percentile": the breast's levels -> 0, 1
     mask_background: bool = True  # zero everything outside the breast (burned-in labels, markers)
+    # Let decoders stop early on large images (JPEG 2000 resolution levels, libjpeg's scaling):
+    # several times faster, but their filters are not an area average, and the shipped
+    # model's scores move with the filter (models/EXPERIMENTS.md), so it is off by default.
+    decoder_scaling: bool = False
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
@@ -94,6 +105,7 @@ def decode_image(
     data: bytes,
     max_pixels: int = PreprocessSettings.max_pixels,
     dicom: DicomPolicy | None = None,
+    reduction: Reduction | None = None,
 ) -> np.ndarray:
     """Decode DICOM/JPEG/PNG/PGM/TIFF bytes to one grey channel.
 
@@ -101,6 +113,9 @@ def decode_image(
     float32 in [0, 1] (see worker.dicom; `dicom` is the operator's policy, default MG only);
     the other formats become 8- or 16-bit, EXIF-oriented. The header is read first so that a
     huge or bomb-like image is refused before any pixel buffer is allocated.
+
+    `reduction`: where a large image is brought before anything else (worker.reduction);
+    decoders that can stop early (JPEG 2000 resolution levels, libjpeg's scaling) do so.
     """
     if not data:
         raise ImageError("empty file")
@@ -109,7 +124,7 @@ def decode_image(
 
     # DICOM first: a DICOM preamble may itself hold a TIFF header (dual-format files).
     if dicom_format.is_dicom(data):
-        return dicom_format.decode_dicom(data, max_pixels, dicom).pixels
+        return dicom_format.decode_dicom(data, max_pixels, dicom, reduction).pixels
     header = read_header(data)
     if header is None:
         raise ImageError("not a supported image (DICOM, JPEG, PNG, PGM or TIFF)")
@@ -122,8 +137,14 @@ def decode_image(
         # cannot occur inside entropy-coded data, so its absence means the file was cut.
         raise ImageError("truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, dtype=np.uint8)
+    target = reduction.target(header.height, header.width) if reduction else None
     # ANYDEPTH keeps 16-bit samples; not passing IMREAD_UNCHANGED keeps EXIF orientation applied.
-    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    if target is not None and header.format == "JPEG":
+        scale = reduction.decoder_scale(header.height, header.width)  # type: ignore[union-attr]
+        if scale > 1:  # libjpeg scales while decoding
+            flags = JPEG_REDUCED[scale]
+    img = cv2.imdecode(buf, flags)
     if img is None or img.size == 0:
         raise ImageError(f"cannot decode {header.format} data (corrupt or truncated)")
     if img.ndim == 3:
@@ -131,7 +152,12 @@ def decode_image(
         img = cv2.cvtColor(img, code)
     if img.dtype not in (np.uint8, np.uint16):
         img = _to_uint16(img)
-    return img
+    if target is None:
+        return img
+    rows, cols = img.shape[:2]  # after EXIF orientation: the target follows the picture
+    if (rows > cols) != (header.height > header.width):
+        target = target[::-1]
+    return reduce_to(img, target)
 
 
 def _to_uint16(img: np.ndarray) -> np.ndarray:
@@ -262,6 +288,14 @@ def normalise_intensity(x: np.ndarray, settings: PreprocessSettings) -> np.ndarr
     return x
 
 
+def reduction_for(settings: PreprocessSettings) -> Reduction | None:
+    """How decoding may bring a large image down for these settings: to the model's geometry,
+    or not at all when the image is cropped first (the crop would then be upsampled)."""
+    if settings.crop:
+        return None
+    return Reduction(settings.size, settings.pad_square, settings.decoder_scaling)
+
+
 def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """A decoded grey image (any dtype) -> float32 array of shape (size, size, 1) in [0, 1]."""
     x = to_unit_float(img)
@@ -289,10 +323,20 @@ def preprocess_bytes(
 ) -> np.ndarray:
     """Decode, fix polarity, orient, resize and normalise intensity: the function trainer and
     worker share. `dicom`: the operator's DICOM policy (default: MG only)."""
-    return preprocess_array(decode_image(data, settings.max_pixels, dicom), settings)
+    img = decode_image(data, settings.max_pixels, dicom, reduction_for(settings))
+    return preprocess_array(img, settings)
 
 
 def preprocess_file(
     path: str | Path, settings: PreprocessSettings, dicom: DicomPolicy | None = None
 ) -> np.ndarray:
-    return preprocess_bytes(Path(path).read_bytes(), settings, dicom)
+    """:func:`preprocess_bytes` of a file. A DICOM file is parsed from the file itself, so
+    that a full-size image is in memory once (its Pixel Data), not twice."""
+    from worker import dicom as dicom_format
+
+    path = Path(path)
+    if dicom_format.is_dicom_file(path) and path.stat().st_size > 0:
+        image = dicom_format.decode_dicom(path, settings.max_pixels, dicom,
+                                          reduction_for(settings))
+        return preprocess_array(image.pixels, settings)
+    return preprocess_bytes(path.read_bytes(), settings, dicom)
