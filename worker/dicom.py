@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -428,6 +429,16 @@ _J2K_SYNTAXES = frozenset(
     }
 )
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+# Lossless JPEG (process 14, and its selection value 1): imagecodecs' decoder (BSD) is several
+# times faster than python-gdcm's, and pydicom has no plugin for it.
+_LOSSLESS_JPEG = frozenset({"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"})
+# pydicom tries its plugins in a fixed order; for these syntaxes a later one is several times
+# faster on a full-size image (pylibjpeg-rle's Rust, pyjpegls' CharLS against python-gdcm).
+_FASTEST_PLUGIN = {
+    "1.2.840.10008.1.2.5": "pylibjpeg",  # RLE Lossless
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS Near-Lossless
+}
 
 
 def _stored_pixels(ds: Dataset, uid: UID, scale: int) -> np.ndarray:
@@ -440,6 +451,10 @@ def _stored_pixels(ds: Dataset, uid: UID, scale: int) -> np.ndarray:
 
         if j2k.reduced_decoder_available():
             return j2k.decode_reduced(_first_frame(ds), scale)
+    if unsigned and str(uid) in _LOSSLESS_JPEG:
+        ljpeg = _imagecodecs_ljpeg()
+        if ljpeg is not None:
+            return ljpeg(_first_frame(ds))
     if scale > 1 and str(uid) == _JPEG_BASELINE and int(ds.BitsAllocated) == 8:
         import cv2
 
@@ -447,7 +462,21 @@ def _stored_pixels(ds: Dataset, uid: UID, scale: int) -> np.ndarray:
         pixels = cv2.imdecode(frame, JPEG_REDUCED[scale])
         if pixels is not None:
             return pixels
+    plugin = _FASTEST_PLUGIN.get(str(uid))
+    if plugin is not None:
+        from pydicom.pixels import get_decoder
+
+        if plugin in get_decoder(uid).available_plugins:
+            ds.pixel_array_options(decoding_plugin=plugin)
     return ds.pixel_array
+
+
+def _imagecodecs_ljpeg() -> Callable[[bytes], np.ndarray] | None:
+    try:
+        from imagecodecs import ljpeg_decode
+    except ImportError:  # python-gdcm, through pydicom, decodes it instead
+        return None
+    return ljpeg_decode
 
 
 def _first_frame(ds: Dataset) -> bytes:
