@@ -111,7 +111,7 @@ def _group(inp: ReportInput, what: Scored, uid: str, identifier: str,
 def build_report(inp: ReportInput, tracking_uid: Callable[[str], str]
                  ) -> hd.sr.Comprehensive3DSR:
     """The exam's TID 1500 report; `tracking_uid(name)` gives each group's fixed UID."""
-    headers = [ds for ds, _ in inp.images]
+    headers = [with_blanks(ds) for ds, _ in inp.images]
     groups = [_group(inp, s, tracking_uid(f"image:{ds.SOPInstanceUID}"), "image", [ds])
               for ds, s in inp.images]
     for b in inp.breasts:
@@ -204,9 +204,8 @@ def build_capture(inp: CaptureInput, heatmap: np.ndarray | None = None) -> hd.sc
              f"mammo-screen score {s.score:.3f}: {s.label} (threshold {inp.threshold:.3f})",
              f"model {inp.model_version}" + (" - attention map" if heatmap is not None else "")]
     pixels = capture_pixels(inp.display, lines, heatmap)
-    src = inp.source
-    orientation = src.get("PatientOrientation")
-    orientation = tuple(orientation) if orientation is not None and len(orientation) == 2 else None
+    src = with_blanks(inp.source)
+    orientation = _orientation(src)
     laterality = str(src.get("ImageLaterality", "") or src.get("Laterality", "")).strip()
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src, pixel_array=pixels, photometric_interpretation="RGB",
@@ -235,6 +234,33 @@ def build_capture(inp: CaptureInput, heatmap: np.ndarray | None = None) -> hd.sc
     ref.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(SOURCE_IMAGE)]
     sc.SourceImageSequence = [ref]
     return sc
+
+
+# Patient and study attributes the results copy, all type 2 (present, maybe empty) in them.
+_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def with_blanks(src: Dataset) -> Dataset:
+    """A copy of a source header with each copied attribute it lacks present and empty: the
+    results then say "unknown" for it, as DICOM's type 2 means, instead of failing."""
+    out = Dataset()
+    out.update(src)
+    for keyword in _COPIED:
+        if keyword not in out:
+            setattr(out, keyword, None)
+    return out
+
+
+def _orientation(src: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation when it is two values highdicom takes (one direction
+    letter each); None otherwise (some archives hold the view, "CC", there)."""
+    value = src.get("PatientOrientation")
+    if isinstance(value, str) or value is None or len(value) != 2:
+        return None
+    allowed = {v.value for v in hd.PatientOrientationValuesBiped}
+    row, col = (str(v).strip() for v in value)
+    return (row, col) if row in allowed and col in allowed else None
 
 
 def predecessor(study_uid: str, series_uid: str, sop_instance_uid: str, sop_class_uid: str
