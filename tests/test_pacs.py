@@ -242,7 +242,7 @@ def test_pacs_down_for_the_whole_scoring_then_results_arrive(
         assert "4 waiting (oldest failure: cannot reach the PACS" in status.stdout, status.stdout
         server.start()
         back = time.monotonic()
-        wait_for(lambda: len(results_of(server, uid_of(study[0]))) == 4, 60, "the results")
+        wait_for(lambda: len(results_of(server, uid_of(study[0]))) == 4, 30, "the results")
         print(f"\nresults arrived {time.monotonic() - back:.1f}s after the PACS returned "
               "(backoff_max_seconds 4)")
     finally:
@@ -288,7 +288,7 @@ def test_watch_killed_with_sigkill_mid_sending_then_restarted(
     restarted = start(config, "watch")
     back = time.monotonic()
     try:
-        wait_for(lambda: all(r[2] == "sent" for r in queue_rows(site)), 60, "every result")
+        wait_for(lambda: all(r[2] == "sent" for r in queue_rows(site)), 30, "every result")
         print(f"\nafter SIGKILL: every result sent {time.monotonic() - back:.1f}s after restart")
     finally:
         assert stop(restarted) == 0

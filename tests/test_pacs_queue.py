@@ -63,13 +63,14 @@ def peer() -> Iterator[Peer]:
     p.close()
 
 
-def site(folder: Path, port: int, extra: str = "") -> Path:
+def site(folder: Path, port: int, extra: str = "", url: str = "sqlite:///screen.db") -> Path:
     make_mean_model(folder / "models" / "mean.onnx")
     (folder / "inbox").mkdir(parents=True, exist_ok=True)
     config = folder / "config.toml"
     config.write_text(
         "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
-        "outbox = 'outbox'\ncreate_missing = true\n[database]\nurl = 'sqlite:///screen.db'\n"
+        "outbox = 'outbox'\ncreate_missing = true\n"
+        f"[database]\nurl = '{url}'\n"
         "[model]\npath = 'models/mean.onnx'\n[worker]\nsettle_seconds = 0.1\n"
         f"[send]\nhost = '127.0.0.1'\nport = {port}\ncalled_ae_title = 'PEER'\n"
         f"results_dir = 'results'\ntimeout_seconds = 5\n{extra}")
@@ -197,7 +198,15 @@ def test_each_answer_of_the_pacs_is_recorded(tmp_path: Path) -> None:
 
 
 def test_a_rescored_exam_supersedes_its_report(tmp_path: Path, peer: Peer) -> None:
-    config = site(tmp_path, peer.port)
+    rescore_and_check(site(tmp_path, peer.port), peer)
+
+
+def test_the_queue_on_postgresql(tmp_path: Path, peer: Peer, pg_url: str) -> None:
+    rescore_and_check(site(tmp_path, peer.port, url=pg_url), peer)
+
+
+def rescore_and_check(config: Path, peer: Peer) -> None:
+    tmp_path = config.parent
     study = drop_study(tmp_path / "inbox", 2)
     run_process(load_config(config), settle_now=True)
     drop_study(tmp_path / "inbox", 1, study, first=2)  # a late image reopens the exam
