@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String, Text, func, select
+from sqlalchemy import ForeignKey, Integer, String, Text, event, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from worker.store import Base, ExamResult, ImageRecord, utcnow
@@ -126,8 +126,8 @@ def planner(uid_prefix: str, on_planned: Callable[[], None] | None = None
 
     def plan(s: Session, result: ExamResult, images: list[ImageRecord]) -> int:
         n = plan_results(s, result, images, uid_prefix)
-        if n and on_planned is not None:
-            on_planned()
+        if n and on_planned is not None:  # once committed: the sender then sees the rows
+            event.listen(s, "after_commit", lambda _s: on_planned(), once=True)
         return n
 
     return plan
