@@ -174,6 +174,10 @@ def check_results(pacs: Orthanc, site: Path, study: list[bytes], tmp: Path) -> N
                     for s in series.ReferencedSeriesSequence
                     for item in s.ReferencedSOPSequence}
             assert refs == sources
+            with sqlite3.connect(site / "screen.db") as con:
+                scores = [round(v, 6) for (v,) in con.execute(
+                    "SELECT score FROM images UNION ALL SELECT score FROM exam_results")]
+            assert set(scores) <= {float(v) for v in content_values(ds, "NumericValue")}
             texts = content_values(ds, "TextValue")
             assert any("NOT FOR DIAGNOSTIC USE" in t for t in texts), texts
             assert "Malignancy score" in content_values(ds, "CodeMeaning")
@@ -331,3 +335,21 @@ def test_real_full_size_mammograms_give_valid_results(
             band = ds.pixel_array.shape[0] - 2048
             assert ds.Columns < 2048 and 0 < band < 300  # long side 2048 + the text band
             assert np.asarray(ds.pixel_array).dtype == np.uint8
+
+
+def test_a_capture_with_a_heatmap_is_valid(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from worker.pacs_build import CaptureInput, Scored, build_capture
+
+    source = pydicom.dcmread(__import__("io").BytesIO(study_files(1)[0]))
+    display = source.pixel_array.astype(np.float32) / 4095.0
+    capture = build_capture(CaptureInput(
+        source, display, Scored(0.71, "malignant", laterality="L"), "model-1", "0.1.0", 0.5,
+        dt.datetime(2026, 12, 1, 9, 30), series_uid=generate_uid(),
+        sop_instance_uid=generate_uid(), series_number=9012, instance_number=1),
+        heatmap=np.random.default_rng(0).random((12, 12)))
+    path = tmp_path / "sc.dcm"
+    capture.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
@@ -21,6 +22,7 @@ from tests.conftest import REPO, make_mean_model, write_mammo_like
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from worker.app import open_store, run_process
 from worker.config import ConfigError, load_config
+from worker.pacs_build import capture_pixels
 from worker.pacs_queue import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
@@ -251,3 +253,32 @@ def test_send_drop_in_opens_the_pacs_address_only(tmp_path: Path) -> None:
     assert exposure and float(exposure[1]) <= 2.0, security
     assert re.findall(r"^IPAddressAllow=(\S+)$", drop_in, re.M) == ["192.0.2.10"]
     assert "IPAddressDeny=any" in unit
+
+
+# ---- the capture's picture ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "long_side"), [((96, 80), 1024), ((4096, 3328), 2048),
+                                                   ((1500, 1200), 1500)])
+def test_captures_are_sized_for_a_workstation(shape: tuple[int, int], long_side: int) -> None:
+    display = np.zeros(shape, np.float32)
+    rgb = capture_pixels(display, ["NOT FOR DIAGNOSTIC USE", "score 0.5"])
+    band = rgb.shape[0] - round(long_side * shape[0] / max(shape))
+    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
+    assert max(rgb.shape[0] - band, rgb.shape[1]) == long_side
+    assert 0 < band < long_side // 8 and rgb[:band].max() == 255  # the text, burned in
+    assert rgb[band:].max() == 0  # the picture below it untouched
+
+
+def test_the_heatmap_is_drawn_over_the_picture_only_when_given() -> None:
+    display = np.tile(np.linspace(0, 1, 200, dtype=np.float32), (240, 1))
+    grey = capture_pixels(display, ["x"])
+    heat = np.zeros((12, 12), np.float32)
+    heat[2:5, 6:9] = 1.0
+    coloured = capture_pixels(display, ["x"], heatmap=heat)
+    band = grey.shape[0] - 1024  # 240 x 200 -> 1024 x 853
+    picture, over = grey[band:].astype(int), coloured[band:].astype(int)
+    assert (picture[..., 0] == picture[..., 2]).all()  # grey: R = G = B
+    spread = over.max(axis=2) - over.min(axis=2)
+    assert spread[250:350, 480:600].mean() > 40  # coloured where the map is strong
+    assert spread[-100:, :100].mean() < 5  # the picture as it was where the map is zero
