@@ -282,3 +282,24 @@ def test_the_heatmap_is_drawn_over_the_picture_only_when_given() -> None:
     spread = over.max(axis=2) - over.min(axis=2)
     assert spread[250:350, 480:600].mean() > 40  # coloured where the map is strong
     assert spread[-100:, :100].mean() < 5  # the picture as it was where the map is zero
+
+
+def test_a_built_file_removed_before_sending_is_built_again(tmp_path: Path) -> None:
+    """...with the same bytes (report and capture): a scoring always gives the same instance."""
+    peer = Peer([0xA700, 0xA700])  # the first tries fail: the files wait in results_dir
+    try:
+        config = site(tmp_path, peer.port, "backoff_initial_seconds = 0.1\n")
+        drop_study(tmp_path / "inbox", 1)
+        run_process(load_config(config), settle_now=True)
+        waiting = [r for r in rows(config) if r.state == "ready"]
+        assert [r.kind for r in waiting] == ["sr", "sc"]
+        built = {path_from_db(r.path): path_from_db(r.path).read_bytes()  # type: ignore[arg-type]
+                 for r in waiting}
+        for path in built:
+            path.unlink()
+        run_process(load_config(config))  # finds them missing and plans them again
+        run_process(load_config(config))  # builds and sends them
+        assert [r.state for r in rows(config)] == ["sent", "sent"]
+        assert {path: path.read_bytes() for path in built} == built  # byte for byte
+    finally:
+        peer.close()

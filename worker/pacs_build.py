@@ -143,7 +143,7 @@ def build_report(inp: ReportInput, tracking_uid: Callable[[str], str]
             designator=_SCHEME, name="mammo-screen result codes",
             responsible_organization=MANUFACTURER)],
     )
-    sr.InstanceCreationDate, sr.InstanceCreationTime = sr.ContentDate, sr.ContentTime
+    _pin_times(sr, inp.scored_at)
     return sr
 
 
@@ -222,9 +222,8 @@ def build_capture(inp: CaptureInput, heatmap: np.ndarray | None = None) -> hd.sc
     )
     if orientation is None:
         sc.PatientOrientation = None  # type 2: unknown rather than made up
-    # The scoring's time, not the clock's: the same scoring gives the same instance.
     sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = sc.ContentDate, sc.ContentTime
-    sc.InstanceCreationDate, sc.InstanceCreationTime = sc.ContentDate, sc.ContentTime
+    _pin_times(sc, inp.scored_at)
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{BURNED_IN}. {DISCLAIMER}"
     sc.DerivationDescription = "mammo-screen result: source image with score burned in"
@@ -234,6 +233,16 @@ def build_capture(inp: CaptureInput, heatmap: np.ndarray | None = None) -> hd.sc
     ref.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(SOURCE_IMAGE)]
     sc.SourceImageSequence = [ref]
     return sc
+
+
+def _pin_times(ds: Dataset, when: dt.datetime) -> None:
+    """The scoring's time where highdicom writes the clock's (instance creation, its own
+    contribution): the same scoring then always gives the same bytes, so an instance built
+    again after a crash or a lost file is the one already sent."""
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
 
 
 # Patient and study attributes the results copy, all type 2 (present, maybe empty) in them.

@@ -77,7 +77,7 @@ def software_version() -> str:
 
 @dataclass(frozen=True)
 class Outcome:
-    state: DeliveryState  # SENT, READY (transient: retried) or REJECTED
+    state: DeliveryState  # SENT, READY (transient: retried), REJECTED, or PLANNED (rebuild)
     status_code: int | None = None
     error: str | None = None
 
@@ -173,6 +173,11 @@ class Outbound:
             assert row is not None
             row.claimed_until = None
             row.status_code = outcome.status_code
+            if outcome.state == DeliveryState.PLANNED:
+                row.state, row.path, row.next_attempt_at = outcome.state.value, None, now
+                log.warning("result to build again kind=%s sop_instance_uid=%s error=%s",
+                            row.kind, row.sop_instance_uid, outcome.error)
+                return
             if outcome.state == DeliveryState.SENT:
                 row.state, row.sent_at, row.sent_to = outcome.state.value, now, self.peer
                 log.info("result sent kind=%s sop_instance_uid=%s to=%s", row.kind,
@@ -305,6 +310,8 @@ class Outbound:
             path = path_from_db(row.path)
         try:
             dataset = dcmread(path)
+        except FileNotFoundError:  # removed from results_dir: built again, the same bytes
+            return Outcome(DeliveryState.PLANNED, error=f"built file missing: {path}")
         except OSError as exc:
             return Outcome(DeliveryState.READY, error=f"cannot read {path}: {exc.strerror}")
         try:
