@@ -11,6 +11,7 @@ touches the disk or the network:
           ready again after a backoff (attempts, last_error, status_code recorded)
     ready --failure status from the PACS (0xA9xx, 0xCxxx, 0x01xx, SOP class refused)--> rejected
     planned --cannot be built (source file gone, not DICOM)--> failed
+    ready --its built file is gone--> planned (built again: the same bytes)
 
 UIDs are fixed when the row is planned, from the source study, the model version and the
 exam's scoring sequence, so a retry after a crash or an outage re-sends the same instance
@@ -18,8 +19,9 @@ exam's scoring sequence, so a retry after a crash or an outage re-sends the same
 
 Instances are built after the commit, not inside it: decoding a full-size mammogram takes
 seconds, which the scoring transaction (SQLite's one writer) must not wait for, and keeping
-megabytes of pixels in database rows would bloat every backup. A built file never changes:
-the row records its path, and a re-send reads the same bytes.
+megabytes of pixels in database rows would bloat every backup. The row records the built
+file's path, and a re-send reads the same bytes; a build is a function of the database and
+the source file, so building again gives the same bytes too.
 """
 
 from __future__ import annotations
