@@ -303,3 +303,18 @@ def test_a_built_file_removed_before_sending_is_built_again(tmp_path: Path) -> N
         assert {path: path.read_bytes() for path in built} == built  # byte for byte
     finally:
         peer.close()
+
+
+def test_a_pacs_that_cannot_be_reached_is_recorded_and_retried(tmp_path: Path) -> None:
+    """A host name that does not resolve, then a port nobody listens on: the reason is kept
+    for `screen status`, and the instances wait (transient), none lost or refused."""
+    for host, reason in (("no-such-host.invalid", "cannot reach the PACS at no-such-host"),
+                         ("127.0.0.1", "cannot reach the PACS at 127.0.0.1")):
+        folder = tmp_path / host
+        config = site(folder, 9)  # the discard port: nothing listens there
+        config.write_text(config.read_text().replace("host = '127.0.0.1'", f"host = '{host}'"))
+        drop_study(folder / "inbox", 1)
+        done = run_process(load_config(config), settle_now=True)
+        assert done.results is not None and done.results["waiting"] == 2
+        assert reason in done.results["oldest_failure"]["error"]
+        assert [(r.state, r.attempts) for r in rows(config)] == [("ready", 1), ("ready", 1)]

@@ -278,12 +278,17 @@ class Outbound:
         ae.connection_timeout = timeout
         for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(self.settings.host, self.settings.port,
-                             ae_title=self.settings.called_ae_title)
-        if not assoc.is_established:
+        where = f"{self.settings.host}:{self.settings.port}"
+        try:
+            assoc = ae.associate(self.settings.host, self.settings.port,
+                                 ae_title=self.settings.called_ae_title)
+        except OSError as exc:  # a host name that does not resolve, for one
+            assoc, why = None, f"cannot reach the PACS at {where}: {exc.strerror or exc}"
+        else:
             why = ("association rejected by the PACS (check [send] called_ae_title and "
                    "calling_ae_title against its list of peers)" if assoc.is_rejected
-                   else f"cannot reach the PACS at {self.settings.host}:{self.settings.port}")
+                   else f"cannot reach the PACS at {where}")
+        if assoc is None or not assoc.is_established:
             for row_id in ids:
                 self._record(row_id, Outcome(DeliveryState.READY, error=why))
             return 0
