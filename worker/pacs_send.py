@@ -108,8 +108,12 @@ class Outbound:
         self.wake = threading.Event()
         # The model's attention map of an image, when one is stored (None: picture and text).
         self.heatmap_of: Callable[[Session, int], np.ndarray | None] = lambda _s, _id: None
-        if store.is_sqlite:  # one worker per SQLite database: a hold left is a dead one's
-            with store.write() as s:
+
+    def _release_dead_holds(self) -> None:
+        """SQLite has one worker per inbox (its lock, held by now): a hold on a row is then a
+        dead worker's, not worth waiting out its lease for. PostgreSQL's wait for their lease."""
+        if self.store.is_sqlite:
+            with self.store.write() as s:
                 s.execute(update(ResultInstance).where(ResultInstance.claimed_until.is_not(None))
                           .values(claimed_until=None))
 
@@ -118,8 +122,12 @@ class Outbound:
     def run(self, stop: threading.Event) -> None:
         """Passes until `stop` is set; a pass that fails is logged and retried."""
         log.info("sending results to=%s", self.peer)
+        released = False
         while not stop.is_set():
             try:
+                if not released:
+                    self._release_dead_holds()
+                    released = True
                 self.step()
             except Exception as exc:  # the database or the disk: the next pass retries
                 log.error("sending pass failed error=%s (will retry)", str(exc).splitlines()[0])
@@ -143,6 +151,7 @@ class Outbound:
 
     def drain(self) -> int:
         """One pass over everything waiting, due or not (`screen process`)."""
+        self._release_dead_holds()
         return self.step(force=True)
 
     # ---- holding rows ---------------------------------------------------------------------
