@@ -200,7 +200,7 @@ class Outbound:
                            self.settings.backoff_max_seconds)
                 row.next_attempt_at = now + dt.timedelta(seconds=wait)
                 log.warning("result not sent kind=%s sop_instance_uid=%s error=%s "
-                            "(retry in %.0fs)", row.kind, row.sop_instance_uid, outcome.error,
+                            "(retry in %.1fs)", row.kind, row.sop_instance_uid, outcome.error,
                             wait)
             else:
                 row.state = outcome.state.value
