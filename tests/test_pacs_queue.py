@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from sqlalchemy import inspect, select, text
 
 from tests.conftest import REPO, make_mean_model, write_mammo_like
@@ -38,12 +38,13 @@ class Peer:
     """A real C-STORE SCP that answers each request with the next status of `answers` (then
     success) and keeps what it accepted."""
 
-    def __init__(self, answers: list[int] | None = None) -> None:
+    def __init__(self, answers: list[int] | None = None,
+                 syntaxes: list[str] | None = None) -> None:
         self.answers = list(answers or [])
         self.accepted: list[pydicom.Dataset] = []
         ae = AE(ae_title="PEER")
         for sop_class in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE):
-            ae.add_supported_context(sop_class)
+            ae.add_supported_context(sop_class, syntaxes or DEFAULT_TRANSFER_SYNTAXES)
         self.server = ae.start_server(("127.0.0.1", 0), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
         self.port = int(self.server.server_address[1])
@@ -318,3 +319,14 @@ def test_a_pacs_that_cannot_be_reached_is_recorded_and_retried(tmp_path: Path) -
         assert done.results is not None and done.results["waiting"] == 2
         assert reason in done.results["oldest_failure"]["error"]
         assert [(r.state, r.attempts) for r in rows(config)] == [("ready", 1), ("ready", 1)]
+
+
+def test_a_pacs_that_takes_implicit_vr_only_gets_everything(tmp_path: Path) -> None:
+    peer = Peer(syntaxes=[ImplicitVRLittleEndian])
+    try:
+        config = site(tmp_path, peer.port)
+        drop_study(tmp_path / "inbox", 2)
+        assert run_process(load_config(config), settle_now=True).results_sent == 3
+        assert len(peer.accepted) == 3
+    finally:
+        peer.close()
