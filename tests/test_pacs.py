@@ -120,8 +120,8 @@ def _rows_or_empty(site: Path) -> list[tuple[str, str, str, int]]:
 
 
 def results_of(pacs: Orthanc, study_uid: str) -> list[dict[str, str]]:
-    return [i for i in pacs.instances(study_uid)
-            if i["SOPClassUID"] in (COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE)]
+    """The study's instances that mammo-screen made (a source may be a Secondary Capture)."""
+    return [i for i in pacs.instances(study_uid) if i.get("Manufacturer") == "mammo-screen"]
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> float:

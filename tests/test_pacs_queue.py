@@ -22,7 +22,7 @@ from tests.conftest import REPO, make_mean_model, write_mammo_like
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from worker.app import open_store, run_process
 from worker.config import ConfigError, load_config
-from worker.pacs_build import capture_pixels
+from worker.pacs_build import capture_pixels, warm_up
 from worker.pacs_queue import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
@@ -330,3 +330,7 @@ def test_a_pacs_that_takes_implicit_vr_only_gets_everything(tmp_path: Path) -> N
         assert len(peer.accepted) == 3
     finally:
         peer.close()
+
+
+def test_the_sender_warm_up_builds() -> None:
+    warm_up()  # a failure here would only be logged by the sender: it must not fail

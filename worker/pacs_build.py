@@ -12,6 +12,7 @@ statement is a TEXT item of the report, the series description and the capture's
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ BREAST = Code("76752008", "SCT", "Breast")
 LATERALITY = {"L": Code("7771000", "SCT", "Left"), "R": Code("24028007", "SCT", "Right")}
 BOTH_SIDES = Code("51440002", "SCT", "Right and left")
 SOURCE_IMAGE = Code("121322", "DCM", "Source image for image processing operation")
+SECONDARY_CAPTURE_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+# Archives often hold something other than a person's name in PatientName (CBIS-DDSM: the
+# case name); highdicom warns about each copy on stderr. The results copy it as it is.
+warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,21 @@ def _orientation(src: Dataset) -> tuple[str, str] | None:
     allowed = {v.value for v in hd.PatientOrientationValuesBiped}
     row, col = (str(v).strip() for v in value)
     return (row, col) if row in allowed and col in allowed else None
+
+
+def warm_up() -> None:
+    """Build a tiny report and capture once: highdicom reads its tables of the standard on
+    first use (about a second), which the first exam's results should not wait for."""
+    source = Dataset()
+    source.SOPClassUID, source.SOPInstanceUID = SECONDARY_CAPTURE_CLASS, "1.2.3.4"
+    source.StudyInstanceUID, source.SeriesInstanceUID = "1.2.3", "1.2.3.5"
+    source.Modality, source.Rows, source.Columns = "MG", 8, 8
+    when = dt.datetime(2000, 1, 1)
+    scored = Scored(0.5, "benign", laterality="L")
+    build_capture(CaptureInput(source, np.zeros((8, 8), np.float32), scored, "m", "s", 0.5,
+                               when, "1.2.3.6", "1.2.3.7", 1, 1))
+    build_report(ReportInput([(source, scored)], [scored], scored, "m", "s", 0.5, "rule", when,
+                             "1.2.3.8", "1.2.3.9", 1), lambda role: "1.2.3.10")
 
 
 def predecessor(study_uid: str, series_uid: str, sop_instance_uid: str, sop_class_uid: str

@@ -50,6 +50,7 @@ from worker.pacs_build import (
     build_capture,
     build_report,
     predecessor,
+    warm_up,
 )
 from worker.pacs_queue import (
     COMPREHENSIVE_3D_SR,
@@ -128,6 +129,7 @@ class Outbound:
                 if not released:
                     self._release_dead_holds()
                     released = True
+                    warm_up()  # once, and never in the way: a failure here is only logged
                 self.step()
             except Exception as exc:  # the database or the disk: the next pass retries
                 log.error("sending pass failed error=%s (will retry)", str(exc).splitlines()[0])
