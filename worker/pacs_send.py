@@ -141,8 +141,9 @@ class Outbound:
     def step(self, force: bool = False) -> int:
         """Build the planned instances, then send those due (all waiting with `force`).
         Returns how many were sent."""
-        for row_id in self._claim_due(DeliveryState.PLANNED, force):
-            self._build(row_id)
+        while planned := self._claim_due(DeliveryState.PLANNED, force):
+            for row_id in planned:
+                self._build(row_id)
         sent = 0
         while True:
             ids = self._claim_due(DeliveryState.READY, force)
