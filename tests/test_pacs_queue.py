@@ -364,3 +364,22 @@ def test_the_capture_picture_is_the_workers_picture_brought_down(tmp_path: Path,
     assert max(picture.shape) == 2048 and "PixelData" not in header
     reference = _full_then_small(data, picture.shape)
     assert np.abs(picture - reference).mean() < 1 / 255
+
+
+def test_status_shows_the_queue_and_what_stopped(tmp_path: Path) -> None:
+    from tests.conftest import run_screen
+
+    peer = Peer([0xC000])
+    try:
+        config = site(tmp_path, peer.port)
+        drop_study(tmp_path / "inbox", 1)
+        run_process(load_config(config), settle_now=True)
+    finally:
+        peer.close()
+    shown = run_screen("status", config=config)
+    assert shown.returncode == 0, shown.stderr
+    assert (f"results to PACS PEER@127.0.0.1:{peer.port}: rejected 1, sent 1; 0 waiting, "
+            "1 rejected; first rejected: PACS refused it (0xC000) status 0xC000") in shown.stdout
+    config.write_text(config.read_text().replace("host = '127.0.0.1'", "host = ''"))
+    shown = run_screen("status", config=config)
+    assert "results to PACS (sending off): rejected 1, sent 1" in shown.stdout, shown.stdout
