@@ -6,13 +6,13 @@ import datetime as dt
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DatabaseError
@@ -22,11 +22,15 @@ from worker.exams import ExamBook, ExamScoring
 from worker.heartbeat import Heartbeat, running_workers
 from worker.inbox import SettleTracker, scan_inbox
 from worker.lock import InboxLock
-from worker.pipeline import FileResult, Pipeline, ensure_folders
+from worker.pacs_queue import planner, queue_summary
+from worker.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
 from worker.schema import SchemaTooNewError
 from worker.scorer import Scorer
 from worker.store import Exam, ImageRecord, Store
 from worker.watcher import InboxWatcher
+
+if TYPE_CHECKING:
+    from worker.pacs_send import Outbound
 
 log = logging.getLogger("mammo_screen")
 
@@ -94,6 +98,7 @@ class Worker:
     pipeline: Pipeline
     watcher: InboxWatcher
     exams: ExamBook
+    outbound: Outbound | None = None  # [send]: results to the PACS; None when not sending
 
     def heartbeat(self, command: str) -> Heartbeat:
         """This worker's row in `workers`, beaten from the watcher's loop."""
@@ -131,11 +136,19 @@ def open_worker(config: Config, polling: bool | None = None,
     ensure_folders(config)
     store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
+    outbound = None
+    if config.send.enabled:
+        from worker.pacs_send import Outbound  # highdicom: only for a worker that sends
+
+        ensure_folder("send results_dir", config.send.results_dir, config.create_missing)
+        outbound = Outbound(store, config)
     exams = ExamBook(store, scorer.metadata, config.outbox, config.study_settle_seconds,
-                     operating_point=scorer.operating_point)
+                     operating_point=scorer.operating_point,
+                     on_scored=None if outbound is None
+                     else planner(config.send.uid_prefix, outbound.wake.set))
     tracker = looked.result() if looked is not None else None
     watcher = InboxWatcher(config, pipeline, polling, exams, tracker)
-    return Worker(config, store, scorer, pipeline, watcher, exams)
+    return Worker(config, store, scorer, pipeline, watcher, exams, outbound)
 
 
 def _install_stop_handlers(
@@ -160,7 +173,7 @@ def run_watch(config: Config, polling: bool | None = None,
     worker = open_worker(config, polling, loading, looked)
     previous = _install_stop_handlers(worker.watcher.stop)
     try:
-        with worker.inbox_lock(), worker.heartbeat("watch").running():
+        with worker.inbox_lock(), worker.heartbeat("watch").running(), sending(worker):
             worker.watcher.watch()
     finally:
         for sig, h in previous.items():
@@ -168,11 +181,31 @@ def run_watch(config: Config, polling: bool | None = None,
         worker.close()
 
 
+@contextmanager
+def sending(worker: Worker) -> Iterator[None]:
+    """The sender's thread while the block runs (`screen watch`): a slow or absent PACS never
+    holds up scoring. Stopped and joined after the block."""
+    if worker.outbound is None:
+        yield
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.outbound.run, args=(stop,), name="sender")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.outbound.wake.set()
+        thread.join(4 * worker.config.send.timeout_seconds + 10)
+
+
 @dataclass(frozen=True)
 class ProcessSummary:
     files: list[FileResult]
     exams_scored: list[ExamScoring]
     exams_waiting: int  # open exams whose study has not been quiet for study_settle_seconds
+    results_sent: int = 0  # DICOM results the PACS accepted in this run ([send])
+    results: dict[str, Any] | None = None  # the queue after it (pacs_queue.queue_summary)
 
 
 def run_process(
@@ -191,7 +224,13 @@ def run_process(
             files = worker.watcher.run_once(
                 timeout=timeout, progress=progress, settle_now=settle_now
             )
-            return ProcessSummary(files, worker.watcher.exams_scored, worker.exams.waiting())
+            sent, queue = 0, None
+            if worker.outbound is not None:  # leave the queue drained, or say what waits
+                sent = worker.outbound.drain()
+                with worker.store.read() as s:
+                    queue = queue_summary(s)
+            return ProcessSummary(files, worker.watcher.exams_scored, worker.exams.waiting(),
+                                  sent, queue)
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
@@ -215,6 +254,7 @@ def status(config: Config) -> dict[str, Any]:
                 status: n
                 for status, n in s.execute(select(Exam.status, func.count()).group_by(Exam.status))
             }
+            send = queue_summary(s)
     finally:
         store.dispose()
     backlog = (
@@ -241,6 +281,8 @@ def status(config: Config) -> dict[str, Any]:
         "last_received": None if last is None else last.isoformat() + "Z",
         "counts": counts,
         "exams": exams,  # open (waiting for their study to settle) and scored
+        "send": {**send, "to": (f"{config.send.called_ae_title}@{config.send.host}:"
+                                f"{config.send.port}") if config.send.enabled else None},
         "model": model,  # the configured model, which a running worker may not be serving
         "workers": workers,
         "stale_after_seconds": config.heartbeat_stale_seconds,

@@ -244,6 +244,27 @@ def process(
             else ""
         )
         click.echo(f"scored {len(outcome.exams_scored)} exam(s){waiting}")
+    if outcome.results is not None:
+        click.echo(f"sent {outcome.results_sent} DICOM result(s) to the PACS; "
+                   + _send_line(outcome.results))
+
+
+def _send_line(queue: dict[str, Any]) -> str:
+    """What waits in the PACS queue and why (`screen status`, `screen process`)."""
+    counts = queue["counts"]
+    line = f"{queue['waiting']} waiting"
+    for state in ("rejected", "failed"):
+        if counts.get(state):
+            line += f", {counts[state]} {state}"
+    if queue["oldest_failure"] is not None:
+        f = queue["oldest_failure"]
+        line += (f" (oldest failure: {f['error']}, {f['attempts']} attempt(s) since "
+                 f"{f['since']})")
+    if queue["first_refused"] is not None:
+        f = queue["first_refused"]
+        code = "" if f["status_code"] is None else f" status 0x{f['status_code']:04X}"
+        line += f"; first {f['state']}: {f['error']}{code}"
+    return line
 
 
 @cli.command()
@@ -509,6 +530,11 @@ def status(ctx: click.Context, fmt: str) -> None:
     click.echo(
         "exams: " + (", ".join(f"{k} {v}" for k, v in sorted(info["exams"].items())) or "none")
     )
+    send = info["send"]
+    if send["to"] is not None or send["counts"]:
+        click.echo(f"results to PACS {send['to'] or '(sending off)'}: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(send["counts"].items()))
+                   + ("; " if send["counts"] else "") + _send_line(send))
     workers = info["workers"]
     live = sum(w["state"] == "live" for w in workers)
     click.echo(f"workers: {live} live, {len(workers) - live} stale" if workers else "workers: none")

@@ -7,6 +7,7 @@ should hear about (a typo in a key silently falling back to a default is how aud
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,17 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "port": ("int", 11112),
         "allowed_calling_ae_titles": ("ae_title_list", ()),
     },
+    "send": {
+        "host": ("str", ""),
+        "port": ("int", 104),
+        "called_ae_title": ("ae_title", "PACS"),
+        "calling_ae_title": ("opt_ae_title", ""),
+        "results_dir": ("path", "data/dicom-results"),
+        "timeout_seconds": ("float", 10.0),
+        "backoff_initial_seconds": ("float", 2.0),
+        "backoff_max_seconds": ("float", 30.0),
+        "uid_prefix": ("str", ""),
+    },
 }
 
 _POSITIVE = {
@@ -88,8 +100,31 @@ _POSITIVE = {
     "worker.heartbeat_seconds",
     "worker.heartbeat_stale_seconds",
     "database.busy_timeout_seconds",
+    "send.timeout_seconds",
+    "send.backoff_initial_seconds",
+    "send.backoff_max_seconds",
 }
+_UID_ROOT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.")  # PS3.5 9.1, then a dot
 _NON_NEGATIVE = {"worker.study_settle_seconds", "model.images_per_call"}
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """[send]: where results go (worker/pacs_send.py). An empty host sends nothing."""
+
+    host: str = ""
+    port: int = 104
+    called_ae_title: str = "PACS"
+    calling_ae_title: str = "MAMMO_SCREEN"  # [receive] ae_title when not set
+    results_dir: Path = Path("data/dicom-results")
+    timeout_seconds: float = 10.0
+    backoff_initial_seconds: float = 2.0
+    backoff_max_seconds: float = 30.0
+    uid_prefix: str = ""  # "": pydicom's root
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
 
 
 @dataclass(frozen=True)
@@ -128,6 +163,7 @@ class Config:
     create_missing: bool = False
     heartbeat_seconds: float = 5.0
     heartbeat_stale_seconds: float = 30.0
+    send: SendSettings = SendSettings()
 
 
 def _ae_title_problem(value: object) -> str | None:
@@ -145,6 +181,8 @@ def _ae_title_problem(value: object) -> str | None:
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
+    if kind == "opt_ae_title":  # "" = not set
+        return _coerce_ae_titles(name, "ae_title", value) if value != "" else ""
     if kind in ("ae_title", "ae_title_list"):
         return _coerce_ae_titles(name, kind, value)
     ok = {
@@ -183,6 +221,13 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         raise ConfigError(f"config key {name}: must be 0 (automatic) or more, got {value!r}")
     if name == "receive.port" and not 0 <= value <= 65535:
         raise ConfigError(f"config key {name}: must be 0 (any free port) to 65535, got {value!r}")
+    if name == "send.port" and not 1 <= value <= 65535:
+        raise ConfigError(f"config key {name}: must be 1 to 65535, got {value!r}")
+    if name == "send.uid_prefix" and value and not _UID_ROOT.fullmatch(value):
+        raise ConfigError(f"config key {name}: expected a UID root ending in '.', "
+                          f"such as '1.2.826.0.1.3680043.8.498.', got {value!r}")
+    if name == "send.uid_prefix" and len(value) > 40:
+        raise ConfigError(f"config key {name}: at most 40 characters (UIDs are 64), got {value!r}")
     if name == "receive.bind" and not value:
         raise ConfigError(f"config key {name}: expected an address such as 127.0.0.1")
     return value
@@ -314,4 +359,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         create_missing=values["paths.create_missing"],
         heartbeat_seconds=values["worker.heartbeat_seconds"],
         heartbeat_stale_seconds=values["worker.heartbeat_stale_seconds"],
+        send=_send_settings(values),
+    )
+
+
+def _send_settings(values: dict[str, Any]) -> SendSettings:
+    initial, cap = values["send.backoff_initial_seconds"], values["send.backoff_max_seconds"]
+    if cap < initial:
+        raise ConfigError(f"config key send.backoff_max_seconds: must be at least "
+                          f"send.backoff_initial_seconds ({initial}), got {cap}")
+    return SendSettings(
+        host=values["send.host"].strip(),
+        port=values["send.port"],
+        called_ae_title=values["send.called_ae_title"],
+        calling_ae_title=values["send.calling_ae_title"] or values["receive.ae_title"],
+        results_dir=Path(values["send.results_dir"]),
+        timeout_seconds=values["send.timeout_seconds"],
+        backoff_initial_seconds=initial,
+        backoff_max_seconds=cap,
+        uid_prefix=values["send.uid_prefix"],
     )

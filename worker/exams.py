@@ -259,8 +259,11 @@ class ExamBook:
         settle_seconds: float,
         clock: Callable[[], dt.datetime] = utcnow,
         operating_point: str = "",
+        on_scored: Callable[[Session, ExamResult, list[ImageRecord]], object] | None = None,
     ) -> None:
         self.store = store
+        # Called inside the scoring's transaction (worker.pacs_queue plans DICOM results).
+        self.on_scored = on_scored
         self.metadata = metadata
         # Breasts and exams are called at the same operating point as the images.
         self.operating_point, self.point = metadata.operating_point(operating_point)
@@ -348,6 +351,8 @@ class ExamBook:
                         label=label_for(b.score, meta, self.point.threshold),
                     )
                 )
+            if self.on_scored is not None:
+                self.on_scored(s, row, images)
             exam.scorings = seq
             exam.status = ExamStatus.SCORED.value
             _exam_event(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, inspect, text
 from sqlalchemy.engine import Connection
 
+import worker.pacs_queue  # noqa: F401  (its table is one of the models)
 from worker.store import Base
 
 if TYPE_CHECKING:
