@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.preprocess import ImageError
-from worker.reduction import JPEG_REDUCED, Reduction, reduce_to
+from worker.reduction import JPEG_REDUCED, LongSide, Reduction, reduce_to
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -379,7 +379,7 @@ def decode_dicom(
     data: bytes | Path,
     max_pixels: int,
     policy: DicomPolicy | None = None,
-    reduction: Reduction | None = None,
+    reduction: Reduction | LongSide | None = None,
 ) -> DicomImage:
     """Check the header, decode the pixels, and return the displayed image with its header.
 

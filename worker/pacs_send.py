@@ -32,7 +32,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -41,7 +40,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Config
-from worker.dicom import DicomPolicy, decode_dicom, to_display
+from worker.dicom import DicomPolicy, decode_dicom
 from worker.exams import _safe_name, write_atomically
 from worker.faults import crash_point
 from worker.pacs_build import (
@@ -63,6 +62,7 @@ from worker.pacs_queue import (
     ResultUids,
 )
 from worker.paths import path_from_db, path_to_db
+from worker.reduction import LongSide
 from worker.store import BreastResult, ExamResult, ImageRecord, Store, utcnow
 
 log = logging.getLogger("mammo_screen")
@@ -350,28 +350,11 @@ class Outbound:
 
 def capture_picture(path: Path, max_pixels: int, policy: DicomPolicy
                     ) -> tuple[Dataset, np.ndarray]:
-    """A scored image's header and its picture as shown, at most a capture's size. The
-    stored values are brought down first (area averaging), then the grey-level transforms
-    run on the small array: on a full-size mammogram they are most of a capture's time.
-    Anything unusual (a bare data set, odd pixel data) takes the worker's own decoder."""
-    long_side = CAPTURE_LONG_SIDE[1]
-    try:
-        ds = dcmread(path)
-        stored = ds.pixel_array
-        if stored.ndim != 2:
-            raise ValueError(f"pixel data of shape {stored.shape}")
-    except Exception:
-        decoded = decode_dicom(path.read_bytes(), max_pixels, policy)
-        return decoded.dataset, decoded.pixels
-    rows, cols = stored.shape
-    if max(rows, cols) > long_side:
-        scale = long_side / max(rows, cols)
-        size = (round(cols * scale), round(rows * scale))
-        small = cv2.resize(stored.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-        stored = np.rint(small).astype(stored.dtype)  # LUTs index by stored value
-    display = to_display(stored, ds)
-    del ds.PixelData
-    return ds, display
+    """A scored image's header and its picture as shown, at most a capture's size: the
+    stored values are brought down first, then the grey-level transforms run on the small
+    array (worker.dicom, as for the model)."""
+    decoded = decode_dicom(path, max_pixels, policy, LongSide(CAPTURE_LONG_SIDE[1]))
+    return decoded.dataset, decoded.pixels
 
 
 def _source_file(image: ImageRecord) -> Path:

@@ -63,6 +63,23 @@ class Reduction:
         return scale
 
 
+@dataclass(frozen=True)
+class LongSide:
+    """At most `long_side` pixels on the longer side, the aspect ratio kept: a picture for
+    people (a Secondary Capture), not for the model. Decoders decode in full."""
+
+    long_side: int
+
+    def target(self, rows: int, cols: int) -> tuple[int, int] | None:
+        if max(rows, cols) <= self.long_side:
+            return None
+        scale = self.long_side / max(rows, cols)
+        return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+    def decoder_scale(self, rows: int, cols: int) -> int:
+        return 1
+
+
 def reduce_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Area-average a freshly decoded grey image to (rows, cols), as float32 on the same scale.
 
