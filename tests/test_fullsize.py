@@ -152,3 +152,42 @@ def test_a_large_file_is_hashed_streaming_and_decoded_from_the_file(tmp_path: Pa
     os.utime(path, ns=(0, 0))
     with pytest.raises(ImageError, match="changed after it was received"):
         _preprocess(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
+
+
+def test_libjpeg_scales_a_large_jpeg_while_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With decoder_scaling, a large plain JPEG is decoded by libjpeg at 1/2..1/8 size and
+    then area-averaged; without it, in full. Both give nearly the same input."""
+    grey = cv2.resize(_grey(dev_pool_images(1)[0]), (1700, 2100), interpolation=cv2.INTER_CUBIC)
+    ok, buf = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    flags_seen: list[int] = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda b, f: flags_seen.append(f) or real(b, f))
+    full = preprocess_bytes(buf.tobytes(), PreprocessSettings(size=384))
+    scaled = preprocess_bytes(buf.tobytes(), PreprocessSettings(size=384, decoder_scaling=True))
+    assert flags_seen[0] != cv2.IMREAD_REDUCED_GRAYSCALE_2
+    assert flags_seen[1] == cv2.IMREAD_REDUCED_GRAYSCALE_2  # 1700 / 2 >= twice 384
+    tissue = full > 0
+    assert 0 < np.abs(full - scaled)[tissue].mean() < 0.02
+
+
+def test_a_baseline_jpeg_dicom_is_scaled_by_libjpeg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_programs("dcmtk", "dcmcjpeg")
+    import subprocess
+
+    grey = cv2.resize(_grey(dev_pool_images(1)[0]), (1700, 2100), interpolation=cv2.INTER_CUBIC)
+    plain = tmp_path / "plain.dcm"
+    plain.write_bytes(to_bytes(dicom_dataset(grey, bits_stored=8)))
+    jpeg = tmp_path / "baseline.dcm"
+    subprocess.run(["dcmcjpeg", "+eb", str(plain), str(jpeg)], check=True)
+    assert read_dicom(jpeg.read_bytes()).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    full = preprocess_file(jpeg, PreprocessSettings(size=384))
+    flags_seen: list[int] = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda b, f: flags_seen.append(f) or real(b, f))
+    scaled = preprocess_file(jpeg, PreprocessSettings(size=384, decoder_scaling=True))
+    assert flags_seen == [cv2.IMREAD_REDUCED_GRAYSCALE_2]  # the frame, by libjpeg, at 1/2
+    tissue = full > 0
+    assert 0 < np.abs(full - scaled)[tissue].mean() < 0.02
