@@ -23,13 +23,10 @@ def variants(model: Path, folder: Path) -> dict[str, Path]:
     """The model without and with the attention output."""
     import onnx
 
-    from export.attention import add_attention_checked
-    from worker.model_metadata import ATTENTION_NAME
+    from export.attention import add_attention_checked, remove_attention_output
 
     proto = onnx.load(str(model))
-    keep = [o for o in proto.graph.output if o.name != ATTENTION_NAME]
-    del proto.graph.output[:]
-    proto.graph.output.extend(keep)
+    remove_attention_output(proto)
     out = {"without": folder / "without.onnx", "with": folder / "with.onnx"}
     onnx.save(proto, str(out["without"]))
     add_attention_checked(proto)

@@ -168,6 +168,24 @@ def add_attention_output(model: Any, required: bool = True) -> bool:
     return True
 
 
+def remove_attention_output(model: Any) -> bool:
+    """Undo :func:`add_attention_output` in place (the output, its nodes and constants):
+    the graph as exported before it. False when there was no such output."""
+    if not has_attention_output(model):
+        return False
+    graph = model.graph
+    keep = [o for o in graph.output if o.name != ATTENTION_NAME]
+    del graph.output[:]
+    graph.output.extend(keep)
+    nodes = [n for n in graph.node if not n.name.startswith(_PREFIX)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    inits = [t for t in graph.initializer if not t.name.startswith(_PREFIX)]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    return True
+
+
 def _session(data: bytes) -> Any:
     import onnxruntime as ort
 

@@ -16,6 +16,7 @@ from export.attention import (
     add_attention_output,
     add_attention_to_file,
     probe_images,
+    remove_attention_output,
 )
 from tests.attention_model import make_attention_model
 from tests.conftest import REPO, SHIPPED_MODEL, dev_pool_images, make_mean_model
@@ -62,6 +63,10 @@ def test_the_attention_output_points_where_the_head_looks_and_keeps_the_score(
         p.key: p.value for p in onnx.load(str(src)).metadata_props}
     data = out.read_bytes()
     assert add_attention_to_file(out) is False and out.read_bytes() == data
+    # Removing it gives back the graph as it was.
+    model = onnx.load(str(out))
+    assert remove_attention_output(model) is True
+    assert model.SerializeToString() == onnx.load(str(src)).SerializeToString()
 
 
 def test_a_model_without_the_mirror_pass(tmp_path: Path) -> None:
@@ -95,9 +100,7 @@ def test_the_shipped_model_with_the_output_scores_bit_identically(tmp_path: Path
     worker's Scorer sees the output (and still scores a model without it)."""
     plain = tmp_path / "plain.onnx"
     model = onnx.load(str(SHIPPED_MODEL))
-    keep = [o for o in model.graph.output if o.name == OUTPUT_NAME]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
+    remove_attention_output(model)
     onnx.save(model, str(plain))  # the shipped graph as it was exported, score only
     out = tmp_path / "with.onnx"
     add_attention_to_file(plain, out)
