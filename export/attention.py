@@ -10,8 +10,9 @@ With the mirror pass in the graph (``compose(..., tta=True)``: the batch is the 
 the same images mirrored left-right, and the score is the mean of the two halves), the
 softmax sees ``2N`` maps. The attention output is then, like the score, the mean of the two
 passes: the plain pass's map and the mirror pass's map flipped back left-right, so that both
-weigh the same place of the picture. It follows that a mirrored picture gets the mirrored map
-(a test checks it).
+weigh the same place of the picture. An ensemble (``--members``: tops whose scores are
+averaged) has one softmax per member; their maps are averaged likewise. It follows that a
+mirrored picture gets the mirrored map (a test checks it).
 
 The score's nodes are not touched, so the score is bit-identical (checked on every apply);
 the model's metadata (and so its model version, which hashes the graph before metadata and
@@ -52,11 +53,11 @@ def _consumers(graph: Any) -> dict[str, list[Any]]:
     return out
 
 
-def find_attention_softmax(graph: Any) -> Any | None:
-    """The softmax of an attention-pooling head: a Softmax fed by a Reshape (the logits map
-    flattened to positions) whose output, directly or through one Reshape, weighs values in
-    a Mul; an auxiliary classifier's softmax does not match. None when none matches (a
-    recipe without the head: the linear probe, the small CNN); an error when several do."""
+def find_attention_softmaxes(graph: Any) -> list[Any]:
+    """The softmaxes of attention-pooling heads, one per ensemble member: each a Softmax fed
+    by a Reshape (the logits map flattened to positions) whose output, directly or through one
+    Reshape, weighs values in a Mul; an auxiliary classifier's softmax does not match. Empty
+    for a recipe without the head (the linear probe, the small CNN)."""
     producers = {o: n for n in graph.node for o in n.output}
     consumers = _consumers(graph)
     found = []
@@ -71,10 +72,7 @@ def find_attention_softmax(graph: Any) -> Any | None:
                   for c in consumers.get(n.output[0], [])]
         if any(n.op_type == "Mul" for n in after):
             found.append(node)
-    if len(found) > 1:
-        raise AttentionExportError(
-            f"expected one attention softmax (Reshape -> Softmax -> Mul), found {len(found)}")
-    return found[0] if found else None
+    return found
 
 
 def _map_shape(model: Any, softmax: Any) -> tuple[int, int]:
@@ -124,12 +122,15 @@ def add_attention_output(model: Any, required: bool = True) -> bool:
     if has_attention_output(model):
         return False
     graph = model.graph
-    softmax = find_attention_softmax(graph)
-    if softmax is None:
+    softmaxes = find_attention_softmaxes(graph)
+    if not softmaxes:
         if required:
             raise AttentionExportError("no attention head (Reshape -> Softmax -> Mul) found")
         return False
-    rows, cols = _map_shape(model, softmax)
+    shapes = {_map_shape(model, softmax) for softmax in softmaxes}
+    if len(shapes) != 1:
+        raise AttentionExportError(f"the heads' maps differ in shape: {sorted(shapes)}")
+    ((rows, cols),) = shapes
     p = _PREFIX
 
     def const(name: str, values: list[int] | float) -> str:
@@ -138,8 +139,18 @@ def add_attention_output(model: Any, required: bool = True) -> bool:
         return p + name
 
     maps = p + "maps"  # (B, H, W): B = 2N with the mirror pass, else N
-    nodes = [helper.make_node("Reshape", [softmax.output[0], const("shape", [-1, rows, cols])],
-                              [maps], name=p + "reshape")]
+    shape = const("shape", [-1, rows, cols])
+    members = [p + f"member{k}" for k in range(len(softmaxes))]
+    nodes = [helper.make_node("Reshape", [softmax.output[0], shape], [member],
+                              name=member + "_reshape")
+             for softmax, member in zip(softmaxes, members, strict=True)]
+    if len(members) == 1:
+        nodes.append(helper.make_node("Identity", members, [maps], name=p + "maps"))
+    else:  # an ensemble: the mean of its members' maps, as its score is of theirs
+        nodes += [helper.make_node("Sum", members, [p + "members_sum"], name=p + "members_sum"),
+                  helper.make_node("Mul", [p + "members_sum", const("per_member",
+                                                                     1.0 / len(members))],
+                                   [maps], name=p + "members_mean")]
     if has_mirror_pass(graph):
         big = np.iinfo(np.int64)
         nodes += [
