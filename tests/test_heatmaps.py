@@ -10,13 +10,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from sqlalchemy import create_engine, select, text
 
 from export.attention import add_attention_to_file
 from tests.attention_model import make_attention_model
 from tests.conftest import write_mammo_like
 from tests.test_faults import _screen
-from worker.heatmaps import heatmap_for
+from worker.heatmaps import heatmap_for, heatmap_row, insert_heatmaps
 from worker.store import HeatmapRecord, ImageRecord, Store
 
 
@@ -123,16 +124,24 @@ def test_a_model_without_the_attention_output_scores_and_stores_no_heatmap(
     assert "Where the model looked" not in page.read_text()
 
 
-def test_a_database_of_the_previous_release_gains_the_table(tmp_path: Path) -> None:
-    """A database at revision 0001 (no heatmaps table) upgrades in place, and the upgraded
-    schema is what the models describe (Alembic's comparison finds nothing)."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'old.db'}"
+    return request.getfixturevalue("pg_url")  # skips without a PostgreSQL server (not in CI)
+
+
+def test_a_database_of_the_previous_release_gains_the_table(empty_url: str) -> None:
+    """A database at revision 0001 (no heatmaps table) upgrades in place, on SQLite and
+    PostgreSQL; the upgraded schema is what the models describe (Alembic's comparison finds
+    nothing), and a map goes in and comes back out."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
     import worker.heartbeat  # noqa: F401  (its table is part of the schema)
     from worker.store import Base
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+    url = empty_url
     engine = create_engine(url)
     with engine.begin() as conn:
         Base.metadata.create_all(conn, tables=[t for name, t in Base.metadata.tables.items()
@@ -147,9 +156,14 @@ def test_a_database_of_the_previous_release_gains_the_table(tmp_path: Path) -> N
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == []
+        heat = np.linspace(0, 1 / 36, 12, dtype=np.float32).reshape(3, 4)
         with store.write() as s:
-            s.add(ImageRecord(filename="x", source_path="/x", status="received"))
+            image = ImageRecord(filename="x", source_path="/x", status="received")
+            s.add(image)
             s.flush()
-            s.add(HeatmapRecord(image_id=1, model_version="v", rows=1, cols=1, data=b"\0<"))
+            insert_heatmaps(s, [heatmap_row(image.id, heat, 36, "v")])
+        got = heatmap_for(store, image.id)
+        assert got is not None and got.model_version == "v"
+        assert np.allclose(got.heat, heat * 36, atol=1e-3) and got.heat.dtype == np.float32
     finally:
         store.dispose()
