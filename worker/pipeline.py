@@ -502,9 +502,15 @@ class Pipeline:
             }
             for (rid, _, _), score in zip(items, scores, strict=True)
         }
-        for (rid, _, frame), attention in zip(items, [] if maps is None else maps, strict=False):
-            heat = to_original_frame(attention, frame, self.settings)
-            out[rid]["heatmap"] = heatmap_row(rid, heat, attention.size, self.scorer.version)
+        if maps is not None:
+            for (rid, _, frame), attention in zip(items, maps, strict=True):
+                try:
+                    heat = to_original_frame(attention, frame, self.settings)
+                except Exception as exc:  # a map is an extra: it must never cost a score
+                    log.warning("no heatmap id=%d error=%r", rid, exc)
+                    continue
+                out[rid]["heatmap"] = heatmap_row(rid, heat, attention.size,
+                                                  self.scorer.version)
         return out
 
     def _decide(
