@@ -5,7 +5,10 @@
 2. version the model by a hash of the graph's bytes *before* metadata is added, so the same
    weights get the same version whatever metadata (metrics, command line) travels with them;
 3. write :class:`worker.model_metadata.ModelMetadata` into ``metadata_props``;
-4. check parity: Keras and ONNX Runtime (through the worker's own :class:`Scorer`) on real
+4. add the attention head's weights as a second output, ``attention``, when the model has
+   the head (export/attention.py; after the version, which therefore names the scoring graph
+   whether or not the output was added; the score checked bit-identical);
+5. check parity: Keras and ONNX Runtime (through the worker's own :class:`Scorer`) on real
    preprocessed images must agree within ``tolerance``, or the export fails.
 
 tf2onnx converts TensorFlow graphs, so this module needs the TensorFlow backend; a ``.keras``
@@ -200,6 +203,12 @@ def export_to_onnx(
 
     proto = convert(model, opset)
     version = model_version(model.name, proto.SerializeToString())
+    from export.attention import AttentionExportError, add_attention_checked
+
+    try:
+        add_attention_checked(proto, required=False)
+    except AttentionExportError as exc:
+        raise ExportError(f"attention output: {exc}") from exc
     info = dict(training or {})
     info.setdefault("exported_utc", datetime.now(UTC).isoformat(timespec="seconds"))
     info.setdefault("keras_model", src.name)

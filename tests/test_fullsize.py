@@ -146,7 +146,7 @@ def test_a_large_file_is_hashed_streaming_and_decoded_from_the_file(tmp_path: Pa
     loaded = _load(path)
     assert loaded.data is None  # type: ignore[union-attr]  # not held from hashing to decoding
     settings = PreprocessSettings(size=384)
-    x = _preprocess(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
+    x, _ = _preprocess(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
     assert np.array_equal(x, preprocess_bytes(path.read_bytes(), settings))
     # Rewritten after its receipt: its pixels are not the hashed content's; quarantined.
     os.utime(path, ns=(0, 0))

@@ -301,13 +301,13 @@ def test_onnx_runtime_scores_in_its_own_thread_before_the_caller_finishes(
     b = write_mammo_like(config.inbox / "b.png", seed=2)
     worker = open_worker(config)
     scored_in: list[str] = []
-    score_batch = worker.scorer.score_batch
+    score_and_attend = worker.scorer.score_and_attend
 
-    def recording(images: list) -> object:  # the real session, its thread noted
-        scored_in.append(threading.current_thread().name)
-        return score_batch(images)
+    def recording(images: list, attention: bool = True) -> object:  # the real session, its
+        scored_in.append(threading.current_thread().name)  # thread noted
+        return score_and_attend(images, attention)
 
-    worker.scorer.score_batch = recording  # type: ignore[method-assign]
+    worker.scorer.score_and_attend = recording  # type: ignore[method-assign]
     first = worker.pipeline.begin([a])
     second = worker.pipeline.begin([b])
     assert second.scoring is not None

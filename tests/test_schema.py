@@ -77,11 +77,12 @@ def test_the_start_up_check_reads_the_newest_revision_as_alembic_does(tmp_path: 
     versions.mkdir()
     for script in (MIGRATIONS / "versions").glob("*.py"):
         (versions / script.name).write_text(script.read_text())
-    (versions / "0002_next.py").write_text(
-        f'revision: str = "0002"\ndown_revision: str | None = "{head()}"\n'
+    # A revision after the newest (named so that it cannot clash with a real one).
+    (versions / "9998_next.py").write_text(
+        f'revision: str = "9998"\ndown_revision: str | None = "{head()}"\n'
     )
-    assert newest_revision(versions) == "0002"
-    (versions / "0003_odd.py").write_text('revision = REVISIONS["three"]\n')
+    assert newest_revision(versions) == "9998"
+    (versions / "9999_odd.py").write_text('revision = REVISIONS["three"]\n')
     assert newest_revision(versions) is None
 
 

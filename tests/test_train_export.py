@@ -365,6 +365,13 @@ def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: 
     image = preprocess_file(discover(small_pool / "labels.csv")[0].path, scorer.metadata.preprocess)
     a, b = scorer.score_batch([image, np.ascontiguousarray(image[:, ::-1])])
     assert abs(float(a) - float(b)) < 1e-5
+    # The export added the attention output (export/attention.py), the two members' maps
+    # averaged: one map per image, summing to 1, mirrored with the picture.
+    assert scorer.has_attention
+    _, maps = scorer.score_and_attend([image, np.ascontiguousarray(image[:, ::-1])])
+    assert maps is not None and maps.shape == (2, 2, 2)
+    assert np.allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    assert np.allclose(maps[1], maps[0][:, ::-1], atol=1e-5)
     # The mirror images ride in the batch, so ONNX Runtime's quantiser takes the graph (it
     # failed on one that ran the network twice side by side). A tiny model's AUC and rates
     # say nothing.

@@ -482,6 +482,10 @@ def report(
             )
             points, rules = {}, {}
         result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
+        if html_out:
+            from worker.overlays import dicom_policy, overlays_html
+
+            overlays = overlays_html(store, dicom_policy(config), since=since_dt, until=until_dt)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))
@@ -493,8 +497,57 @@ def report(
     if html_out:
         from worker.report_html import write_html
 
-        write_html(result, html_out)
+        write_html(result, html_out, overlays)
         click.echo(f"wrote {html_out}", err=True)
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="PNG file to write.")
+@click.option("--max-side", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="Longest side of the picture written, in pixels.")
+@store_options
+@click.pass_context
+@_user_errors
+def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
+            database: str | None) -> None:
+    """Draw where the model looked on one IMAGE as a PNG: an image id from the database (its
+    stored heatmap over its file), or an image file (scored now with the configured model).
+
+    The colour is the model's attention, not a lesion outline (see the model card).
+
+    \b
+    Example:
+      screen heatmap 42 --out overlay.png
+    """
+    from worker.overlays import OverlayError, dicom_policy, overlay_of_file, overlay_of_image
+
+    config = _config(ctx, database=database)
+    try:
+        if Path(image).is_file():
+            from worker.scorer import Scorer
+
+            overlay = overlay_of_file(Scorer.for_config(config), Path(image),
+                                      dicom_policy(config), max_side, config.max_pixels)
+        elif image.isdigit():
+            from worker.app import open_store
+
+            store = open_store(config)
+            try:
+                overlay = overlay_of_image(store, int(image), dicom_policy(config), max_side,
+                                           config.max_pixels)
+            finally:
+                store.dispose()
+        else:
+            raise OverlayError(f"{image} is neither an image file nor an image id")
+    except OverlayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(overlay.png)
+    score = "-" if overlay.score is None else f"{overlay.score:.4f}"
+    click.echo(f"wrote {out_path}: {overlay.source} score {score} ({overlay.label or '-'}), "
+               f"model {overlay.model_version}")
 
 
 @cli.command()

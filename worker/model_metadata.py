@@ -25,6 +25,9 @@ KEY_OPERATING_POINTS = PREFIX + "operating_points"
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "score"
+# Optional second output: the attention head's weight per position of its feature map,
+# (N, H, W), summing to 1 per image (export/attention.py adds it; worker/heatmaps.py stores it).
+ATTENTION_NAME = "attention"
 DEFAULT_CLASS_NAMES = ("benign", "malignant")
 # How image scores make a breast score, and breast scores an exam score. Models exported
 # before the key existed get the default.

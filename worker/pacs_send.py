@@ -43,6 +43,7 @@ from worker.config import Config
 from worker.dicom import DicomPolicy, decode_dicom
 from worker.exams import _safe_name, write_atomically
 from worker.faults import crash_point
+from worker.heatmaps import stored_heat
 from worker.pacs_build import (
     CAPTURE_LONG_SIDE,
     CaptureInput,
@@ -110,7 +111,7 @@ class Outbound:
         self.lease = dt.timedelta(seconds=4 * self.settings.timeout_seconds + 30)
         self.wake = threading.Event()
         # The model's attention map of an image, when one is stored (None: picture and text).
-        self.heatmap_of: Callable[[Session, int], np.ndarray | None] = lambda _s, _id: None
+        self.heatmap_of: Callable[[Session, int], np.ndarray | None] = stored_heat
 
     def _release_dead_holds(self) -> None:
         """SQLite has one worker per inbox (its lock, held by now): a hold on a row is then a

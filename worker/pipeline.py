@@ -51,9 +51,11 @@ from worker.dicom import DicomPolicy
 from worker.exams import Joining, join_exams
 from worker.faults import crash_point
 from worker.heartbeat import WorkerRecord
+from worker.heatmap_geometry import Frame, preprocess_with_frame, to_original_frame
+from worker.heatmaps import heatmap_row, insert_heatmaps
 from worker.identity import IdentityReader
 from worker.paths import display_name, path_from_db, path_to_db
-from worker.preprocess import ImageError, PreprocessSettings, preprocess_bytes, preprocess_file
+from worker.preprocess import ImageError, PreprocessSettings
 from worker.scorer import Scorer
 from worker.store import (
     DUPLICATE,
@@ -363,7 +365,7 @@ class Pipeline:
         mine = [(f, r) for f, r in zip(readable, received, strict=True) if r is not None]
         readable = [f for f, _ in mine]
         records = [r for _, r in mine]
-        preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]] = {}
+        preprocessing: dict[int, tuple[Future[tuple[np.ndarray, Frame]], dict[str, Any]]] = {}
         for (path, loaded), record in zip(readable, records, strict=True):
             batch.files.append(_BatchFile(path, record.id, loaded.fingerprint))
             if record.status in FINAL_STATUSES:
@@ -401,16 +403,16 @@ class Pipeline:
         return self._move_batch(batch.files, rows)
 
     def _preprocessed_and_scored(
-        self, preprocessing: dict[int, tuple[Future[np.ndarray], dict[str, Any]]]
+        self, preprocessing: dict[int, tuple[Future[tuple[np.ndarray, Frame]], dict[str, Any]]]
     ) -> dict[int, dict[str, Any]]:
         """The scoring thread's task for one batch: wait for its preprocessing, score what
         decoded in one ONNX Runtime call, and return every file's decision (not committed:
         only the calling thread writes to the database)."""
-        to_score: list[tuple[int, np.ndarray]] = []
+        to_score: list[tuple[int, np.ndarray, Frame]] = []
         decided: dict[int, dict[str, Any]] = {}
         for rid, (future, ident) in preprocessing.items():
             try:
-                to_score.append((rid, future.result()))
+                to_score.append((rid, *future.result()))
             except ImageError as exc:
                 decided[rid] = {"status": QUARANTINED, "error": str(exc), **ident}
             except Exception as exc:  # a decoder bug must not stop the worker
@@ -474,12 +476,13 @@ class Pipeline:
             rid = row.id
         self._move(path, rid)
 
-    def _score(self, items: list[tuple[int, np.ndarray]]) -> dict[int, dict[str, Any]]:
-        """Score in one ONNX Runtime call; if the batch fails, one by one to isolate the cause."""
+    def _score(self, items: list[tuple[int, np.ndarray, Frame]]) -> dict[int, dict[str, Any]]:
+        """Score in one ONNX Runtime call; if the batch fails, one by one to isolate the cause.
+        With a model that has the attention output, each decision carries its `heatmap` row."""
         if not items:
             return {}
         try:
-            scores = list(self.scorer.score_batch([img for _, img in items]))
+            scores, maps = self.scorer.score_and_attend([img for _, img, _ in items])
         except Exception as exc:
             if len(items) == 1:
                 log.error("scoring failed id=%d error=%r", items[0][0], exc)
@@ -489,7 +492,7 @@ class Pipeline:
                 out.update(self._score([item]))
             return out
         now = utcnow()
-        return {
+        out = {
             rid: {
                 "status": SCORED,
                 "score": float(score),
@@ -498,8 +501,18 @@ class Pipeline:
                 "model_version": self.scorer.version,
                 "scored_at": now,
             }
-            for (rid, _), score in zip(items, scores, strict=True)
+            for (rid, _, _), score in zip(items, scores, strict=True)
         }
+        if maps is not None:
+            for (rid, _, frame), attention in zip(items, maps, strict=True):
+                try:
+                    heat = to_original_frame(attention, frame, self.settings)
+                except Exception as exc:  # a map is an extra: it must never cost a score
+                    log.warning("no heatmap id=%d error=%r", rid, exc)
+                    continue
+                out[rid]["heatmap"] = heatmap_row(rid, heat, attention.size,
+                                                  self.scorer.version)
+        return out
 
     def _decide(
         self, row: ImageRecord, events: list[dict[str, Any]], status: str, **fields: Any
@@ -566,12 +579,14 @@ class Pipeline:
             updates: dict[int, dict[str, Any]] = {}
             events: dict[int, list[dict[str, Any]]] = {}
             joining: list[Joining] = []
+            heatmaps: list[dict[str, Any]] = []
             # Originals first, so that a duplicate in the same batch can copy their result.
             for rid in sorted(decided):
                 row, fields = rows[rid], dict(decided[rid])
                 if row.status in FINAL_STATUSES or row.claimed_by != self.worker_id:
                     continue  # decided already, or taken over by another worker
                 status = fields.pop("status")
+                heatmap = fields.pop("heatmap", None)
                 if status == DUPLICATE:
                     original = self._original(s, rows, updates, fields["duplicate_of"])
                     if original is not None and original["status"] == QUARANTINED:
@@ -588,6 +603,8 @@ class Pipeline:
                 values = updates[rid] = self._decision(
                     row, status, fields, events.setdefault(rid, [])
                 )
+                if status == SCORED and heatmap is not None:
+                    heatmaps.append(heatmap)
                 # A scored image joins its exam in the same commit as its score.
                 if status == SCORED and values["study_uid"] is not None:
                     joining.append(Joining(rid, values["study_uid"], values["patient_id"]))
@@ -595,6 +612,7 @@ class Pipeline:
                 s.execute(
                     _UPDATE_IMAGE, [{"b_id": rid, **values} for rid, values in updates.items()]
                 )
+                insert_heatmaps(s, heatmaps)
                 for rid, event in join_exams(s, joining, utcnow()).items():
                     events[rid].append(event)
                 insert_events(s, [e for rid in updates for e in events[rid]])
@@ -829,21 +847,22 @@ def _stream_sha256(path: Path) -> tuple[str, int]:
 
 
 def _preprocess(source: bytes | Path, fingerprint: Fingerprint, settings: PreprocessSettings,
-                policy: DicomPolicy) -> np.ndarray:
-    """A decode thread's task: the model input from the bytes read at receipt, or, for a
-    large file, from the file itself, which must still be what was hashed then."""
+                policy: DicomPolicy) -> tuple[np.ndarray, Frame]:
+    """A decode thread's task: the model input (and its geometry, for the heatmap) from the
+    bytes read at receipt, or, for a large file, from the file itself, which must still be
+    what was hashed then."""
     if isinstance(source, bytes):
-        return preprocess_bytes(source, settings, policy)
+        return preprocess_with_frame(source, settings, policy)
     changed = ImageError("file changed after it was received; its new content is taken "
                          "as a new file")
     try:
-        x = preprocess_file(source, settings, policy)
+        out = preprocess_with_frame(source, settings, policy)
         unchanged = _fingerprint(os.stat(source)) == fingerprint
     except OSError as exc:
         raise changed from exc
     if not unchanged:  # the pixels may be the new content's: not this record's to score
         raise changed
-    return x
+    return out
 
 
 @dataclass

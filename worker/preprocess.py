@@ -318,25 +318,33 @@ def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarra
     return np.clip(x, 0.0, 1.0)[:, :, np.newaxis].astype(np.float32, copy=False)
 
 
+def decode_for(
+    source: bytes | Path, settings: PreprocessSettings, dicom: DicomPolicy | None = None
+) -> np.ndarray:
+    """The decoded picture as :func:`preprocess_array` takes it (a large one already brought
+    down, see worker.reduction), from a file's bytes or from the file itself. A DICOM file is
+    parsed from the file, so that a full-size image is in memory once (its Pixel Data), not
+    twice."""
+    from worker import dicom as dicom_format
+
+    reduction = reduction_for(settings)
+    if isinstance(source, Path):
+        if dicom_format.is_dicom_file(source) and source.stat().st_size > 0:
+            return dicom_format.decode_dicom(source, settings.max_pixels, dicom, reduction).pixels
+        source = source.read_bytes()
+    return decode_image(source, settings.max_pixels, dicom, reduction)
+
+
 def preprocess_bytes(
     data: bytes, settings: PreprocessSettings, dicom: DicomPolicy | None = None
 ) -> np.ndarray:
     """Decode, fix polarity, orient, resize and normalise intensity: the function trainer and
     worker share. `dicom`: the operator's DICOM policy (default: MG only)."""
-    img = decode_image(data, settings.max_pixels, dicom, reduction_for(settings))
-    return preprocess_array(img, settings)
+    return preprocess_array(decode_for(data, settings, dicom), settings)
 
 
 def preprocess_file(
     path: str | Path, settings: PreprocessSettings, dicom: DicomPolicy | None = None
 ) -> np.ndarray:
-    """:func:`preprocess_bytes` of a file. A DICOM file is parsed from the file itself, so
-    that a full-size image is in memory once (its Pixel Data), not twice."""
-    from worker import dicom as dicom_format
-
-    path = Path(path)
-    if dicom_format.is_dicom_file(path) and path.stat().st_size > 0:
-        image = dicom_format.decode_dicom(path, settings.max_pixels, dicom,
-                                          reduction_for(settings))
-        return preprocess_array(image.pixels, settings)
-    return preprocess_bytes(path.read_bytes(), settings, dicom)
+    """:func:`preprocess_bytes` of a file (see :func:`decode_for`)."""
+    return preprocess_array(decode_for(Path(path), settings, dicom), settings)

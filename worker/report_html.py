@@ -155,7 +155,8 @@ def _version_sections(audit: Audit, m: dict[str, Any]) -> str:
     return out
 
 
-def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
+def render_html(audit: Audit, generated: dt.datetime | None = None, overlays: str = "") -> str:
+    """The page; ``overlays``: the heatmap section (worker/overlays.py), already HTML."""
     r = audit.report
     generated = generated or utcnow()
     versions = ", ".join(escape(m["model_version"]) for m in r["models"]) or "none"
@@ -209,6 +210,7 @@ def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
 </table>
 {"".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in global_caveats)}
 {sections}
+{overlays}
 <h2>How to read this</h2>
 {HOW_TO_READ.replace("{unit}", escape(" / ".join(units)))}
 {quarantined}
@@ -217,6 +219,6 @@ def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
 """
 
 
-def write_html(audit: Audit, out: Path) -> None:
+def write_html(audit: Audit, out: Path, overlays: str = "") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(audit), encoding="utf-8")
+    out.write_text(render_html(audit, overlays=overlays), encoding="utf-8")

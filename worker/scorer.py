@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.model_file import ModelLoadError, check_model_file
-from worker.model_metadata import ModelMetadata, ModelMetadataError
+from worker.model_metadata import ATTENTION_NAME, ModelMetadata, ModelMetadataError
 from worker.threads import run_in_thread
 
 if TYPE_CHECKING:
@@ -105,6 +105,10 @@ class Scorer:
         if len(inputs) != 1:
             raise ModelLoadError(f"{self.path}: expected one input, found {len(inputs)}")
         self.input_name = inputs[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.score_name = outputs[0]
+        # Models exported before export/attention.py have no attention output: no heatmaps.
+        self.has_attention = ATTENTION_NAME in outputs[1:]
         size = self.metadata.preprocess.size
         shape = inputs[0].shape
         if len(shape) != 4 or shape[1:] not in ([size, size, 1], (size, size, 1)):
@@ -132,7 +136,7 @@ class Scorer:
         size = self.metadata.preprocess.size
         blank = np.zeros((size, size, 1), np.float32)
         try:
-            self.score_batch([blank] * n)
+            self.score_and_attend([blank] * n)
         except Exception as exc:  # a real batch will meet (and report) the same failure
             log.warning("model warm-up failed: %s", str(exc).splitlines()[0])
             return
@@ -140,12 +144,24 @@ class Scorer:
 
     def score_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Scores (probability of the positive class) for preprocessed (H, W, 1) arrays."""
+        return self.score_and_attend(images, attention=False)[0]
+
+    def score_and_attend(self, images: Sequence[np.ndarray], attention: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores and, when the model has the output and ``attention``, its attention maps
+        (N, H, W), each summing to 1. ONNX Runtime runs only the nodes the asked outputs need,
+        so the scores alone cost what they did before the output existed."""
+        attention = attention and self.has_attention
         if not images:
-            return np.zeros((0,), dtype=np.float32)
+            return np.zeros((0,), dtype=np.float32), None
         step = call_size(len(images), self.images_per_call)
         if len(images) > step:
-            return np.concatenate([self.score_batch(images[i:i + step])
-                                   for i in range(0, len(images), step)])
+            parts = [self.score_and_attend(images[i:i + step], attention)
+                     for i in range(0, len(images), step)]
+            maps = np.concatenate([m for _, m in parts]) if attention else None
+            return np.concatenate([s for s, _ in parts]), maps
         batch = np.stack(images).astype(np.float32, copy=False)
-        (out,) = self.session.run(None, {self.input_name: batch})
-        return np.asarray(out, dtype=np.float32).reshape(len(images))
+        names = [self.score_name, ATTENTION_NAME] if attention else [self.score_name]
+        out = self.session.run(names, {self.input_name: batch})
+        scores = np.asarray(out[0], dtype=np.float32).reshape(len(images))
+        return scores, (np.asarray(out[1], dtype=np.float32) if attention else None)

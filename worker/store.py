@@ -36,6 +36,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
@@ -201,6 +202,19 @@ class BreastResult(Base):
     n_images: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
     label: Mapped[str] = mapped_column(String(32))
+
+
+class HeatmapRecord(Base):
+    """Where the model looked on one scored image (worker/heatmaps.py): a small map covering
+    the decoded picture, float16 bytes of shape (rows, cols), committed with its score."""
+
+    __tablename__ = "heatmaps"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    rows: Mapped[int] = mapped_column(Integer)
+    cols: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def event_row(

@@ -1,0 +1,36 @@
+"""Heatmaps: one small attention map per scored image (table `heatmaps`).
+
+The pre-Alembic step creates every missing table from the models before stamping the
+baseline, so a database made before Alembic may have this table already: it is created only
+where it is missing.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-06
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("heatmaps"):
+        return
+    op.create_table(
+        "heatmaps",
+        sa.Column("image_id", sa.Integer(), sa.ForeignKey("images.id"), nullable=False),
+        sa.Column("model_version", sa.String(length=128), nullable=False),
+        sa.Column("rows", sa.Integer(), nullable=False),
+        sa.Column("cols", sa.Integer(), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.PrimaryKeyConstraint("image_id"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("heatmaps")
