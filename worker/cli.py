@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from worker.config import Config, ConfigError, load_config
+from worker.config import (
+    DEFAULT_CONFIG_NAME,
+    ENV_CONFIG,
+    Config,
+    ConfigError,
+    MissingPathError,
+    load_config,
+)
+from worker.database_url import sqlite_file
 from worker.lock import InboxBusyError
 from worker.model_file import ModelLoadError
 
@@ -45,6 +53,17 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
+def _no_config_note(exc: Exception) -> str:
+    """A path from the built-in defaults is missing because no config file was found: say so,
+    and where it was looked for, rather than only naming a path under the current folder."""
+    ctx = click.get_current_context(silent=True)
+    looked = ctx.obj.get("no_config_in") if ctx is not None and ctx.obj else None
+    if looked is None or not isinstance(exc, MissingPathError | ModelLoadError):
+        return ""
+    return (f"no config file found (no --config, no ${ENV_CONFIG}, no {DEFAULT_CONFIG_NAME} "
+            f"in {looked}), so the built-in defaults were used: ")
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an operator's mistake into one line and exit status 1, not a traceback."""
 
@@ -53,7 +72,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as exc:
-            raise click.ClickException(_describe(exc)) from None
+            raise click.ClickException(_no_config_note(exc) + _describe(exc)) from None
 
     return wrapper
 
@@ -71,7 +90,10 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
         "port": "receive.port",
     }
     mapped = {names[k]: v for k, v in overrides.items() if k in names}
-    return load_config(ctx.obj.get("config"), mapped)
+    config = load_config(ctx.obj.get("config"), mapped)
+    if config.source is None:
+        ctx.obj["no_config_in"] = Path.cwd()
+    return config
 
 
 def _start_worker(
@@ -83,10 +105,25 @@ def _start_worker(
     from worker.inbox import look_at_inbox
 
     config = _config(ctx, **overrides)
+    if overrides.get("database") is not None:
+        _named_database_exists(config)
     looked = look_at_inbox(config)  # before the scorer's imports (NumPy, OpenCV: ~0.3 s)
     from worker.scorer import load_scorer
 
     return config, load_scorer(config), looked
+
+
+def _named_database_exists(config: Config) -> None:
+    """The worker creates the configured database on its first start, but not one named by
+    --database: a typo there must not become a new, empty database (unless create_missing)."""
+    path = sqlite_file(config.database_url)
+    if path is not None and path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
+    if path is not None and not path.exists() and not config.create_missing:
+        raise MissingPathError(
+            f"database not found: {path} (--database names an existing database: the worker "
+            "creates only the configured one, or any with [paths] create_missing = true)"
+        )
 
 
 def _since(value: str | None, param_hint: str = "--since") -> dt.datetime | None:
@@ -477,12 +514,13 @@ def report(
 
 
 @cli.command()
+@store_options
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @click.pass_context
 @_user_errors
-def status(ctx: click.Context, fmt: str) -> None:
+def status(ctx: click.Context, database: str | None, fmt: str) -> None:
     """Show the backlog, last activity, counts, the running workers and their models.
 
     Every worker records a heartbeat; one whose last beat is older than [worker]
@@ -494,7 +532,7 @@ def status(ctx: click.Context, fmt: str) -> None:
     """
     from worker.app import status as get_status
 
-    info = get_status(_config(ctx))
+    info = get_status(_config(ctx, database=database))
     if fmt == "json":
         click.echo(json.dumps(info, indent=2))
         return
