@@ -352,13 +352,18 @@ def results(
     """
     from worker.app import open_store
     from worker.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
-    from worker.results import format_rows, result_rows
+    from worker.results import describe_waiting, format_rows, result_rows, waiting_exams
 
     if history and level == "image":
         raise click.UsageError("--history applies to --level breast or exam")
     since_dt = _since(since)
-    store = open_store(_config(ctx, database=database))
+    config = _config(ctx, database=database)
+    store = open_store(config)
     try:
+        if level != "image":
+            waiting = describe_waiting(waiting_exams(store, config.study_settle_seconds))
+            if waiting:
+                click.echo(waiting, err=True)
         if level == "exam":
             text = format_rows(exam_rows(store, history, since_dt), fmt, EXAM_COLUMNS)
         elif level == "breast":
