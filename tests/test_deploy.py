@@ -296,6 +296,23 @@ def _fresh_project(root: Path, port: int) -> Path:
     return root
 
 
+def test_a_fresh_clone_processes_with_the_shipped_config_and_creates_no_typo(
+        tmp_path: Path) -> None:
+    """The README's first steps need no create_missing: the folders ship in git."""
+    from tests.conftest import run_screen
+
+    project = _fresh_project(tmp_path / "project", _free_port())
+    write_mammo_like(project / "data" / "inbox" / "a.png", seed=1)
+    done = run_screen("process", cwd=project)  # ./config.toml, found in the current folder
+    assert done.returncode == 0 and "scored 1" in done.stdout, done.stderr
+    assert (project / "data" / "processed" / "a.png").is_file()
+    before = sorted(project.rglob("*"))
+    for typo in (["--inbox", "data/inbx"], ["--database", "sqlite:///data/scren.db"]):
+        refused = run_screen("process", *typo, cwd=project)
+        assert refused.returncode == 1 and "not found" in refused.stderr, refused.stderr
+        assert sorted(project.rglob("*")) == before
+
+
 def _systemd_run_argv(script: Path) -> tuple[list[str], dict[str, str]]:
     """The service command of `systemd-run ... CMD ARGS` in a shell script, and its -p
     properties."""
