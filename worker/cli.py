@@ -24,7 +24,7 @@ from worker.config import (
     MissingPathError,
     load_config,
 )
-from worker.database_url import sqlite_file
+from worker.database_url import named_database_exists
 from worker.lock import InboxBusyError
 from worker.model_file import ModelLoadError
 
@@ -106,24 +106,11 @@ def _start_worker(
 
     config = _config(ctx, **overrides)
     if overrides.get("database") is not None:
-        _named_database_exists(config)
+        named_database_exists(config)
     looked = look_at_inbox(config)  # before the scorer's imports (NumPy, OpenCV: ~0.3 s)
     from worker.scorer import load_scorer
 
     return config, load_scorer(config), looked
-
-
-def _named_database_exists(config: Config) -> None:
-    """The worker creates the configured database on its first start, but not one named by
-    --database: a typo there must not become a new, empty database (unless create_missing)."""
-    path = sqlite_file(config.database_url)
-    if path is not None and path.parent.exists() and not path.parent.is_dir():
-        raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
-    if path is not None and not path.exists() and not config.create_missing:
-        raise MissingPathError(
-            f"database not found: {path} (--database names an existing database: the worker "
-            "creates only the configured one, or any with [paths] create_missing = true)"
-        )
 
 
 def _since(value: str | None, param_hint: str = "--since") -> dt.datetime | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from worker.config import ConfigError
+from worker.config import Config, ConfigError, MissingPathError
 
 _FORMS = ("sqlite:///relative/path.db, sqlite:////absolute/path.db or "
           "postgresql+psycopg://user:password@host/name")
@@ -56,6 +56,20 @@ def check_url(url: str) -> None:
                 else f"write {_FORMS}")
         raise ConfigError(f"database URL {shown}: unknown database kind {name!r} ({hint})"
                           ) from None
+
+
+def named_database_exists(config: Config) -> None:
+    """For a worker given --database: the worker creates its configured database on its first
+    start, but not one named on the command line, where a typo must not become a new, empty
+    database (unless [paths] create_missing)."""
+    path = sqlite_file(config.database_url)
+    if path is not None and path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
+    if path is not None and not path.exists() and not config.create_missing:
+        raise MissingPathError(
+            f"database not found: {path} (--database names an existing database: the worker "
+            "creates only the configured one, or any with [paths] create_missing = true)"
+        )
 
 
 def missing_database(path: Path) -> str:
