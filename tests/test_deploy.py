@@ -164,13 +164,16 @@ def _wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen[bytes]
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode} before {what}:\n"
-                                 + log.read_text())
+            raise AssertionError(f"exited with {proc.returncode} before {what}:\n" + _read(log))
         found = check()
         if found:
             return found
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n" + log.read_text())
+    raise AssertionError(f"timed out waiting for {what}:\n" + _read(log))
+
+
+def _read(log: Path) -> str:
+    return log.read_text() if log.is_file() else f"({log} not written)"
 
 
 def _live_workers(config_path: Path) -> list[dict[str, Any]]:
