@@ -48,8 +48,10 @@ def _session(model: onnx.ModelProto, outputs: Sequence[str]):  # type: ignore[no
 
 
 def channel_means(model: onnx.ModelProto, input_name: str, outputs: Sequence[str],
-                  arrays: Sequence[np.ndarray], batch: int = 4) -> dict[str, np.ndarray]:
-    """Mean of each (N, C, ...) output per channel, over the images and every other axis."""
+                  arrays: Sequence[np.ndarray], batch: int = 1) -> dict[str, np.ndarray]:
+    """Mean of each (N, C, ...) output per channel, over the images and every other axis.
+    One image a run: every requested output is held at once (all the convolutions' outputs,
+    for the float means), so memory grows with the batch."""
     session = _session(model, outputs)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(outputs, 0)

@@ -63,7 +63,8 @@ def _drop(inbox: Path, name: str, seed: int) -> None:
 
 def test_supervisord_keeps_the_worker_running(workdir: Path) -> None:
     with (workdir / "config.toml").open("a") as fh:
-        fh.write("heartbeat_seconds = 0.2\n")
+        # The receiver that supervisord.conf also starts takes any free port (not 11112).
+        fh.write("heartbeat_seconds = 0.2\n[receive]\nport = 0\n")
     (workdir / "data").mkdir()
     socket_dir = Path(tempfile.mkdtemp(prefix="sv"))
     conf = _generated_conf(workdir, socket_dir)

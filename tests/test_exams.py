@@ -451,6 +451,13 @@ def test_screen_process_end_to_end_exam_results_and_outbox(tmp_path: Path) -> No
     out = _screen(tmp_path, "process")
     assert out.returncode == 0, out.stderr
     assert "2 waiting for their study to settle" in out.stdout
+    for level in ("exam", "breast"):  # no rows yet: the listing says why, and when
+        listed = _screen(tmp_path, "results", "--level", level)
+        assert listed.returncode == 0 and listed.stdout.strip().count("\n") == 0, listed.stdout
+        waiting = re.search(r"^2 exam\(s\) not listed: waiting for their study to settle "
+                            r"\(\[worker\] study_settle_seconds = 600\); the next is scored "
+                            r"in (\d+) s \(\S+Z\)", listed.stderr, re.MULTILINE)
+        assert waiting and 500 < int(waiting.group(1)) <= 600, listed.stderr
     assert not (tmp_path / "outbox").exists() or not list((tmp_path / "outbox").iterdir())
     out = _screen(tmp_path, "process", "--settle-now")
     assert out.returncode == 0, out.stderr
@@ -460,6 +467,7 @@ def test_screen_process_end_to_end_exam_results_and_outbox(tmp_path: Path) -> No
     breast_csv = _screen(tmp_path, "results", "--level", "breast", "--format", "csv")
     image_csv = _screen(tmp_path, "results", "--level", "image")
     assert exam_csv.returncode == breast_csv.returncode == image_csv.returncode == 0
+    assert "not listed" not in exam_csv.stderr + breast_csv.stderr  # none waits now
     assert exam_csv.stdout.splitlines()[0] == "patient_id,study_uid,n_images,score,label"
     assert breast_csv.stdout.splitlines()[0] == (
         "patient_id,study_uid,laterality,n_images,score,label"

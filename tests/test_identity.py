@@ -117,7 +117,9 @@ def test_dicom_view_falls_back_to_the_view_code_sequence(
 def test_dicom_without_view_or_with_an_unparsable_header_is_unknown() -> None:
     assert identity_from_dicom(dicom_bytes(PatientID="P1")).view is None
     broken = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage" * 3
-    assert identity_from_dicom(broken) == Identity()
+    with pytest.warns(UserWarning) as warned:  # pydicom's, on the garbage
+        assert identity_from_dicom(broken) == Identity()
+    assert any("Expected explicit VR" in str(w.message) for w in warned)
 
 
 def test_pattern_groups_are_checked() -> None:

@@ -4,6 +4,7 @@ static QDQ quantisation, the float model's metadata carried over, the AUC check.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from export.quantise import (
     QuantiseReport,
     check_accuracy,
     rate_changes,
+    run_validation,
 )
 from tests.conftest import write_mammo_like
 from worker.cli import cli
@@ -205,3 +207,45 @@ def test_bias_correction_removes_each_convolutions_mean_shift(tmp_path: Path) ->
     assert [s.conv for s in shifts] == [conv.name] and done == [(1, 1)]
     assert shifts[0].shift == pytest.approx(np.abs(before).mean())
     np.testing.assert_array_less(np.abs(shift()), step / 2 + 1e-6)
+
+
+def _run_on_folder(tmp_path: Path, trained_on: Path) -> Path:
+    """A run's record as `screen train FOLDER` leaves it: metrics.json naming the folder, and
+    val_predictions.csv with names relative to it (benign/..., malignant/...)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"training": {"source": str(trained_on)}}))
+    names = [("benign/p1_2.png", "benign"), ("malignant/p0_0.png", "malignant")]
+    (run / "val_predictions.csv").write_text(
+        "filename,label,score\n" + "".join(f"{n},{lab},0.5\n" for n, lab in names))
+    return run / "metrics.json"
+
+
+def test_a_run_trained_on_a_folder_finds_its_validation_split_with_a_labels_csv(
+        tmp_path: Path) -> None:
+    labels = make_pool(tmp_path / "pool", n=8)  # names images/benign/..., relative to pool/
+    metrics = _run_on_folder(tmp_path, tmp_path / "pool" / "images")
+    run = json.loads(metrics.read_text())
+    found = run_validation(metrics.parent / "val_predictions.csv", run, labels)
+    assert [s.path for s in found] == [tmp_path / "pool" / "images" / "benign" / "p1_2.png",
+                                       tmp_path / "pool" / "images" / "malignant" / "p0_0.png"]
+    # The same run, its folder since moved: the names are looked up beside --images.
+    moved = {"training": {"source": str(tmp_path / "gone")}}
+    assert run_validation(metrics.parent / "val_predictions.csv", moved,
+                          tmp_path / "pool" / "images") == found
+
+
+def test_export_int8_says_when_the_validation_split_is_not_found(tmp_path: Path) -> None:
+    model = make_conv_model(tmp_path / "conv.onnx")
+    labels = make_pool(tmp_path / "pool", n=8)
+    metrics = _run_on_folder(tmp_path, tmp_path / "gone")  # trained elsewhere, since moved
+    result = CliRunner().invoke(cli, ["export", str(model), "--int8", "--out",
+                                      str(tmp_path / "q.onnx"), "--images", str(labels),
+                                      "--metrics", str(metrics), "--calibration-images", "2"])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: the run's validation split ({metrics.parent}"), line
+    assert (f"names 2 of 2 images not found under {tmp_path / 'gone'} or {tmp_path / 'pool'}, "
+            "e.g. benign/p1_2.png") in line
+    assert f"the source the run was trained on, {tmp_path / 'gone'}: pass" in line
+    assert "cannot preprocess" not in line and not (tmp_path / "q.onnx").exists()

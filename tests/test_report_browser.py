@@ -16,7 +16,8 @@ import pytest
 
 from tests.conftest import require_programs
 from tests.test_report_audit import populated_store
-from worker.report import audit
+from worker.model_metadata import OperatingPoint
+from worker.report import audit, format_text
 from worker.report_html import write_html
 
 require_programs("chromium chromium-driver", "/usr/bin/chromium", "/usr/bin/chromedriver")
@@ -90,3 +91,32 @@ def test_html_report_renders_in_chromium(tmp_path: Path, driver) -> None:  # typ
     keep = os.environ.get("MAMMO_KEEP_SCREENSHOT")
     if keep:  # for a person to look at
         shutil.copy(shot, keep)
+
+
+def test_html_operating_points_match_the_text_report(tmp_path: Path, driver) -> None:  # type: ignore[no-untyped-def]
+    store = populated_store(tmp_path / "a.db")
+    points = {"probe-v1": {
+        "sens90": OperatingPoint(0.30, "sensitivity >= 90%", 0.91, 0.40, 0.70),
+        "recall10": OperatingPoint(0.72, "10% flagged", 0.25, 0.95, 0.10),
+        "sens80": OperatingPoint(0.38, "sensitivity >= 80%"),  # no validation figures
+    }}
+    result = audit(store, resamples=200, operating_points=points)
+    store.dispose()
+    page = tmp_path / "audit.html"
+    write_html(result, page)
+    driver.get(page.as_uri())
+
+    (table,) = driver.find_elements("css selector", "table.operating-points")
+    assert table.is_displayed()
+    shown = [[td.text for td in tr.find_elements("tag name", "td")]
+             for tr in table.find_elements("tag name", "tr")]
+    shown = [row for row in shown if row]  # the two header rows hold th only
+    text = format_text(result.report).splitlines()
+    start = text.index("operating points of model probe-v1 (from the model file): what each "
+                       "would have called in this period")
+    # The text report's rows, read as cells: point, threshold, three figures in the period,
+    # then "sens / spec / recall" on validation.
+    expected = [line.replace(" / ", " ").split() for line in text[start + 2:start + 5]]
+    assert shown == expected
+    assert [row[0] for row in shown] == ["sens90", "sens80", "recall10"]  # by threshold
+    assert shown[1][-3:] == ["n/a", "n/a", "n/a"]

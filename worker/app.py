@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, make_url, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import DatabaseError
 
 from worker.config import Config, ConfigError, MissingPathError
+from worker.database_url import check_url, missing_database, shown_url, sqlite_file
 from worker.exams import ExamBook, ExamScoring
 from worker.heartbeat import Heartbeat, running_workers
 from worker.inbox import SettleTracker, scan_inbox
@@ -35,28 +35,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("mammo_screen")
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a file-backed SQLite URL; None for in-memory or other databases."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix):
-        return None
-    name = url[len(prefix) :].split("?", 1)[0]
-    return None if name in ("", ":memory:") else Path(name)
-
-
 def open_store(config: Config, create: bool = False) -> Store:
     """Open the database. Only the worker (`create=True`) may make a new SQLite file: a command
     that only reads, given a mistyped path, must say so instead of reporting an empty database.
     The file's folder is made only when [paths] create_missing asks for it."""
+    check_url(config.database_url)
     path = sqlite_file(config.database_url)
     if path is not None and path.exists() and not path.is_file():
         raise ConfigError(f"database path is not a file: {path}")
+    if path is not None and path.is_file() and path.stat().st_size == 0:
+        # SQLite would take an empty file as a new database and give it the schema.
+        raise ConfigError(f"not a mammo-screen database: {path} is an empty file")
     if path is not None and not path.exists():
         if not create:
-            raise MissingPathError(
-                f"database not found: {path} (check [database] url or --database; "
-                "`screen watch` or `screen process` creates it)"
-            )
+            raise MissingPathError(missing_database(path))
         if path.parent.exists() and not path.parent.is_dir():
             raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
         if not path.parent.exists():
@@ -80,14 +72,6 @@ def open_store(config: Config, create: bool = False) -> Store:
         reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
         reason = reason.strip().splitlines()[0] if reason.strip() else reason
         raise ConfigError(f"cannot open database {shown}: {reason}") from None
-
-
-def shown_url(url: str) -> str:
-    """The database URL without its password, for messages and `screen status`."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy understands: Store says so
-        return url
 
 
 @dataclass

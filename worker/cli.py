@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from worker.config import Config, ConfigError, load_config
+from worker.config import (
+    DEFAULT_CONFIG_NAME,
+    ENV_CONFIG,
+    Config,
+    ConfigError,
+    MissingPathError,
+    load_config,
+)
+from worker.database_url import named_database_exists
 from worker.lock import InboxBusyError
 from worker.model_file import ModelLoadError
 
@@ -45,6 +53,17 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
+def _no_config_note(exc: Exception) -> str:
+    """A path from the built-in defaults is missing because no config file was found: say so,
+    and where it was looked for, rather than only naming a path under the current folder."""
+    ctx = click.get_current_context(silent=True)
+    looked = ctx.obj.get("no_config_in") if ctx is not None and ctx.obj else None
+    if looked is None or not isinstance(exc, MissingPathError | ModelLoadError):
+        return ""
+    return (f"no config file found (no --config, no ${ENV_CONFIG}, no {DEFAULT_CONFIG_NAME} "
+            f"in {looked}), so the built-in defaults were used: ")
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an operator's mistake into one line and exit status 1, not a traceback."""
 
@@ -53,7 +72,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as exc:
-            raise click.ClickException(_describe(exc)) from None
+            raise click.ClickException(_no_config_note(exc) + _describe(exc)) from None
 
     return wrapper
 
@@ -71,7 +90,10 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
         "port": "receive.port",
     }
     mapped = {names[k]: v for k, v in overrides.items() if k in names}
-    return load_config(ctx.obj.get("config"), mapped)
+    config = load_config(ctx.obj.get("config"), mapped)
+    if config.source is None:
+        ctx.obj["no_config_in"] = Path.cwd()
+    return config
 
 
 def _start_worker(
@@ -83,6 +105,8 @@ def _start_worker(
     from worker.inbox import look_at_inbox
 
     config = _config(ctx, **overrides)
+    if overrides.get("database") is not None:
+        named_database_exists(config)
     looked = look_at_inbox(config)  # before the scorer's imports (NumPy, OpenCV: ~0.3 s)
     from worker.scorer import load_scorer
 
@@ -336,13 +360,18 @@ def results(
     """
     from worker.app import open_store
     from worker.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
-    from worker.results import format_rows, result_rows
+    from worker.results import describe_waiting, format_rows, result_rows, waiting_exams
 
     if history and level == "image":
         raise click.UsageError("--history applies to --level breast or exam")
     since_dt = _since(since)
-    store = open_store(_config(ctx, database=database))
+    config = _config(ctx, database=database)
+    store = open_store(config)
     try:
+        if level != "image":
+            waiting = describe_waiting(waiting_exams(store, config.study_settle_seconds))
+            if waiting:
+                click.echo(waiting, err=True)
         if level == "exam":
             text = format_rows(exam_rows(store, history, since_dt), fmt, EXAM_COLUMNS)
         elif level == "breast":
@@ -551,12 +580,13 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
 
 
 @cli.command()
+@store_options
 @click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
 @click.pass_context
 @_user_errors
-def status(ctx: click.Context, fmt: str) -> None:
+def status(ctx: click.Context, database: str | None, fmt: str) -> None:
     """Show the backlog, last activity, counts, the running workers and their models.
 
     Every worker records a heartbeat; one whose last beat is older than [worker]
@@ -568,7 +598,7 @@ def status(ctx: click.Context, fmt: str) -> None:
     """
     from worker.app import status as get_status
 
-    info = get_status(_config(ctx))
+    info = get_status(_config(ctx, database=database))
     if fmt == "json":
         click.echo(json.dumps(info, indent=2))
         return

@@ -186,6 +186,9 @@ def _caveats(m: dict[str, Any]) -> list[str]:
     unit = m["level"]  # image, breast or exam: the caveats name what was counted
     if m["positives"] == 0:
         out.append(f"no malignant {unit}: sensitivity and ROC AUC are undefined")
+    elif m["positives"] == 1:
+        out.append(f"only 1 malignant {unit}: ROC AUC not given (it would be that {unit}'s "
+                   "rank alone), sensitivity rests on one case")
     elif m["positives"] < MIN_CASES:
         out.append(
             f"only {m['positives']} malignant {unit}(s): sensitivity and ROC AUC rest on too "
@@ -193,6 +196,9 @@ def _caveats(m: dict[str, Any]) -> list[str]:
         )
     if m["negatives"] == 0:
         out.append(f"no benign {unit}: specificity and ROC AUC are undefined")
+    elif m["negatives"] == 1:
+        out.append(f"only 1 benign {unit}: ROC AUC not given (it would be that {unit}'s "
+                   "rank alone), specificity rests on one case")
     elif m["negatives"] < MIN_CASES:
         out.append(
             f"only {m['negatives']} benign {unit}(s): specificity and ROC AUC rest on too few "
@@ -244,7 +250,10 @@ def model_figures(
         },
         **c.as_dict(),
     }
-    figures = {**rates(c), "auc": roc_auc(y, s)}
+    # One malignant (or benign) unit: its "AUC" is that one unit's rank, 0 or 1 by chance, and
+    # its interval cannot be computed; the figure is not given.
+    auc = roc_auc(y, s) if min(int(y.sum()), int((~y).sum())) >= 2 else None
+    figures = {**rates(c), "auc": auc}
     for name in CI_FIGURES:
         m[name] = figures[name]
         ci = boot.cis[name]
@@ -324,6 +333,18 @@ def operating_point_figures(
     return out
 
 
+def reason_kind(reason: str) -> str:
+    """A quarantine reason without its file's details, to count files by kind: the text
+    before the first ": " outside brackets ("truncated DICOM pixel data: 14360 of 15360
+    bytes" -> "truncated DICOM pixel data"); a colon inside "(...)" belongs to the kind."""
+    depth = 0
+    for i, ch in enumerate(reason):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == ":" and depth <= 0 and reason[i + 1 : i + 2] in (" ", ""):
+            return reason[:i]
+    return reason
+
+
 def _before(images: list[ImageRecord], until: dt.datetime | None) -> list[ImageRecord]:
     # Store.all_images filters `since` in SQL; `until` is applied here so the store's query
     # stays as it is.
@@ -357,7 +378,7 @@ def audit(
     by_status = Counter(r.status for r in images)
     by_call = Counter(r.label for r in images if r.status == SCORED and r.label)
     quarantined = [r for r in images if r.status == QUARANTINED]
-    reasons = Counter((r.error or "").split(":")[0] for r in quarantined)
+    reasons = Counter(reason_kind(r.error or "") for r in quarantined)
 
     per_version: dict[str, list[AuditRow]] = defaultdict(list)
     for row in units_at(audit_rows(images, outcomes), Level.IMAGE):
@@ -482,6 +503,18 @@ def level_summary(m: dict[str, Any]) -> str:
     return text
 
 
+_PLURAL = {"patient": "patients", "study": "studies", "image": "images"}
+
+
+def bootstrap_text(b: dict[str, Any]) -> str:
+    """`percentile bootstrap, 2000 resamples of 23 patients, seed 0` (what was resampled)."""
+    unit = b["unit"]
+    drawn = (f"{b['groups']} {_PLURAL[unit]}" if unit in _PLURAL else
+             f"{b['groups']} groups (each a patient where known, otherwise a study, "
+             "otherwise an image)")
+    return f"percentile bootstrap, {b['resamples']} resamples of {drawn}, seed {b['seed']}"
+
+
 def figures_block(m: dict[str, Any]) -> list[str]:
     """One model version at one level, as text lines."""
     b = m["bootstrap"]
@@ -494,8 +527,7 @@ def figures_block(m: dict[str, Any]) -> list[str]:
             f"  {label:<14}{fmt_value(m[key]):>7}   {fmt_ci(m[key + '_ci'])}"
             for key, label in FIGURE_ROWS
         ),
-        f"  intervals: percentile bootstrap, {b['resamples']} resamples of {b['groups']} "
-        f"{b['unit']} unit(s), seed {b['seed']}",
+        f"  intervals: {bootstrap_text(b)}",
         *(f"  CAVEAT: {c}" for c in m["caveats"]),
     ]
 
@@ -514,6 +546,7 @@ def format_text(report: dict[str, Any]) -> str:
             "quarantined because: "
             + "; ".join(f"{k} ({v})" for k, v in report["quarantine_reasons"].items())
         )
+        lines += [f"  {q['filename']}: {q['reason']}" for q in report["quarantined_files"]]
     lines.append(f"scored with a known outcome: {report['with_outcome']} of {report['scored']}")
     for m in report["models"]:
         lines += ["", *figures_block(m)]

@@ -13,7 +13,15 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from worker.report import FIGURE_ROWS, Audit, Level, fmt_ci, fmt_value, period_text
+from worker.report import (
+    FIGURE_ROWS,
+    Audit,
+    Level,
+    bootstrap_text,
+    fmt_ci,
+    fmt_value,
+    period_text,
+)
 from worker.store import utcnow
 
 DISCLAIMER = (
@@ -105,7 +113,8 @@ def _unit_text(m: dict[str, Any]) -> str:
         else "the images of one study; images of unknown side count as one group"
     )
     return (
-        f"<p class=\"small\">A {escape(m['level'])} is {what}. Its score is {rule} over its "
+        f"<p class=\"small\">{'An' if m['level'][0] in 'aeiou' else 'A'} "
+        f"{escape(m['level'])} is {what}. Its score is {rule} over its "
         f"{m['images']} image(s) with a known outcome (breast: {escape(a['breast'])} of its "
         f"images, exam: {escape(a['exam'])} of its breasts); it is malignant if any of its "
         "images is, and called at the threshold recorded with its images.</p>"
@@ -133,9 +142,34 @@ operating threshold {threshold} (the one recorded with each score).</p>
 {_figures_table(m)}
 {_confusion_table(m)}
 </div>
-<p class="small">95% intervals: percentile bootstrap, {b["resamples"]} resamples of
-{b["groups"]} {escape(b["unit"])} unit(s), seed {b["seed"]}.</p>
+<p class="small">95% intervals: {escape(bootstrap_text(b))}.</p>
 <div class="plots">{_png_img(png, "audit plots for model " + m["model_version"])}</div>
+</section>"""
+
+
+def _operating_points_table(version: str, points: list[dict[str, Any]]) -> str:
+    """The text report's operating-point comparison: what each of the model's points would
+    have called in the period, beside its figures on validation data."""
+    rows = "".join(
+        f'<tr><td class="name">{escape(p["name"])}</td><td>{p["threshold"]:.4f}</td>'
+        + "".join(f"<td>{fmt_value(p[k])}</td>"
+                  for k in ("recall_rate", "sensitivity", "specificity"))
+        + "".join(f"<td>{fmt_value(p['validation'][k])}</td>"
+                  for k in ("sensitivity", "specificity", "recall_rate"))
+        + "</tr>"
+        for p in points
+    )
+    return f"""
+<section class="operating-points">
+<h2>Operating points of model {escape(version)}</h2>
+<p>What each of the model's operating points (from the model file) would have called in this
+period: the recall rate over every scored image, sensitivity and specificity over those with a
+known outcome, beside the point's figures on the validation data it was chosen on.</p>
+<table class="operating-points"><tr><th class="name" rowspan="2">point</th>
+<th rowspan="2">threshold</th><th colspan="3">in this period</th>
+<th colspan="3">on validation</th></tr>
+<tr><th>recall rate</th><th>sensitivity</th><th>specificity</th><th>sensitivity</th>
+<th>specificity</th><th>recall rate</th></tr>{rows}</table>
 </section>"""
 
 
@@ -176,6 +210,8 @@ def render_html(audit: Audit, generated: dt.datetime | None = None, overlays: st
     }
     global_caveats = [c for c in r["caveats"] if c not in per_version]
     sections = "".join(_version_sections(audit, m) for m in r["models"])
+    points = "".join(_operating_points_table(v, p)
+                     for v, p in r.get("operating_points", {}).items())
     if not r["models"]:
         sections = "<p>No scored image has a known outcome in this period: nothing to audit.</p>"
     quarantined = ""
@@ -210,6 +246,7 @@ def render_html(audit: Audit, generated: dt.datetime | None = None, overlays: st
 </table>
 {"".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in global_caveats)}
 {sections}
+{points}
 {overlays}
 <h2>How to read this</h2>
 {HOW_TO_READ.replace("{unit}", escape(" / ".join(units)))}

@@ -18,6 +18,7 @@ from worker.metrics import roc_curve
 from worker.report import MIN_CASES, Audit, AuditRow, Level, fmt_ci, fmt_value
 
 CALIBRATION_BINS = 10
+MIN_PER_BIN = 5  # cases in a calibration bin, at least
 CAUTION = "#b00020"
 # No "Software" text chunk: the PNG carries nothing but the picture.
 _PNG_METADATA = {"Software": None}
@@ -57,7 +58,8 @@ def draw_roc(ax: Any, m: dict[str, Any], y: np.ndarray, s: np.ndarray) -> None:
             ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="red", label="threshold")
         ax.legend(loc="lower right", fontsize=8)
     else:
-        ax.text(0.5, 0.5, "AUC undefined:\nneeds both outcomes", ha="center", va="center")
+        ax.text(0.5, 0.5, "AUC not given:\nneeds two cases of each outcome", ha="center",
+                va="center")
     if min(m["positives"], m["negatives"]) < MIN_CASES:
         ax.text(0.03, 0.95, f"too few cases to judge\n({m['positives']} malignant, "
                 f"{m['negatives']} benign)", color=CAUTION, va="top", fontsize=8)
@@ -69,16 +71,26 @@ def draw_roc(ax: Any, m: dict[str, Any], y: np.ndarray, s: np.ndarray) -> None:
 
 
 def calibration_bins(
-    y: np.ndarray, s: np.ndarray, bins: int = CALIBRATION_BINS
+    y: np.ndarray, s: np.ndarray, bins: int = CALIBRATION_BINS, min_count: int = MIN_PER_BIN
 ) -> list[tuple[float, float, int]]:
-    """(mean score, observed malignant share, count) for each non-empty equal-width bin."""
+    """(mean score, observed malignant share, count) per bin: equal-width bins, at most one
+    per ten cases, then neighbours merged until each holds at least `min_count` (a line through
+    bins of one or two cases zig-zags on noise)."""
+    bins = max(1, min(bins, len(s) // 10))
     idx = np.clip((s * bins).astype(int), 0, bins - 1)
-    out = []
+    groups: list[np.ndarray] = []
+    current = np.zeros(len(s), dtype=bool)
     for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            out.append((float(s[sel].mean()), float(y[sel].mean()), int(sel.sum())))
-    return out
+        current |= idx == b
+        if current.sum() >= min_count:
+            groups.append(current)
+            current = np.zeros(len(s), dtype=bool)
+    if current.any():  # the last few join the bin before them
+        if groups:
+            groups[-1] = groups[-1] | current
+        else:
+            groups.append(current)
+    return [(float(s[g].mean()), float(y[g].mean()), int(g.sum())) for g in groups]
 
 
 def draw_calibration(ax: Any, y: np.ndarray, s: np.ndarray) -> None:
@@ -92,11 +104,12 @@ def draw_calibration(ax: Any, y: np.ndarray, s: np.ndarray) -> None:
     ax.errorbar(xs, obs, yerr=[np.clip(obs - (centre - half), 0, None),
                 np.clip(centre + half - obs, 0, None)], fmt="o-", capsize=3,
                 label="observed (95% CI)")
-    for x, o, n in cal:
-        ax.annotate(f"n={n}", (x, o), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    for i, (x, o, n) in enumerate(cal):  # above and below in turn: neighbours never overlap
+        ax.annotate(f"n={n}", (x, o), textcoords="offset points", fontsize=7,
+                    xytext=(4, 6 if i % 2 == 0 else -12))
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("score (bins of 0.1)")
+    ax.set_xlabel(f"score ({len(cal)} bin(s) of at least {MIN_PER_BIN} cases)")
     ax.set_ylabel("share malignant")
     ax.set_title("calibration")
     ax.legend(loc="upper left", fontsize=8)
@@ -123,16 +136,18 @@ def draw_distribution(ax: Any, m: dict[str, Any], y: np.ndarray, s: np.ndarray) 
 
 
 def audit_figure(
-    audit: Audit, versions: list[str] | None = None, level: Level = Level.IMAGE
+    audit: Audit, versions: list[str] | None = None, level: Level = Level.IMAGE,
+    levels: tuple[Level, ...] | None = None,
 ) -> Any:
-    """A matplotlib Figure: one row of four panels per model version (all by default), at
-    one level (versions without units at that level are left out)."""
+    """A matplotlib Figure: one row of four panels per model version (all by default) and
+    level (`level`, or each of `levels`; versions without units at a level are left out)."""
     plt = _pyplot()
     models = [
-        m if level is Level.IMAGE else m["levels"][level.value]
+        m if lv is Level.IMAGE else m["levels"][lv.value]
         for m in audit.report["models"]
+        for lv in (levels or (level,))
         if (versions is None or m["model_version"] in versions)
-        and (level is Level.IMAGE or level.value in m["levels"])
+        and (lv is Level.IMAGE or lv.value in m["levels"])
     ]
     fig = plt.figure(figsize=(16, 4.4 * max(len(models), 1)), layout="constrained")
     if not models:
@@ -141,8 +156,9 @@ def audit_figure(
     subfigs = np.atleast_1d(fig.subfigures(len(models), 1))
     for sub, m in zip(subfigs, models, strict=True):
         version = m["model_version"]
+        lv = Level(m["level"])
         rows: list[AuditRow] = (
-            audit.rows[version] if level is Level.IMAGE else audit.units[(version, level)]
+            audit.rows[version] if lv is Level.IMAGE else audit.units[(version, lv)]
         )
         y = np.array([r.truth for r in rows], dtype=bool)
         s = np.array([r.score for r in rows], dtype=np.float64)
@@ -159,10 +175,11 @@ def audit_figure(
 
 
 def figure_png(
-    audit: Audit, versions: list[str] | None = None, dpi: int = 90, level: Level = Level.IMAGE
+    audit: Audit, versions: list[str] | None = None, dpi: int = 90, level: Level = Level.IMAGE,
+    levels: tuple[Level, ...] | None = None,
 ) -> bytes:
     plt = _pyplot()
-    fig = audit_figure(audit, versions, level)
+    fig = audit_figure(audit, versions, level, levels)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA)
     plt.close(fig)
@@ -170,7 +187,8 @@ def figure_png(
 
 
 def write_png(audit: Audit, out: Path) -> int:
-    """All versions' panels in one PNG (`screen report --plot`). Returns the versions drawn."""
+    """All versions' panels at every level (image, breast, exam) in one PNG (`screen report
+    --plot`). Returns the versions drawn."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(figure_png(audit))
+    out.write_bytes(figure_png(audit, levels=tuple(Level)))
     return len(audit.report["models"])
