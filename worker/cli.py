@@ -147,7 +147,8 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="Config file (default: $MAMMO_SCREEN_CONFIG, else ./config.toml, else built-in defaults).",
 )
 @click.option(
-    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    show_default=True, help="Least severe log lines written to stderr.",
 )
 @click.version_option(package_name="mammo-screen")
 @click.pass_context
@@ -298,7 +299,8 @@ def receive(ctx: click.Context, **overrides: Any) -> None:
 @cli.command()
 @store_options
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True,
+    help="CSV for spreadsheets, or JSON (more fields per row).",
 )
 @click.option(
     "--level",
@@ -426,7 +428,8 @@ def outcomes_import(
 @cli.command()
 @store_options
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Text for people, JSON for programs.",
 )
 @since_option
 @click.option(
@@ -500,7 +503,8 @@ def report(
 
 @cli.command()
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Text for people, JSON for programs.",
 )
 @click.pass_context
 @_user_errors
