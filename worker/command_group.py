@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 ENTRY_POINT_GROUP = "mammo_screen.commands"
 
@@ -62,6 +64,13 @@ def _unloadable(name: str, exc: ModuleNotFoundError) -> click.Command:
                          params=[click.Argument(["args"], nargs=-1, required=False)])
 
 
+def _installed_entry_points() -> Iterable[EntryPoint]:
+    # Imported here: importlib.metadata costs ~25 ms, which only help and these commands pay.
+    from importlib.metadata import entry_points
+
+    return entry_points(group=ENTRY_POINT_GROUP)
+
+
 class EntryPointGroup(click.Group):
     """A click group whose own commands are defined in place and whose others come from the
     ``mammo_screen.commands`` entry points, each loaded at its first use."""
@@ -70,7 +79,7 @@ class EntryPointGroup(click.Group):
                  entry_points_source: Callable[[], Iterable[EntryPoint]] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._source = entry_points_source or (lambda: entry_points(group=ENTRY_POINT_GROUP))
+        self._source = entry_points_source or _installed_entry_points
         self._found: dict[str, EntryPoint] | None = None
 
     def _entry_points(self) -> dict[str, EntryPoint]:
