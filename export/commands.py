@@ -27,7 +27,8 @@ import click
                    "[default: the source recorded in metrics.json].")
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0),
               help="Largest allowed |keras - onnx| score difference.")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21))
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 21),
+              help="ONNX opset the model is written in.")
 @click.option("--int8", is_flag=True,
               help="Also write an int8 model (ONNX Runtime static QDQ quantisation, see "
                    "export/quantise.py): from a .keras model, beside --out as NAME-int8.onnx; "

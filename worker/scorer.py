@@ -63,7 +63,7 @@ class Scorer:
         # several, each call gets its share of the cores instead of all of them.
         self.streams = streams
         # At most this many images per ONNX Runtime call (0: no limit). A large network's
-        # activations grow with the batch while its speed does not (README "Speed and memory").
+        # activations grow with the batch while its speed does not (bench/README.md).
         self.images_per_call = images_per_call
         self._warm_call_sizes: set[int] = set()  # the call sizes warm_up has run
         check_model_file(self.path, expected_sha256)
