@@ -202,6 +202,8 @@ def status(config: Config) -> dict[str, Any]:
     """Backlog, last activity, counts, the running workers and the model each serves, and the
     configured model. That model is loaded (not run) so that a broken or mismatched model file
     shows up here, not only at the next start."""
+    from worker.site_points import history, in_force
+
     store = open_store(config)
     try:
         workers = running_workers(store, config.heartbeat_stale_seconds)
@@ -215,6 +217,7 @@ def status(config: Config) -> dict[str, Any]:
                 status: n
                 for status, n in s.execute(select(Exam.status, func.count()).group_by(Exam.status))
             }
+        site_points = [p.to_json() for p in in_force(history(store)).values()]
     finally:
         store.dispose()
     backlog = (
@@ -242,6 +245,7 @@ def status(config: Config) -> dict[str, Any]:
         "counts": counts,
         "exams": exams,  # open (waiting for their study to settle) and scored
         "model": model,  # the configured model, which a running worker may not be serving
+        "site_points": site_points,  # in force, for any model version
         "workers": workers,
         "stale_after_seconds": config.heartbeat_stale_seconds,
         "database": shown_url(config.database_url),

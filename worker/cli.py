@@ -445,22 +445,16 @@ def report(
     """
     from worker.app import open_store
     from worker.report import audit, format_report
-    from worker.scorer import Scorer
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)
     store = open_store(config)  # first: a wrong database is the one line the operator sees
     try:
-        try:  # the configured model's operating points, and its breast and exam rule
-            meta = Scorer(config.model_path, config.model_sha256).metadata
-            points = {meta.model_version: meta.points}
-            rules = {meta.model_version: meta.aggregation}
-        except ModelLoadError as exc:
-            click.echo(
-                f"operating points not shown, breast and exam rule the default: {exc}", err=True
-            )
-            points, rules = {}, {}
+        # The operating points (the model's and the site's), the breast and exam rule, and
+        # the site points' history and fitness verdict added to the audit.
+        points, rules, add_site_figures = report_extras(config, store)
         result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
+        add_site_figures(result)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))
@@ -533,6 +527,8 @@ def status(ctx: click.Context, fmt: str) -> None:
             click.echo(f"  {'*' if name == model['operating_point'] else ' '} {name}: "
                        f"threshold {p['threshold']:.4f}"
                        + (f"; on validation: {validation}" if validation else ""))
+    for line in site_point_lines(info):
+        click.echo(line)
 
 
 # Top-level modules that only the [train] extra installs (onnx comes with [test] too).
@@ -572,6 +568,14 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+from worker.site_commands import (  # noqa: E402 (needs the group above)
+    calibrate,
+    report_extras,
+    site_point_lines,
+)
+
+cli.add_command(calibrate)
 
 
 def main() -> None:

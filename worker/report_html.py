@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from worker.fitness import fitness_html
 from worker.report import FIGURE_ROWS, Audit, Level, fmt_ci, fmt_value, period_text
 from worker.store import utcnow
 
@@ -208,6 +209,7 @@ def render_html(audit: Audit, generated: dt.datetime | None = None) -> str:
 <tr><th class="name">generated</th><td>{generated.strftime("%Y-%m-%d %H:%M")} UTC</td></tr>
 </table>
 {"".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in global_caveats)}
+{fitness_html(r.get("fitness"))}
 {sections}
 <h2>How to read this</h2>
 {HOW_TO_READ.replace("{unit}", escape(" / ".join(units)))}
