@@ -539,7 +539,8 @@ def format_text(report: dict[str, Any]) -> str:
         lines += ["", "site points recorded (screen calibrate), oldest first:"]
         lines += [f"  {p['name']} for model {p['model_version']}: threshold {p['threshold']:.4f}, "
                   f"{p['target']} {p['target_value']:g} at {p['level']} level on {p['women']} "
-                  f"{p['unit']} group(s), {p['created_at']} by {p['created_by']}"
+                  f"{'women' if p['unit'] == 'patient' else p['unit'] + ' group(s)'}, "
+                  f"{p['created_at']} by {p['created_by']}"
                   for p in report["site_points"]]
     if report.get("fitness"):
         lines += ["", *fitness_lines(report["fitness"])]

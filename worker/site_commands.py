@@ -92,6 +92,8 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
 
 def site_point_lines(info: dict[str, Any]) -> list[str]:
     """`screen status`: the site points in force, the configured model's first."""
+    from worker.site_points import women
+
     points = info.get("site_points", [])
     if not points:
         return ["site points: none (screen calibrate)"]
@@ -101,8 +103,8 @@ def site_point_lines(info: dict[str, Any]) -> list[str]:
         other = "" if p["model_version"] == version else " (ANOTHER MODEL: not usable with it)"
         lines.append(
             f"  {p['name']}: threshold {p['threshold']:.4f}, model {p['model_version']}{other}; "
-            f"{p['target']} {p['target_value']:g} at {p['level']} level on {p['women']} "
-            f"{p['unit']} group(s), {p['created_at']} by {p['created_by']}; sensitivity "
+            f"{p['target']} {p['target_value']:g} at {p['level']} level on "
+            f"{women(p['women'], p['unit'])}, {p['created_at']} by {p['created_by']}; sensitivity "
             f"{p['sensitivity']:.1%}, specificity {p['specificity']:.1%}, recall rate "
             f"{p['recall_rate']:.1%}")
     return lines

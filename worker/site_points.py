@@ -85,8 +85,13 @@ class SitePoint:
 
     def describe(self) -> str:
         return (f"{self.target.value.replace('_', ' ')} {self.target_value:g} at "
-                f"{self.level.value} level on {self.women} {self.figures['unit']} group(s), "
+                f"{self.level.value} level on {women(self.women, self.figures['unit'])}, "
                 f"{self.created_at:%Y-%m-%d %H:%M} UTC by {self.created_by}")
+
+
+def women(groups: int, unit: str) -> str:
+    """`212 women`, or `212 study group(s)` where patients are not known."""
+    return f"{groups} women" if unit == "patient" else f"{groups} {unit} group(s)"
 
 
 def default_name(target: Target, value: float) -> str:
