@@ -253,7 +253,6 @@ class OutcomeChange(Base):
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-
 class SitePointRecord(Base):
     """A site operating point (`screen calibrate`): a threshold chosen on this site's own
     outcomes for one model version. Rows are never changed: calibrating a name again adds a
@@ -274,6 +273,7 @@ class SitePointRecord(Base):
     figures: Mapped[str] = mapped_column(Text)  # JSON: each figure and its 95% interval
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
 
 # Advisory lock keys (PostgreSQL): schema set-up, and the receipt and decision transactions
 # of every worker on the database, which take turns so that a file is claimed by one worker and
