@@ -184,3 +184,27 @@ def test_migration_0004_adds_the_table_to_an_older_database(tmp_path: Path) -> N
         assert history(store) == []
     finally:
         store.dispose()
+
+
+def test_calibrate_and_history_on_postgresql(pg_url: str) -> None:
+    from worker.report import Level
+    from worker.site_points import Target, calibrate
+    from worker.store import ImageRecord, Outcome, Store
+
+    store = Store(pg_url)
+    try:
+        with store.write() as s:
+            for i in range(30):
+                sha = f"{i:064d}"
+                s.add(ImageRecord(filename=f"{i}.png", source_path=f"/in/{i}.png", sha256=sha,
+                                  status="scored", score=i / 30, threshold=0.5,
+                                  model_version="v1", patient_id=f"p{i}"))
+                s.add(Outcome(sha256=sha, label="malignant" if i >= 15 else "benign"))
+        first = calibrate(store, "v1", Target.SENSITIVITY, 0.9, Level.IMAGE, created_by="a")
+        again = calibrate(store, "v1", Target.RECALL_RATE, 0.2, Level.IMAGE,
+                          name="site-sens90", created_by="b")
+        recorded = history(store)
+        assert [p.created_by for p in recorded] == ["a", "b"] and first.women == 30
+        assert in_force(recorded)[("site-sens90", "v1")].threshold == again.threshold
+    finally:
+        store.dispose()
