@@ -112,8 +112,8 @@ def test_html_operating_points_match_the_text_report(tmp_path: Path, driver) -> 
              for tr in table.find_elements("tag name", "tr")]
     shown = [row for row in shown if row]  # the two header rows hold th only
     text = format_text(result.report).splitlines()
-    start = text.index("operating points of model probe-v1 (from the model file): what each "
-                       "would have called in this period")
+    start = next(i for i, line in enumerate(text)
+                 if line.startswith("operating points of model probe-v1 "))
     # The text report's rows, read as cells: point, threshold, three figures in the period,
     # then "sens / spec / recall" on validation.
     expected = [line.replace(" / ", " ").split() for line in text[start + 2:start + 5]]

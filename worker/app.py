@@ -225,6 +225,8 @@ def status(config: Config) -> dict[str, Any]:
     """Backlog, last activity, counts, the running workers and the model each serves, and the
     configured model. That model is loaded (not run) so that a broken or mismatched model file
     shows up here, not only at the next start."""
+    from worker.site_points import history, in_force
+
     store = open_store(config)
     try:
         workers = running_workers(store, config.heartbeat_stale_seconds)
@@ -239,6 +241,7 @@ def status(config: Config) -> dict[str, Any]:
                 for status, n in s.execute(select(Exam.status, func.count()).group_by(Exam.status))
             }
             send = queue_summary(s)
+        site_points = [p.to_json() for p in in_force(history(store)).values()]
     finally:
         store.dispose()
     backlog = (
@@ -268,6 +271,7 @@ def status(config: Config) -> dict[str, Any]:
         "send": {**send, "to": (f"{config.send.called_ae_title}@{config.send.host}:"
                                 f"{config.send.port}") if config.send.enabled else None},
         "model": model,  # the configured model, which a running worker may not be serving
+        "site_points": site_points,  # in force, for any model version
         "workers": workers,
         "stale_after_seconds": config.heartbeat_stale_seconds,
         "database": shown_url(config.database_url),

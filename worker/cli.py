@@ -499,22 +499,16 @@ def report(
     """
     from worker.app import open_store
     from worker.report import audit, format_report
-    from worker.scorer import Scorer
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)
     store = open_store(config)  # first: a wrong database is the one line the operator sees
     try:
-        try:  # the configured model's operating points, and its breast and exam rule
-            meta = Scorer(config.model_path, config.model_sha256).metadata
-            points = {meta.model_version: meta.points}
-            rules = {meta.model_version: meta.aggregation}
-        except ModelLoadError as exc:
-            click.echo(
-                f"operating points not shown, breast and exam rule the default: {exc}", err=True
-            )
-            points, rules = {}, {}
+        # The operating points (the model's and the site's), the breast and exam rule, and
+        # the site points' history and fitness verdict added to the audit.
+        points, rules, add_site_figures = report_extras(config, store)
         result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
+        add_site_figures(result)
         if html_out:
             from worker.overlays import dicom_policy, overlays_html
 
@@ -647,6 +641,17 @@ def status(ctx: click.Context, database: str | None, fmt: str) -> None:
             click.echo(f"  {'*' if name == model['operating_point'] else ' '} {name}: "
                        f"threshold {p['threshold']:.4f}"
                        + (f"; on validation: {validation}" if validation else ""))
+    for line in site_point_lines(info):
+        click.echo(line)
+
+
+from worker.site_commands import (  # noqa: E402 (needs the group above)
+    calibrate,
+    report_extras,
+    site_point_lines,
+)
+
+cli.add_command(calibrate)
 
 
 def main() -> None:

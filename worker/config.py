@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,15 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "dicom": {
         "allowed_modalities": ("strlist", ["MG"]),
         "allow_for_processing": ("bool", False),
+    },
+    # The fitness verdict of `screen report` (worker/fitness.py): criteria declared before
+    # looking at a site's figures.
+    "fitness": {
+        "level": ("str", "image"),
+        "min_cancers": ("int", 20),
+        "min_auc": ("float", 0.75),
+        "min_sensitivity": ("float", 0.80),
+        "min_specificity": ("float", 0.80),
     },
     "receive": {
         "ae_title": ("ae_title", "MAMMO_SCREEN"),
@@ -164,6 +173,7 @@ class Config:
     heartbeat_seconds: float = 5.0
     heartbeat_stale_seconds: float = 30.0
     send: SendSettings = SendSettings()
+    fitness: dict[str, Any] = field(default_factory=dict)  # [fitness], checked
 
 
 def _ae_title_problem(value: object) -> str | None:
@@ -360,6 +370,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         heartbeat_seconds=values["worker.heartbeat_seconds"],
         heartbeat_stale_seconds=values["worker.heartbeat_stale_seconds"],
         send=_send_settings(values),
+        fitness=_fitness(values),
     )
 
 
@@ -379,3 +390,15 @@ def _send_settings(values: dict[str, Any]) -> SendSettings:
         backoff_max_seconds=cap,
         uid_prefix=values["send.uid_prefix"],
     )
+
+
+def _fitness(values: dict[str, Any]) -> dict[str, Any]:
+    out = {key: values[f"fitness.{key}"] for key in SCHEMA["fitness"]}
+    if out["level"] not in ("image", "breast", "exam"):
+        raise ConfigError(f"fitness.level must be image, breast or exam, got {out['level']!r}")
+    if out["min_cancers"] < 1:
+        raise ConfigError("fitness.min_cancers must be at least 1")
+    for key in ("min_auc", "min_sensitivity", "min_specificity"):
+        if not 0.0 <= out[key] <= 1.0:
+            raise ConfigError(f"fitness.{key} must be between 0 and 1, got {out[key]}")
+    return out

@@ -153,3 +153,15 @@ def threshold_for_recall_rate(scores: np.ndarray, rate: float = 0.1) -> float:
     # The epsilon keeps 0.1 * 30 (3.0000000000000004 in floating point) at 3, not 4.
     k = min(max(int(np.ceil(rate * len(s) - 1e-9)), 1), len(s))
     return float(s[k - 1])
+
+
+def threshold_for_specificity(y_true: np.ndarray, scores: np.ndarray,
+                              target: float = 0.9) -> float:
+    """The lowest threshold whose specificity reaches `target` (so sensitivity stays as high
+    as that specificity allows): just above the ceil(target * n)-th lowest benign score."""
+    y = np.asarray(y_true).astype(bool)
+    neg = np.sort(np.asarray(scores, dtype=np.float64)[~y])
+    if len(neg) == 0:
+        return 0.5
+    k = min(max(int(np.ceil(target * len(neg) - 1e-9)), 1), len(neg))
+    return float(np.nextafter(neg[k - 1], np.inf))

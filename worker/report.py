@@ -20,6 +20,7 @@ import numpy as np
 
 from worker.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
 from worker.exams import one_per_instance, score_exam
+from worker.fitness import fitness_lines
 from worker.metrics import confusion_of_calls, rates, roc_auc
 from worker.model_metadata import DEFAULT_AGGREGATION, OperatingPoint
 from worker.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord, Store
@@ -555,17 +556,27 @@ def format_text(report: dict[str, Any]) -> str:
         lines += [f"model {m['model_version']}: {note} (level left out)"
                   for note in m.get("level_notes", [])]
     for version, points in report.get("operating_points", {}).items():
-        lines += ["", f"operating points of model {version} (from the model file): what each "
-                      "would have called in this period",
-                  f"  {'point':<10}{'threshold':>10}{'recall rate':>13}{'sensitivity':>13}"
-                  f"{'specificity':>13}   on validation: sens / spec / recall"]
+        lines += ["", f"operating points of model {version} (the model file's, and site points "
+                      "from screen calibrate): what each would have called in this period",
+                  f"  {'point':<14}{'threshold':>10}{'recall rate':>13}{'sensitivity':>13}"
+                  f"{'specificity':>13}   on validation (site points: calibration): "
+                  "sens / spec / recall"]
         for p in points:
             v = p["validation"]
             lines.append(
-                f"  {p['name']:<10}{p['threshold']:>10.4f}{fmt_value(p['recall_rate']):>13}"
+                f"  {p['name']:<14}{p['threshold']:>10.4f}{fmt_value(p['recall_rate']):>13}"
                 f"{fmt_value(p['sensitivity']):>13}{fmt_value(p['specificity']):>13}   "
                 f"{fmt_value(v['sensitivity'])} / {fmt_value(v['specificity'])} / "
                 f"{fmt_value(v['recall_rate'])}")
+    if report.get("site_points"):
+        lines += ["", "site points recorded (screen calibrate), oldest first:"]
+        lines += [f"  {p['name']} for model {p['model_version']}: threshold {p['threshold']:.4f}, "
+                  f"{p['target']} {p['target_value']:g} at {p['level']} level on {p['women']} "
+                  f"{'women' if p['unit'] == 'patient' else p['unit'] + ' group(s)'}, "
+                  f"{p['created_at']} by {p['created_by']}"
+                  for p in report["site_points"]]
+    if report.get("fitness"):
+        lines += ["", *fitness_lines(report["fitness"])]
     if report["caveats"] and not report["models"]:
         lines += ["", *(f"CAVEAT: {c}" for c in report["caveats"])]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from worker.fitness import fitness_html
 from worker.report import (
     FIGURE_ROWS,
     Audit,
@@ -162,9 +163,10 @@ def _operating_points_table(version: str, points: list[dict[str, Any]]) -> str:
     return f"""
 <section class="operating-points">
 <h2>Operating points of model {escape(version)}</h2>
-<p>What each of the model's operating points (from the model file) would have called in this
-period: the recall rate over every scored image, sensitivity and specificity over those with a
-known outcome, beside the point's figures on the validation data it was chosen on.</p>
+<p>What each of the model's operating points (from the model file), and each site point from
+<code>screen calibrate</code>, would have called in this period: the recall rate over every
+scored image, sensitivity and specificity over those with a known outcome, beside the point's
+figures on the data it was chosen on (validation, or the site's calibration).</p>
 <table class="operating-points"><tr><th class="name" rowspan="2">point</th>
 <th rowspan="2">threshold</th><th colspan="3">in this period</th>
 <th colspan="3">on validation</th></tr>
@@ -245,6 +247,7 @@ def render_html(audit: Audit, generated: dt.datetime | None = None, overlays: st
 <tr><th class="name">generated</th><td>{generated.strftime("%Y-%m-%d %H:%M")} UTC</td></tr>
 </table>
 {"".join(f'<div class="caveat">Caveat: {escape(c)}</div>' for c in global_caveats)}
+{fitness_html(r.get("fitness"))}
 {sections}
 {points}
 {overlays}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,12 +52,19 @@ class Scorer:
     @classmethod
     def for_config(cls, config: Config) -> Scorer:
         """The scorer a worker with this config runs."""
+        def site_point(metadata: ModelMetadata, name: str) -> ModelMetadata:
+            from worker.site_points import with_site_point
+
+            return with_site_point(config, metadata, name)
+
         return cls(config.model_path, config.model_sha256, config.model_threads,
                    config.model_operating_point, config.model_images_per_call,
-                   config.model_streams)
+                   config.model_streams, site_point)
 
     def __init__(self, path: str | Path, expected_sha256: str = "", threads: int = 0,
-                 operating_point: str = "", images_per_call: int = 0, streams: int = 1) -> None:
+                 operating_point: str = "", images_per_call: int = 0, streams: int = 1,
+                 site_point: Callable[[ModelMetadata, str], ModelMetadata] | None = None
+                 ) -> None:
         self.path = Path(path)
         # Calls the caller makes at once (ONNX Runtime sessions are safe to share): with
         # several, each call gets its share of the cores instead of all of them.
@@ -96,6 +103,10 @@ class Scorer:
         props = self.session.get_modelmeta().custom_metadata_map
         try:
             self.metadata = ModelMetadata.from_props(props)
+            if operating_point not in ("", *self.metadata.points) and site_point is not None:
+                # Not one of the model's points: a site point (`screen calibrate`) of its
+                # version, from the database, or an error saying why not.
+                self.metadata = site_point(self.metadata, operating_point)
             # The threshold labels are called at: the configured point, else the model's default.
             self.operating_point, point = self.metadata.operating_point(operating_point)
         except ModelMetadataError as exc:

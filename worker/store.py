@@ -267,6 +267,28 @@ class OutcomeChange(Base):
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class SitePointRecord(Base):
+    """A site operating point (`screen calibrate`): a threshold chosen on this site's own
+    outcomes for one model version. Rows are never changed: calibrating a name again adds a
+    row, and the newest row of a (name, model version) is the point in force, so the
+    history stays (see worker/site_points.py)."""
+
+    __tablename__ = "site_points"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    level: Mapped[str] = mapped_column(String(16))  # image, breast or exam
+    target: Mapped[str] = mapped_column(String(16))  # sensitivity, specificity, recall_rate
+    target_value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    women: Mapped[int] = mapped_column(Integer)  # resampling groups (patients) behind it
+    units: Mapped[int] = mapped_column(Integer)  # images, breasts or exams with an outcome
+    figures: Mapped[str] = mapped_column(Text)  # JSON: each figure and its 95% interval
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 # Advisory lock keys (PostgreSQL): schema set-up, and the receipt and decision transactions
 # of every worker on the database, which take turns so that a file is claimed by one worker and
 # a copy always finds its original.

@@ -1,0 +1,42 @@
+"""Site operating points (`screen calibrate`): one row per calibration, kept as history.
+
+Revision ID: 0004
+Revises: 0001
+Create Date: 2026-12-06
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # A database from before Alembic gets every model's table (site_points included) from
+    # the pre-Alembic step, then this revision: nothing left to make.
+    if sa.inspect(op.get_bind()).has_table("site_points"):
+        return
+    op.create_table(
+        "site_points",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("name", sa.String(64), nullable=False),
+        sa.Column("model_version", sa.String(128), nullable=False),
+        sa.Column("level", sa.String(16), nullable=False),
+        sa.Column("target", sa.String(16), nullable=False),
+        sa.Column("target_value", sa.Float(), nullable=False),
+        sa.Column("threshold", sa.Float(), nullable=False),
+        sa.Column("women", sa.Integer(), nullable=False),
+        sa.Column("units", sa.Integer(), nullable=False),
+        sa.Column("figures", sa.Text(), nullable=False),
+        sa.Column("created_by", sa.String(128), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+    )
+    op.create_index("ix_site_points_name", "site_points", ["name"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_site_points_name", table_name="site_points")
+    op.drop_table("site_points")
