@@ -43,11 +43,11 @@ def make_files(pictures: list[Path], cache: Path) -> dict[str, list[Path]]:
         folder = cache / syntax
         folder.mkdir(parents=True, exist_ok=True)
         out[syntax] = []
-        for i, src in enumerate(pictures):
-            path = folder / f"{i:03d}.dcm"
+        for src in pictures:
+            path = folder / f"{src.stem}.dcm"  # named by its picture: a cache across --files
             if not path.exists():
                 grey = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
-                made = full_size_dicom(grey, syntax, folder, f"{i:03d}.tmp")
+                made = full_size_dicom(grey, syntax, folder, f"{src.stem}.tmp")
                 made.rename(path)
             out[syntax].append(path)
         print(f"  {syntax}: {len(pictures)} files, "
