@@ -1,7 +1,7 @@
 """The delivery queue of DICOM results sent to a PACS (worker/pacs_queue.py).
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-12-06
 """
 

@@ -1,7 +1,7 @@
 """Site operating points (`screen calibrate`): one row per calibration, kept as history.
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 Create Date: 2026-12-06
 """
 
