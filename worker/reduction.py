@@ -95,7 +95,7 @@ def reduce_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         if img.dtype == np.uint8:
             img = img.astype(np.uint16)
         if shift:
-            np.left_shift(img, np.uint16(shift), out=img)
+            img = np.left_shift(img, np.uint16(shift), out=img if img.flags.writeable else None)
         small = cv2.resize(img, (cols, rows), interpolation=cv2.INTER_AREA)
         return small.astype(np.float32) / np.float32(1 << shift)
     if img.dtype != np.float32:
