@@ -191,3 +191,17 @@ def test_a_baseline_jpeg_dicom_is_scaled_by_libjpeg(
     assert flags_seen == [cv2.IMREAD_REDUCED_GRAYSCALE_2]  # the frame, by libjpeg, at 1/2
     tissue = full > 0
     assert 0 < np.abs(full - scaled)[tissue].mean() < 0.02
+
+
+def test_an_overlay_scores_a_full_size_file_as_the_worker_does(
+    tmp_path: Path, scorer: Scorer
+) -> None:
+    """`screen heatmap FILE` scores the file with the worker's own preprocessing (the image
+    brought down first), and draws on a picture brought down to the overlay's size."""
+    from worker.overlays import overlay_of_file
+
+    path = full_size_dicom(_grey(dev_pool_images(1)[0]), "uncompressed", tmp_path, "big")
+    overlay = overlay_of_file(scorer, path, max_side=512)
+    assert overlay.score == _score(scorer, preprocess_file(path, scorer.metadata.preprocess))
+    drawn = cv2.imdecode(np.frombuffer(overlay.png, np.uint8), cv2.IMREAD_COLOR)
+    assert max(drawn.shape[:2]) == 512 and drawn.shape[0] > drawn.shape[1]  # portrait kept

@@ -510,9 +510,11 @@ def report(
         result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
         add_site_figures(result)
         if html_out:
-            from worker.overlays import dicom_policy, overlays_html
+            from worker.dicom import DicomPolicy
+            from worker.overlays import overlays_html
 
-            overlays = overlays_html(store, dicom_policy(config), since=since_dt, until=until_dt)
+            overlays = overlays_html(store, DicomPolicy.for_config(config), since=since_dt,
+                                     until=until_dt)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))
@@ -548,21 +550,23 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
     Example:
       screen heatmap 42 --out overlay.png
     """
-    from worker.overlays import OverlayError, dicom_policy, overlay_of_file, overlay_of_image
+    from worker.dicom import DicomPolicy
+    from worker.overlays import OverlayError, overlay_of_file, overlay_of_image
 
     config = _config(ctx, database=database)
+    policy = DicomPolicy.for_config(config)
     try:
         if Path(image).is_file():
             from worker.scorer import Scorer
 
-            overlay = overlay_of_file(Scorer.for_config(config), Path(image),
-                                      dicom_policy(config), max_side, config.max_pixels)
+            overlay = overlay_of_file(Scorer.for_config(config), Path(image), policy, max_side,
+                                      config.max_pixels)
         elif image.isdigit():
             from worker.app import open_store
 
             store = open_store(config)
             try:
-                overlay = overlay_of_image(store, int(image), dicom_policy(config), max_side,
+                overlay = overlay_of_image(store, int(image), policy, max_side,
                                            config.max_pixels)
             finally:
                 store.dispose()

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
     from pydicom.uid import UID
 
+    from worker.config import Config
+
 # Where the "DICM" magic sits in a DICOM Part 10 file: after a 128-byte preamble.
 _MAGIC_OFFSET = 128
 _MAGIC = b"DICM"
@@ -65,6 +67,11 @@ class DicomPolicy:
 
     allowed_modalities: frozenset[str] = field(default_factory=lambda: frozenset({"MG"}))
     allow_for_processing: bool = False
+
+    @classmethod
+    def for_config(cls, config: Config) -> DicomPolicy:
+        """The policy a config's [dicom] section sets."""
+        return cls(frozenset(config.dicom_allowed_modalities), config.dicom_allow_for_processing)
 
 
 @dataclass(frozen=True)

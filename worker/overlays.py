@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from worker.dicom import DicomPolicy
 from worker.heatmap import overlay_png
-from worker.heatmap_geometry import frame_of, to_original_frame
+from worker.heatmap_geometry import preprocess_with_frame, to_original_frame
 from worker.heatmaps import heatmap_for, top_scored_with_heatmaps
-from worker.paths import path_from_db
-from worker.preprocess import ImageError, decode_image, preprocess_array
+from worker.paths import current_file
+from worker.preprocess import ImageError, decode_image
+from worker.reduction import LongSide
 from worker.store import ImageRecord, Store
 
 if TYPE_CHECKING:
-    from worker.config import Config
     from worker.scorer import Scorer
 
 REPORT_IMAGES = 8  # thumbnails in the HTML audit
@@ -52,22 +52,11 @@ class Overlay:
     source: Path
 
 
-def dicom_policy(config: Config) -> DicomPolicy:
-    """The DICOM the operator accepts, as the worker decodes it."""
-    return DicomPolicy(allowed_modalities=frozenset(config.dicom_allowed_modalities),
-                       allow_for_processing=config.dicom_allow_for_processing)
-
-
-def image_file(record: ImageRecord) -> Path:
-    """Where an image's file is now: its planned destination once moved, else the inbox."""
-    if record.moved_at is not None and record.final_path:
-        return path_from_db(record.final_path)
-    return path_from_db(record.source_path)
-
-
-def _decoded(path: Path, dicom: DicomPolicy | None, max_pixels: int) -> Any:
+def _decoded(path: Path, dicom: DicomPolicy | None, max_pixels: int, max_side: int) -> Any:
+    """The picture to draw on, brought down to at most `max_side` on its stored values
+    before its grey levels are touched (a full-size mammogram is never held as floats)."""
     try:
-        return decode_image(path.read_bytes(), max_pixels, dicom)
+        return decode_image(path.read_bytes(), max_pixels, dicom, LongSide(max_side))
     except OSError as exc:
         raise OverlayError(f"cannot read {path}: {exc.strerror}") from exc
     except ImageError as exc:
@@ -83,15 +72,17 @@ def overlay_of_file(scorer: Scorer, path: Path, dicom: DicomPolicy | None = None
     settings = scorer.metadata.preprocess
     if max_pixels is not None:
         settings = dataclasses.replace(settings, max_pixels=min(settings.max_pixels, max_pixels))
-    img = _decoded(path, dicom, settings.max_pixels)
-    try:
-        x = preprocess_array(img, settings)
+    try:  # the model's input and its frame exactly as the worker makes them
+        x, frame = preprocess_with_frame(path, settings, dicom)
+    except OSError as exc:
+        raise OverlayError(f"cannot read {path}: {exc.strerror}") from exc
     except ImageError as exc:
         raise OverlayError(f"{path}: {exc}") from exc
     scores, maps = scorer.score_and_attend([x])
     assert maps is not None  # has_attention
-    heat = to_original_frame(maps[0], frame_of(img, settings), settings)
+    heat = to_original_frame(maps[0], frame, settings)
     score = float(scores[0])
+    img = _decoded(path, dicom, settings.max_pixels, max_side)
     return Overlay(overlay_png(img, heat, max_side), score, scorer.label_for(score),
                    scorer.version, path)
 
@@ -108,10 +99,10 @@ def overlay_of_image(store: Store, image_id: int, dicom: DicomPolicy | None = No
         raise OverlayError(f"image #{image_id} ({record.filename}, {record.status}) has no "
                            "heatmap: not scored, or scored by a model without the attention "
                            "output")
-    path = image_file(record)
+    path = current_file(record)
     if not path.is_file():
         raise OverlayError(f"image #{image_id}: its file is no longer at {path}")
-    img = _decoded(path, dicom, max_pixels)
+    img = _decoded(path, dicom, max_pixels, max_side)
     return Overlay(overlay_png(img, heat.heat, max_side), record.score, record.label,
                    heat.model_version, path)
 
@@ -129,12 +120,13 @@ def overlays_html(store: Store, dicom: DicomPolicy | None = None, n: int = REPOR
     for record, heat in found:
         caption = (f"#{record.id} {escape(record.filename)}<br>score {record.score:.4f} "
                    f"({escape(record.label or '')})")
-        path = image_file(record)
+        path = current_file(record)
         try:
             if not path.is_file():
                 raise OverlayError(f"file no longer at {path}")
-            picture = _png_img(overlay_png(_decoded(path, dicom, 100_000_000), heat.heat,
-                                          THUMBNAIL_SIDE), f"heatmap of image {record.id}")
+            picture = _png_img(overlay_png(_decoded(path, dicom, 100_000_000, THUMBNAIL_SIDE),
+                                          heat.heat, THUMBNAIL_SIDE),
+                               f"heatmap of image {record.id}")
         except OverlayError as exc:
             picture = f'<div class="caveat">{escape(str(exc))}</div>'
         figures.append(f'<figure style="margin:0; max-width:{THUMBNAIL_SIDE}px">{picture}'

@@ -62,7 +62,7 @@ from worker.pacs_queue import (
     ResultInstance,
     ResultUids,
 )
-from worker.paths import path_from_db, path_to_db
+from worker.paths import current_file, path_from_db, path_to_db
 from worker.reduction import LongSide
 from worker.store import BreastResult, ExamResult, ImageRecord, Store, utcnow
 
@@ -102,8 +102,7 @@ class Outbound:
                  clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.store, self.settings, self.clock = store, config.send, clock
         self.max_pixels = config.max_pixels
-        self.policy = DicomPolicy(frozenset(config.dicom_allowed_modalities),
-                                  config.dicom_allow_for_processing)
+        self.policy = DicomPolicy.for_config(config)
         self.software_version = software_version()
         self.peer = (f"{self.settings.called_ae_title}@{self.settings.host}:"
                      f"{self.settings.port}")
@@ -272,7 +271,7 @@ class Outbound:
         result = s.get(ExamResult, row.exam_result_id)
         image = s.get(ImageRecord, row.image_id)
         assert result is not None and image is not None
-        source, display = capture_picture(_source_file(image), self.max_pixels, self.policy)
+        source, display = capture_picture(current_file(image), self.max_pixels, self.policy)
         number = json.loads(result.image_ids).index(image.id) + 1
         return build_capture(CaptureInput(
             source=source, display=display, image=_scored(image),
@@ -358,15 +357,8 @@ def capture_picture(path: Path, max_pixels: int, policy: DicomPolicy
     return decoded.dataset, decoded.pixels
 
 
-def _source_file(image: ImageRecord) -> Path:
-    """Where a scored image's file is now: its destination once moved, else the inbox."""
-    if image.moved_at is not None and image.final_path is not None:
-        return path_from_db(image.final_path)
-    return Path(image.source_path)
-
-
 def _header(image: ImageRecord) -> Dataset:
-    return dcmread(_source_file(image), stop_before_pixels=True)
+    return dcmread(current_file(image), stop_before_pixels=True)
 
 
 def _scored(image: ImageRecord) -> Scored:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.store import ImageRecord
 
 _PREFIX = "b64:"
 
@@ -31,3 +35,10 @@ def path_from_db(text: str) -> Path:
 def display_name(path: Path | str) -> str:
     """Readable text for logs and the `filename` column: bad bytes shown as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def current_file(record: ImageRecord) -> Path:
+    """Where an image's file is now: its planned destination once moved, else the inbox."""
+    if record.moved_at is not None and record.final_path:
+        return path_from_db(record.final_path)
+    return path_from_db(record.source_path)

@@ -159,10 +159,7 @@ class Pipeline:
         pre = scorer.metadata.preprocess
         # The model decides the preprocessing; the config may only tighten the size limit.
         self.settings = dataclasses.replace(pre, max_pixels=min(pre.max_pixels, config.max_pixels))
-        self.dicom_policy = DicomPolicy(
-            allowed_modalities=frozenset(config.dicom_allowed_modalities),
-            allow_for_processing=config.dicom_allow_for_processing,
-        )
+        self.dicom_policy = DicomPolicy.for_config(config)
         # Read failures of files that have no row yet: path -> count.
         self.read_failures: dict[Path, int] = {}
         self.identity = IdentityReader(config.filename_pattern, config.sidecar_csv)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from worker.image_header import read_header
-from worker.reduction import JPEG_REDUCED, Reduction, reduce_to
+from worker.reduction import JPEG_REDUCED, LongSide, Reduction, reduce_to
 
 if TYPE_CHECKING:
     from worker.dicom import DicomPolicy
@@ -105,7 +105,7 @@ def decode_image(
     data: bytes,
     max_pixels: int = PreprocessSettings.max_pixels,
     dicom: DicomPolicy | None = None,
-    reduction: Reduction | None = None,
+    reduction: Reduction | LongSide | None = None,
 ) -> np.ndarray:
     """Decode DICOM/JPEG/PNG/PGM/TIFF bytes to one grey channel.
 
