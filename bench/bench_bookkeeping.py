@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from worker.app import open_worker  # noqa: E402
 from worker.config import load_config  # noqa: E402
 from worker.logs import setup_logging  # noqa: E402
-from worker.pipeline import Pipeline  # noqa: E402
+from worker.processing.pipeline import Pipeline  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
 MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"

@@ -24,8 +24,8 @@ import cv2
 from bench_worker import DATA, MODEL, bare_onnx, screen_process  # also puts the repo on the path
 
 from tests.dicom_files import FULL_SIZE_SYNTAXES, full_size_dicom  # noqa: E402, I001
-from worker.preprocess import preprocess_file  # noqa: E402
-from worker.scorer import Scorer  # noqa: E402
+from worker.imaging.preprocess import preprocess_file  # noqa: E402
+from worker.scoring.scorer import Scorer  # noqa: E402
 
 
 def dev_images(n: int) -> list[Path]:

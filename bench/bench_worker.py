@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from worker.config import SCHEMA  # noqa: E402
-from worker.preprocess import preprocess_bytes, preprocess_file  # noqa: E402
-from worker.scorer import Scorer, call_size, threads_per_stream  # noqa: E402
+from worker.imaging.preprocess import preprocess_bytes, preprocess_file  # noqa: E402
+from worker.scoring.scorer import Scorer, call_size, threads_per_stream  # noqa: E402
 
 DATA = Path(os.environ.get("MAMMO_DATA", REPO.parent / "shared" / "data" / "mammo-3383"))
 MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"

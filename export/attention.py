@@ -36,7 +36,7 @@ from typing import Any
 import click
 import numpy as np
 
-from worker.model_metadata import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME
+from worker.scoring.model_metadata import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME
 
 _PREFIX = "attention_out/"
 
@@ -275,7 +275,7 @@ def main(model: Path, out: Path | None) -> None:
     """Add the attention output to an exported MODEL (see export/attention.py), checking
     that its score stays bit-identical. The metadata and model version are kept; the file's
     SHA-256 changes (update a pinned `[model] sha256`)."""
-    from worker.model_file import file_sha256
+    from worker.scoring.model_file import file_sha256
 
     try:
         changed = add_attention_to_file(model, out)

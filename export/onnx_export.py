@@ -4,7 +4,7 @@
    named ``image`` with a free batch dimension, output renamed to ``score``;
 2. version the model by a hash of the graph's bytes *before* metadata is added, so the same
    weights get the same version whatever metadata (metrics, command line) travels with them;
-3. write :class:`worker.model_metadata.ModelMetadata` into ``metadata_props``;
+3. write :class:`worker.scoring.model_metadata.ModelMetadata` into ``metadata_props``;
 4. add the attention head's weights as a second output, ``attention``, when the model has
    the head (export/attention.py; after the version, which therefore names the scoring graph
    whether or not the output was added; the score checked bit-identical);
@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from trainer.dataset import read_predictions
-from worker.model_file import file_sha256
-from worker.model_metadata import (
+from worker.imaging.preprocess import PreprocessSettings, preprocess_file
+from worker.scoring.model_file import file_sha256
+from worker.scoring.model_metadata import (
     AGGREGATION_LEVELS,
     DEFAULT_AGGREGATION,
     DEFAULT_CLASS_NAMES,
@@ -42,8 +43,7 @@ from worker.model_metadata import (
     ModelMetadata,
     OperatingPoint,
 )
-from worker.preprocess import PreprocessSettings, preprocess_file
-from worker.scorer import Scorer
+from worker.scoring.scorer import Scorer
 
 OPSET = 17
 TOLERANCE = 1e-4

@@ -33,15 +33,15 @@ import numpy as np
 
 from export.bias_correction import BiasShift, correct_biases
 from trainer.dataset import DatasetError, Sample, discover, read_predictions
-from worker.metrics import confusion_at, rates, roc_auc
-from worker.model_metadata import (
+from worker.audit.metrics import confusion_at, rates, roc_auc
+from worker.imaging.preprocess import preprocess_file
+from worker.scoring.model_metadata import (
     KEY_MODEL_VERSION,
     ModelMetadata,
     ModelMetadataError,
     OperatingPoint,
 )
-from worker.preprocess import preprocess_file
-from worker.scorer import ModelLoadError, Scorer
+from worker.scoring.scorer import ModelLoadError, Scorer
 
 INT8_SUFFIX = "-int8"
 # Rates compared at each operating point's threshold, float against int8.

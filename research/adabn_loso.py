@@ -46,7 +46,7 @@ from trainer.top import (  # noqa: E402
     fit,
     score,
 )
-from worker.preprocess import PreprocessSettings  # noqa: E402
+from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
 BASE = TopConfig()
 VARIANTS = ("shipped", "adabn_target", "adabn_both")

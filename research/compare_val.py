@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.metrics import roc_auc  # noqa: E402
+from worker.audit.metrics import roc_auc  # noqa: E402
 
 
 def _read(path: Path) -> dict[str, dict[str, str]]:

@@ -49,8 +49,8 @@ from trainer.panel import (  # noqa: E402
     network_fit_score,
     run_panel,
 )
-from worker.metrics import roc_auc, weighted_roc_auc  # noqa: E402
-from worker.preprocess import PreprocessSettings  # noqa: E402
+from worker.audit.metrics import roc_auc, weighted_roc_auc  # noqa: E402
+from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
 SITE_COLUMN, MACHINE_COLUMN = "rsna_site_id", "rsna_machine_id"
 STARTED = time.time()

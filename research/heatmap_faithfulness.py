@@ -35,13 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.dataset import discover, split_by_patient  # noqa: E402
-from worker.model_metadata import (  # noqa: E402
+from worker.imaging.preprocess import preprocess_file  # noqa: E402
+from worker.scoring.model_metadata import (  # noqa: E402
     ATTENTION_NAME,
     INPUT_NAME,
     OUTPUT_NAME,
     ModelMetadata,
 )
-from worker.preprocess import preprocess_file  # noqa: E402
 
 MODES = ("anywhere", "breast")
 

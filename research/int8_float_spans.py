@@ -36,9 +36,9 @@ import onnxruntime.quantization as oq  # noqa: E402
 
 import export.quantise as eq  # noqa: E402
 from trainer.dataset import discover, read_predictions  # noqa: E402
-from worker.metrics import roc_auc  # noqa: E402
-from worker.preprocess import preprocess_file  # noqa: E402
-from worker.scorer import Scorer  # noqa: E402
+from worker.audit.metrics import roc_auc  # noqa: E402
+from worker.imaging.preprocess import preprocess_file  # noqa: E402
+from worker.scoring.scorer import Scorer  # noqa: E402
 
 MODEL = REPO / "models" / "mammo-lite0-top-384.onnx"
 POOL = REPO.parent / "shared" / "data" / "mammo-3383"

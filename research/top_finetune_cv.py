@@ -32,7 +32,7 @@ from trainer.efficientnet_lite import grey_to_normalised_rgb, lite0_backbone  # 
 from trainer.features import extract  # noqa: E402
 from trainer.fitting import class_weights  # noqa: E402
 from trainer.panel import PanelData, format_panel, run_panel  # noqa: E402
-from worker.preprocess import PreprocessSettings  # noqa: E402
+from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
 SIZE = 256
 

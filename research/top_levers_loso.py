@@ -41,7 +41,7 @@ from trainer.top import (  # noqa: E402
     intensity_view_maps,
     top_fit_score,
 )
-from worker.preprocess import PreprocessSettings  # noqa: E402
+from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
 BASE = TopConfig()  # the shipped recipe: 384 px, block 15 trained, 6 epochs
 LEVERS: dict[str, TopConfig] = {

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
-from worker.preprocess import PreprocessSettings
+from worker.imaging.preprocess import PreprocessSettings
+from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 
 
 def make_attention_model(path: Path, size: int = 48, cells: int = 6, mirror: bool = True,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from worker.config import Config, load_config
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata, OperatingPoint
-from worker.preprocess import PreprocessSettings
+from worker.imaging.preprocess import PreprocessSettings
+from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata, OperatingPoint
 
 if TYPE_CHECKING:
     from worker.app import Worker

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.train
 
 def test_uint8_cache_round_trip(tmp_path: Path) -> None:
     from trainer.arrays import cache_path, cached_arrays, preprocess_samples
-    from worker.preprocess import PreprocessSettings
+    from worker.imaging.preprocess import PreprocessSettings
 
     sources = sorted((DATA / "images").rglob("*.jpg"))[:4]
     if len(sources) < 4:

@@ -20,9 +20,9 @@ from export.attention import (
 )
 from tests.attention_model import make_attention_model
 from tests.conftest import REPO, SHIPPED_MODEL, dev_pool_images, make_mean_model
-from worker.model_metadata import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME
-from worker.preprocess import preprocess_file
-from worker.scorer import Scorer
+from worker.imaging.preprocess import preprocess_file
+from worker.scoring.model_metadata import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME
+from worker.scoring.scorer import Scorer
 
 
 def _run(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

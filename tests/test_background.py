@@ -22,7 +22,7 @@ from tests.conftest import REPO, write_mammo_like
 from worker.app import open_store
 from worker.app import status as get_status
 from worker.config import ConfigError, load_config
-from worker.results import result_rows
+from worker.results.listing import result_rows
 
 SUPERVISORD_CONF = REPO / "deploy" / "supervisord.conf"
 

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import DATA
 from trainer.baselines import compute_baselines, one_hot, predict_logistic
 from trainer.logistic import balanced_weights, fit_logistic
-from worker.metrics import roc_auc
+from worker.audit.metrics import roc_auc
 
 
 def test_logistic_regression_learns_an_informative_category() -> None:

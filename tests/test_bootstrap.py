@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.bootstrap import _weighted_figures, bootstrap_cis, group_index
-from worker.metrics import confusion_of_calls, rates, roc_auc
+from worker.audit.bootstrap import _weighted_figures, bootstrap_cis, group_index
+from worker.audit.metrics import confusion_of_calls, rates, roc_auc
 
 
 def _data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

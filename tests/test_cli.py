@@ -49,7 +49,7 @@ def _screen(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 
 def test_cli_does_not_import_tensorflow() -> None:
     code = (
-        "import sys, worker.cli, worker.app, worker.pipeline; "
+        "import sys, worker.cli, worker.app, worker.processing.pipeline; "
         "print(any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -214,7 +214,7 @@ def _echo(port: int) -> bool:
 def _scored(config_path: Path, name: str) -> bool:
     from worker.app import open_store
     from worker.config import load_config
-    from worker.results import result_rows
+    from worker.results.listing import result_rows
 
     store = open_store(load_config(config_path))
     try:

@@ -42,9 +42,10 @@ from tests.dicom_files import (
 from trainer.dataset import discover
 from worker.app import open_worker
 from worker.config import Config
-from worker.dicom import DicomPolicy, decode_dicom, is_dicom, read_dicom
-from worker.preprocess import ImageError, PreprocessSettings, decode_image, preprocess_file
-from worker.store import QUARANTINED, SCORED
+from worker.imaging.dicom import DicomPolicy, decode_dicom, is_dicom, read_dicom
+from worker.imaging.errors import ImageError
+from worker.imaging.preprocess import PreprocessSettings, decode_image, preprocess_file
+from worker.records.store import QUARANTINED, SCORED
 
 CBIS = [p for case in gen_cases() for p in case.values()]
 X = ramp12().astype(np.float64)

@@ -16,8 +16,8 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from tests.conftest import SHIPPED_MODEL, dev_pool_images
 from tests.dicom_files import dicom_bytes, voi_lut_item, with_sequence
-from worker.preprocess import decode_image, preprocess_bytes
-from worker.scorer import Scorer
+from worker.imaging.preprocess import decode_image, preprocess_bytes
+from worker.scoring.scorer import Scorer
 
 TOLERANCE = 0.01
 

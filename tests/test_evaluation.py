@@ -9,7 +9,7 @@ import pytest
 
 from trainer.dataset import Sample
 from trainer.evaluation import choose_aggregation, operating_points
-from worker.metrics import threshold_for_recall_rate
+from worker.audit.metrics import threshold_for_recall_rate
 
 
 def test_threshold_for_recall_rate_flags_that_share() -> None:

@@ -19,7 +19,9 @@ from sqlalchemy import select, text
 from tests.conftest import REPO, make_mean_model, run_screen, watching, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config, load_config
-from worker.exams import (
+from worker.imaging.preprocess import PreprocessSettings
+from worker.records.store import SCORED, ExamResult, ImageRecord, Store, insert_events, utcnow
+from worker.results.exams import (
     BREAST_COLUMNS,
     EXAM_COLUMNS,
     SCHEMA_ID,
@@ -33,14 +35,12 @@ from worker.exams import (
     score_exam,
     write_atomically,
 )
-from worker.model_metadata import (
+from worker.scoring.model_metadata import (
     DEFAULT_AGGREGATION,
     KEY_AGGREGATION,
     ModelMetadata,
     ModelMetadataError,
 )
-from worker.preprocess import PreprocessSettings
-from worker.store import SCORED, ExamResult, ImageRecord, Store, insert_events, utcnow
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_(?P<study_uid>[^_/]+)_(?P<laterality>[LRU])_(?P<view>[A-Z]+)\."
 
@@ -93,7 +93,7 @@ def test_model_metadata_carries_the_rule_and_old_models_get_the_default(tmp_path
         with pytest.raises(ModelMetadataError, match="aggregation"):
             ModelMetadata.from_props({**props, KEY_AGGREGATION: json.dumps(bad)})
     # and through a real ONNX model, loaded by the worker's scorer
-    from worker.scorer import Scorer
+    from worker.scoring.scorer import Scorer
 
     path = make_mean_model(tmp_path / "m.onnx", aggregation={"breast": "max", "exam": "max"})
     assert Scorer(path).metadata.aggregation == {"breast": "max", "exam": "max"}

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from tests.conftest import REPO, run_screen, write_mammo_like
 from worker.faults import POINTS
-from worker.lock import LOCK_NAME
+from worker.intake.lock import LOCK_NAME
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_site_points import _drop, _import, _screen, _site
-from worker.fitness import Criteria, Status, assess, judge
-from worker.report import AuditRow
+from worker.audit.fitness import Criteria, Status, assess, judge
+from worker.audit.report import AuditRow
 
 
 @pytest.mark.parametrize(("ci", "enough", "expected"), [

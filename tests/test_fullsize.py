@@ -23,12 +23,13 @@ from tests.dicom_files import (
     full_size_stored,
     to_bytes,
 )
-from worker import j2k
-from worker.dicom import read_dicom
-from worker.pipeline import KEEP_BYTES, _load, _preprocess
-from worker.preprocess import ImageError, PreprocessSettings, preprocess_bytes, preprocess_file
-from worker.reduction import Reduction, reduce_to
-from worker.scorer import Scorer
+from worker.imaging import j2k
+from worker.imaging.dicom import read_dicom
+from worker.imaging.errors import ImageError
+from worker.imaging.preprocess import PreprocessSettings, preprocess_bytes, preprocess_file
+from worker.imaging.reduction import Reduction, reduce_to
+from worker.processing.pipeline import KEEP_BYTES, _load, _preprocess
+from worker.scoring.scorer import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,7 @@ def test_an_overlay_scores_a_full_size_file_as_the_worker_does(
 ) -> None:
     """`screen heatmap FILE` scores the file with the worker's own preprocessing (the image
     brought down first), and draws on a picture brought down to the overlay's size."""
-    from worker.overlays import overlay_of_file
+    from worker.audit.overlays import overlay_of_file
 
     path = full_size_dicom(_grey(dev_pool_images(1)[0]), "uncompressed", tmp_path, "big")
     overlay = overlay_of_file(scorer, path, max_side=512)

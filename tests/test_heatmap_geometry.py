@@ -1,4 +1,4 @@
-"""worker/heatmap_geometry.py: a map cell the model attended lands on the same place of the
+"""worker/imaging/heatmap_geometry.py: a map cell the model attended lands on the same place of the
 original picture, whatever preprocessing did (pad or stretch, mirror by orient, crop)."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.heatmap_geometry import (
+from worker.imaging.heatmap_geometry import (
     MAX_SIDE,
     Frame,
     frame_of,
     preprocess_with_frame,
     to_original_frame,
 )
-from worker.preprocess import PreprocessSettings, preprocess_array, preprocess_bytes
+from worker.imaging.preprocess import PreprocessSettings, preprocess_array, preprocess_bytes
 
 CELLS = 12
 
@@ -81,7 +81,7 @@ def test_preprocess_with_frame_is_preprocess_bytes_and_the_frame() -> None:
     settings = PreprocessSettings(size=48)
     x, frame = preprocess_with_frame(data, settings)
     assert np.array_equal(x, preprocess_bytes(data, settings))
-    # A picture of at least twice the model's side is brought down first (worker.reduction):
+    # A picture of at least twice the model's side is brought down first (worker.imaging.reduction):
     # the frame is the picture as preprocessing takes it, and only its shape places the map.
     assert frame == Frame(48, 48)
     _, padded = preprocess_with_frame(data, PreprocessSettings(size=48, pad_square=True))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from worker.heatmap import normalise_map, overlay_rgb
+from worker.imaging.heatmap import normalise_map, overlay_rgb
 
 
 def test_overlay_colours_only_where_the_map_is_strong():

@@ -11,12 +11,10 @@ import pytest
 
 from tests.conftest import write_mammo_like
 from worker.app import open_worker
-from worker.config import ConfigError, load_config
-from worker.identity import (
+from worker.config import ConfigError, IdentityConfigError, compile_pattern, load_config
+from worker.imaging.identity import (
     Identity,
-    IdentityConfigError,
     IdentityReader,
-    compile_pattern,
     identity_from_dicom,
     identity_from_name,
     is_dicom,

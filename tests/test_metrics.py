@@ -7,7 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
-from worker.metrics import confusion_at, roc_auc, roc_curve, summary, threshold_for_sensitivity
+from worker.audit.metrics import (
+    confusion_at,
+    roc_auc,
+    roc_curve,
+    summary,
+    threshold_for_sensitivity,
+)
 
 
 def test_confusion_by_hand() -> None:

@@ -13,11 +13,11 @@ import pytest
 
 from tests.conftest import make_mean_model, write_mammo_like
 from worker.app import open_worker, status
+from worker.audit.report import AuditRow, operating_point_figures
 from worker.config import load_config
-from worker.model_metadata import ModelMetadata, OperatingPoint
-from worker.preprocess import PreprocessSettings
-from worker.report import AuditRow, operating_point_figures
-from worker.scorer import ModelLoadError, Scorer
+from worker.imaging.preprocess import PreprocessSettings
+from worker.scoring.model_metadata import ModelMetadata, OperatingPoint
+from worker.scoring.scorer import ModelLoadError, Scorer
 
 POINTS = {"sens90": 0.3, "sens80": 0.6, "recall10": 0.9}
 

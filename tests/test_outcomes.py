@@ -10,14 +10,14 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.conftest import REPO
-from worker.outcome_labels import OUTCOME_LABELS, describe_vocabulary
-from worker.results import (
+from worker.audit.outcome_labels import OUTCOME_LABELS, describe_vocabulary
+from worker.records.store import SCORED, ImageRecord, OutcomeChange, Store, utcnow
+from worker.results.listing import (
     OutcomeConflictError,
     OutcomeFileError,
     import_outcomes,
     outcome_history,
 )
-from worker.store import SCORED, ImageRecord, OutcomeChange, Store, utcnow
 
 SHA = {name: name[0] * 64 for name in ("a.png", "b.png", "c.png")}
 

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from tests.conftest import REPO, make_mean_model
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from tests.orthanc import AE_TITLE, Orthanc, dciodvfy_errors, dciodvfy_program, free_port
-from worker.pacs_queue import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
+from worker.records.pacs_queue import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
 
 dciodvfy_program()  # skips the module (or fails under CI) without dicom3tools
 
@@ -343,7 +343,7 @@ def test_real_full_size_mammograms_give_valid_results(
 def test_a_capture_with_a_heatmap_is_valid(tmp_path: Path) -> None:
     import datetime as dt
 
-    from worker.pacs_build import CaptureInput, Scored, build_capture
+    from worker.results.pacs_build import CaptureInput, Scored, build_capture
 
     source = pydicom.dcmread(__import__("io").BytesIO(study_files(1)[0]))
     display = source.pixel_array.astype(np.float32) / 4095.0

@@ -19,19 +19,19 @@ from tests.conftest import make_mean_model, write_mammo_like
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from worker.app import open_store, run_process
 from worker.config import ConfigError, load_config
-from worker.dicom import DicomPolicy, decode_dicom
-from worker.pacs_build import capture_pixels, warm_up
-from worker.pacs_queue import (
+from worker.imaging.dicom import DicomPolicy, decode_dicom
+from worker.records.pacs_queue import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
     ResultInstance,
     ResultUids,
     result_uid,
 )
-from worker.pacs_send import capture_picture
-from worker.paths import path_from_db
-from worker.schema import head
-from worker.store import Base, Store
+from worker.records.paths import path_from_db
+from worker.records.schema import head
+from worker.records.store import Base, Store
+from worker.results.pacs_build import capture_pixels, warm_up
+from worker.results.pacs_send import capture_picture
 
 
 class Peer:

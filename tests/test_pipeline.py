@@ -15,8 +15,8 @@ from sqlalchemy import select
 from tests.conftest import copy_into, dev_pool_images, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
-from worker.scorer import Scorer
-from worker.store import DUPLICATE, QUARANTINED, RECEIVED, SCORED, ImageRecord
+from worker.records.store import DUPLICATE, QUARANTINED, RECEIVED, SCORED, ImageRecord
+from worker.scoring.scorer import Scorer
 
 
 def _rows(config: Config) -> list[tuple]:
@@ -103,7 +103,7 @@ def test_batches_agree_with_single_scoring(config: Config) -> None:
     worker.watcher.run_once(timeout=10)
     with worker.store.read() as s:
         batched = {r.filename: r.score for r in s.scalars(select(ImageRecord))}
-    from worker.preprocess import preprocess_file
+    from worker.imaging.preprocess import preprocess_file
 
     for p in imgs:
         single = worker.scorer.score_batch([preprocess_file(p, worker.pipeline.settings)])[0]
@@ -357,7 +357,7 @@ def test_streams_score_batches_side_by_side(config: Config) -> None:
 
     import numpy as np
 
-    from worker.preprocess import preprocess_bytes
+    from worker.imaging.preprocess import preprocess_bytes
 
     config = dataclasses.replace(config, batch_size=2, model_streams=2)
     paths = [write_mammo_like(config.inbox / f"{k}.png", seed=k) for k in range(6)]

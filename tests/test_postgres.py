@@ -16,7 +16,7 @@ from sqlalchemy.exc import ProgrammingError
 
 from tests.conftest import REPO
 from tests.test_faults import _env, _screen, assert_exactly_once, drop_files
-from worker.lock import InboxBusyError, InboxLock
+from worker.intake.lock import InboxBusyError, InboxLock
 
 
 @pytest.fixture
@@ -69,8 +69,8 @@ def test_unreachable_postgres_is_one_line(workdir: Path, tmp_path: Path) -> None
 
 
 def test_schema_is_the_same_on_sqlite_and_postgres(tmp_path: Path, pg_url: str) -> None:
-    import worker.heartbeat  # noqa: F401  (its table is part of the schema)
-    from worker.store import Store
+    import worker.records.heartbeat  # noqa: F401  (its table is part of the schema)
+    from worker.records.store import Store
 
     def shape(url: str) -> dict[str, set[str]]:
         store = Store(url)

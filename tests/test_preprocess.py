@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import DATA, write_mammo_like
-from worker.image_header import read_header
-from worker.preprocess import (
+from worker.imaging.image_header import read_header
+from worker.imaging.preprocess import (
     ImageError,
     PreprocessSettings,
     background_is_bright,

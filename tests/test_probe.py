@@ -111,7 +111,7 @@ def test_panel_judges_the_probe_on_cached_features(tmp_path: Path) -> None:
     from trainer.features import load_feature_sets
     from trainer.panel import PanelData, run_panel
     from trainer.probe import probe_fit_score
-    from worker.preprocess import PreprocessSettings
+    from worker.imaging.preprocess import PreprocessSettings
 
     # Cached "features" need not come from the network to test the panel's bookkeeping: a
     # column that carries the label (plus noise) must score high everywhere, noise must not.

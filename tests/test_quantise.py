@@ -23,9 +23,9 @@ from export.quantise import (
 )
 from tests.conftest import write_mammo_like
 from worker.cli import cli
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
-from worker.preprocess import PreprocessSettings, preprocess_file
-from worker.scorer import Scorer
+from worker.imaging.preprocess import PreprocessSettings, preprocess_file
+from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from worker.scoring.scorer import Scorer
 
 SIZE = 32
 
@@ -150,8 +150,8 @@ def test_accuracy_check_refuses_a_drop_over_the_limit() -> None:
 def test_accuracy_check_refuses_scores_that_shift_at_an_operating_point() -> None:
     """A shift of every score keeps the AUC and moves every rate at a kept threshold: measured
     on the shipped model's int8 form (mean shift +0.10, specificity at sens90 0.32 -> 0.10)."""
-    from worker.metrics import roc_auc
-    from worker.model_metadata import OperatingPoint
+    from worker.audit.metrics import roc_auc
+    from worker.scoring.model_metadata import OperatingPoint
 
     rng = np.random.default_rng(0)
     y = np.arange(200) % 4 == 0

@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from tests.conftest import REPO, make_mean_model, require_programs
 from tests.test_faults import assert_exactly_once
 from worker.config import Config, ConfigError, load_config
-from worker.receive import (
+from worker.intake.receive import (
     TEMP_PREFIX,
     Receiver,
     StoreStatus,

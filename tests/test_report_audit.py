@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.report import (
+from worker.audit.report import (
     MIN_CASES,
     AuditRow,
     ResampledUnit,
@@ -17,10 +17,10 @@ from worker.report import (
     format_text,
     resampling_groups,
 )
-from worker.report_html import render_html
-from worker.report_plots import audit_figure, draw_confusion
-from worker.results import import_outcomes
-from worker.store import QUARANTINED, SCORED, ImageRecord, Store
+from worker.audit.report_html import render_html
+from worker.audit.report_plots import audit_figure, draw_confusion
+from worker.records.store import QUARANTINED, SCORED, ImageRecord, Store
+from worker.results.listing import import_outcomes
 
 NASTY_NAME = "<script>alert(1)</script>.png"
 T0 = dt.datetime(2026, 3, 1)

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.report import (
+from worker.audit.report import (
     Level,
     audit,
     bootstrap_text,
     format_text,
     reason_kind,
 )
-from worker.report_html import render_html
-from worker.report_plots import MIN_PER_BIN, audit_figure, calibration_bins
-from worker.results import import_outcomes
-from worker.store import QUARANTINED, SCORED, ImageRecord, Store
+from worker.audit.report_html import render_html
+from worker.audit.report_plots import MIN_PER_BIN, audit_figure, calibration_bins
+from worker.records.store import QUARANTINED, SCORED, ImageRecord, Store
+from worker.results.listing import import_outcomes
 
 T0 = dt.datetime(2026, 3, 1)
 REASONS = (

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from sqlalchemy import inspect, text
 
-import worker.heartbeat  # noqa: F401  (its table is part of the schema)
+import worker.records.heartbeat  # noqa: F401  (its table is part of the schema)
 from tests.conftest import REPO
 from tests.test_faults import _screen
-from worker.schema import MIGRATIONS, head, is_current, newest_revision
-from worker.store import Store
+from worker.records.schema import MIGRATIONS, head, is_current, newest_revision
+from worker.records.store import Store
 
 BEFORE_ALEMBIC = REPO / "tests" / "fixtures" / "screen-db-before-alembic.sql"
 
@@ -103,8 +103,8 @@ def test_a_new_database_is_stamped_as_alembic_stamps_it(tmp_path: Path) -> None:
     from alembic import command
     from sqlalchemy import create_engine
 
-    from worker.schema import _config
-    from worker.store import Base
+    from worker.records.schema import _config
+    from worker.records.store import Base
 
     Store(f"sqlite:///{tmp_path / 'fast.db'}").dispose()
     engine = create_engine(f"sqlite:///{tmp_path / 'alembic.db'}")

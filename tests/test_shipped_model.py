@@ -11,8 +11,8 @@ import numpy as np
 
 from tests.conftest import REPO, SHIPPED_MODEL, copy_into, dev_pool_images
 from worker.config import load_config
-from worker.preprocess import preprocess_file
-from worker.scorer import Scorer
+from worker.imaging.preprocess import preprocess_file
+from worker.scoring.scorer import Scorer
 
 
 def test_default_config_points_at_the_shipped_model() -> None:

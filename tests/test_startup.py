@@ -20,7 +20,7 @@ from tests.conftest import REPO, write_mammo_like
 from tests.dicom_files import dicom_bytes, mammo_like
 from worker.config import Config
 
-# SQLAlchemy's PostgreSQL dialect: only for a PostgreSQL database (worker.store).
+# SQLAlchemy's PostgreSQL dialect: only for a PostgreSQL database (worker.records.store).
 LAZY = ("pydicom", "alembic", "sqlalchemy.dialects.postgresql")
 
 # `screen ARGS` in this process, then the lazy modules it imported, as JSON on stdout.
@@ -83,7 +83,7 @@ def test_the_cli_alone_imports_neither_onnx_runtime_nor_sqlalchemy() -> None:
 # inbox is first looked at, whether SQLAlchemy had been imported.
 _START_ORDER = """
 import json, runpy, sys, threading
-import worker.inbox
+import worker.intake.inbox
 seen = {}
 class Hook:
     def find_spec(self, name, path=None, target=None):
@@ -92,11 +92,11 @@ class Hook:
                 t.name.startswith("model-load") for t in threading.enumerate())
         return None
 sys.meta_path.insert(0, Hook())
-look = worker.inbox.look_at_inbox
+look = worker.intake.inbox.look_at_inbox
 def noted_look(config):
     seen.setdefault("inbox_looked_at_before_sqlalchemy", "sqlalchemy" not in sys.modules)
     return look(config)
-worker.inbox.look_at_inbox = noted_look
+worker.intake.inbox.look_at_inbox = noted_look
 sys.argv = ["screen", *sys.argv[1:]]
 try:
     runpy.run_module("worker", run_name="__main__")
@@ -128,8 +128,8 @@ def test_process_hands_on_the_files_its_first_look_saw_settle(workdir: Path) -> 
     settle_seconds, is taken without a second wait (here 30 s, against a 3 s timeout)."""
     from worker.app import run_process
     from worker.config import load_config
-    from worker.inbox import SettleTracker
-    from worker.pipeline import SCORED
+    from worker.intake.inbox import SettleTracker
+    from worker.processing.pipeline import SCORED
 
     text = (workdir / "config.toml").read_text()
     slow = text.replace("settle_seconds = 0.2", "settle_seconds = 30")
@@ -150,7 +150,7 @@ def test_the_first_look_only_reads(workdir: Path, caplog: pytest.LogCaptureFixtu
     """It finds what the worker's own scan would; a missing inbox gives an empty tracker and
     no message (the worker's folder check says it, in one line), and nothing is created."""
     from worker.config import load_config
-    from worker.inbox import look_at_inbox
+    from worker.intake.inbox import look_at_inbox
 
     config = load_config(workdir / "config.toml")
     write_mammo_like(config.inbox / "a.png", seed=1)
@@ -169,7 +169,7 @@ def test_the_first_look_only_reads(workdir: Path, caplog: pytest.LogCaptureFixtu
 def test_a_model_loaded_at_start_up_comes_warmed_up(config: Config) -> None:
     """The warm-up call runs in the loading thread, during start-up; the pipeline's own
     warm-up is then free. Once per call size: a new size is warmed up once."""
-    from worker.scorer import Scorer, load_scorer
+    from worker.scoring.scorer import Scorer, load_scorer
 
     calls: list[int] = []
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from worker.paths import display_name, path_from_db, path_to_db
-from worker.store import RECEIVED, SCORED, ImageRecord, Store
+from worker.records.paths import display_name, path_from_db, path_to_db
+from worker.records.store import RECEIVED, SCORED, ImageRecord, Store
 
 
 def _row(**kw: object) -> ImageRecord:
@@ -37,7 +37,7 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def test_one_open_row_per_path_and_content(any_url: str) -> None:
     """The exactly-once index, partial on both databases (on PostgreSQL its predicate is
-    added as the table is created: worker.store `_open_file_index_on_postgresql`)."""
+    added as the table is created: worker.records.store `_open_file_index_on_postgresql`)."""
     store = Store(any_url)
     with store.write() as s:
         s.add(_row())

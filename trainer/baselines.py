@@ -33,7 +33,7 @@ import numpy as np
 
 from trainer.dataset import describe, discover, read_columns, split_by_patient
 from trainer.logistic import balanced_weights, fit_logistic
-from worker.metrics import summary, threshold_for_sensitivity
+from worker.audit.metrics import summary, threshold_for_sensitivity
 
 
 def one_hot(values: Sequence[str], categories: Sequence[str]) -> np.ndarray:

@@ -275,7 +275,7 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
         else:
             from trainer.arrays import cached_arrays
             from trainer.finetune import FinetuneConfig, finetune_fit_score
-            from worker.preprocess import PreprocessSettings
+            from worker.imaging.preprocess import PreprocessSettings
 
             preprocess = PreprocessSettings(size=size, intensity=intensity)
             samples = [s for s in discover(source) if s.split != "test"]

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.dicom import is_dicom_file
-from worker.preprocess import IMAGE_EXTENSIONS
+from worker.imaging.dicom import is_dicom_file
+from worker.imaging.preprocess import IMAGE_EXTENSIONS
 
 CLASS_NAMES = ("benign", "malignant")
 # Folder names accepted for each class: the project's names and Kaggle's 0/1 export.

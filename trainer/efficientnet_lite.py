@@ -38,7 +38,7 @@ import numpy as np
 from keras import layers
 
 from trainer.pth_reader import load_state_dict
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
+from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME
 
 __all__ = [
     "BACKBONE_NAME",

@@ -1,7 +1,7 @@
 """What a trained model's validation scores say: views combined per breast and per exam,
 the rule for combining them, and the operating points a programme can choose from.
 
-NumPy only (the arithmetic of thresholds lives in :mod:`worker.metrics`). Breasts are
+NumPy only (the arithmetic of thresholds lives in :mod:`worker.audit.metrics`). Breasts are
 patient + side; an exam is the caller's exam id per image, or the patient when there is none.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainer.dataset import Sample
-from worker.metrics import (
+from worker.audit.metrics import (
     confusion_at,
     rates,
     roc_auc,
@@ -21,7 +21,7 @@ from worker.metrics import (
     threshold_for_sensitivity,
 )
 
-RULES = ("mean", "max")  # worker.model_metadata.AGGREGATION_RULES, in order of preference
+RULES = ("mean", "max")  # worker.scoring.model_metadata.AGGREGATION_RULES, in order of preference
 SENSITIVITY_POINTS = (0.80, 0.90, 0.95)
 RECALL_RATE_POINTS = (0.10,)
 DEFAULT_OPERATING_POINT = "sens90"

@@ -22,7 +22,7 @@ from keras import layers
 from trainer.arrays import preprocess_samples
 from trainer.dataset import DatasetError, Sample, discover
 from trainer.efficientnet_lite import grey_to_normalised_rgb, lite0_backbone
-from worker.model_metadata import INPUT_NAME
+from worker.scoring.model_metadata import INPUT_NAME
 
 POOLINGS = ("avg", "max", "avg+max")
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     """Compute and cache the features of a labelled pool, for ``screen panel --features``."""
     import argparse
 
-    from worker.preprocess import INTENSITY_MODES, PreprocessSettings
+    from worker.imaging.preprocess import INTENSITY_MODES, PreprocessSettings
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("source", help="labels.csv or a labelled folder")

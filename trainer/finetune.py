@@ -36,7 +36,7 @@ from trainer.fitting import (
 )
 from trainer.model import build_augmentation, build_model
 from trainer.panel import FitScore, network_fit_score
-from worker.model_metadata import INPUT_NAME
+from worker.scoring.model_metadata import INPUT_NAME
 
 # cached_arrays and predict now live in trainer.arrays and trainer.fitting; re-exported so
 # that code importing them from here (running jobs) keeps working.

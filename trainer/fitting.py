@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from worker.metrics import roc_auc
+from worker.audit.metrics import roc_auc
 
 # --- batches -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.metrics import roc_auc
+from worker.audit.metrics import roc_auc
 
 # Penalties searched by the inner CV (features standardised, so one grid fits all sizes).
 L2_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
+from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME
 
 
 def _conv_bn_relu(x: keras.KerasTensor, filters: int, name: str, strides: int = 1,

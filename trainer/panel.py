@@ -32,7 +32,7 @@ import numpy as np
 
 from trainer.dataset import Sample, read_columns, split_by_patient
 from trainer.evaluation import breast_scores
-from worker.metrics import roc_auc, weighted_roc_auc
+from worker.audit.metrics import roc_auc, weighted_roc_auc
 
 # (train row indices, test row indices, seed) -> scores of the test rows
 FitScore = Callable[[np.ndarray, np.ndarray, int], np.ndarray]

@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from worker.metrics import confusion_at, roc_auc, roc_curve  # noqa: E402
-from worker.report_plots import draw_calibration  # noqa: E402
+from worker.audit.metrics import confusion_at, roc_auc, roc_curve  # noqa: E402
+from worker.audit.report_plots import draw_calibration  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

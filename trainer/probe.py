@@ -22,7 +22,7 @@ from keras import layers
 from trainer.features import build_feature_model, build_tap_model, extract
 from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
 from trainer.panel import FitScore
-from worker.model_metadata import OUTPUT_NAME
+from worker.scoring.model_metadata import OUTPUT_NAME
 
 PROBE_ARCH = "lite0-probe"
 

@@ -41,7 +41,7 @@ from trainer.efficientnet_lite import (
 )
 from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
 from trainer.panel import FitScore, network_fit_score
-from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
+from worker.scoring.model_metadata import INPUT_NAME, OUTPUT_NAME
 
 
 @dataclass(frozen=True)

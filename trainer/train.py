@@ -84,8 +84,8 @@ from trainer.record import (
     write_predictions,
 )
 from trainer.top import TopConfig
-from worker.metrics import summary
-from worker.preprocess import PreprocessSettings
+from worker.audit.metrics import summary
+from worker.imaging.preprocess import PreprocessSettings
 
 BEST_MODEL = "best.keras"
 FINETUNE_ARCH = "lite0-ft"
@@ -112,7 +112,7 @@ class TrainConfig:
     weights: str | None = "pretrained"  # lite0 only: ImageNet weights, or None for random init
     crop: bool = False  # preprocessing: crop to the breast first
     orient: str = "none"  # preprocessing: "left" mirrors so the breast faces one way
-    intensity: str = "percentile"  # preprocessing: worker.preprocess.INTENSITY_MODES
+    intensity: str = "percentile"  # preprocessing: worker.imaging.preprocess.INTENSITY_MODES
     val_fraction: float = 0.2
     seed: int = 0
     sensitivity_target: float = 0.9  # the default operating point

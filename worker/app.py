@@ -17,20 +17,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DatabaseError
 
 from worker.config import Config, ConfigError, MissingPathError
-from worker.database_url import check_url, missing_database, shown_url, sqlite_file
-from worker.exams import ExamBook, ExamScoring
-from worker.heartbeat import Heartbeat, running_workers
-from worker.inbox import SettleTracker, scan_inbox
-from worker.lock import InboxLock
-from worker.pacs_queue import planner, queue_summary
-from worker.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
-from worker.schema import SchemaTooNewError
-from worker.scorer import Scorer
-from worker.store import Exam, ImageRecord, Store
-from worker.watcher import InboxWatcher
+from worker.intake.inbox import SettleTracker, scan_inbox
+from worker.intake.lock import InboxLock
+from worker.intake.watcher import InboxWatcher
+from worker.processing.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
+from worker.records.database_url import check_url, missing_database, shown_url, sqlite_file
+from worker.records.heartbeat import Heartbeat, running_workers
+from worker.records.pacs_queue import planner, queue_summary
+from worker.records.schema import SchemaTooNewError
+from worker.records.store import Exam, ImageRecord, Store
+from worker.results.exams import ExamBook, ExamScoring
+from worker.scoring.scorer import Scorer
 
 if TYPE_CHECKING:
-    from worker.pacs_send import Outbound
+    from worker.results.pacs_send import Outbound
 
 log = logging.getLogger("mammo_screen")
 
@@ -113,16 +113,16 @@ def open_worker(config: Config, polling: bool | None = None,
                 loading: Future[Scorer] | None = None,
                 looked: Future[SettleTracker] | None = None) -> Worker:
     """Load the model first (the likeliest mistake), then check folders, then the database.
-    ``loading``: the model already loading in a thread (:func:`worker.scorer.load_scorer`),
+    ``loading``: the model already loading in a thread (:func:`worker.scoring.scorer.load_scorer`),
     waited for here, so nothing is created on disk for a model that fails. ``looked``: the
-    first look at the inbox, taken at start-up (:func:`worker.inbox.look_at_inbox`)."""
+    first look at the inbox, taken at start-up (:func:`worker.intake.inbox.look_at_inbox`)."""
     scorer = loading.result() if loading is not None else Scorer.for_config(config)
     ensure_folders(config)
     store = open_store(config, create=True)
     pipeline = Pipeline(config, store, scorer)
     outbound = None
     if config.send.enabled:
-        from worker.pacs_send import Outbound  # highdicom: only for a worker that sends
+        from worker.results.pacs_send import Outbound  # highdicom: only for a worker that sends
 
         ensure_folder("send results_dir", config.send.results_dir, config.create_missing)
         outbound = Outbound(store, config)
@@ -225,7 +225,7 @@ def status(config: Config) -> dict[str, Any]:
     """Backlog, last activity, counts, the running workers and the model each serves, and the
     configured model. That model is loaded (not run) so that a broken or mismatched model file
     shows up here, not only at the next start."""
-    from worker.site_points import history, in_force
+    from worker.audit.site_points import history, in_force
 
     store = open_store(config)
     try:

@@ -25,15 +25,15 @@ from worker.config import (
     MissingPathError,
     load_config,
 )
-from worker.database_url import named_database_exists
-from worker.lock import InboxBusyError
-from worker.model_file import ModelLoadError
+from worker.intake.lock import InboxBusyError
+from worker.records.database_url import named_database_exists
+from worker.scoring.model_file import ModelLoadError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from worker.inbox import SettleTracker
-    from worker.scorer import Scorer
+    from worker.intake.inbox import SettleTracker
+    from worker.scoring.scorer import Scorer
 
 _USER_ERRORS = (
     ConfigError,
@@ -103,13 +103,13 @@ def _start_worker(
     """A worker's config, then two threads: its first look at the inbox (whose files' settle
     wait starts now) and its model loading. The caller imports the database layer
     (`worker.app`) after this, so that all three overlap at start-up."""
-    from worker.inbox import look_at_inbox
+    from worker.intake.inbox import look_at_inbox
 
     config = _config(ctx, **overrides)
     if overrides.get("database") is not None:
         named_database_exists(config)
     looked = look_at_inbox(config)  # before the scorer's imports (NumPy, OpenCV: ~0.3 s)
-    from worker.scorer import load_scorer
+    from worker.scoring.scorer import load_scorer
 
     return config, load_scorer(config), looked
 
@@ -312,7 +312,7 @@ def receive(ctx: click.Context, **overrides: Any) -> None:
       screen receive --port 11112 --ae-title MAMMO_SCREEN
       storescu -aec MAMMO_SCREEN 127.0.0.1 11112 image.dcm   # from another terminal
     """
-    from worker.receive import ReceiverStartError, run_receive
+    from worker.intake.receive import ReceiverStartError, run_receive
 
     try:
         run_receive(_config(ctx, **overrides))
@@ -362,8 +362,8 @@ def results(
       screen results --level exam --format csv   # patient_id,study_uid,n_images,score,label
     """
     from worker.app import open_store
-    from worker.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
-    from worker.results import describe_waiting, format_rows, result_rows, waiting_exams
+    from worker.results.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
+    from worker.results.listing import describe_waiting, format_rows, result_rows, waiting_exams
 
     if history and level == "image":
         raise click.UsageError("--history applies to --level breast or exam")
@@ -395,7 +395,7 @@ def outcomes() -> None:
 
 
 def _outcomes_import_help() -> str:
-    from worker.outcome_labels import describe_vocabulary
+    from worker.audit.outcome_labels import describe_vocabulary
 
     return f"""Import true labels from CSV_FILE (columns: filename or sha256, and label).
 
@@ -423,7 +423,7 @@ def outcomes_import(
     ctx: click.Context, database: str | None, csv_file: Path, skip_invalid: bool, replace: bool
 ) -> None:
     from worker.app import open_store
-    from worker.results import OutcomeFileError, import_outcomes
+    from worker.results.listing import OutcomeFileError, import_outcomes
 
     store = open_store(_config(ctx, database=database))
     try:
@@ -498,7 +498,7 @@ def report(
       screen report --since 2026-01-01 --until 2026-04-01 --html audit.html
     """
     from worker.app import open_store
-    from worker.report import audit, format_report
+    from worker.audit.report import audit, format_report
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)
@@ -510,8 +510,8 @@ def report(
         result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
         add_site_figures(result)
         if html_out:
-            from worker.dicom import DicomPolicy
-            from worker.overlays import overlays_html
+            from worker.audit.overlays import overlays_html
+            from worker.imaging.dicom import DicomPolicy
 
             overlays = overlays_html(store, DicomPolicy.for_config(config), since=since_dt,
                                      until=until_dt)
@@ -519,12 +519,12 @@ def report(
         store.dispose()
     click.echo(format_report(result.report, fmt))
     if plot:
-        from worker.report_plots import write_png
+        from worker.audit.report_plots import write_png
 
         write_png(result, plot)
         click.echo(f"wrote {plot}", err=True)
     if html_out:
-        from worker.report_html import write_html
+        from worker.audit.report_html import write_html
 
         write_html(result, html_out, overlays)
         click.echo(f"wrote {html_out}", err=True)
@@ -550,14 +550,14 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
     Example:
       screen heatmap 42 --out overlay.png
     """
-    from worker.dicom import DicomPolicy
-    from worker.overlays import OverlayError, overlay_of_file, overlay_of_image
+    from worker.audit.overlays import OverlayError, overlay_of_file, overlay_of_image
+    from worker.imaging.dicom import DicomPolicy
 
     config = _config(ctx, database=database)
     policy = DicomPolicy.for_config(config)
     try:
         if Path(image).is_file():
-            from worker.scorer import Scorer
+            from worker.scoring.scorer import Scorer
 
             overlay = overlay_of_file(Scorer.for_config(config), Path(image), policy, max_side,
                                       config.max_pixels)

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.identity import IdentityConfigError, compile_pattern
-
 ENV_CONFIG = "MAMMO_SCREEN_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
 
@@ -70,7 +68,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "allowed_modalities": ("strlist", ["MG"]),
         "allow_for_processing": ("bool", False),
     },
-    # The fitness verdict of `screen report` (worker/fitness.py): criteria declared before
+    # The fitness verdict of `screen report` (worker/audit/fitness.py): criteria declared before
     # looking at a site's figures.
     "fitness": {
         "level": ("str", "image"),
@@ -119,7 +117,7 @@ _NON_NEGATIVE = {"worker.study_settle_seconds", "model.images_per_call"}
 
 @dataclass(frozen=True)
 class SendSettings:
-    """[send]: where results go (worker/pacs_send.py). An empty host sends nothing."""
+    """[send]: where results go (worker/results/pacs_send.py). An empty host sends nothing."""
 
     host: str = ""
     port: int = 104
@@ -402,3 +400,29 @@ def _fitness(values: dict[str, Any]) -> dict[str, Any]:
         if not 0.0 <= out[key] <= 1.0:
             raise ConfigError(f"fitness.{key} must be between 0 and 1, got {out[key]}")
     return out
+
+
+# [identity] filename_pattern: checked when the config loads, so a bad pattern is one line.
+PATTERN_FIELDS = ("patient_id", "study_uid", "laterality", "view")
+
+
+class IdentityConfigError(ValueError):
+    """A bad file-name pattern; the message names the problem."""
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str] | None:
+    """The configured file-name pattern, checked: valid, with only known named groups."""
+    if not pattern:
+        return None
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise IdentityConfigError(f"not a valid regular expression: {exc}") from None
+    groups = set(rx.groupindex)
+    unknown = groups - set(PATTERN_FIELDS)
+    if unknown or not groups:
+        raise IdentityConfigError(
+            f"named groups must be among {', '.join(PATTERN_FIELDS)}; found "
+            f"{', '.join(sorted(groups)) or 'none'}"
+        )
+    return rx

@@ -15,7 +15,7 @@ POINTS = (
     "after_decision",  # score/quarantine committed, file not moved
     "after_move",  # file moved, moved_at not committed
 )
-# Sending results to a PACS (worker/pacs_send.py; tests/test_pacs.py).
+# Sending results to a PACS (worker/results/pacs_send.py; tests/test_pacs.py).
 SEND_POINTS = (
     "after_result_built",  # a DICOM result's file written, not recorded as built
     "after_result_sent",  # the PACS accepted a result, not recorded as sent

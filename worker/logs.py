@@ -2,7 +2,7 @@
 
 Its own module, so that the CLI can set logging up without importing the database layer
 (SQLAlchemy: about a third of a second), which `screen process` and `screen watch` import
-while their model loads in a thread (`worker.scorer.load_scorer`).
+while their model loads in a thread (`worker.scoring.scorer.load_scorer`).
 """
 
 from __future__ import annotations

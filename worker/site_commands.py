@@ -1,6 +1,6 @@
-"""`screen calibrate`: a site operating point from the site's own outcomes (worker.site_points).
+"""`screen calibrate`: a site operating point from the site's own outcomes.
 
-Registered on the `screen` group by worker/cli.py; a thin layer over worker.site_points.
+Registered on the `screen` group by worker/cli.py; a thin layer over worker.audit.site_points.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from worker.cli import _config, _user_errors, store_options
-from worker.model_file import ModelLoadError
+from worker.scoring.model_file import ModelLoadError
 
 if TYPE_CHECKING:
+    from worker.audit.report import Audit
     from worker.config import Config
-    from worker.report import Audit
-    from worker.store import Store
+    from worker.records.store import Store
 
 _TARGETS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
             ("recall_rate", "recall-rate"))
@@ -62,10 +62,10 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
       screen calibrate --sensitivity 0.90 --level breast
     """
     from worker.app import open_store
-    from worker.report import Level
-    from worker.scorer import Scorer
-    from worker.site_points import CalibrationError, Target, format_point
-    from worker.site_points import calibrate as choose_point
+    from worker.audit.report import Level
+    from worker.audit.site_points import CalibrationError, Target, format_point
+    from worker.audit.site_points import calibrate as choose_point
+    from worker.scoring.scorer import Scorer
 
     given = {t: v for (t, _), v in zip(_TARGETS, (sensitivity, specificity, recall_rate),
                                        strict=True) if v is not None}
@@ -92,7 +92,7 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
 
 def site_point_lines(info: dict[str, Any]) -> list[str]:
     """`screen status`: the site points in force, the configured model's first."""
-    from worker.site_points import women
+    from worker.audit.site_points import women
 
     points = info.get("site_points", [])
     if not points:
@@ -115,10 +115,10 @@ def report_extras(config: Config, store: Store) -> tuple[dict, dict, Callable[[A
     """For `screen report`: each model version's operating points (the configured model's
     own and every site point in force), the configured model's breast and exam rule, and a
     step that adds the site points' history and the fitness verdict to an audit."""
-    from worker.fitness import Criteria, assess
-    from worker.report import Level
-    from worker.scorer import Scorer
-    from worker.site_points import history, in_force
+    from worker.audit.fitness import Criteria, assess
+    from worker.audit.report import Level
+    from worker.audit.site_points import history, in_force
+    from worker.scoring.scorer import Scorer
 
     recorded = history(store)
     points: dict[str, dict] = {}

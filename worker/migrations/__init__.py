@@ -1,1 +1,0 @@
-"""Alembic migrations of the screening database (see worker/schema.py for how they run)."""

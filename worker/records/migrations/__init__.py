@@ -1,0 +1,1 @@
+"""Alembic migrations of the screening database (see worker/records/schema.py for how they run)."""

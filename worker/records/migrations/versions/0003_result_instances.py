@@ -1,0 +1,53 @@
+"""The delivery queue of DICOM results sent to a PACS (worker/records/pacs_queue.py).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-06
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("result_instances"):
+        # A database from before Alembic: its pre-Alembic step (worker/records/schema.py) made every
+        # missing table from the models, this one included, before stamping the baseline.
+        return
+    op.create_table(
+        "result_instances",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("exam_result_id", sa.Integer(), sa.ForeignKey("exam_results.id"),
+                  nullable=False),
+        sa.Column("image_id", sa.Integer(), sa.ForeignKey("images.id"), nullable=True),
+        sa.Column("kind", sa.String(8), nullable=False),
+        sa.Column("study_uid", sa.String(64), nullable=False),
+        sa.Column("series_uid", sa.String(64), nullable=False),
+        sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+        sa.Column("sop_class_uid", sa.String(64), nullable=False),
+        sa.Column("supersedes_uid", sa.String(64), nullable=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("path", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("built_at", sa.DateTime(), nullable=True),
+        sa.Column("sent_at", sa.DateTime(), nullable=True),
+        sa.Column("sent_to", sa.Text(), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(), nullable=False),
+        sa.Column("claimed_until", sa.DateTime(), nullable=True),
+        sa.Column("status_code", sa.Integer(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("first_failed_at", sa.DateTime(), nullable=True),
+    )
+    op.create_index("ix_result_instances_exam_result_id", "result_instances",
+                    ["exam_result_id"])
+    op.create_index("ix_result_instances_state", "result_instances", ["state"])
+
+
+def downgrade() -> None:
+    op.drop_table("result_instances")

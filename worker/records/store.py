@@ -1,0 +1,406 @@
+"""The screening record: one row per file received, its fate, and the known outcomes.
+
+A file's life is an explicit state machine, every step committed before the filesystem is
+touched:
+
+    received --> scored | duplicate | quarantined     (status, committed with the planned
+                                                        destination in `final_path`)
+             --> moved                                 (`moved_at` set after the file moved)
+
+A row whose status is final but whose `moved_at` is empty is a move still owed; start-up
+reconciliation finishes it. A partial unique index makes it impossible to hold two unfinished
+rows for the same inbox path and content, so a restart can never record a file twice.
+
+Scored images join an exam (`exams`, one row per study); each scoring of an exam is a row of
+`exam_results` (with its `breast_results`), kept forever, so a rescored exam keeps its history
+(see worker/results/exams.py for that state machine).
+
+The schema is versioned with Alembic (worker/records/migrations, run by
+worker/records/schema.py when a database is opened). A database made before Alembic is
+first upgraded in place by the pre-Alembic step, `Store._upgrade`: missing tables are
+created and missing nullable columns added (`UPGRADE_COLUMNS`), nothing dropped; it is then stamped at the baseline revision.
+Schema changes from here on are Alembic revisions, not entries in UPGRADE_COLUMNS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+RECEIVED = "received"
+SCORED = "scored"
+DUPLICATE = "duplicate"
+QUARANTINED = "quarantined"
+STATUSES = (RECEIVED, SCORED, DUPLICATE, QUARANTINED)
+FINAL_STATUSES = (SCORED, DUPLICATE, QUARANTINED)
+
+log = logging.getLogger("mammo_screen")
+
+
+class ExamStatus(StrEnum):
+    OPEN = "open"  # waiting for its study to be quiet (new, or reopened by a late image)
+    SCORED = "scored"  # its latest scoring covers every image it has
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC: SQLite has no time zones, so every stored time is UTC by convention."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+OPEN_FILE_INDEX = "uq_images_open_file"
+OPEN_FILE = "moved_at IS NULL"  # a row whose file has not yet left the inbox
+
+
+class ImageRecord(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    filename: Mapped[str] = mapped_column(Text)  # path relative to the inbox, as dropped
+    source_path: Mapped[str] = mapped_column(Text)  # absolute path in the inbox
+    # NULL only for a file that could never be read (quarantined after max_attempts).
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    scored_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    score: Mapped[float | None] = mapped_column(Float, default=None)
+    label: Mapped[str | None] = mapped_column(String(32), default=None)
+    threshold: Mapped[float | None] = mapped_column(Float, default=None)
+    model_version: Mapped[str | None] = mapped_column(String(128), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("images.id"), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    final_path: Mapped[str | None] = mapped_column(Text, default=None)
+    moved_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Identity (worker/imaging/identity.py): only what joining a breast and an exam needs.
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    study_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    laterality: Mapped[str | None] = mapped_column(String(1), default=None)  # L, R
+    view: Mapped[str | None] = mapped_column(String(16), default=None)  # CC, MLO, ...
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The worker (workers.id) whose claim this row is, for several workers on one inbox
+    # (PostgreSQL): only it decides and moves the file until its lease runs out.
+    claimed_by: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+
+    __table_args__ = (
+        # At most one unfinished row per (inbox path, content): the exactly-once guard. Its
+        # predicate on PostgreSQL is added when the table is created there
+        # (`_open_file_index_on_postgresql`).
+        Index(
+            OPEN_FILE_INDEX, "source_path", "sha256", unique=True, sqlite_where=text(OPEN_FILE)
+        ),
+    )
+
+
+@event.listens_for(ImageRecord.__table__, "before_create")
+def _open_file_index_on_postgresql(table: Any, connection: Any, **_: Any) -> None:
+    """Give the exactly-once index its predicate on PostgreSQL, as the table is created there.
+    Named in the model, `postgresql_where` would make SQLAlchemy import its PostgreSQL dialect
+    with this module: about 25 ms of every worker's start, on SQLite too."""
+    if connection.dialect.name == "postgresql":
+        (index,) = [i for i in table.indexes if i.name == OPEN_FILE_INDEX]
+        index.dialect_options["postgresql"]["where"] = text(OPEN_FILE)
+
+
+class Event(Base):
+    """The history of each file: every attempt, failure, decision and move, in order."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    # Set for an exam's events (scored, reopened, outbox written); image_id is then NULL.
+    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id"), default=None, index=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Exam(Base):
+    """One exam: a study, by Study Instance UID (images without one belong to no exam).
+
+    `status` is an ExamStatus: `open` while it waits for its study to be quiet for
+    study_settle_seconds after `last_image_at`, `scored` after; a later image reopens it.
+    """
+
+    __tablename__ = "exams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_image_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    scorings: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ExamResult(Base):
+    """One scoring of an exam; a rescoring adds a row, so earlier scores stay on record.
+
+    The outbox document is planned (`outbox_path`) in the same commit as the scores and
+    written after it; `outbox_written_at` is set once the file is in place.
+    """
+
+    __tablename__ = "exam_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # 1 for the first scoring of the exam, then 2...
+    scored_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    patient_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    study_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    n_images: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(32))
+    threshold: Mapped[float] = mapped_column(Float)
+    threshold_rule: Mapped[str | None] = mapped_column(Text, default=None)
+    model_version: Mapped[str] = mapped_column(String(128))
+    breast_rule: Mapped[str] = mapped_column(String(16))
+    exam_rule: Mapped[str] = mapped_column(String(16))
+    image_ids: Mapped[str] = mapped_column(Text)  # JSON list of the images this scoring used
+    outbox_path: Mapped[str | None] = mapped_column(Text, default=None)
+    outbox_written_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("uq_exam_results_seq", "exam_id", "seq", unique=True),)
+
+
+class BreastResult(Base):
+    """One breast of one exam scoring."""
+
+    __tablename__ = "breast_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exam_result_id: Mapped[int] = mapped_column(ForeignKey("exam_results.id"), index=True)
+    laterality: Mapped[str] = mapped_column(String(1))
+    n_images: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(32))
+
+
+class HeatmapRecord(Base):
+    """Where the model looked on one scored image (worker/records/heatmaps.py): a small map covering
+    the decoded picture, float16 bytes of shape (rows, cols), committed with its score."""
+
+    __tablename__ = "heatmaps"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    rows: Mapped[int] = mapped_column(Integer)
+    cols: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+def event_row(
+    kind: str, detail: str | None = None, *, image_id: int | None = None,
+    exam_id: int | None = None
+) -> dict[str, Any]:
+    """One `events` row, timed now, for :func:`insert_events`."""
+    return {"image_id": image_id, "exam_id": exam_id, "kind": kind, "detail": detail,
+            "at": utcnow()}
+
+
+_INSERT_EVENTS = insert(Event.__table__)
+
+
+def insert_events(s: Session, rows: list[dict[str, Any]]) -> None:
+    """A transaction's events in one INSERT executed for each row, in the order given (their
+    ids follow it), without an ORM object per event."""
+    if rows:
+        s.execute(_INSERT_EVENTS, rows)
+
+
+# Nullable columns added after the first release: added in place to an older database.
+UPGRADE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "images": ("patient_id", "study_uid", "laterality", "view", "sop_instance_uid", "claimed_by"),
+    "events": ("exam_id",),
+}
+
+
+class Outcome(Base):
+    """Ground truth (e.g. biopsy result) for an image's content, keyed by its SHA-256."""
+
+    __tablename__ = "outcomes"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str | None] = mapped_column(Text, default=None)
+    imported_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class OutcomeChange(Base):
+    """Every outcome recorded or replaced, in order: a replaced label stays in this history."""
+
+    __tablename__ = "outcome_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    previous_label: Mapped[str | None] = mapped_column(String(32), default=None)
+    source: Mapped[str | None] = mapped_column(Text, default=None)  # file name and line
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class SitePointRecord(Base):
+    """A site operating point (`screen calibrate`): a threshold chosen on this site's own
+    outcomes for one model version. Rows are never changed: calibrating a name again adds a
+    row, and the newest row of a (name, model version) is the point in force, so the
+    history stays (see worker/audit/site_points.py)."""
+
+    __tablename__ = "site_points"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    level: Mapped[str] = mapped_column(String(16))  # image, breast or exam
+    target: Mapped[str] = mapped_column(String(16))  # sensitivity, specificity, recall_rate
+    target_value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    women: Mapped[int] = mapped_column(Integer)  # resampling groups (patients) behind it
+    units: Mapped[int] = mapped_column(Integer)  # images, breasts or exams with an outcome
+    figures: Mapped[str] = mapped_column(Text)  # JSON: each figure and its 95% interval
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+# Advisory lock keys (PostgreSQL): schema set-up, and the receipt and decision transactions
+# of every worker on the database, which take turns so that a file is claimed by one worker and
+# a copy always finds its original.
+SCHEMA_LOCK = 0x6D616D6D6F01
+FILES_LOCK = 0x6D616D6D6F02
+
+
+class Store:
+    """SQLAlchemy engine set up for many readers and one writer on SQLite.
+
+    WAL lets `screen report` read while the worker writes; a busy timeout waits instead of
+    failing; write transactions start with BEGIN IMMEDIATE so that the busy handler applies
+    (a deferred transaction that upgrades to a write fails at once with "database is locked").
+    """
+
+    def __init__(self, url: str, busy_timeout_seconds: float = 30.0) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": busy_timeout_seconds, "check_same_thread": False}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            self._setup_sqlite(busy_timeout_seconds)
+        from worker.records.schema import bring_up_to_date, is_current  # they import the models
+
+        with self.engine.connect() as conn:
+            current = is_current(conn)  # the usual case: a read, no lock taken
+        if not current:
+            # A write transaction from the start (BEGIN IMMEDIATE on SQLite), and one at a
+            # time on PostgreSQL, where several workers may start at once.
+            with self.engine.execution_options(mammo_immediate=True).begin() as conn:
+                self._serialise(conn, SCHEMA_LOCK)
+                bring_up_to_date(conn, self._upgrade)
+        self._writer = self.engine.execution_options(mammo_immediate=True)
+
+    def _setup_sqlite(self, busy_timeout_seconds: float) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            immediate = conn.get_execution_options().get("mammo_immediate", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    def _serialise(self, conn: Any, key: int) -> None:
+        """Wait for, then hold until the transaction ends, the lock named `key` (PostgreSQL).
+        SQLite needs none: its write transactions (BEGIN IMMEDIATE) already take turns."""
+        if self.is_postgres:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    def serialise(self, s: Session, key: int) -> None:
+        """:meth:`_serialise` inside a session's transaction."""
+        self._serialise(s.connection(), key)
+
+    def _upgrade(self, conn: Any) -> None:
+        """The pre-Alembic step: add the columns a database made before Alembic lacks
+        (create_all, already run, makes only missing tables). Frozen: later schema changes
+        are Alembic revisions."""
+        for table_name, columns in UPGRADE_COLUMNS.items():
+            table = Base.metadata.tables[table_name]
+            present = {c["name"] for c in inspect(conn).get_columns(table_name)}
+            missing = [name for name in columns if name not in present]
+            for name in missing:
+                col = table.c[name]
+                ddl = col.type.compile(dialect=conn.dialect)
+                for fk in col.foreign_keys:
+                    ddl += f" REFERENCES {fk.column.table.name} ({fk.column.name})"
+                conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {ddl}")
+            if missing:
+                log.info("upgraded database table=%s added=%s", table_name, ",".join(missing))
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction, committed on success, rolled back on any exception."""
+        with Session(self._writer, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ---- queries used by several commands -------------------------------------------------
+
+    def counts_by_status(self, since: dt.datetime | None = None) -> dict[str, int]:
+        with self.read() as s:
+            q = select(ImageRecord.status, func.count()).group_by(ImageRecord.status)
+            if since is not None:
+                q = q.where(ImageRecord.received_at >= since)
+            return {status: n for status, n in s.execute(q)}
+
+    def all_images(self, since: dt.datetime | None = None) -> list[ImageRecord]:
+        with self.read() as s:
+            q = select(ImageRecord).order_by(ImageRecord.id)
+            if since is not None:
+                q = q.where(ImageRecord.received_at >= since)
+            return list(s.scalars(q))
+
+    def outcomes(self) -> dict[str, str]:
+        with self.read() as s:
+            return {o.sha256: o.label for o in s.scalars(select(Outcome))}
