@@ -19,7 +19,8 @@ The schema is versioned with Alembic (worker/records/migrations, run by
 worker/records/schema.py when a database is opened). A database made before Alembic is
 first upgraded in place by the pre-Alembic step, `Store._upgrade`: missing tables are
 created and missing nullable columns added (`UPGRADE_COLUMNS`), nothing dropped; it is
-then stamped at the baseline revision. Schema changes from here on are Alembic revisions, not entries in UPGRADE_COLUMNS.
+then stamped at the baseline revision. Schema changes from here on are Alembic revisions,
+not entries in UPGRADE_COLUMNS.
 """
 
 from __future__ import annotations
