@@ -45,7 +45,7 @@ from worker.config import Config
 from worker.imaging.dicom import DicomPolicy, decode_dicom, is_dicom, read_dicom
 from worker.imaging.errors import ImageError
 from worker.imaging.preprocess import PreprocessSettings, decode_image, preprocess_file
-from worker.records.store import QUARANTINED, SCORED
+from worker.records.store import ImageStatus
 
 CBIS = [p for case in gen_cases() for p in case.values()]
 X = ramp12().astype(np.float64)
@@ -109,7 +109,7 @@ def test_cbis_ddsm_scored_end_to_end_by_screen_process(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "s.db") as con:
         rows = dict(con.execute("SELECT filename, status FROM images").fetchall())
         scores = [s for (s,) in con.execute("SELECT score FROM images")]
-    assert rows == {n: SCORED for n in names}
+    assert rows == {n: ImageStatus.SCORED for n in names}
     assert all(0 < s < 1 for s in scores)
     assert not any(p.is_file() and not p.name.startswith(".") for p in inbox.rglob("*"))
 
@@ -404,10 +404,10 @@ def test_mixed_batch_quarantines_each_refusal_and_scores_the_rest(config: Config
     with sqlite3.connect(db) as con:
         rows = {n: (s, e) for n, s, e in con.execute("SELECT filename, status, error FROM images")}
     for name in [*good, "plain.png"]:
-        assert rows[name] == (SCORED, None), name
+        assert rows[name] == (ImageStatus.SCORED, None), name
     for case, (_, reason) in REFUSED.items():
         status, error = rows[f"refused-{case}"]
-        assert status == QUARANTINED and error.startswith(reason), (case, error)
+        assert status == ImageStatus.QUARANTINED and error.startswith(reason), (case, error)
         assert (config.quarantine / f"refused-{case}").is_file()
     assert sorted(p.name for p in inbox.iterdir()) == ["2.25.1234.part"]
 
@@ -422,7 +422,7 @@ def test_config_can_allow_a_modality(workdir: Path) -> None:
     worker = open_worker(config)
     [result] = worker.watcher.run_once(timeout=10)
     worker.close()
-    assert result.status == SCORED
+    assert result.status == ImageStatus.SCORED
 
 
 # ---- the trainer: DICOM listed in a CSV or dropped in class folders ---------------------------
@@ -476,4 +476,5 @@ def test_live_watcher_picks_up_uid_named_and_extensionless_dicom(config: Config)
                 rows = con.execute(
                     "SELECT filename, status FROM images WHERE moved_at IS NOT NULL ORDER BY id"
                 ).fetchall()
-    assert sorted(rows) == [("1.2.840.113619.2.55.3.777.42", SCORED), ("IMG00017", SCORED)]
+    assert sorted(rows) == [("1.2.840.113619.2.55.3.777.42", ImageStatus.SCORED),
+                            ("IMG00017", ImageStatus.SCORED)]

@@ -20,7 +20,7 @@ from tests.conftest import REPO, make_mean_model, run_screen, watching, write_ma
 from worker.app import open_worker
 from worker.config import Config, load_config
 from worker.imaging.preprocess import PreprocessSettings
-from worker.records.store import SCORED, ExamResult, ImageRecord, Store, insert_events, utcnow
+from worker.records.store import ExamResult, ImageRecord, ImageStatus, Store, insert_events, utcnow
 from worker.results.exams import (
     BREAST_COLUMNS,
     EXAM_COLUMNS,
@@ -301,7 +301,8 @@ def test_an_instance_sent_twice_counts_once_as_its_latest_copy(tmp_path: Path) -
             [("1.1", "L", 0.9), ("1.2", "R", 0.2), ("1.1", "L", 0.3), (None, "L", 0.5)]
         ):
             row = ImageRecord(
-                filename=f"{i}.dcm", source_path=f"/in/{i}.dcm", sha256=f"{i:064d}", status=SCORED,
+                filename=f"{i}.dcm", source_path=f"/in/{i}.dcm", sha256=f"{i:064d}",
+                status=ImageStatus.SCORED,
                 attempts=1, score=score, label="benign", study_uid="9.9", laterality=lat,
                 sop_instance_uid=sop, patient_id="P",
             )  # fmt: skip

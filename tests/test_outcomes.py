@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import REPO
 from worker.audit.outcome_labels import OUTCOME_LABELS, describe_vocabulary
-from worker.records.store import SCORED, ImageRecord, OutcomeChange, Store, utcnow
+from worker.records.store import ImageRecord, ImageStatus, OutcomeChange, Store, utcnow
 from worker.results.listing import (
     OutcomeConflictError,
     OutcomeFileError,
@@ -28,7 +28,8 @@ def _store(tmp_path: Path) -> Store:
         for name, sha in SHA.items():
             s.add(
                 ImageRecord(
-                    filename=name, source_path=f"/inbox/{name}", sha256=sha, status=SCORED,
+                    filename=name, source_path=f"/inbox/{name}", sha256=sha,
+                    status=ImageStatus.SCORED,
                     received_at=utcnow(), score=0.5, attempts=1,
                 )
             )

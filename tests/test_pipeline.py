@@ -15,7 +15,7 @@ from sqlalchemy import select
 from tests.conftest import copy_into, dev_pool_images, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
-from worker.records.store import DUPLICATE, QUARANTINED, RECEIVED, SCORED, ImageRecord
+from worker.records.store import ImageRecord, ImageStatus
 from worker.scoring.scorer import Scorer
 
 
@@ -38,9 +38,10 @@ def test_scores_quarantines_and_moves(config: Config) -> None:
     worker.close()
     assert len(results) == 4
     rows = {r[0]: r for r in _rows(config)}
-    assert rows["good.png"][1] == SCORED and 0 < rows["good.png"][2] < 1
-    assert rows["good 16bit ü.png"][1] == SCORED
-    assert rows["notes.txt"][1] == QUARANTINED and "not a supported image" in rows["notes.txt"][4]
+    assert rows["good.png"][1] == ImageStatus.SCORED and 0 < rows["good.png"][2] < 1
+    assert rows["good 16bit ü.png"][1] == ImageStatus.SCORED
+    assert rows["notes.txt"][1] == ImageStatus.QUARANTINED
+    assert "not a supported image" in rows["notes.txt"][4]
     assert rows["empty.jpg"][4] == "empty file"
     assert all(r[6] for r in rows.values()), "every row records its move"
     assert list(config.inbox.iterdir()) == []
@@ -57,7 +58,8 @@ def test_same_content_twice_is_a_duplicate_not_rescored(config: Config) -> None:
     worker.watcher.run_once(timeout=10)
     worker.close()
     rows = _rows(config)
-    assert [r[1] for r in rows] == [SCORED, DUPLICATE, DUPLICATE]
+    assert [r[1] for r in rows] == [
+        ImageStatus.SCORED, ImageStatus.DUPLICATE, ImageStatus.DUPLICATE]
     assert rows[1][5] == 1 and rows[1][2] == rows[0][2]
     # the second 'a.png' did not overwrite the first in processed/
     assert len(list(config.processed.iterdir())) == 3
@@ -71,7 +73,7 @@ def test_restart_after_commit_before_move_moves_without_rescoring(config: Config
     data = path.read_bytes()
     record = worker.pipeline._receive(path, data)
     worker.pipeline._commit_decisions(
-        {record.id: {"status": SCORED, "score": 0.7, "label": "malignant"}}
+        {record.id: {"status": ImageStatus.SCORED, "score": 0.7, "label": "malignant"}}
     )
     worker.close()
     assert path.exists()  # "crashed" before the move
@@ -79,7 +81,7 @@ def test_restart_after_commit_before_move_moves_without_rescoring(config: Config
     worker.watcher.run_once(timeout=10)
     worker.close()
     rows = _rows(config)
-    assert len(rows) == 1 and rows[0][1] == SCORED and rows[0][2] == 0.7 and rows[0][6]
+    assert len(rows) == 1 and rows[0][1] == ImageStatus.SCORED and rows[0][2] == 0.7 and rows[0][6]
     assert (config.processed / "a.png").exists() and not path.exists()
 
 
@@ -93,7 +95,7 @@ def test_restart_after_receipt_scores_the_same_row(config: Config) -> None:
     with worker.store.read() as s:
         rows = list(s.scalars(select(ImageRecord)))
     worker.close()
-    assert len(rows) == 1 and rows[0].status == SCORED and rows[0].attempts == 2
+    assert len(rows) == 1 and rows[0].status == ImageStatus.SCORED and rows[0].attempts == 2
 
 
 def test_batches_agree_with_single_scoring(config: Config) -> None:
@@ -146,7 +148,7 @@ def test_images_per_call_splits_a_batch_into_model_calls(workdir: Path, tmp_path
     worker = open_worker(config)
     worker.watcher.run_once(timeout=10)
     with worker.store.read() as s:
-        assert [r.status for r in s.scalars(select(ImageRecord))] == [SCORED] * 8
+        assert [r.status for r in s.scalars(select(ImageRecord))] == [ImageStatus.SCORED] * 8
     worker.close()
 
 
@@ -206,7 +208,7 @@ def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
     path = write_mammo_like(config.inbox / "a.png", seed=1)
     worker = open_worker(config)
     record = worker.pipeline._receive(path, path.read_bytes())
-    worker.pipeline._commit_decisions({record.id: {"status": SCORED, "score": 0.2,
+    worker.pipeline._commit_decisions({record.id: {"status": ImageStatus.SCORED, "score": 0.2,
                                                    "label": "benign"}})
     write_mammo_like(path, seed=2)  # replaced under us, after reading and scoring
     worker.pipeline.reconcile()
@@ -217,7 +219,7 @@ def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
         kinds = [e for (e,) in s.execute(
             __import__("sqlalchemy").text("SELECT kind FROM events WHERE image_id = 1"))]
     worker.close()
-    assert [r.status for r in rows] == [SCORED, SCORED]
+    assert [r.status for r in rows] == [ImageStatus.SCORED, ImageStatus.SCORED]
     assert rows[0].sha256 != rows[1].sha256 and rows[0].final_path is None
     assert "replaced" in kinds
     assert not path.exists() and (config.processed / "a.png").exists()
@@ -250,7 +252,7 @@ def test_a_file_is_read_once_unless_its_stat_changed_before_the_move(config: Con
     results = worker.pipeline.finish(batch)
     worker.close()
     assert worker.pipeline.rehashed == 1
-    assert [r.status for r in results] == [SCORED]
+    assert [r.status for r in results] == [ImageStatus.SCORED]
     assert (config.processed / "touched.png").exists() and not touched.exists()
 
 
@@ -268,7 +270,8 @@ def test_a_file_replaced_between_read_and_move_is_not_moved(config: Config) -> N
     with worker.store.read() as s:
         rows = list(s.scalars(select(ImageRecord).order_by(ImageRecord.id)))
     worker.close()
-    assert [r.status for r in rows] == [SCORED, SCORED] and rows[0].final_path is None
+    assert [r.status for r in rows] == [ImageStatus.SCORED, ImageStatus.SCORED]
+    assert rows[0].final_path is None
     assert not path.exists() and (config.processed / "a.png").exists()
 
 
@@ -287,8 +290,9 @@ def test_overlapped_batches_commit_in_order_and_duplicates_find_their_original(
     worker.pipeline.finish(second)
     worker.close()
     rows = {r[0]: r for r in _rows(config)}
-    assert rows["a-again.png"][1] == DUPLICATE and rows["a-again.png"][2] == rows["a.png"][2]
-    assert rows["a.png"][1] == SCORED and all(r[6] for r in rows.values())
+    assert rows["a-again.png"][1] == ImageStatus.DUPLICATE
+    assert rows["a-again.png"][2] == rows["a.png"][2]
+    assert rows["a.png"][1] == ImageStatus.SCORED and all(r[6] for r in rows.values())
 
 
 def test_onnx_runtime_scores_in_its_own_thread_before_the_caller_finishes(
@@ -312,13 +316,13 @@ def test_onnx_runtime_scores_in_its_own_thread_before_the_caller_finishes(
     second = worker.pipeline.begin([b])
     assert second.scoring is not None
     decided = second.scoring.result(timeout=120)  # batch 1 not finished yet
-    assert [d["status"] for d in decided.values()] == [SCORED]
-    assert [r[1] for r in _rows(config)] == [RECEIVED, RECEIVED]
+    assert [d["status"] for d in decided.values()] == [ImageStatus.SCORED]
+    assert [r[1] for r in _rows(config)] == [ImageStatus.RECEIVED, ImageStatus.RECEIVED]
     worker.pipeline.finish(first)
     worker.pipeline.finish(second)
     worker.close()
     assert scored_in and all(name.startswith("score") for name in scored_in)
-    assert [r[1] for r in _rows(config)] == [SCORED, SCORED]
+    assert [r[1] for r in _rows(config)] == [ImageStatus.SCORED, ImageStatus.SCORED]
     assert all(r[6] for r in _rows(config))
 
 
@@ -333,13 +337,13 @@ def test_closing_with_batches_in_flight_leaves_them_received_for_the_next_run(
     worker.pipeline.begin(paths[:2])
     worker.pipeline.begin(paths[2:])
     worker.close()
-    assert [r[1] for r in _rows(config)] == [RECEIVED] * 3
+    assert [r[1] for r in _rows(config)] == [ImageStatus.RECEIVED] * 3
     assert all(p.exists() for p in paths)
     again = open_worker(config)
     again.watcher.run_once(timeout=10)
     again.close()
     rows = _rows(config)
-    assert [r[1] for r in rows] == [SCORED] * 3 and all(r[6] for r in rows)
+    assert [r[1] for r in rows] == [ImageStatus.SCORED] * 3 and all(r[6] for r in rows)
     assert not any(p.exists() for p in paths)
 
 
@@ -375,7 +379,7 @@ def test_streams_score_batches_side_by_side(config: Config) -> None:
     worker.close()
     rows = _rows(config)
     assert sorted(r[0] for r in rows) == sorted(want)
-    assert all(r[1] == SCORED and r[6] for r in rows)
+    assert all(r[1] == ImageStatus.SCORED and r[6] for r in rows)
     got = {r[0]: r[2] for r in rows}
     np.testing.assert_allclose([got[n] for n in want], list(want.values()), atol=1e-6)
     assert len(set(got.values())) > 1  # distinct images, distinct scores

@@ -15,7 +15,7 @@ from tests.conftest import DATA, copy_into, dev_pool_images
 from worker.audit.report import build_report
 from worker.cli import cli
 from worker.config import Config
-from worker.records.store import SCORED, ImageRecord, Store
+from worker.records.store import ImageRecord, ImageStatus, Store
 
 
 def _run(workdir: Path, *args: str) -> str:
@@ -35,7 +35,7 @@ def _insert(store: Store, rows: list[tuple[str, str, float, str]], threshold: fl
                     source_path="/in/" + name,
                     sha256=sha,
                     size_bytes=1,
-                    status=SCORED,
+                    status=ImageStatus.SCORED,
                     score=score,
                     threshold=threshold,
                     label="malignant" if score >= threshold else "benign",

@@ -19,7 +19,7 @@ from worker.audit.report import (
 )
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import audit_figure, draw_confusion
-from worker.records.store import QUARANTINED, SCORED, ImageRecord, Store
+from worker.records.store import ImageRecord, ImageStatus, Store
 from worker.results.listing import import_outcomes
 
 NASTY_NAME = "<script>alert(1)</script>.png"
@@ -45,7 +45,7 @@ def populated_store(db: Path) -> Store:
                     source_path=f"/in/img{i}.png",
                     sha256=f"h{i}",
                     size_bytes=1,
-                    status=SCORED,
+                    status=ImageStatus.SCORED,
                     score=score,
                     threshold=threshold,
                     label="malignant" if score >= threshold else "benign",
@@ -61,7 +61,7 @@ def populated_store(db: Path) -> Store:
                 source_path="/in/x",
                 sha256=None,
                 size_bytes=1,
-                status=QUARANTINED,
+                status=ImageStatus.QUARANTINED,
                 error="not an image: <b>bad</b>",
                 attempts=1,
                 received_at=T0,
@@ -180,7 +180,8 @@ def test_each_image_is_called_at_its_own_recorded_threshold(tmp_path: Path) -> N
     with store.write() as s:
         for i, threshold in enumerate((0.3, 0.6)):
             s.add(ImageRecord(filename=f"f{i}", source_path=f"/in/f{i}", sha256=f"s{i}",
-                              size_bytes=1, status=SCORED, score=0.4, threshold=threshold,
+                              size_bytes=1, status=ImageStatus.SCORED, score=0.4,
+                              threshold=threshold,
                               model_version="mix", attempts=1))
     (tmp_path / "o.csv").write_text("sha256,label\ns0,malignant\ns1,malignant\n")
     import_outcomes(store, tmp_path / "o.csv")

@@ -183,7 +183,7 @@ def test_levels_without_identity_are_left_out_with_a_note(tmp_path: Path) -> Non
 def test_an_instance_sent_twice_is_one_image_of_its_breast(tmp_path: Path) -> None:
     """As in worker/results/exams.py: the latest copy of a SOP instance counts in breasts and exams;
     image level keeps both copies, as it always has."""
-    from worker.records.store import SCORED, ImageRecord
+    from worker.records.store import ImageRecord, ImageStatus
     from worker.results.listing import import_outcomes
 
     store = Store(f"sqlite:///{tmp_path / 'd.db'}")
@@ -191,7 +191,7 @@ def test_an_instance_sent_twice_is_one_image_of_its_breast(tmp_path: Path) -> No
     with store.write() as s:
         for name, sop, score in rows:
             s.add(ImageRecord(filename=name, source_path=f"/in/{name}", sha256=name,
-                              size_bytes=1, status=SCORED, score=score, threshold=0.5,
+                              size_bytes=1, status=ImageStatus.SCORED, score=score, threshold=0.5,
                               model_version="v", attempts=1, patient_id="P", study_uid="S",
                               laterality="L", sop_instance_uid=sop))
     (tmp_path / "o.csv").write_text("sha256,label\na,malignant\nb,malignant\nc,benign\n")

@@ -19,7 +19,7 @@ from worker.audit.report import (
 )
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import MIN_PER_BIN, audit_figure, calibration_bins
-from worker.records.store import QUARANTINED, SCORED, ImageRecord, Store
+from worker.records.store import ImageRecord, ImageStatus, Store
 from worker.results.listing import import_outcomes
 
 T0 = dt.datetime(2026, 3, 1)
@@ -44,14 +44,15 @@ def exam_store(db: Path, exams: int = 12, malignant: int = 3) -> Store:
                 name = f"e{e}{side}"
                 s.add(ImageRecord(
                     filename=f"{name}.png", source_path=f"/in/{name}.png", sha256=name,
-                    size_bytes=1, status=SCORED, score=score, threshold=0.5,
+                    size_bytes=1, status=ImageStatus.SCORED, score=score, threshold=0.5,
                     label="malignant" if score >= 0.5 else "benign", model_version="v1",
                     attempts=1, received_at=T0, patient_id=f"P{e}", study_uid=f"S{e}",
                     laterality=side))
                 truth.append((name, "malignant" if y else "benign"))
         for i, reason in enumerate(REASONS):
             s.add(ImageRecord(filename=f"bad{i}.dcm", source_path=f"/in/bad{i}.dcm", sha256=None,
-                              size_bytes=1, status=QUARANTINED, error=reason, attempts=1,
+                              size_bytes=1, status=ImageStatus.QUARANTINED, error=reason,
+                              attempts=1,
                               received_at=T0))
     csv_file = db.with_suffix(".csv")
     csv_file.write_text("filename,label\n" + "".join(f"{h}.png,{lab}\n" for h, lab in truth))

@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from worker.records.paths import display_name, path_from_db, path_to_db
-from worker.records.store import RECEIVED, SCORED, ImageRecord, Store
+from worker.records.store import ImageRecord, ImageStatus, Store
 
 
 def _row(**kw: object) -> ImageRecord:
     base = dict(filename="a.png", source_path="/in/a.png", sha256="ab" * 32, size_bytes=3,
-                status=RECEIVED, attempts=0)
+                status=ImageStatus.RECEIVED, attempts=0)
     return ImageRecord(**{**base, **kw})
 
 
@@ -46,7 +46,7 @@ def test_one_open_row_per_path_and_content(any_url: str) -> None:
     with store.write() as s:
         first = s.get(ImageRecord, 1)
         assert first is not None
-        first.status, first.moved_at = SCORED, dt.datetime(2026, 1, 1)
+        first.status, first.moved_at = ImageStatus.SCORED, dt.datetime(2026, 1, 1)
     with store.write() as s:
         s.add(_row())  # dropped again after the first was finished and moved: a new row
     assert len(store.all_images()) == 2

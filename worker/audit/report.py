@@ -21,7 +21,7 @@ import numpy as np
 from worker.audit.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
 from worker.audit.fitness import fitness_lines
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
-from worker.records.store import DUPLICATE, QUARANTINED, SCORED, ImageRecord, Store
+from worker.records.store import ImageRecord, ImageStatus, Store
 from worker.results.exams import one_per_instance, score_exam
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION, OperatingPoint
 
@@ -97,7 +97,7 @@ def audit_rows(images: list[ImageRecord], outcomes: dict[str, str]) -> list[Audi
     """The scored images with a known outcome. Duplicates are left out: same image, once."""
     rows = []
     for r in images:
-        if r.status != SCORED or r.score is None or r.sha256 not in outcomes:
+        if r.status != ImageStatus.SCORED or r.score is None or r.sha256 not in outcomes:
             continue
         rows.append(
             AuditRow(
@@ -378,8 +378,8 @@ def audit(
     images = _before(store.all_images(since), until)
     outcomes = store.outcomes()
     by_status = Counter(r.status for r in images)
-    by_call = Counter(r.label for r in images if r.status == SCORED and r.label)
-    quarantined = [r for r in images if r.status == QUARANTINED]
+    by_call = Counter(r.label for r in images if r.status == ImageStatus.SCORED and r.label)
+    quarantined = [r for r in images if r.status == ImageStatus.QUARANTINED]
     reasons = Counter(reason_kind(r.error or "") for r in quarantined)
 
     per_version: dict[str, list[AuditRow]] = defaultdict(list)
@@ -390,7 +390,7 @@ def audit(
     ]
     # One DICOM instance received twice with other bytes is one image of its breast and exam
     # (worker/results/exams.py's rule); at image level both copies stay, as they always have.
-    once = {r.id for r in one_per_instance([r for r in images if r.status == SCORED])}
+    once = {r.id for r in one_per_instance([r for r in images if r.status == ImageStatus.SCORED])}
     units: dict[tuple[str, Level], list[AuditRow]] = {}
     for m in models:
         version = m["model_version"]
@@ -403,7 +403,7 @@ def audit(
         )
         units.update({(version, level): u for level, u in by_level.items()})
 
-    scored = by_status.get(SCORED, 0)
+    scored = by_status.get(ImageStatus.SCORED, 0)
     with_outcome = sum(len(v) for v in per_version.values())
     caveats = [f"{m['model_version']}: {c}" for m in models for c in m["caveats"]]
     caveats += [
@@ -426,14 +426,14 @@ def audit(
         "quarantined_files": [
             {"filename": r.filename, "reason": r.error} for r in quarantined[:QUARANTINE_LISTED]
         ],
-        "duplicates": by_status.get(DUPLICATE, 0),
+        "duplicates": by_status.get(ImageStatus.DUPLICATE, 0),
         "scored": scored,
         "with_outcome": with_outcome,
         "models": models,
         "operating_points": {
             version: operating_point_figures(
                 points,
-                np.array([r.score for r in images if r.status == SCORED
+                np.array([r.score for r in images if r.status == ImageStatus.SCORED
                           and r.model_version == version and r.score is not None]),
                 per_version.get(version, []))
             for version, points in sorted((operating_points or {}).items())

@@ -34,7 +34,7 @@ from worker.audit.metrics import (
     threshold_for_specificity,
 )
 from worker.audit.report import MIN_CASES, Level, audit_rows, resampling_groups, units_at
-from worker.records.store import SCORED, SitePointRecord, Store
+from worker.records.store import ImageStatus, SitePointRecord, Store
 from worker.results.exams import one_per_instance
 from worker.scoring.model_metadata import ModelMetadata, ModelMetadataError, OperatingPoint
 
@@ -111,7 +111,7 @@ def site_units(store: Store, model_version: str, level: Level,
                aggregation: dict[str, str] | None) -> list:
     """The units of ``level`` with a known outcome scored by ``model_version`` (as the
     report counts them: duplicates out, one image per DICOM instance)."""
-    images = [r for r in one_per_instance(store.all_images()) if r.status == SCORED]
+    images = [r for r in one_per_instance(store.all_images()) if r.status == ImageStatus.SCORED]
     rows = [r for r in audit_rows(images, store.outcomes()) if r.model_version == model_version]
     return units_at(rows, level, aggregation)
 

@@ -57,13 +57,11 @@ from worker.records.heartbeat import WorkerRecord
 from worker.records.heatmaps import heatmap_row, insert_heatmaps
 from worker.records.paths import display_name, path_from_db, path_to_db
 from worker.records.store import (
-    DUPLICATE,
     FILES_LOCK,
     FINAL_STATUSES,
-    QUARANTINED,
-    RECEIVED,
-    SCORED,
+    EventKind,
     ImageRecord,
+    ImageStatus,
     Store,
     event_row,
     insert_events,
@@ -133,7 +131,7 @@ _SAME_CONTENT = (
     select(ImageRecord.id, ImageRecord.sha256)
     .where(
         ImageRecord.sha256.in_(bindparam("digests", expanding=True)),
-        ImageRecord.status.in_((SCORED, RECEIVED, QUARANTINED)),
+        ImageRecord.status.in_((ImageStatus.SCORED, ImageStatus.RECEIVED, ImageStatus.QUARANTINED)),
     )
     .order_by(ImageRecord.id)
 )
@@ -200,7 +198,8 @@ class Pipeline:
     def _claim(self, row: ImageRecord, events: list[dict[str, Any]]) -> None:
         if row.claimed_by not in (None, self.worker_id):
             events.append(event_row(
-                "taken_over", f"from worker {row.claimed_by} (lease expired)", image_id=row.id
+                EventKind.TAKEN_OVER, f"from worker {row.claimed_by} (lease expired)",
+                image_id=row.id
             ))
             log.warning("taken over id=%d from worker=%s", row.id, row.claimed_by)
         row.claimed_by = self.worker_id
@@ -261,7 +260,7 @@ class Pipeline:
                         "source_path": source,
                         "sha256": digest,
                         "size_bytes": size,
-                        "status": RECEIVED,
+                        "status": ImageStatus.RECEIVED,
                         "received_at": utcnow(),
                         "attempts": 1,
                         "claimed_by": self.worker_id,
@@ -280,20 +279,20 @@ class Pipeline:
                     continue
                 row = maybe
                 if key in fresh:
-                    events.append(event_row("received", f"{size} bytes", image_id=row.id))
+                    events.append(event_row(EventKind.RECEIVED, f"{size} bytes", image_id=row.id))
                     continue  # unclaimed before, and its attempt counted
                 self._claim(row, events)
-                if row.status == RECEIVED:
+                if row.status == ImageStatus.RECEIVED:
                     row.attempts += 1
                     if row.attempts > 1:
                         events.append(
-                            event_row("retry", f"attempt {row.attempts}", image_id=row.id)
+                            event_row(EventKind.RETRY, f"attempt {row.attempts}", image_id=row.id)
                         )
                     if row.attempts > self.config.max_attempts:
                         self._decide(
                             row,
                             events,
-                            QUARANTINED,
+                            ImageStatus.QUARANTINED,
                             error=f"gave up after {row.attempts - 1} attempts "
                             f"(last: {row.error or 'worker stopped while handling it'})",
                         )
@@ -373,7 +372,8 @@ class Pipeline:
             ident = self.identity.identify(record.filename, source).as_columns()
             original = originals[record.id]
             if original is not None:
-                batch.decided[record.id] = {"status": DUPLICATE, "duplicate_of": original, **ident}
+                batch.decided[record.id] = {
+                    "status": ImageStatus.DUPLICATE, "duplicate_of": original, **ident}
                 continue
             preprocessing[record.id] = (
                 self.pool.submit(_preprocess, source, loaded.fingerprint, self.settings,
@@ -412,10 +412,10 @@ class Pipeline:
             try:
                 to_score.append((rid, *future.result()))
             except ImageError as exc:
-                decided[rid] = {"status": QUARANTINED, "error": str(exc), **ident}
+                decided[rid] = {"status": ImageStatus.QUARANTINED, "error": str(exc), **ident}
             except Exception as exc:  # a decoder bug must not stop the worker
                 decided[rid] = {
-                    "status": QUARANTINED,
+                    "status": ImageStatus.QUARANTINED,
                     "error": f"preprocessing failed: {exc!r}",
                     **ident,
                 }
@@ -458,7 +458,7 @@ class Pipeline:
                 source_path=path_to_db(path),
                 sha256=None,
                 size_bytes=None,
-                status=RECEIVED,
+                status=ImageStatus.RECEIVED,
                 attempts=attempts,
                 received_at=utcnow(),
                 claimed_by=self.worker_id,
@@ -467,7 +467,7 @@ class Pipeline:
             s.flush()
             events: list[dict[str, Any]] = []
             self._decide(
-                row, events, QUARANTINED,
+                row, events, ImageStatus.QUARANTINED,
                 error=f"unreadable after {attempts} attempts: {exc.strerror}",
             )
             insert_events(s, events)
@@ -492,7 +492,7 @@ class Pipeline:
         now = utcnow()
         out = {
             rid: {
-                "status": SCORED,
+                "status": ImageStatus.SCORED,
                 "score": float(score),
                 "label": self.scorer.label_for(float(score)),
                 "threshold": self.scorer.threshold,
@@ -529,7 +529,8 @@ class Pipeline:
         destination included; adds the decision's event to `events` and logs it."""
         values = {key: getattr(row, key) for key in _DECIDED_COLUMNS}
         values.update(fields, status=status)
-        folder = self.config.quarantine if status == QUARANTINED else self.config.processed
+        folder = (self.config.quarantine if status == ImageStatus.QUARANTINED
+                  else self.config.processed)
         rel = path_from_db(row.source_path)
         try:
             rel = rel.relative_to(self.config.inbox)
@@ -539,11 +540,11 @@ class Pipeline:
         score, label, error = values["score"], values["label"], values["error"]
         detail = (
             error
-            if status == QUARANTINED
+            if status == ImageStatus.QUARANTINED
             else (f"score={score:.4f} label={label}" if score is not None else None)
         )
-        events.append(event_row(status, detail, image_id=row.id))
-        log_fn = log.warning if status == QUARANTINED else log.info
+        events.append(event_row(EventKind(status), detail, image_id=row.id))
+        log_fn = log.warning if status == ImageStatus.QUARANTINED else log.info
         log_fn(
             "%s file=%s id=%d score=%s label=%s%s",
             status,
@@ -585,14 +586,14 @@ class Pipeline:
                     continue  # decided already, or taken over by another worker
                 status = fields.pop("status")
                 heatmap = fields.pop("heatmap", None)
-                if status == DUPLICATE:
+                if status == ImageStatus.DUPLICATE:
                     original = self._original(s, rows, updates, fields["duplicate_of"])
-                    if original is not None and original["status"] == QUARANTINED:
-                        status = QUARANTINED
+                    if original is not None and original["status"] == ImageStatus.QUARANTINED:
+                        status = ImageStatus.QUARANTINED
                         fields["error"] = (
                             f"duplicate of #{original['id']}, quarantined: {original['error']}"
                         )
-                    elif original is not None and original["status"] == SCORED:
+                    elif original is not None and original["status"] == ImageStatus.SCORED:
                         fields.update(
                             {key: original[key] for key in (
                                 "score", "label", "threshold", "model_version", "scored_at"
@@ -601,10 +602,10 @@ class Pipeline:
                 values = updates[rid] = self._decision(
                     row, status, fields, events.setdefault(rid, [])
                 )
-                if status == SCORED and heatmap is not None:
+                if status == ImageStatus.SCORED and heatmap is not None:
                     heatmaps.append(heatmap)
                 # A scored image joins its exam in the same commit as its score.
-                if status == SCORED and values["study_uid"] is not None:
+                if status == ImageStatus.SCORED and values["study_uid"] is not None:
                     joining.append(Joining(rid, values["study_uid"], values["patient_id"]))
             if updates:
                 s.execute(
@@ -700,9 +701,9 @@ class Pipeline:
     @staticmethod
     def _move_event(rid: int, note: str, dest: Path) -> dict[str, Any]:
         if note == "moved":
-            return event_row("moved", display_name(dest), image_id=rid)
+            return event_row(EventKind.MOVED, display_name(dest), image_id=rid)
         return event_row(
-            note,
+            EventKind(note),
             "file changed in the inbox before it could be moved"
             if note == "replaced"
             else "file gone before it could be moved",

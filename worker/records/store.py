@@ -51,14 +51,38 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-RECEIVED = "received"
-SCORED = "scored"
-DUPLICATE = "duplicate"
-QUARANTINED = "quarantined"
-STATUSES = (RECEIVED, SCORED, DUPLICATE, QUARANTINED)
-FINAL_STATUSES = (SCORED, DUPLICATE, QUARANTINED)
-
 log = logging.getLogger("mammo_screen")
+
+
+class ImageStatus(StrEnum):
+    """An image's state in `images.status` (stored as the value)."""
+
+    RECEIVED = "received"  # its row is committed; not yet decided
+    SCORED = "scored"
+    DUPLICATE = "duplicate"  # the same bytes as an earlier image (its score is the original's)
+    QUARANTINED = "quarantined"  # refused, with its reason
+
+
+FINAL_STATUSES = (ImageStatus.SCORED, ImageStatus.DUPLICATE, ImageStatus.QUARANTINED)
+
+
+class EventKind(StrEnum):
+    """What an `events` row records (stored as the value in `events.kind`)."""
+
+    RECEIVED = "received"
+    RETRY = "retry"  # received again after a crash, before any decision
+    TAKEN_OVER = "taken_over"  # claimed from a worker whose lease expired
+    SCORED = "scored"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    MOVED = "moved"  # the file left the inbox for its folder
+    REPLACED = "replaced"  # the file changed in the inbox before it could be moved
+    MISSING = "missing"  # the file was gone before it could be moved
+    EXAM_OPENED = "exam_opened"
+    EXAM_REOPENED = "exam_reopened"  # a late image reopened a scored exam
+    EXAM_SCORED = "exam_scored"
+    EXAM_SKIPPED = "exam_skipped"  # no scored image to score the exam on
+    OUTBOX_WRITTEN = "outbox_written"
 
 
 class ExamStatus(StrEnum):
@@ -219,7 +243,7 @@ class HeatmapRecord(Base):
 
 
 def event_row(
-    kind: str, detail: str | None = None, *, image_id: int | None = None,
+    kind: EventKind, detail: str | None = None, *, image_id: int | None = None,
     exam_id: int | None = None
 ) -> dict[str, Any]:
     """One `events` row, timed now, for :func:`insert_events`."""

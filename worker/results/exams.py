@@ -43,13 +43,14 @@ from sqlalchemy.orm import Session
 
 from worker.records.paths import display_name, path_from_db, path_to_db
 from worker.records.store import (
-    SCORED,
     BreastResult,
     Event,
+    EventKind,
     Exam,
     ExamResult,
     ExamStatus,
     ImageRecord,
+    ImageStatus,
     Store,
     event_row,
     utcnow,
@@ -124,7 +125,7 @@ def label_for(score: float, metadata: ModelMetadata, threshold: float) -> str:
 # ---- joining an exam (called by the pipeline, inside its decision transaction) ------------
 
 
-def _exam_event(s: Session, exam_id: int, kind: str, detail: str | None = None) -> None:
+def _exam_event(s: Session, exam_id: int, kind: EventKind, detail: str | None = None) -> None:
     s.add(Event(image_id=None, exam_id=exam_id, kind=kind, detail=detail, at=utcnow()))
 
 
@@ -199,11 +200,11 @@ def join_exams(s: Session, images: list[Joining], now: dt.datetime) -> dict[int,
     events: dict[int, dict[str, Any]] = {}
     for image in opened:
         events[image.image_id] = event_row(
-            "exam_opened", f"image #{image.image_id}", exam_id=ids[image.study_uid]
+            EventKind.EXAM_OPENED, f"image #{image.image_id}", exam_id=ids[image.study_uid]
         )
     for image, exam_id in reopened:
         events[image.image_id] = event_row(
-            "exam_reopened", f"late image #{image.image_id}", exam_id=exam_id
+            EventKind.EXAM_REOPENED, f"late image #{image.image_id}", exam_id=exam_id
         )
         log.info(
             "exam reopened exam=%d study=%s image=%d", exam_id, image.study_uid, image.image_id
@@ -311,13 +312,14 @@ class ExamBook:
                 return None
             q = (
                 select(ImageRecord)
-                .where(ImageRecord.status == SCORED, ImageRecord.study_uid == exam.study_uid)
+                .where(ImageRecord.status == ImageStatus.SCORED,
+                       ImageRecord.study_uid == exam.study_uid)
                 .order_by(ImageRecord.id)
             )
             images = one_per_instance([r for r in s.scalars(q) if r.score is not None])
             if not images:  # cannot happen through join_exams; do not loop on it
                 exam.status = ExamStatus.SCORED.value
-                _exam_event(s, exam.id, "exam_skipped", "no scored image")
+                _exam_event(s, exam.id, EventKind.EXAM_SKIPPED, "no scored image")
                 return None
             result = score_exam(((r.laterality, float(r.score)) for r in images), meta.aggregation)
             seq = exam.scorings + 1
@@ -355,9 +357,8 @@ class ExamBook:
                 self.on_scored(s, row, images)
             exam.scorings = seq
             exam.status = ExamStatus.SCORED.value
-            _exam_event(
-                s, exam.id, "exam_scored", f"seq={seq} n={result.n_images} score={row.score:.4f}"
-            )
+            _exam_event(s, exam.id, EventKind.EXAM_SCORED,
+                        f"seq={seq} n={result.n_images} score={row.score:.4f}")
             scoring = ExamScoring(
                 exam.id, row.id, seq, exam.study_uid, row.score, row.label, planned
             )
@@ -411,7 +412,7 @@ class ExamBook:
             assert fresh is not None
             fresh.outbox_path = path_to_db(dest)
             fresh.outbox_written_at = utcnow()
-            _exam_event(s, fresh.exam_id, "outbox_written", display_name(dest.name))
+            _exam_event(s, fresh.exam_id, EventKind.OUTBOX_WRITTEN, display_name(dest.name))
         return dest
 
 
