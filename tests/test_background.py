@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from tests.conftest import REPO, write_mammo_like
-from worker.app import open_store
 from worker.app import status as get_status
 from worker.config import ConfigError, load_config
+from worker.records.connect import open_store
 from worker.results.listing import result_rows
 
 SUPERVISORD_CONF = REPO / "deploy" / "supervisord.conf"

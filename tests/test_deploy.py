@@ -212,8 +212,8 @@ def _echo(port: int) -> bool:
 
 
 def _scored(config_path: Path, name: str) -> bool:
-    from worker.app import open_store
     from worker.config import load_config
+    from worker.records.connect import open_store
     from worker.results.listing import result_rows
 
     store = open_store(load_config(config_path))

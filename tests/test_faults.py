@@ -171,9 +171,9 @@ def test_second_worker_on_the_same_inbox_refuses(workdir: Path) -> None:
 
 def test_readers_never_see_database_locked(workdir: Path) -> None:
     """`screen report` and `screen results` in a tight loop while the worker writes."""
-    from worker.app import open_store
     from worker.cli import cli
     from worker.config import load_config
+    from worker.records.connect import open_store
 
     names = drop_files(workdir / "inbox", 150)
     # Readers never create a database; this one exists, as after the worker's first start.

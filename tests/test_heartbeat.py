@@ -18,9 +18,9 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.exc import OperationalError
 
 from tests.conftest import REPO, make_mean_model, run_screen
-from worker.app import open_store
 from worker.app import status as get_status
 from worker.config import ConfigError, load_config
+from worker.records.connect import open_store
 from worker.records.heartbeat import Heartbeat, WorkerRecord, running_workers
 from worker.records.store import Base, ImageRecord, Store
 

@@ -17,9 +17,10 @@ from sqlalchemy import inspect, select, text
 
 from tests.conftest import make_mean_model, write_mammo_like
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
-from worker.app import open_store, run_process
+from worker.app import run_process
 from worker.config import ConfigError, load_config
 from worker.imaging.dicom import DicomPolicy, decode_dicom
+from worker.records.connect import open_store
 from worker.records.pacs_queue import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,

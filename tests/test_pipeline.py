@@ -187,7 +187,7 @@ def test_status_reports_backlog_counts_and_model(workdir: Path, config: Config) 
     missing = CliRunner().invoke(cli, [*run, "status"])  # status never makes a database
     assert missing.exit_code == 1 and "database not found" in missing.output
     assert not (workdir / "screen.db").exists()
-    from worker.app import open_store
+    from worker.records.connect import open_store
 
     open_store(config, create=True).dispose()  # as a worker that has started once leaves it
     before = json.loads(CliRunner().invoke(cli, [*run, "status", "--format", "json"]).stdout)

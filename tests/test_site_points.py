@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import make_mean_model, run_screen, write_mammo_like
-from worker.app import open_store
 from worker.audit.metrics import threshold_for_specificity
 from worker.audit.site_points import history, in_force
 from worker.config import load_config
+from worker.records.connect import open_store
 from worker.records.schema import head
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_"

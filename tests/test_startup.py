@@ -129,7 +129,7 @@ def test_process_hands_on_the_files_its_first_look_saw_settle(workdir: Path) -> 
     from worker.app import run_process
     from worker.config import load_config
     from worker.intake.inbox import SettleTracker
-    from worker.processing.pipeline import SCORED
+    from worker.records.store import ImageStatus
 
     text = (workdir / "config.toml").read_text()
     slow = text.replace("settle_seconds = 0.2", "settle_seconds = 30")
@@ -143,7 +143,7 @@ def test_process_hands_on_the_files_its_first_look_saw_settle(workdir: Path) -> 
     looked: Future[SettleTracker] = Future()
     looked.set_result(tracker)
     outcome = run_process(config, timeout=3, looked=looked)
-    assert [(r.path.name, r.status) for r in outcome.files] == [("a.png", SCORED)]
+    assert [(r.path.name, r.status) for r in outcome.files] == [("a.png", ImageStatus.SCORED)]
 
 
 def test_the_first_look_only_reads(workdir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,21 +10,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import DatabaseError
 
-from worker.config import Config, ConfigError, MissingPathError
+from worker.config import Config
 from worker.intake.inbox import SettleTracker, scan_inbox
 from worker.intake.lock import InboxLock
+from worker.intake.stop_signals import install_stop_handlers
 from worker.intake.watcher import InboxWatcher
 from worker.processing.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
-from worker.records.database_url import check_url, missing_database, shown_url, sqlite_file
+from worker.records.connect import open_store
+from worker.records.database_url import shown_url
 from worker.records.heartbeat import Heartbeat, running_workers
 from worker.records.pacs_queue import planner, queue_summary
-from worker.records.schema import SchemaTooNewError
 from worker.records.store import Exam, ImageRecord, Store
 from worker.results.exams import ExamBook, ExamScoring
 from worker.scoring.scorer import Scorer
@@ -33,45 +32,6 @@ if TYPE_CHECKING:
     from worker.results.pacs_send import Outbound
 
 log = logging.getLogger("mammo_screen")
-
-
-def open_store(config: Config, create: bool = False) -> Store:
-    """Open the database. Only the worker (`create=True`) may make a new SQLite file: a command
-    that only reads, given a mistyped path, must say so instead of reporting an empty database.
-    The file's folder is made only when [paths] create_missing asks for it."""
-    check_url(config.database_url)
-    path = sqlite_file(config.database_url)
-    if path is not None and path.exists() and not path.is_file():
-        raise ConfigError(f"database path is not a file: {path}")
-    if path is not None and path.is_file() and path.stat().st_size == 0:
-        # SQLite would take an empty file as a new database and give it the schema.
-        raise ConfigError(f"not a mammo-screen database: {path} is an empty file")
-    if path is not None and not path.exists():
-        if not create:
-            raise MissingPathError(missing_database(path))
-        if path.parent.exists() and not path.parent.is_dir():
-            raise NotADirectoryError(f"database folder is not a folder: {path.parent}")
-        if not path.parent.exists():
-            if not config.create_missing:
-                raise MissingPathError(
-                    f"database folder not found: {path.parent} "
-                    "(create it, or set [paths] create_missing = true)"
-                )
-            path.parent.mkdir(parents=True)
-    shown = shown_url(config.database_url)
-    try:
-        return Store(config.database_url, config.busy_timeout_seconds)
-    except SchemaTooNewError as exc:
-        raise ConfigError(f"cannot open database {shown}: {exc}") from None
-    except ModuleNotFoundError as exc:  # a PostgreSQL URL without its driver
-        raise ConfigError(
-            f"cannot open database {shown}: {exc} (install the driver: "
-            "pip install 'mammo-screen[postgres]')"
-        ) from None
-    except DatabaseError as exc:  # unreadable, not a database, or locked past the timeout
-        reason = str(exc.orig) if exc.orig is not None else str(exc).splitlines()[0]
-        reason = reason.strip().splitlines()[0] if reason.strip() else reason
-        raise ConfigError(f"cannot open database {shown}: {reason}") from None
 
 
 @dataclass
@@ -135,27 +95,11 @@ def open_worker(config: Config, polling: bool | None = None,
     return Worker(config, store, scorer, pipeline, watcher, exams, outbound)
 
 
-def _install_stop_handlers(
-    stop: Callable[[], None], doing: str = "finishing the current batch"
-) -> dict[int, Any]:
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-        return previous
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s received: %s", signal.Signals(signum).name, doing)
-        stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handler)
-    return previous
-
-
 def run_watch(config: Config, polling: bool | None = None,
               loading: Future[Scorer] | None = None,
               looked: Future[SettleTracker] | None = None) -> None:
     worker = open_worker(config, polling, loading, looked)
-    previous = _install_stop_handlers(worker.watcher.stop)
+    previous = install_stop_handlers(worker.watcher.stop)
     try:
         with worker.inbox_lock(), worker.heartbeat("watch").running(), sending(worker):
             worker.watcher.watch()
@@ -202,7 +146,7 @@ def run_process(
 ) -> ProcessSummary:
     """Handle the inbox now, then score settled exams (every open one with `settle_now`)."""
     worker = open_worker(config, loading=loading, looked=looked)
-    previous = _install_stop_handlers(worker.watcher.stop)
+    previous = install_stop_handlers(worker.watcher.stop)
     try:
         with worker.inbox_lock(), worker.heartbeat("process").running():
             files = worker.watcher.run_once(

@@ -361,7 +361,7 @@ def results(
       screen results --format json --since 2026-01-01
       screen results --level exam --format csv   # patient_id,study_uid,n_images,score,label
     """
-    from worker.app import open_store
+    from worker.records.connect import open_store
     from worker.results.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
     from worker.results.listing import describe_waiting, format_rows, result_rows, waiting_exams
 
@@ -422,7 +422,7 @@ def _outcomes_import_help() -> str:
 def outcomes_import(
     ctx: click.Context, database: str | None, csv_file: Path, skip_invalid: bool, replace: bool
 ) -> None:
-    from worker.app import open_store
+    from worker.records.connect import open_store
     from worker.results.listing import OutcomeFileError, import_outcomes
 
     store = open_store(_config(ctx, database=database))
@@ -497,8 +497,8 @@ def report(
     Example:
       screen report --since 2026-01-01 --until 2026-04-01 --html audit.html
     """
-    from worker.app import open_store
     from worker.audit.report import audit, format_report
+    from worker.records.connect import open_store
 
     since_dt, until_dt = _since(since), _since(until, "--until")
     config = _config(ctx, database=database)
@@ -562,7 +562,7 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
             overlay = overlay_of_file(Scorer.for_config(config), Path(image), policy, max_side,
                                       config.max_pixels)
         elif image.isdigit():
-            from worker.app import open_store
+            from worker.records.connect import open_store
 
             store = open_store(config)
             try:

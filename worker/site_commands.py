@@ -61,10 +61,10 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
     Example:
       screen calibrate --sensitivity 0.90 --level breast
     """
-    from worker.app import open_store
     from worker.audit.report import Level
     from worker.audit.site_points import CalibrationError, Target, format_point
     from worker.audit.site_points import calibrate as choose_point
+    from worker.records.connect import open_store
     from worker.scoring.scorer import Scorer
 
     given = {t: v for (t, _), v in zip(_TARGETS, (sensitivity, specificity, recall_rate),

@@ -194,7 +194,7 @@ def with_site_point(config: Config, metadata: ModelMetadata, name: str) -> Model
     """``metadata`` with the site point ``name`` of its model version among its points;
     :class:`ModelMetadataError` (one line) when there is none, or it belongs to another
     model version."""
-    from worker.app import open_store
+    from worker.records.connect import open_store
 
     known = ", ".join(metadata.points)
     try:

@@ -64,8 +64,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from worker.app import _install_stop_handlers
 from worker.config import Config
+from worker.intake.stop_signals import install_stop_handlers
 from worker.processing.pipeline import ensure_inbox
 
 log = logging.getLogger("mammo_screen")
@@ -485,7 +485,7 @@ def run_receive(config: Config) -> None:
     stop = threading.Event()
     receiver = Receiver(config)
     receiver.start()
-    previous = _install_stop_handlers(stop.set, doing="stopping the receiver")
+    previous = install_stop_handlers(stop.set, doing="stopping the receiver")
     try:
         while not stop.wait(0.5):
             pass
