@@ -1,10 +1,9 @@
 """`screen`'s commands from trainer/ and export/ register themselves through the
-``mammo_screen.commands`` entry points: worker/ imports neither package, and a command is
+``mammo_screen.commands`` entry points (tests/test_structure.py holds that worker/ imports neither), and a command is
 loaded only when it runs or help lists it."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 import tomllib
@@ -17,25 +16,6 @@ from click.testing import CliRunner
 
 from tests.conftest import REPO
 from worker.command_group import ENTRY_POINT_GROUP, EntryPointGroup
-
-
-def _imported_packages(path: Path) -> set[str]:
-    """Top-level packages a module imports, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found
-
-
-def test_worker_imports_nothing_from_trainer_or_export() -> None:
-    offenders = {
-        str(path.relative_to(REPO)): sorted(_imported_packages(path) & {"trainer", "export"})
-        for path in sorted((REPO / "worker").rglob("*.py"))
-    }
-    assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_the_entry_point_group_names_the_trainer_and_exporter_commands() -> None:
