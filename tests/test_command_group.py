@@ -1,6 +1,6 @@
 """`screen`'s commands from trainer/ and export/ register themselves through the
-``mammo_screen.commands`` entry points (tests/test_structure.py holds that worker/ imports neither), and a command is
-loaded only when it runs or help lists it."""
+``mammo_screen.commands`` entry points (tests/test_structure.py holds that worker/ imports
+neither), and a command is loaded only when it runs or help lists it."""
 
 from __future__ import annotations
 
