@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worker.audit.outcomes import import_outcomes
 from worker.audit.report import (
     MIN_CASES,
     AuditRow,
@@ -20,7 +21,6 @@ from worker.audit.report import (
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import audit_figure, draw_confusion
 from worker.records.store import ImageRecord, ImageStatus, Store
-from worker.results.listing import import_outcomes
 
 NASTY_NAME = "<script>alert(1)</script>.png"
 T0 = dt.datetime(2026, 3, 1)

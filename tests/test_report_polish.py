@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worker.audit.outcomes import import_outcomes
 from worker.audit.report import (
     Level,
     audit,
@@ -20,7 +21,6 @@ from worker.audit.report import (
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import MIN_PER_BIN, audit_figure, calibration_bins
 from worker.records.store import ImageRecord, ImageStatus, Store
-from worker.results.listing import import_outcomes
 
 T0 = dt.datetime(2026, 3, 1)
 REASONS = (

@@ -422,8 +422,8 @@ def _outcomes_import_help() -> str:
 def outcomes_import(
     ctx: click.Context, database: str | None, csv_file: Path, skip_invalid: bool, replace: bool
 ) -> None:
+    from worker.audit.outcomes import OutcomeFileError, import_outcomes
     from worker.records.connect import open_store
-    from worker.results.listing import OutcomeFileError, import_outcomes
 
     store = open_store(_config(ctx, database=database))
     try:
