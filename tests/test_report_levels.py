@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_mean_model, run_screen, write_mammo_like
-from worker.audit.report import audit, format_text
+from worker.audit.report import audit
 from worker.audit.report_html import render_html
+from worker.audit.report_text import format_text
 from worker.records.store import Store
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_(?P<study_uid>[^_/]+)_(?P<laterality>[LRU])_(?P<view>[A-Z]+)\."

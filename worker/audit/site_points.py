@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import select
 
 from worker.audit.bootstrap import RESAMPLES, SEED, bootstrap_cis
+from worker.audit.figures import MIN_CASES
 from worker.audit.metrics import (
     confusion_of_calls,
     rates,
@@ -33,9 +34,10 @@ from worker.audit.metrics import (
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
-from worker.audit.report import MIN_CASES, Level, audit_rows, resampling_groups, units_at
+from worker.audit.units import audit_rows, resampling_groups, units_at
 from worker.records.store import ImageStatus, SitePointRecord, Store
 from worker.results.exams import one_per_instance
+from worker.scoring.levels import Level
 from worker.scoring.model_metadata import ModelMetadata, ModelMetadataError, OperatingPoint
 
 if TYPE_CHECKING:
