@@ -53,7 +53,8 @@ class Scorer:
     def for_config(cls, config: Config) -> Scorer:
         """The scorer a worker with this config runs."""
         def site_point(metadata: ModelMetadata, name: str) -> ModelMetadata:
-            from worker.audit.site_points import with_site_point
+            # Imported here: it reads the database, which scoring alone does not need.
+            from worker.scoring.site_points import with_site_point
 
             return with_site_point(config, metadata, name)
 

@@ -1,29 +1,19 @@
-"""Site operating points: thresholds a site chooses on its own women (`screen calibrate`).
+"""Calibrating a site operating point on the site's own outcomes (`screen calibrate`).
 
-A model's own operating points were chosen on the development pool; on a new site the same
-threshold can flag most of the healthy. A site point is chosen on the site's imported
-outcomes for a target (a sensitivity, a specificity or a recall rate) at image, breast or
-exam level, with patient-bootstrap 95% intervals (worker/audit/bootstrap.py) for the sensitivity,
-specificity and recall rate its threshold implies there. The intervals are of the figures at
-that fixed threshold: what it should give on more women like these.
-
-Each calibration is a row of `site_points`, never changed: calibrating a name again adds a
-row, and the newest row of a (name, model version) is the point in force. A point belongs
-to the model version it was calibrated for: `[model] operating_point` naming it with another
-model is refused (:func:`with_site_point`), so a new model never inherits a threshold that
-was set for another one's scores.
+A site point is chosen on the site's imported outcomes for a target (a sensitivity, a
+specificity or a recall rate) at image, breast or exam level, with patient-bootstrap 95%
+intervals (worker/audit/bootstrap.py) for the sensitivity, specificity and recall rate its
+threshold implies there. The intervals are of the figures at that fixed threshold: what it
+should give on more women like these. The point is recorded as a new row of `site_points`;
+what it is, and how the scorer reads it, is worker.scoring.site_points.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-from dataclasses import dataclass, replace
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from worker.audit.bootstrap import RESAMPLES, SEED, bootstrap_cis
 from worker.audit.figures import MIN_CASES
@@ -38,62 +28,13 @@ from worker.audit.units import audit_rows, resampling_groups, units_at
 from worker.records.store import ImageStatus, SitePointRecord, Store
 from worker.results.exams import one_per_instance
 from worker.scoring.levels import Level
-from worker.scoring.model_metadata import ModelMetadata, ModelMetadataError, OperatingPoint
-
-if TYPE_CHECKING:
-    from worker.config import Config
-
-FIGURES = ("sensitivity", "specificity", "recall_rate")
-
-
-class Target(StrEnum):
-    SENSITIVITY = "sensitivity"
-    SPECIFICITY = "specificity"
-    RECALL_RATE = "recall_rate"
-
+from worker.scoring.site_points import FIGURES, SitePoint, Target
 
 _SHORT = {Target.SENSITIVITY: "sens", Target.SPECIFICITY: "spec", Target.RECALL_RATE: "recall"}
 
 
 class CalibrationError(ValueError):
     """Why a site point cannot be chosen (too few outcomes, a taken name); one line."""
-
-
-@dataclass(frozen=True)
-class SitePoint:
-    name: str
-    model_version: str
-    level: Level
-    target: Target
-    target_value: float
-    threshold: float
-    women: int  # resampling groups behind the intervals (patients, where known)
-    units: int  # images, breasts or exams with a known outcome
-    figures: dict[str, Any]  # each of FIGURES, its `_ci`, counts and the bootstrap's unit
-    created_by: str
-    created_at: dt.datetime
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "model_version": self.model_version,
-                "level": self.level.value, "target": self.target.value,
-                "target_value": self.target_value, "threshold": self.threshold,
-                "women": self.women, "units": self.units, **self.figures,
-                "created_by": self.created_by, "created_at": self.created_at.isoformat() + "Z"}
-
-    def as_operating_point(self) -> OperatingPoint:
-        return OperatingPoint(
-            threshold=self.threshold, rule=f"site point: {self.describe()}",
-            **{k: self.figures[k] for k in FIGURES})
-
-    def describe(self) -> str:
-        return (f"{self.target.value.replace('_', ' ')} {self.target_value:g} at "
-                f"{self.level.value} level on {women(self.women, self.figures['unit'])}, "
-                f"{self.created_at:%Y-%m-%d %H:%M} UTC by {self.created_by}")
-
-
-def women(groups: int, unit: str) -> str:
-    """`212 women`, or `212 study group(s)` where patients are not known."""
-    return f"{groups} women" if unit == "patient" else f"{groups} {unit} group(s)"
 
 
 def default_name(target: Target, value: float) -> str:
@@ -172,54 +113,7 @@ def calibrate(store: Store, model_version: str, target: Target, value: float,
     with store.write() as s:
         s.add(record)
         s.flush()
-        return _point(record)
-
-
-def _point(r: SitePointRecord) -> SitePoint:
-    return SitePoint(r.name, r.model_version, Level(r.level), Target(r.target), r.target_value,
-                     r.threshold, r.women, r.units, json.loads(r.figures), r.created_by,
-                     r.created_at)
-
-
-def history(store: Store) -> list[SitePoint]:
-    """Every calibration recorded, oldest first."""
-    with store.read() as s:
-        return [_point(r) for r in s.scalars(select(SitePointRecord).order_by(SitePointRecord.id))]
-
-
-def in_force(points: list[SitePoint]) -> dict[tuple[str, str], SitePoint]:
-    """(name, model version) -> its newest calibration."""
-    return {(p.name, p.model_version): p for p in points}
-
-
-def with_site_point(config: Config, metadata: ModelMetadata, name: str) -> ModelMetadata:
-    """``metadata`` with the site point ``name`` of its model version among its points;
-    :class:`ModelMetadataError` (one line) when there is none, or it belongs to another
-    model version."""
-    from worker.records.connect import open_store
-
-    known = ", ".join(metadata.points)
-    try:
-        store = open_store(config)
-    except Exception as exc:  # a missing or unreadable database holds no site point
-        raise ModelMetadataError(f"model has no operating point {name!r} (it has: {known}) "
-                                 f"and the database's site points cannot be read: {exc}"
-                                 ) from exc
-    try:
-        recorded = [p for (n, _), p in in_force(history(store)).items() if n == name]
-    finally:
-        store.dispose()
-    mine = [p for p in recorded if p.model_version == metadata.model_version]
-    if mine:
-        points = {**metadata.points, name: mine[0].as_operating_point()}
-        return replace(metadata, operating_points=points)
-    if recorded:
-        raise ModelMetadataError(
-            f"site point {name!r} was calibrated for model version "
-            f"{', '.join(p.model_version for p in recorded)}, not {metadata.model_version}: "
-            "a new model needs its own (screen calibrate)")
-    raise ModelMetadataError(f"model has no operating point {name!r} (it has: {known}) and "
-                             "the database has no site point of that name")
+        return SitePoint.from_record(record)
 
 
 def format_point(p: SitePoint) -> list[str]:
