@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_site_points import _drop, _import, _screen, _site
 from worker.audit.fitness import Criteria, Status, assess, judge
-from worker.audit.report import AuditRow
+from worker.audit.units import AuditRow
 
 
 @pytest.mark.parametrize(("ci", "enough", "expected"), [

@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import make_mean_model, write_mammo_like
 from worker.app import open_worker, status
-from worker.audit.report import AuditRow, operating_point_figures
+from worker.audit.figures import operating_point_figures
+from worker.audit.units import AuditRow
 from worker.config import load_config
 from worker.imaging.preprocess import PreprocessSettings
 from worker.scoring.model_metadata import ModelMetadata, OperatingPoint

@@ -64,7 +64,7 @@ def test_report_by_hand(tmp_path: Path) -> None:
         "sha256,label\n1,malignant\n2,malignant\n3,malignant\n"
         "4,benign\n5,benign\n6,benign\n7,benign\n"
     )
-    from worker.results.listing import import_outcomes
+    from worker.audit.outcomes import import_outcomes
 
     summary = import_outcomes(store, csv_file)
     assert summary.matched == 7 and not summary.unmatched
@@ -87,7 +87,7 @@ def test_outcomes_import_reports_unmatched_names(tmp_path: Path) -> None:
     csv_file.write_text(
         "filename,label\na.png,malignant\nmissing.png,benign\nsub/a.png,1\na.png,maybe\n"
     )
-    from worker.results.listing import import_outcomes
+    from worker.audit.outcomes import import_outcomes
 
     s = import_outcomes(store, csv_file, skip_invalid=True)  # the row labelled 'maybe'
     assert s.matched == 2 and s.unmatched == ["missing.png"] and len(s.invalid) == 1

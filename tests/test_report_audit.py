@@ -9,18 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.audit.report import (
-    MIN_CASES,
-    AuditRow,
-    ResampledUnit,
-    audit,
-    format_text,
-    resampling_groups,
-)
+from worker.audit.figures import MIN_CASES
+from worker.audit.outcomes import import_outcomes
+from worker.audit.report import audit
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import audit_figure, draw_confusion
+from worker.audit.report_text import format_text
+from worker.audit.units import AuditRow, ResampledUnit, resampling_groups
 from worker.records.store import ImageRecord, ImageStatus, Store
-from worker.results.listing import import_outcomes
 
 NASTY_NAME = "<script>alert(1)</script>.png"
 T0 = dt.datetime(2026, 3, 1)

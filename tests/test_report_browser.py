@@ -16,8 +16,9 @@ import pytest
 
 from tests.conftest import require_programs
 from tests.test_report_audit import populated_store
-from worker.audit.report import audit, format_text
+from worker.audit.report import audit
 from worker.audit.report_html import write_html
+from worker.audit.report_text import format_text
 from worker.scoring.model_metadata import OperatingPoint
 
 require_programs("chromium chromium-driver", "/usr/bin/chromium", "/usr/bin/chromedriver")

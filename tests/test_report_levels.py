@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_mean_model, run_screen, write_mammo_like
-from worker.audit.report import audit, format_text
+from worker.audit.report import audit
 from worker.audit.report_html import render_html
+from worker.audit.report_text import format_text
 from worker.records.store import Store
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_(?P<study_uid>[^_/]+)_(?P<laterality>[LRU])_(?P<view>[A-Z]+)\."
@@ -183,8 +184,8 @@ def test_levels_without_identity_are_left_out_with_a_note(tmp_path: Path) -> Non
 def test_an_instance_sent_twice_is_one_image_of_its_breast(tmp_path: Path) -> None:
     """As in worker/results/exams.py: the latest copy of a SOP instance counts in breasts and exams;
     image level keeps both copies, as it always has."""
+    from worker.audit.outcomes import import_outcomes
     from worker.records.store import ImageRecord, ImageStatus
-    from worker.results.listing import import_outcomes
 
     store = Store(f"sqlite:///{tmp_path / 'd.db'}")
     rows = [("a", "1.2.3", 0.9), ("b", "1.2.3", 0.2), ("c", None, 0.4)]  # a then b: same instance

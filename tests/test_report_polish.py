@@ -10,17 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.audit.report import (
-    Level,
-    audit,
-    bootstrap_text,
-    format_text,
-    reason_kind,
-)
+from worker.audit.outcomes import import_outcomes
+from worker.audit.report import audit, reason_kind
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import MIN_PER_BIN, audit_figure, calibration_bins
+from worker.audit.report_text import bootstrap_text, format_text
 from worker.records.store import ImageRecord, ImageStatus, Store
-from worker.results.listing import import_outcomes
+from worker.scoring.levels import Level
 
 T0 = dt.datetime(2026, 3, 1)
 REASONS = (

@@ -12,10 +12,10 @@ from sqlalchemy import text
 
 from tests.conftest import make_mean_model, run_screen, write_mammo_like
 from worker.audit.metrics import threshold_for_specificity
-from worker.audit.site_points import history, in_force
 from worker.config import load_config
 from worker.records.connect import open_store
 from worker.records.schema import head
+from worker.scoring.site_points import history, in_force
 
 PATTERN = r"^(?P<patient_id>[^_/]+)_"
 
@@ -188,9 +188,10 @@ def test_migration_0004_adds_the_table_to_an_older_database(tmp_path: Path) -> N
 
 
 def test_calibrate_and_history_on_postgresql(pg_url: str) -> None:
-    from worker.audit.report import Level
-    from worker.audit.site_points import Target, calibrate
+    from worker.audit.calibration import calibrate
     from worker.records.store import ImageRecord, Outcome, Store
+    from worker.scoring.levels import Level
+    from worker.scoring.site_points import Target
 
     store = Store(pg_url)
     try:

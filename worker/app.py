@@ -169,7 +169,7 @@ def status(config: Config) -> dict[str, Any]:
     """Backlog, last activity, counts, the running workers and the model each serves, and the
     configured model. That model is loaded (not run) so that a broken or mismatched model file
     shows up here, not only at the next start."""
-    from worker.audit.site_points import history, in_force
+    from worker.scoring.site_points import history, in_force
 
     store = open_store(config)
     try:

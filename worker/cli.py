@@ -422,8 +422,8 @@ def _outcomes_import_help() -> str:
 def outcomes_import(
     ctx: click.Context, database: str | None, csv_file: Path, skip_invalid: bool, replace: bool
 ) -> None:
+    from worker.audit.outcomes import OutcomeFileError, import_outcomes
     from worker.records.connect import open_store
-    from worker.results.listing import OutcomeFileError, import_outcomes
 
     store = open_store(_config(ctx, database=database))
     try:
@@ -497,7 +497,8 @@ def report(
     Example:
       screen report --since 2026-01-01 --until 2026-04-01 --html audit.html
     """
-    from worker.audit.report import audit, format_report
+    from worker.audit.report import audit
+    from worker.audit.report_text import format_report
     from worker.records.connect import open_store
 
     since_dt, until_dt = _since(since), _since(until, "--until")

@@ -1,6 +1,6 @@
 """`screen calibrate`: a site operating point from the site's own outcomes.
 
-Registered on the `screen` group by worker/cli.py; a thin layer over worker.audit.site_points.
+Registered on the `screen` group by worker/cli.py; a thin layer over worker.audit.calibration.
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
     Example:
       screen calibrate --sensitivity 0.90 --level breast
     """
-    from worker.audit.report import Level
-    from worker.audit.site_points import CalibrationError, Target, format_point
-    from worker.audit.site_points import calibrate as choose_point
+    from worker.audit.calibration import CalibrationError, format_point
+    from worker.audit.calibration import calibrate as choose_point
     from worker.records.connect import open_store
+    from worker.scoring.levels import Level
     from worker.scoring.scorer import Scorer
+    from worker.scoring.site_points import Target
 
     given = {t: v for (t, _), v in zip(_TARGETS, (sensitivity, specificity, recall_rate),
                                        strict=True) if v is not None}
@@ -92,7 +93,7 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
 
 def site_point_lines(info: dict[str, Any]) -> list[str]:
     """`screen status`: the site points in force, the configured model's first."""
-    from worker.audit.site_points import women
+    from worker.scoring.site_points import women
 
     points = info.get("site_points", [])
     if not points:
@@ -116,9 +117,9 @@ def report_extras(config: Config, store: Store) -> tuple[dict, dict, Callable[[A
     own and every site point in force), the configured model's breast and exam rule, and a
     step that adds the site points' history and the fitness verdict to an audit."""
     from worker.audit.fitness import Criteria, assess
-    from worker.audit.report import Level
-    from worker.audit.site_points import history, in_force
+    from worker.scoring.levels import Level
     from worker.scoring.scorer import Scorer
+    from worker.scoring.site_points import history, in_force
 
     recorded = history(store)
     points: dict[str, dict] = {}

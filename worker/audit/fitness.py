@@ -26,6 +26,7 @@ import numpy as np
 
 from worker.audit.bootstrap import RESAMPLES, SEED, bootstrap_cis
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
+from worker.audit.units import resampling_groups
 
 
 class Status(StrEnum):
@@ -78,9 +79,7 @@ def assess(rows: list, threshold: float, criteria: Criteria, model_version: str,
            operating_point: str, resamples: int = RESAMPLES, seed: int = SEED
            ) -> dict[str, Any]:
     """The verdict on ``rows`` (the units of ``criteria.level`` with a known outcome,
-    worker.audit.report.AuditRow) at ``threshold``, as a JSON-ready dict."""
-    from worker.audit.report import resampling_groups  # the report imports this module
-
+    worker.audit.units.AuditRow) at ``threshold``, as a JSON-ready dict."""
     y = np.array([r.truth for r in rows], dtype=bool)
     s = np.array([r.score for r in rows], dtype=np.float64)
     called = s >= threshold

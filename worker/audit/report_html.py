@@ -14,16 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from worker.audit.fitness import fitness_html
-from worker.audit.report import (
-    FIGURE_ROWS,
-    Audit,
-    Level,
-    bootstrap_text,
-    fmt_ci,
-    fmt_value,
-    period_text,
-)
+from worker.audit.report import Audit
+from worker.audit.report_text import FIGURE_ROWS, bootstrap_text, fmt_ci, fmt_value, period_text
 from worker.records.store import utcnow
+from worker.scoring.levels import Level
 
 DISCLAIMER = (
     "mammo-screen is a research tool, not a medical device. Its scores must not be used to "

@@ -14,8 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from worker.audit.figures import MIN_CASES
 from worker.audit.metrics import roc_curve
-from worker.audit.report import MIN_CASES, Audit, AuditRow, Level, fmt_ci, fmt_value
+from worker.audit.report import Audit
+from worker.audit.report_text import fmt_ci, fmt_value
+from worker.audit.units import AuditRow
+from worker.scoring.levels import Level
 
 CALIBRATION_BINS = 10
 MIN_PER_BIN = 5  # cases in a calibration bin, at least

@@ -296,7 +296,7 @@ class SitePointRecord(Base):
     """A site operating point (`screen calibrate`): a threshold chosen on this site's own
     outcomes for one model version. Rows are never changed: calibrating a name again adds a
     row, and the newest row of a (name, model version) is the point in force, so the
-    history stays (see worker/audit/site_points.py)."""
+    history stays (see worker/scoring/site_points.py)."""
 
     __tablename__ = "site_points"
 

@@ -53,7 +53,8 @@ class Scorer:
     def for_config(cls, config: Config) -> Scorer:
         """The scorer a worker with this config runs."""
         def site_point(metadata: ModelMetadata, name: str) -> ModelMetadata:
-            from worker.audit.site_points import with_site_point
+            # Imported here: it reads the database, which scoring alone does not need.
+            from worker.scoring.site_points import with_site_point
 
             return with_site_point(config, metadata, name)
 
@@ -75,7 +76,7 @@ class Scorer:
         self._warm_call_sizes: set[int] = set()  # the call sizes warm_up has run
         check_model_file(self.path, expected_sha256)
         # Imported here, not at the top: `screen --help` and the commands that only read the
-        # database need no ONNX Runtime (about 0.2 s and 35 MB).
+        # database need no ONNX Runtime (its import is slow and large: bench/README.md).
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -84,13 +85,11 @@ class Scorer:
         elif streams > 1:
             options.intra_op_num_threads = threads_per_stream(streams)
         # ONNX Runtime's threads sleep between calls instead of spinning: spinning burns the
-        # cores that decoding and the database need between batches (`screen process`, int8,
-        # 2 cores: 43 -> 61 files/s).
+        # cores that decoding and the database need between batches (bench/README.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # No memory pattern: ONNX Runtime would otherwise keep one block sized for every
-        # activation of a call alive between calls (384 px model, batch 1: peak RSS of the
-        # bare session 177 -> 138 MB, of `screen process` 266 -> 222-225 MB; no speed change
-        # measured). The arena stays on: it is what reuses the freed buffers.
+        # activation of a call alive between calls; without it memory falls and speed does not
+        # (bench/README.md). The arena stays on: it is what reuses the freed buffers.
         options.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(
