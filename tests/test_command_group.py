@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import REPO
-from worker.command_group import ENTRY_POINT_GROUP, EntryPointGroup
+from worker.cli.plugins import ENTRY_POINT_GROUP, EntryPointGroup
 
 
 def _imported_packages(path: Path) -> set[str]:
