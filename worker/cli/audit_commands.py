@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from worker.config import Config
     from worker.records.store import Store
 
+
 @click.command()
 @store_options
 @click.option(
@@ -146,7 +147,6 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
     score = "-" if overlay.score is None else f"{overlay.score:.4f}"
     click.echo(f"wrote {out_path}: {overlay.source} score {score} ({overlay.label or '-'}), "
                f"model {overlay.model_version}")
-
 
 
 _TARGETS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
