@@ -1,7 +1,8 @@
 """MkDocs hooks: the references that are generated, so that they cannot drift.
 
-- The configuration reference: every key of `worker.config.SCHEMA` (type, default) with its
-  description taken from its comment in the shipped `config.toml`.
+- The configuration reference: every key of `worker.config.SCHEMA` (type, default; gathered
+  from the `setting(...)` fields of `Config`) with its description taken from its comment in
+  the shipped `config.toml`.
 - The CLI reference: mkdocs-click reads the `screen` group's commands; those from the
   `mammo_screen.commands` entry points are loaded first so that it sees them.
 - The model card: `models/MODEL_CARD.md` and its pictures, as a page.

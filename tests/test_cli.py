@@ -56,69 +56,39 @@ def test_cli_does_not_import_tensorflow() -> None:
     assert out.stdout.strip() == "False", out.stderr
 
 
+_MODEL = "[model]\npath = 'm.onnx'\n"
+_FOLDERS_HERE = "[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\noutbox = '.'\n"
+_C = "--config c.toml "
+
+
 @pytest.mark.parametrize(
     "setup, args, message",
-    [
-        ("", ["--config", "nope.toml", "report"], "config file not found"),
-        ("[worker]\nbatch_size = -1\n", ["--config", "c.toml", "status"], "worker.batch_size"),
-        ("[wrker]\n", ["--config", "c.toml", "results"], "unknown config section"),
-        (
-            "[model]\npath = 'missing.onnx'\n",
-            ["--config", "c.toml", "process"],
-            "model file not found",
-        ),
-        (
-            "[model]\npath = 'plain.onnx'\n",
-            ["--config", "c.toml", "process"],
-            "no mammo-screen metadata",
-        ),
-        (
-            "[model]\npath = 'garbage.onnx'\n",
-            ["--config", "c.toml", "process"],
-            "cannot load model",
-        ),
-        (
-            "[model]\npath = 'm.onnx'\nsha256 = 'abc'\n",
-            ["--config", "c.toml", "process"],
-            "config expects abc",
-        ),
-        (
-            "[model]\npath = 'm.onnx'\n[paths]\ninbox = 'afile'\n",
-            ["--config", "c.toml", "process"],
-            "inbox is not a folder",
-        ),
+    [  # c.toml, the command line (split at spaces), what its one line says
+        ("", "--config nope.toml report", "config file not found"),
+        ("[worker]\nbatch_size = -1\n", _C + "status", "worker.batch_size"),
+        ("[wrker]\n", _C + "results", "unknown config section"),
+        ("[model]\npath = 'missing.onnx'\n", _C + "process", "model file not found"),
+        ("[model]\npath = 'plain.onnx'\n", _C + "process", "no mammo-screen metadata"),
+        ("[model]\npath = 'garbage.onnx'\n", _C + "process", "cannot load model"),
+        (_MODEL + "sha256 = 'abc'\n", _C + "process", "config expects abc"),
+        (_MODEL + "[paths]\ninbox = 'afile'\n", _C + "process", "inbox is not a folder"),
         # A typo in a path is an error naming it, never a new empty folder or database.
-        ("[model]\npath = 'm.onnx'\n", ["--config", "c.toml", "process", "--inbox", "inbx"],
-         "inbox folder not found"),
-        ("[model]\npath = 'm.onnx'\n", ["--config", "c.toml", "watch", "--inbox", "no/inbox"],
-         "inbox folder not found"),
-        ("[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\n", ["--config", "c.toml", "process"],
-         "processed folder not found"),
-        (
-            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\n"
-            "outbox = '.'\n[database]\nurl = 'sqlite:///no/s.db'\n",
-            ["--config", "c.toml", "process"],
-            "database folder not found",
-        ),
-        ("", ["--config", "c.toml", "report", "--database", "sqlite:///typo/s.db"],
-         "database not found"),
-        ("", ["--config", "c.toml", "results", "--database", "sqlite:///typo.db"],
-         "database not found"),
-        ("[database]\nurl = 'sqlite:///typo.db'\n", ["--config", "c.toml", "status"],
-         "database not found"),
-        ("", ["--config", "c.toml", "outcomes", "import", "afile"], "database not found"),
-        ("", ["--config", "c.toml", "results", "--database", "sqlite:///garbage.onnx"],
-         "file is not a database"),
-        (
-            "[model]\npath = 'm.onnx'\n[paths]\ninbox = '.'\nprocessed = '.'\nquarantine = '.'\n"
-            "outbox = '.'\n",
-            ["--config", "c.toml", "process", "--database", "sqlite:///afile/s.db"],
-            "database folder is not a folder",
-        ),
+        (_MODEL, _C + "process --inbox inbx", "inbox folder not found"),
+        (_MODEL, _C + "watch --inbox no/inbox", "inbox folder not found"),
+        (_MODEL + "[paths]\ninbox = '.'\n", _C + "process", "processed folder not found"),
+        (_MODEL + _FOLDERS_HERE + "[database]\nurl = 'sqlite:///no/s.db'\n", _C + "process",
+         "database folder not found"),
+        ("", _C + "report --database sqlite:///typo/s.db", "database not found"),
+        ("", _C + "results --database sqlite:///typo.db", "database not found"),
+        ("[database]\nurl = 'sqlite:///typo.db'\n", _C + "status", "database not found"),
+        ("", _C + "outcomes import afile", "database not found"),
+        ("", _C + "results --database sqlite:///garbage.onnx", "file is not a database"),
+        (_MODEL + _FOLDERS_HERE, _C + "process --database sqlite:///afile/s.db",
+         "database folder is not a folder"),
     ],
 )
 def test_user_mistakes_are_one_clear_line(
-    tmp_path: Path, setup: str, args: list[str], message: str
+    tmp_path: Path, setup: str, args: str, message: str
 ) -> None:
     (tmp_path / "c.toml").write_text(setup)
     make_mean_model(tmp_path / "m.onnx")
@@ -130,7 +100,7 @@ def test_user_mistakes_are_one_clear_line(
     del plain.metadata_props[:]
     onnx.save(plain, str(tmp_path / "plain.onnx"))
     before = sorted(tmp_path.rglob("*"))
-    proc = _screen(*args, cwd=tmp_path)
+    proc = _screen(*args.split(), cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "[Errno" not in proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln[:4].isdigit()]  # drop logs

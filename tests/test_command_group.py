@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import REPO
-from worker.command_group import ENTRY_POINT_GROUP, EntryPointGroup
+from worker.cli.plugins import ENTRY_POINT_GROUP, EntryPointGroup
 
 
 def test_the_entry_point_group_names_the_trainer_and_exporter_commands() -> None:

@@ -19,8 +19,8 @@ Imports run one way, from the top of this list's dependants down: ``intake`` may
 ``imaging`` and ``records``; ``imaging`` and ``records`` use no other wing.
 ``tests/test_structure.py`` holds the code to it.
 
-On top sit the command line (:mod:`worker.cli`, :mod:`worker.site_commands`,
-:mod:`worker.command_group`) and the Python API it is a thin layer over (:mod:`worker.app`);
-no wing imports them. Beside every wing, usable by all and importing none:
-:mod:`worker.config`, :mod:`worker.logs`, :mod:`worker.faults`, :mod:`worker.threads`.
+On top sit the command line (:mod:`worker.cli`, a package of one module per job) and the
+Python API it is a thin layer over (:mod:`worker.app`); no wing imports them. Beside every
+wing, usable by all and importing none: :mod:`worker.config`, :mod:`worker.logs`,
+:mod:`worker.faults`, :mod:`worker.threads`.
 """

@@ -1,7 +1,11 @@
 """Settings from `config.toml`: a fixed schema, defaults, overrides, one-line errors.
 
-Every key the worker understands is declared in SCHEMA; anything else is a mistake the operator
-should hear about (a typo in a key silently falling back to a default is how audit trails rot).
+Every key the worker understands is written once, as a field of `Config` (or of a group of
+them: `SendSettings`, `FitnessKeys`) declared with `setting("section.key", kind, default)`.
+The loader, `SCHEMA` (the docs' configuration reference, the tests) and the command line's
+overriding options all read the keys from there; each key's description is its comment in the
+shipped config.toml. Anything else in a file is a mistake the operator should hear about (a
+typo in a key silently falling back to a default is how audit trails rot).
 """
 
 from __future__ import annotations
@@ -9,12 +13,15 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ENV_CONFIG = "MAMMO_SCREEN_CONFIG"
 DEFAULT_CONFIG_NAME = "config.toml"
+
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -25,109 +32,96 @@ class MissingPathError(ConfigError):
     """A configured folder or database that does not exist; the message names the path."""
 
 
-# section -> key -> (type, default). "path" values are resolved against the config's folder.
-SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
-    "paths": {
-        "inbox": ("path", "data/inbox"),
-        "processed": ("path", "data/processed"),
-        "quarantine": ("path", "data/quarantine"),
-        "outbox": ("path", "data/outbox"),
-        # Off: a missing folder is a mistake (a typo must not become a new empty inbox).
-        "create_missing": ("bool", False),
-    },
-    "database": {
-        "url": ("str", "sqlite:///data/screen.db"),
-        "busy_timeout_seconds": ("float", 30.0),
-    },
-    "model": {
-        "path": ("path", "models/mammo-lite0-top-384.onnx"),
-        "sha256": ("str", ""),
-        "threads": ("int", 0),
-        "streams": ("int", 1),
-        "images_per_call": ("int", 1),
-        "operating_point": ("str", ""),
-    },
-    "worker": {
-        "batch_size": ("int", 4),
-        "settle_seconds": ("float", 1.0),
-        "rescan_seconds": ("float", 30.0),
-        "polling": ("bool", False),
-        "recursive": ("bool", True),
-        "max_pixels": ("int", 100_000_000),
-        "max_attempts": ("int", 3),
-        "stale_write_seconds": ("float", 3600.0),
-        "study_settle_seconds": ("float", 60.0),
-        "heartbeat_seconds": ("float", 5.0),
-        "heartbeat_stale_seconds": ("float", 30.0),
-    },
-    "identity": {
-        "filename_pattern": ("str", ""),
-        "sidecar_csv": ("optpath", ""),
-    },
-    "dicom": {
-        "allowed_modalities": ("strlist", ["MG"]),
-        "allow_for_processing": ("bool", False),
-    },
-    # The fitness verdict of `screen report` (worker/audit/fitness.py): criteria declared before
-    # looking at a site's figures.
-    "fitness": {
-        "level": ("str", "image"),
-        "min_cancers": ("int", 20),
-        "min_auc": ("float", 0.75),
-        "min_sensitivity": ("float", 0.80),
-        "min_specificity": ("float", 0.80),
-    },
-    "receive": {
-        "ae_title": ("ae_title", "MAMMO_SCREEN"),
-        "bind": ("str", "127.0.0.1"),
-        "port": ("int", 11112),
-        "allowed_calling_ae_titles": ("ae_title_list", ()),
-    },
-    "send": {
-        "host": ("str", ""),
-        "port": ("int", 104),
-        "called_ae_title": ("ae_title", "PACS"),
-        "calling_ae_title": ("opt_ae_title", ""),
-        "results_dir": ("path", "data/dicom-results"),
-        "timeout_seconds": ("float", 10.0),
-        "backoff_initial_seconds": ("float", 2.0),
-        "backoff_max_seconds": ("float", 30.0),
-        "uid_prefix": ("str", ""),
-    },
-}
+Check = Callable[[Any], "str | None"]  # a value's problem after "config key NAME: ", or None
 
-_POSITIVE = {
-    "model.streams",
-    "worker.batch_size",
-    "worker.settle_seconds",
-    "worker.rescan_seconds",
-    "worker.max_pixels",
-    "worker.max_attempts",
-    "worker.stale_write_seconds",
-    "worker.heartbeat_seconds",
-    "worker.heartbeat_stale_seconds",
-    "database.busy_timeout_seconds",
-    "send.timeout_seconds",
-    "send.backoff_initial_seconds",
-    "send.backoff_max_seconds",
-}
+
+@dataclass(frozen=True)
+class Key:
+    """One key of config.toml. `kind` says how a value is checked and resolved: "path" values
+    are taken against the config file's folder, "optpath" too unless "" (none)."""
+
+    section: str
+    name: str
+    kind: str
+    default: Any
+    check: Check | None = None
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def setting(key: str, kind: str, default: Any, check: Check | None = None) -> Any:
+    """A dataclass field read from config.toml's key `key` ("section.name")."""
+    section, _, name = key.partition(".")
+    return field(metadata={"key": Key(section, name, kind, default, check)})
+
+
+def settings_group(group: type, as_dict: bool = False) -> Any:
+    """A dataclass field holding a group of settings (a dataclass of `setting` fields), or
+    the group's values as a dict."""
+    return field(metadata={"group": group, "as_dict": as_dict})
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else f"must be positive, got {value!r}"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value!r}"
+
+
+def _threads(value: int) -> str | None:
+    return None if value >= 0 else f"must be 0 (automatic) or more, got {value!r}"
+
+
+def _receive_port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"must be 0 (any free port) to 65535, got {value!r}"
+
+
+def _send_port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"must be 1 to 65535, got {value!r}"
+
+
+def _address(value: str) -> str | None:
+    return None if value else "expected an address such as 127.0.0.1"
+
+
 _UID_ROOT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.")  # PS3.5 9.1, then a dot
-_NON_NEGATIVE = {"worker.study_settle_seconds", "model.images_per_call"}
+
+
+def _uid_root(value: str) -> str | None:
+    if value and not _UID_ROOT.fullmatch(value):
+        return ("expected a UID root ending in '.', such as '1.2.826.0.1.3680043.8.498.', "
+                f"got {value!r}")
+    if len(value) > 40:
+        return f"at most 40 characters (UIDs are 64), got {value!r}"
+    return None
+
+
+def _file_name_pattern(value: str) -> str | None:
+    try:
+        compile_pattern(value)
+    except IdentityConfigError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
 class SendSettings:
     """[send]: where results go (worker/results/pacs_send.py). An empty host sends nothing."""
 
-    host: str = ""
-    port: int = 104
-    called_ae_title: str = "PACS"
-    calling_ae_title: str = "MAMMO_SCREEN"  # [receive] ae_title when not set
-    results_dir: Path = Path("data/dicom-results")
-    timeout_seconds: float = 10.0
-    backoff_initial_seconds: float = 2.0
-    backoff_max_seconds: float = 30.0
-    uid_prefix: str = ""  # "": pydicom's root
+    host: str = setting("send.host", "str", "")
+    port: int = setting("send.port", "int", 104, _send_port)
+    called_ae_title: str = setting("send.called_ae_title", "ae_title", "PACS")
+    # "": [receive] ae_title
+    calling_ae_title: str = setting("send.calling_ae_title", "opt_ae_title", "")
+    results_dir: Path = setting("send.results_dir", "path", "data/dicom-results")
+    timeout_seconds: float = setting("send.timeout_seconds", "float", 10.0, _positive)
+    backoff_initial_seconds: float = setting("send.backoff_initial_seconds", "float", 2.0,
+                                             _positive)
+    backoff_max_seconds: float = setting("send.backoff_max_seconds", "float", 30.0, _positive)
+    uid_prefix: str = setting("send.uid_prefix", "str", "", _uid_root)  # "": pydicom's root
 
     @property
     def enabled(self) -> bool:
@@ -135,43 +129,91 @@ class SendSettings:
 
 
 @dataclass(frozen=True)
+class FitnessKeys:
+    """[fitness]: the criteria of `screen report`'s fitness verdict (worker/audit/fitness.py),
+    declared before looking at a site's figures. `Config.fitness` holds them as a dict."""
+
+    level: str = setting("fitness.level", "str", "image")
+    min_cancers: int = setting("fitness.min_cancers", "int", 20)
+    min_auc: float = setting("fitness.min_auc", "float", 0.75)
+    min_sensitivity: float = setting("fitness.min_sensitivity", "float", 0.80)
+    min_specificity: float = setting("fitness.min_specificity", "float", 0.80)
+
+
+@dataclass(frozen=True)
 class Config:
     base_dir: Path
     source: Path | None
-    inbox: Path
-    processed: Path
-    quarantine: Path
-    outbox: Path
-    database_url: str
-    busy_timeout_seconds: float
-    model_path: Path
-    model_sha256: str
-    model_threads: int
-    model_streams: int  # ONNX Runtime calls at once (batches scored side by side)
-    model_images_per_call: int  # 0: a whole batch in one ONNX Runtime call
-    model_operating_point: str
-    batch_size: int
-    settle_seconds: float
-    rescan_seconds: float
-    polling: bool
-    recursive: bool
-    max_pixels: int
-    max_attempts: int
-    stale_write_seconds: float
-    dicom_allowed_modalities: tuple[str, ...]
-    dicom_allow_for_processing: bool
-    study_settle_seconds: float
-    filename_pattern: str
-    sidecar_csv: Path | None  # None: no sidecar
-    receive_ae_title: str
-    receive_bind: str
-    receive_port: int
-    receive_allowed_calling_ae_titles: tuple[str, ...]
-    create_missing: bool = False
-    heartbeat_seconds: float = 5.0
-    heartbeat_stale_seconds: float = 30.0
-    send: SendSettings = SendSettings()
-    fitness: dict[str, Any] = field(default_factory=dict)  # [fitness], checked
+    # [paths]
+    inbox: Path = setting("paths.inbox", "path", "data/inbox")
+    processed: Path = setting("paths.processed", "path", "data/processed")
+    quarantine: Path = setting("paths.quarantine", "path", "data/quarantine")
+    outbox: Path = setting("paths.outbox", "path", "data/outbox")
+    # Off: a missing folder is a mistake (a typo must not become a new empty inbox).
+    create_missing: bool = setting("paths.create_missing", "bool", False)
+    # [database]
+    database_url: str = setting("database.url", "str", "sqlite:///data/screen.db")
+    busy_timeout_seconds: float = setting("database.busy_timeout_seconds", "float", 30.0,
+                                          _positive)
+    # [model]
+    model_path: Path = setting("model.path", "path", "models/mammo-lite0-top-384.onnx")
+    model_sha256: str = setting("model.sha256", "str", "")
+    model_threads: int = setting("model.threads", "int", 0, _threads)
+    # ONNX Runtime calls at once (batches scored side by side)
+    model_streams: int = setting("model.streams", "int", 1, _positive)
+    # 0: a whole batch in one ONNX Runtime call
+    model_images_per_call: int = setting("model.images_per_call", "int", 1, _non_negative)
+    model_operating_point: str = setting("model.operating_point", "str", "")
+    # [worker]
+    batch_size: int = setting("worker.batch_size", "int", 4, _positive)
+    settle_seconds: float = setting("worker.settle_seconds", "float", 1.0, _positive)
+    rescan_seconds: float = setting("worker.rescan_seconds", "float", 30.0, _positive)
+    polling: bool = setting("worker.polling", "bool", False)
+    recursive: bool = setting("worker.recursive", "bool", True)
+    max_pixels: int = setting("worker.max_pixels", "int", 100_000_000, _positive)
+    max_attempts: int = setting("worker.max_attempts", "int", 3, _positive)
+    stale_write_seconds: float = setting("worker.stale_write_seconds", "float", 3600.0,
+                                         _positive)
+    study_settle_seconds: float = setting("worker.study_settle_seconds", "float", 60.0,
+                                          _non_negative)
+    heartbeat_seconds: float = setting("worker.heartbeat_seconds", "float", 5.0, _positive)
+    heartbeat_stale_seconds: float = setting("worker.heartbeat_stale_seconds", "float", 30.0,
+                                             _positive)
+    # [identity]
+    filename_pattern: str = setting("identity.filename_pattern", "str", "", _file_name_pattern)
+    # None: no sidecar
+    sidecar_csv: Path | None = setting("identity.sidecar_csv", "optpath", "")
+    # [dicom]
+    dicom_allowed_modalities: tuple[str, ...] = setting("dicom.allowed_modalities", "strlist",
+                                                        ["MG"])
+    dicom_allow_for_processing: bool = setting("dicom.allow_for_processing", "bool", False)
+    # [fitness], checked
+    fitness: dict[str, Any] = settings_group(FitnessKeys, as_dict=True)
+    # [receive]
+    receive_ae_title: str = setting("receive.ae_title", "ae_title", "MAMMO_SCREEN")
+    receive_bind: str = setting("receive.bind", "str", "127.0.0.1", _address)
+    receive_port: int = setting("receive.port", "int", 11112, _receive_port)
+    receive_allowed_calling_ae_titles: tuple[str, ...] = setting(
+        "receive.allowed_calling_ae_titles", "ae_title_list", ())
+    # [send]
+    send: SendSettings = settings_group(SendSettings)
+
+
+def _keys(group: type) -> Iterator[Key]:
+    for f in fields(group):
+        if "key" in f.metadata:
+            yield f.metadata["key"]
+        elif "group" in f.metadata:
+            yield from _keys(f.metadata["group"])
+
+
+# Every key by its dotted name ("worker.batch_size"), in the order config.toml lists them.
+KEYS: dict[str, Key] = {key.dotted: key for key in _keys(Config)}
+
+# section -> key -> (kind, default): the keys as the docs and the tests read them.
+SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {}
+for _key in KEYS.values():
+    SCHEMA.setdefault(_key.section, {})[_key.name] = (_key.kind, _key.default)
 
 
 def _ae_title_problem(value: object) -> str | None:
@@ -188,7 +230,9 @@ def _ae_title_problem(value: object) -> str | None:
     return None
 
 
-def _coerce(name: str, kind: str, value: Any) -> Any:
+def _coerce(key: Key, value: Any) -> Any:
+    """`value` checked against its key's kind and rule, and converted (floats, tuples)."""
+    name, kind = key.dotted, key.kind
     if kind == "opt_ae_title":  # "" = not set
         return _coerce_ae_titles(name, "ae_title", value) if value != "" else ""
     if kind in ("ae_title", "ae_title_list"):
@@ -216,38 +260,23 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         value = float(value)
     if kind == "strlist":
         value = tuple(v.strip().upper() for v in value)  # DICOM code strings are upper case
-    if name in _POSITIVE and value <= 0:
-        raise ConfigError(f"config key {name}: must be positive, got {value!r}")
-    if name in _NON_NEGATIVE and value < 0:
-        raise ConfigError(f"config key {name}: must be 0 or more, got {value!r}")
-    if name == "identity.filename_pattern":
-        try:
-            compile_pattern(value)
-        except IdentityConfigError as exc:
-            raise ConfigError(f"config key {name}: {exc}") from None
-    if name == "model.threads" and value < 0:
-        raise ConfigError(f"config key {name}: must be 0 (automatic) or more, got {value!r}")
-    if name == "receive.port" and not 0 <= value <= 65535:
-        raise ConfigError(f"config key {name}: must be 0 (any free port) to 65535, got {value!r}")
-    if name == "send.port" and not 1 <= value <= 65535:
-        raise ConfigError(f"config key {name}: must be 1 to 65535, got {value!r}")
-    if name == "send.uid_prefix" and value and not _UID_ROOT.fullmatch(value):
-        raise ConfigError(f"config key {name}: expected a UID root ending in '.', "
-                          f"such as '1.2.826.0.1.3680043.8.498.', got {value!r}")
-    if name == "send.uid_prefix" and len(value) > 40:
-        raise ConfigError(f"config key {name}: at most 40 characters (UIDs are 64), got {value!r}")
-    if name == "receive.bind" and not value:
-        raise ConfigError(f"config key {name}: expected an address such as 127.0.0.1")
+    problem = key.check(value) if key.check is not None else None
+    if problem:
+        raise ConfigError(f"config key {name}: {problem}")
     return value
 
 
 def _resolve(kind: str, value: Any, base: Path) -> Any:
-    """Paths are relative to `base`; an empty optional path means none."""
+    """Paths are relative to `base`; an empty optional path means none; lists are tuples."""
     if kind == "path":
         return base / value
     if kind == "optpath":
         return (base / value) if value else None
+    if kind in ("strlist", "ae_title_list"):
+        return tuple(value)
     return value
+
+
 def _coerce_ae_titles(name: str, kind: str, value: Any) -> str | tuple[str, ...]:
     # Peers compare AE titles without their padding spaces, so neither do we.
     if kind == "ae_title":
@@ -289,117 +318,99 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     are taken against the current directory, as a user typing them would expect.
     """
     source = Path(path) if path is not None else default_config_path()
-    raw: dict[str, Any] = {}
-    if source is not None:
-        try:
-            with source.open("rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {source}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config path is a folder, not a file: {source}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    raw = _read_toml(source) if source is not None else {}
     base = (source.parent if source is not None else Path.cwd()).resolve()
+    values = _file_values(raw, source, base)
+    for name, key in KEYS.items():
+        values.setdefault(name, _resolve(key.kind, key.default, base))
+    values.update(_override_values(overrides or {}))
+    values["database.url"] = _resolve_sqlite_url(values["database.url"], base)
+    _check_send(values)
+    _check_fitness(values)
+    return _build(Config, values, base_dir=base,
+                  source=source.resolve() if source is not None else None)
 
+
+def _read_toml(source: Path) -> dict[str, Any]:
+    try:
+        with source.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a folder, not a file: {source}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+
+
+def _file_values(raw: dict[str, Any], source: Path | None, base: Path) -> dict[str, Any]:
+    """The file's keys, checked, by dotted name; relative paths taken against `base`."""
     values: dict[str, Any] = {}
     for section, content in raw.items():
         if section not in SCHEMA:
             raise ConfigError(f"unknown config section [{section}] in {source}")
         if not isinstance(content, dict):
             raise ConfigError(f"config [{section}] must be a table")
-        for key, value in content.items():
-            if key not in SCHEMA[section]:
-                raise ConfigError(f"unknown config key {section}.{key} in {source}")
-            kind = SCHEMA[section][key][0]
-            value = _coerce(f"{section}.{key}", kind, value)
-            values[f"{section}.{key}"] = _resolve(kind, value, base)
-    for section, keys in SCHEMA.items():
-        for key, (kind, default) in keys.items():
-            values.setdefault(f"{section}.{key}", _resolve(kind, default, base))
-    for name, value in (overrides or {}).items():
+        for name, value in content.items():
+            key = KEYS.get(f"{section}.{name}")
+            if key is None:
+                raise ConfigError(f"unknown config key {section}.{name} in {source}")
+            values[key.dotted] = _resolve(key.kind, _coerce(key, value), base)
+    return values
+
+
+def _override_values(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values by dotted name (None: not given); paths against the cwd."""
+    values: dict[str, Any] = {}
+    for name, value in overrides.items():
         if value is None:
             continue
-        section, _, key = name.partition(".")
-        if key not in SCHEMA.get(section, {}):
+        key = KEYS.get(name)
+        if key is None:
             raise ConfigError(f"unknown config key {name}")
-        kind = SCHEMA[section][key][0]
-        if kind == "path":
+        if key.kind == "path":
             value = Path(value).resolve()
-        elif kind == "optpath":
+        elif key.kind == "optpath":
             value = Path(value).resolve() if str(value) else None
         else:
-            value = _coerce(name, kind, value)
+            value = _coerce(key, value)
         values[name] = value
-
-    return Config(
-        base_dir=base,
-        source=source.resolve() if source is not None else None,
-        inbox=Path(values["paths.inbox"]),
-        processed=Path(values["paths.processed"]),
-        quarantine=Path(values["paths.quarantine"]),
-        outbox=Path(values["paths.outbox"]),
-        database_url=_resolve_sqlite_url(values["database.url"], base),
-        busy_timeout_seconds=values["database.busy_timeout_seconds"],
-        model_path=Path(values["model.path"]),
-        model_sha256=values["model.sha256"],
-        model_threads=values["model.threads"],
-        model_streams=values["model.streams"],
-        model_images_per_call=values["model.images_per_call"],
-        model_operating_point=values["model.operating_point"],
-        batch_size=values["worker.batch_size"],
-        settle_seconds=values["worker.settle_seconds"],
-        rescan_seconds=values["worker.rescan_seconds"],
-        polling=values["worker.polling"],
-        recursive=values["worker.recursive"],
-        max_pixels=values["worker.max_pixels"],
-        max_attempts=values["worker.max_attempts"],
-        stale_write_seconds=values["worker.stale_write_seconds"],
-        dicom_allowed_modalities=tuple(values["dicom.allowed_modalities"]),
-        dicom_allow_for_processing=values["dicom.allow_for_processing"],
-        study_settle_seconds=values["worker.study_settle_seconds"],
-        filename_pattern=values["identity.filename_pattern"],
-        sidecar_csv=values["identity.sidecar_csv"],
-        receive_ae_title=values["receive.ae_title"],
-        receive_bind=values["receive.bind"],
-        receive_port=values["receive.port"],
-        receive_allowed_calling_ae_titles=tuple(values["receive.allowed_calling_ae_titles"]),
-        create_missing=values["paths.create_missing"],
-        heartbeat_seconds=values["worker.heartbeat_seconds"],
-        heartbeat_stale_seconds=values["worker.heartbeat_stale_seconds"],
-        send=_send_settings(values),
-        fitness=_fitness(values),
-    )
+    return values
 
 
-def _send_settings(values: dict[str, Any]) -> SendSettings:
+def _check_send(values: dict[str, Any]) -> None:
+    """[send]: the backoff's order; the host without spaces; the calling AE title by default
+    [receive]'s."""
     initial, cap = values["send.backoff_initial_seconds"], values["send.backoff_max_seconds"]
     if cap < initial:
         raise ConfigError(f"config key send.backoff_max_seconds: must be at least "
                           f"send.backoff_initial_seconds ({initial}), got {cap}")
-    return SendSettings(
-        host=values["send.host"].strip(),
-        port=values["send.port"],
-        called_ae_title=values["send.called_ae_title"],
-        calling_ae_title=values["send.calling_ae_title"] or values["receive.ae_title"],
-        results_dir=Path(values["send.results_dir"]),
-        timeout_seconds=values["send.timeout_seconds"],
-        backoff_initial_seconds=initial,
-        backoff_max_seconds=cap,
-        uid_prefix=values["send.uid_prefix"],
-    )
+    values["send.host"] = values["send.host"].strip()
+    values["send.calling_ae_title"] = values["send.calling_ae_title"] or values["receive.ae_title"]
 
 
-def _fitness(values: dict[str, Any]) -> dict[str, Any]:
-    out = {key: values[f"fitness.{key}"] for key in SCHEMA["fitness"]}
-    if out["level"] not in ("image", "breast", "exam"):
-        raise ConfigError(f"fitness.level must be image, breast or exam, got {out['level']!r}")
-    if out["min_cancers"] < 1:
+def _check_fitness(values: dict[str, Any]) -> None:
+    level = values["fitness.level"]
+    if level not in ("image", "breast", "exam"):
+        raise ConfigError(f"fitness.level must be image, breast or exam, got {level!r}")
+    if values["fitness.min_cancers"] < 1:
         raise ConfigError("fitness.min_cancers must be at least 1")
     for key in ("min_auc", "min_sensitivity", "min_specificity"):
-        if not 0.0 <= out[key] <= 1.0:
-            raise ConfigError(f"fitness.{key} must be between 0 and 1, got {out[key]}")
-    return out
+        value = values[f"fitness.{key}"]
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"fitness.{key} must be between 0 and 1, got {value}")
+
+
+def _build(group: type[_T], values: dict[str, Any], **given: Any) -> _T:
+    """A dataclass of settings filled from `values`, its groups too."""
+    kwargs = dict(given)
+    for f in fields(group):  # type: ignore[arg-type]
+        if "key" in f.metadata:
+            kwargs[f.name] = values[f.metadata["key"].dotted]
+        elif "group" in f.metadata:
+            part = _build(f.metadata["group"], values)
+            kwargs[f.name] = asdict(part) if f.metadata["as_dict"] else part
+    return group(**kwargs)
 
 
 # [identity] filename_pattern: checked when the config loads, so a bad pattern is one line.

@@ -1,6 +1,6 @@
-"""`screen calibrate`: a site operating point from the site's own outcomes.
-
-Registered on the `screen` group by worker/cli.py; a thin layer over worker.audit.calibration.
+"""The audit against outcomes: `screen report`, `screen heatmap` (where the model looked) and
+`screen calibrate` (a site operating point from the site's own outcomes); thin layers over
+worker.audit.
 """
 
 from __future__ import annotations
@@ -8,17 +8,147 @@ from __future__ import annotations
 import getpass
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from worker.cli import _config, _user_errors, store_options
+from worker.cli.group import config_for, parse_since, since_option, store_options, user_errors
 from worker.scoring.model_file import ModelLoadError
 
 if TYPE_CHECKING:
     from worker.audit.report import Audit
     from worker.config import Config
     from worker.records.store import Store
+
+
+@click.command()
+@store_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Text for people, JSON for programs.",
+)
+@since_option
+@click.option(
+    "--until", help="Only images received before this ISO time (UTC); with --since, a period."
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    help="Also draw the confusion matrix, ROC, calibration and score distributions to this PNG.",
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(path_type=Path),
+    help="Also write the audit as one self-contained HTML page to this file.",
+)
+@click.pass_context
+@user_errors
+def report(
+    ctx: click.Context,
+    database: str | None,
+    fmt: str,
+    since: str | None,
+    until: str | None,
+    plot: Path | None,
+    html_out: Path | None,
+) -> None:
+    """Audit what was screened: per model version, the calls against known outcomes.
+
+    At image level, and at breast and exam level where images carry a study (and a side).
+    Confusion matrix (rows truth, columns call), sensitivity, specificity, PPV, NPV, recall
+    rate, accuracy and ROC AUC, each with a 95% bootstrap interval, and caveats where a figure
+    rests on too few cases.
+
+    \b
+    Example:
+      screen report --since 2026-01-01 --until 2026-04-01 --html audit.html
+    """
+    from worker.audit.report import audit
+    from worker.audit.report_text import format_report
+    from worker.records.connect import open_store
+
+    since_dt, until_dt = parse_since(since), parse_since(until, "--until")
+    config = config_for(ctx)
+    store = open_store(config)  # first: a wrong database is the one line the operator sees
+    try:
+        # The operating points (the model's and the site's), the breast and exam rule, and
+        # the site points' history and fitness verdict added to the audit.
+        points, rules, add_site_figures = report_extras(config, store)
+        result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
+        add_site_figures(result)
+        if html_out:
+            from worker.audit.overlays import overlays_html
+            from worker.imaging.dicom import DicomPolicy
+
+            overlays = overlays_html(store, DicomPolicy.for_config(config), since=since_dt,
+                                     until=until_dt)
+    finally:
+        store.dispose()
+    click.echo(format_report(result.report, fmt))
+    if plot:
+        from worker.audit.report_plots import write_png
+
+        write_png(result, plot)
+        click.echo(f"wrote {plot}", err=True)
+    if html_out:
+        from worker.audit.report_html import write_html
+
+        write_html(result, html_out, overlays)
+        click.echo(f"wrote {html_out}", err=True)
+
+
+@click.command()
+@click.argument("image")
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="PNG file to write.")
+@click.option("--max-side", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="Longest side of the picture written, in pixels.")
+@store_options
+@click.pass_context
+@user_errors
+def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
+            database: str | None) -> None:
+    """Draw where the model looked on one IMAGE as a PNG: an image id from the database (its
+    stored heatmap over its file), or an image file (scored now with the configured model).
+
+    The colour is the model's attention, not a lesion outline (see the model card).
+
+    \b
+    Example:
+      screen heatmap 42 --out overlay.png
+    """
+    from worker.audit.overlays import OverlayError, overlay_of_file, overlay_of_image
+    from worker.imaging.dicom import DicomPolicy
+
+    config = config_for(ctx)
+    policy = DicomPolicy.for_config(config)
+    try:
+        if Path(image).is_file():
+            from worker.scoring.scorer import Scorer
+
+            overlay = overlay_of_file(Scorer.for_config(config), Path(image), policy, max_side,
+                                      config.max_pixels)
+        elif image.isdigit():
+            from worker.records.connect import open_store
+
+            store = open_store(config)
+            try:
+                overlay = overlay_of_image(store, int(image), policy, max_side,
+                                           config.max_pixels)
+            finally:
+                store.dispose()
+        else:
+            raise OverlayError(f"{image} is neither an image file nor an image id")
+    except OverlayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(overlay.png)
+    score = "-" if overlay.score is None else f"{overlay.score:.4f}"
+    click.echo(f"wrote {out_path}: {overlay.source} score {score} ({overlay.label or '-'}), "
+               f"model {overlay.model_version}")
+
 
 _TARGETS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
             ("recall_rate", "recall-rate"))
@@ -44,7 +174,7 @@ def _who() -> str:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="text for people; json prints the point recorded.")
 @click.pass_context
-@_user_errors
+@user_errors
 def calibrate(ctx: click.Context, database: str | None, sensitivity: float | None,
               specificity: float | None, recall_rate: float | None, level: str, name: str,
               created_by: str | None, fmt: str) -> None:
@@ -74,7 +204,7 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
         raise click.ClickException(
             "give exactly one of --sensitivity, --specificity, --recall-rate")
     (target, value), = given.items()
-    config = _config(ctx, database=database)
+    config = config_for(ctx)
     store = open_store(config)
     try:
         meta = Scorer(config.model_path, config.model_sha256).metadata
@@ -89,27 +219,6 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
         return
     click.echo("\n".join(format_point(point)))
     click.echo(f'select it with [model] operating_point = "{point.name}"', err=True)
-
-
-def site_point_lines(info: dict[str, Any]) -> list[str]:
-    """`screen status`: the site points in force, the configured model's first."""
-    from worker.scoring.site_points import women
-
-    points = info.get("site_points", [])
-    if not points:
-        return ["site points: none (screen calibrate)"]
-    version = info["model"].get("version")
-    lines = ["site points (screen calibrate; newest calibration of each name):"]
-    for p in sorted(points, key=lambda p: (p["model_version"] != version, p["name"])):
-        other = "" if p["model_version"] == version else " (ANOTHER MODEL: not usable with it)"
-        lines.append(
-            f"  {p['name']}: threshold {p['threshold']:.4f}, model {p['model_version']}{other}; "
-            f"{p['target']} {p['target_value']:g} at {p['level']} level on "
-            f"{women(p['women'], p['unit'])}, {p['created_at']} by {p['created_by']}; sensitivity "
-            f"{p['sensitivity']:.1%}, specificity {p['specificity']:.1%}, recall rate "
-            f"{p['recall_rate']:.1%}")
-    return lines
-
 
 
 def report_extras(config: Config, store: Store) -> tuple[dict, dict, Callable[[Audit], None]]:
