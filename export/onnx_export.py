@@ -191,7 +191,7 @@ def export_to_onnx(
     src, out = Path(keras_model_path), Path(out_path)
     if not src.is_file():
         raise ExportError(f"Keras model not found: {src}")
-    from trainer.model import load_trained
+    from trainer.layers import load_trained
 
     model = load_trained(src)
     size = model.input_shape[1]

@@ -63,11 +63,11 @@ from trainer.fitting import (
     cosine_schedule,
     predict,
 )
+from trainer.layers import load_trained
 from trainer.model import (
     build_augmentation,
     build_model,
     default_lr,
-    load_trained,
     with_augmentation,
 )
 from trainer.panel import machine_balanced_rows
