@@ -36,16 +36,17 @@ from trainer.fitting import (
 from trainer.layers import RandomIntensity
 from trainer.model import build_augmentation, build_model
 from trainer.panel import FitScore, network_fit_score
+from trainer.recipes import FINETUNE
 from worker.model_metadata import INPUT_NAME
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     arch: str = "lite0"  # or "cnn" (from scratch, the control of the same cost)
-    size: int = 256
-    epochs: int = 4
-    batch_size: int = 16
-    lr: float = 3e-4
+    size: int = FINETUNE.size
+    epochs: int = FINETUNE.epochs
+    batch_size: int = FINETUNE.batch_size
+    lr: float = FINETUNE.lr
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     intensity_augment: bool = True

@@ -94,9 +94,3 @@ def build_model(arch: str, size: int, weights: str | None = "pretrained") -> ker
 
         return build_efficientnet_lite0(size, weights=weights)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {NETWORKS}")
-
-
-def default_lr(arch: str, weights: str | None) -> float:
-    """Fine-tuning pretrained weights wants a gentler start than training from scratch."""
-    return 3e-4 if arch == "lite0" and weights else 1e-3
-

@@ -42,17 +42,18 @@ from trainer.efficientnet_lite import (
 from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
 from trainer.layers import AttentionPool, MeanOfHalves, WithMirrorImages
 from trainer.panel import FitScore, network_fit_score
+from trainer.recipes import TOP
 from worker.model_metadata import INPUT_NAME, OUTPUT_NAME
 
 
 @dataclass(frozen=True)
 class TopConfig:
     # The defaults are the shipped recipe (models/MODEL_CARD.md): its panel has the best worst case.
-    size: int = 384
-    trainable_blocks: int = 1  # of the 16 MBConv blocks, counted from the last
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 1e-3
+    size: int = TOP.size
+    trainable_blocks: int = TOP.trainable_blocks  # of the 16 MBConv blocks, counted from the last
+    epochs: int = TOP.epochs
+    batch_size: int = TOP.batch_size
+    lr: float = TOP.lr
     weight_decay: float = 1e-4
     attention_dim: int = 128
     dropout: float = 0.25
