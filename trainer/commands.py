@@ -196,8 +196,8 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--features", "feature_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Judge a linear probe on these cached frozen features (python -m "
-                   "trainer.features). Several files: their columns side by side.")
+              help="Judge a linear probe on these cached frozen features (screen "
+                   "features). Several files: their columns side by side.")
 @click.option("--finetune", "finetune_arch", type=click.Choice(list(PANEL_RECIPES)),
               default=None,
               help="Judge network training instead: lite0 fine-tuned from ImageNet, the "
