@@ -9,7 +9,7 @@ Run standalone with ``python -m trainer.commands SOURCE --out DIR``.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -33,6 +33,22 @@ class IntensityChoice(click.Choice):
     @choices.setter
     def choices(self, _: Sequence[str]) -> None:
         pass
+
+
+def preprocessing_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--crop, --orient and --intensity: the worker's preprocessing settings a run uses."""
+    for option in (
+        click.option("--intensity", type=IntensityChoice(), default="percentile",
+                     show_default=True,
+                     help="Preprocessing: how grey levels are normalised within the breast."),
+        click.option("--orient", type=click.Choice(["none", "left"]), default="none",
+                     show_default=True,
+                     help="Preprocessing: 'left' mirrors images so the breast faces one way."),
+        click.option("--crop", is_flag=True,
+                     help="Preprocessing: crop to the breast before resizing."),
+    ):  # applied last to first, so that help lists them first to last
+        command = option(command)
+    return command
 
 
 def _lr(lr: float) -> str:
@@ -96,11 +112,7 @@ def invocation(ctx: click.Context) -> str:
                    "e.g. block10_add,block14_add,block15_project_bn.")
 @click.option("--random-init", is_flag=True,
               help="lite0 without its ImageNet weights (for comparison).")
-@click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
-@click.option("--orient", type=click.Choice(["none", "left"]), default="none", show_default=True,
-              help="Preprocessing: 'left' mirrors images so the breast faces one way.")
-@click.option("--intensity", type=IntensityChoice(), default="percentile", show_default=True,
-              help="Preprocessing: how grey levels are normalised within the breast.")
+@preprocessing_options
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of patients (per class stratum) held out for validation.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from trainer.commands import IntensityChoice
+from trainer.commands import preprocessing_options
 
 
 @click.command("features")
@@ -21,13 +21,8 @@ from trainer.commands import IntensityChoice
               help="The .npz file to write (rows: the pool's images, test split left out).")
 @click.option("--size", default=384, show_default=True, type=int,
               help="Preprocessing: square input size in pixels.")
-@click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
-@click.option("--orient", type=click.Choice(["none", "left"]), default="none", show_default=True,
-              help="Preprocessing: 'left' mirrors images so the breast faces one way.")
-@click.option("--intensity", type=IntensityChoice(), default="percentile", show_default=True,
-              help="Preprocessing: how grey levels are normalised within the breast.")
-@click.option("--no-mask", is_flag=True,
-              help="Preprocessing: keep what lies outside the breast.")
+@preprocessing_options
+@click.option("--no-mask", is_flag=True, help="Preprocessing: keep what lies outside the breast.")
 @click.option("--flip", is_flag=True,
               help="Also the features of mirrored images (for --flip-train and --tta).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
