@@ -37,6 +37,7 @@ def features(source: Path, out: Path, size: int, crop: bool, orient: str, intens
 
     Example:
 
+    \b
         screen features ../shared/data/mammo-3383/labels.csv --size 384 --flip \\
             --out runs/features/s384.npz
     """
@@ -69,6 +70,7 @@ def baselines(labels_csv: Path, val_fraction: float, seed: int, machine_column: 
 
     Example:
 
+    \b
         screen baselines ../shared/data/mammo-3383/labels.csv \\
             --machine-column rsna_machine_id --site-column rsna_site_id --score-column age
     """
