@@ -243,7 +243,7 @@ def threading_drain(proc: subprocess.Popen[str]) -> None:
 def keras_loop(keras_file: Path, model: Path, images: list[Path], n: int) -> float | str:
     """What a user would write instead: for each file, preprocess it and `model.predict`."""
     try:
-        from trainer.model import load_trained
+        from trainer.layers import load_trained
     except ImportError:
         return "skipped: keras is not installed"
     try:

@@ -184,14 +184,12 @@ def export_to_onnx(
     image files (preprocessed here with ``preprocess``) or an array already preprocessed.
     Raises :class:`ExportError` if the Keras and ONNX scores differ by more than ``tolerance``.
     """
-    import onnx
-
     started = time.time()
     _keras()  # before any Keras import below: the TensorFlow backend, or a clear error
     src, out = Path(keras_model_path), Path(out_path)
     if not src.is_file():
         raise ExportError(f"Keras model not found: {src}")
-    from trainer.model import load_trained
+    from trainer.layers import load_trained
 
     model = load_trained(src)
     size = model.input_shape[1]
@@ -219,6 +217,19 @@ def export_to_onnx(
         default_operating_point=default_operating_point,
         aggregation=dict(aggregation or DEFAULT_AGGREGATION),
     )
+    _save_checked(proto, meta, out)
+    n, max_diff = _parity(model, out, parity_images, settings, tolerance)
+    return ExportReport(
+        path=out, model_version=version, sha256=file_sha256(out), size_bytes=out.stat().st_size,
+        opset=opset, parity_images=n, max_abs_diff=max_diff,
+        seconds=round(time.time() - started, 1),
+    )
+
+
+def _save_checked(proto: Any, meta: ModelMetadata, out: Path) -> None:
+    """``proto`` with ``meta`` as its properties, checked, written to ``out`` in one step."""
+    import onnx
+
     onnx.helper.set_model_props(proto, meta.to_props())
     proto.doc_string = ("mammo-screen research model (not a medical device): "
                         "P(malignant) from one preprocessed mammogram")
@@ -228,23 +239,25 @@ def export_to_onnx(
     onnx.save(proto, tmp)
     os.replace(tmp, out)  # never leave a half-written model where a worker may load it
 
+
+def _parity(model: Any, out: Path, parity_images: Sequence[str | Path] | np.ndarray,
+            settings: PreprocessSettings, tolerance: float) -> tuple[int, float | None]:
+    """(images compared, the largest |Keras - ONNX| score difference on them; None: no
+    images), the ONNX model read by the worker's own loader; :class:`ExportError` above
+    ``tolerance``."""
     scorer = Scorer(out)  # the worker's loader: metadata, input shape, session
     images = (np.asarray(parity_images, dtype=np.float32)
               if isinstance(parity_images, np.ndarray)
               else load_parity_images(parity_images, settings))
-    max_diff: float | None = None
-    if len(images):
-        ref = np.asarray(model.predict(images, verbose=0), dtype=np.float64).reshape(-1)
-        got = scorer.score_batch(list(images)).astype(np.float64)
-        max_diff = float(np.max(np.abs(ref - got)))
-        if not max_diff <= tolerance:
-            raise ExportError(f"parity check failed: max |keras - onnx| = {max_diff:.3e} "
-                              f"> {tolerance:g} on {len(images)} images")
-    return ExportReport(
-        path=out, model_version=version, sha256=file_sha256(out), size_bytes=out.stat().st_size,
-        opset=opset, parity_images=len(images), max_abs_diff=max_diff,
-        seconds=round(time.time() - started, 1),
-    )
+    if not len(images):
+        return 0, None
+    ref = np.asarray(model.predict(images, verbose=0), dtype=np.float64).reshape(-1)
+    got = scorer.score_batch(list(images)).astype(np.float64)
+    max_diff = float(np.max(np.abs(ref - got)))
+    if not max_diff <= tolerance:
+        raise ExportError(f"parity check failed: max |keras - onnx| = {max_diff:.3e} "
+                          f"> {tolerance:g} on {len(images)} images")
+    return len(images), max_diff
 
 
 # --- from a training run folder -------------------------------------------------------------

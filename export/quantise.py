@@ -255,6 +255,41 @@ def _scores(scorer: Scorer, arrays: Sequence[np.ndarray], batch: int = 16) -> np
     )
 
 
+def _int8_model(float_model: Path, float_scorer: Scorer, tmp: Path,
+                cal_arrays: Sequence[np.ndarray], bias_correction: bool,
+                progress: Callable[[int, int], None] | None
+                ) -> tuple[Path, str, list[BiasShift]]:
+    """The int8 graph (in ``tmp``), bias-corrected when asked, carrying the float model's
+    metadata under the int8 version: (its path, the version, the bias shifts)."""
+    import onnx
+
+    pre = tmp / "pre.onnx"
+    q = tmp / "int8.onnx"
+    final = tmp / "final.onnx"
+    try:
+        quantise_graph(float_model, pre, q, float_scorer.input_name, cal_arrays)
+    except Exception as exc:  # ORT's quantiser raises many kinds
+        raise QuantiseError(f"quantisation failed: {str(exc).splitlines()[0]}") from exc
+    model = onnx.load(str(q))
+    try:
+        shifts = (correct_biases(onnx.load(str(pre)), model, float_scorer.input_name,
+                                 cal_arrays, progress) if bias_correction else [])
+    except Exception as exc:  # ONNX Runtime raises its own types
+        raise QuantiseError(f"bias correction failed: {str(exc).splitlines()[0]}") from exc
+    props = dict(float_scorer.session.get_modelmeta().custom_metadata_map)
+    version = props[KEY_MODEL_VERSION] + INT8_SUFFIX
+    props[KEY_MODEL_VERSION] = version
+    try:
+        ModelMetadata.from_props(props)
+    except ModelMetadataError as exc:
+        raise QuantiseError(str(exc)) from exc
+    del model.metadata_props[:]
+    for key, value in sorted(props.items()):
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(final))
+    return final, version, shifts
+
+
 def quantise(
     float_model: Path,
     out_path: Path,
@@ -269,7 +304,6 @@ def quantise(
     """Write the int8 model of `float_model` to `out_path` (atomically), or raise. With
     `bias_correction`, each int8 convolution's bias is corrected on the calibration images
     (`export.bias_correction`; `progress(done, total)` after each)."""
-    import onnx
 
     try:
         float_scorer = Scorer(float_model)
@@ -290,30 +324,8 @@ def quantise(
     eval_arrays = load([im.path for im in evaluation])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        q = Path(tmp) / "int8.onnx"
-        final = Path(tmp) / "final.onnx"
-        try:
-            quantise_graph(float_model, pre, q, float_scorer.input_name, cal_arrays)
-        except Exception as exc:  # ORT's quantiser raises many kinds
-            raise QuantiseError(f"quantisation failed: {str(exc).splitlines()[0]}") from exc
-        model = onnx.load(str(q))
-        try:
-            shifts = (correct_biases(onnx.load(str(pre)), model, float_scorer.input_name,
-                                     cal_arrays, progress) if bias_correction else [])
-        except Exception as exc:  # ONNX Runtime raises its own types
-            raise QuantiseError(f"bias correction failed: {str(exc).splitlines()[0]}") from exc
-        props = dict(float_scorer.session.get_modelmeta().custom_metadata_map)
-        version = props[KEY_MODEL_VERSION] + INT8_SUFFIX
-        props[KEY_MODEL_VERSION] = version
-        try:
-            ModelMetadata.from_props(props)
-        except ModelMetadataError as exc:
-            raise QuantiseError(str(exc)) from exc
-        del model.metadata_props[:]
-        for key, value in sorted(props.items()):
-            model.metadata_props.add(key=key, value=value)
-        onnx.save(model, str(final))
+        final, version, shifts = _int8_model(float_model, float_scorer, Path(tmp), cal_arrays,
+                                             bias_correction, progress)
         try:
             int8_scorer = Scorer(final)  # the worker's own loader must accept it
         except ModelLoadError as exc:

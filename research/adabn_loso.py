@@ -33,19 +33,10 @@ sys.path.insert(0, str(REPO))
 
 import keras  # noqa: E402
 
-from research.top_levers_loso import summary  # noqa: E402
+from research.top_levers import load_pool, summary  # noqa: E402
 from trainer.adapt import adapt_batch_norm  # noqa: E402
-from trainer.arrays import cached_arrays  # noqa: E402
-from trainer.dataset import discover  # noqa: E402
-from trainer.panel import PanelData, leave_one_site_out  # noqa: E402
-from trainer.top import (  # noqa: E402
-    TopConfig,
-    _maps_paths,
-    build_front,
-    cached_maps,
-    fit,
-    score,
-)
+from trainer.panel import leave_one_site_out  # noqa: E402
+from trainer.top import TopConfig, build_front, cached_maps, fit, maps_paths, score  # noqa: E402
 from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
 BASE = TopConfig()
@@ -61,7 +52,7 @@ def site_adapted_maps(x: np.ndarray, sites: np.ndarray, cache: Path, tag: str, l
         rows = np.where(sites == site)[0]
         front = build_front(BASE)
         site_tag = f"{tag}:adabn:{site}:{limit}"
-        paths = _maps_paths(BASE, x[rows], site_tag, cache, ("plain", "mirrored"))
+        paths = maps_paths(BASE, x[rows], site_tag, cache, ("plain", "mirrored"))
         if not all(path.is_file() for path in paths or []):  # else cached: no need to adapt
             started = time.time()
             n = adapt_batch_norm(front, x[rows], limit=limit, seed=0)
@@ -89,9 +80,7 @@ def main() -> None:
     a = p.parse_args()
 
     preprocess = PreprocessSettings(size=BASE.size)
-    samples = [s for s in discover(a.labels_csv) if s.split != "test"]
-    x, samples = cached_arrays(samples, preprocess, a.cache)
-    data = PanelData.from_csv(a.labels_csv, samples, a.site_column, a.machine_column)
+    x, data = load_pool(a.labels_csv, a.site_column, a.machine_column, a.cache, preprocess)
     tag = preprocess.to_json()
     base = cached_maps(build_front(BASE), x, BASE, a.cache, tag=tag)
     keras.backend.clear_session()

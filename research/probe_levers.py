@@ -1,6 +1,6 @@
 """The lever table for the linear-probe recipe: the "new women, new sites" panel per lever.
 
-Features must be cached first (``python -m trainer.features``; see models/EXPERIMENTS.md for
+Features must be cached first (``screen features``; see models/EXPERIMENTS.md for
 the exact commands). Each lever is judged by :func:`trainer.panel.run_panel` (as ``screen
 panel --features`` does), its full result written as JSON, and one Markdown row printed:
 

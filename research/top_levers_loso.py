@@ -30,21 +30,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.arrays import cached_arrays  # noqa: E402
-from trainer.dataset import discover, read_columns  # noqa: E402
-from trainer.panel import PanelData, leave_one_site_out  # noqa: E402
-from trainer.top import (  # noqa: E402
-    TopConfig,
+from research.top_levers import (  # noqa: E402
+    LeverConfig,
     auxiliary_codes,
-    build_front,
-    cached_maps,
     intensity_view_maps,
-    top_fit_score,
+    lever_fit_score,
+    load_pool,
+    summary,
 )
+from trainer.dataset import read_columns  # noqa: E402
+from trainer.panel import leave_one_site_out  # noqa: E402
+from trainer.top import build_front, cached_maps  # noqa: E402
 from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
-BASE = TopConfig()  # the shipped recipe: 384 px, block 15 trained, 6 epochs
-LEVERS: dict[str, TopConfig] = {
+BASE = LeverConfig()  # the shipped recipe: 384 px, block 15 trained, 6 epochs
+LEVERS: dict[str, LeverConfig] = {
     "shipped": BASE,
     "ema": replace(BASE, ema=True),
     "label_smoothing_0.1": replace(BASE, label_smoothing=0.1),
@@ -91,9 +91,7 @@ def main() -> None:
 
     preprocess = PreprocessSettings(size=BASE.size, crop=a.crop)
     suffix = "+crop" if a.crop else ""
-    samples = [s for s in discover(a.labels_csv) if s.split != "test"]
-    x, samples = cached_arrays(samples, preprocess, a.cache)
-    data = PanelData.from_csv(a.labels_csv, samples, a.site_column, a.machine_column)
+    x, data = load_pool(a.labels_csv, a.site_column, a.machine_column, a.cache, preprocess)
     front = build_front(BASE)
     tag = preprocess.to_json()
     plain, mirrored = cached_maps(front, x, BASE, a.cache, tag=tag)
@@ -101,7 +99,7 @@ def main() -> None:
     if any(LEVERS[n].auxiliary_weight and not LEVERS[n].auxiliary_reversed for n in names):
         if not a.auxiliary_column:
             p.error("auxiliary_* levers need --auxiliary-column")
-        column = read_columns(a.labels_csv, samples, [a.auxiliary_column])[a.auxiliary_column]
+        column = read_columns(a.labels_csv, data.samples, [a.auxiliary_column])[a.auxiliary_column]
         auxiliary, classes = auxiliary_codes(column)
         print(f"auxiliary target {a.auxiliary_column}: {classes}, known for "
               f"{int(np.sum(auxiliary >= 0))} of {len(auxiliary)} images", flush=True)
@@ -123,8 +121,8 @@ def main() -> None:
             target, column = ((machine_codes, a.machine_column) if cfg.auxiliary_reversed
                               else (auxiliary, a.auxiliary_column) if cfg.auxiliary_weight
                               else (None, None))
-            fit_score = top_fit_score(cfg, plain, mirrored, data.y, machines=data.machines,
-                                      views=views[:cfg.intensity_views], auxiliary=target)
+            fit_score = lever_fit_score(cfg, plain, mirrored, data.y, machines=data.machines,
+                                        views=views[:cfg.intensity_views], auxiliary=target)
             loso = leave_one_site_out(data, fit_score, seed,
                                       progress=lambda line, n=name, s=seed:
                                       print(f"[{n}{suffix} seed {s}] {line}", flush=True))
@@ -134,27 +132,6 @@ def main() -> None:
                                      "leave_one_site_out": loso}) + "\n")
     print(summary(a.out))
 
-
-def summary(path: Path) -> str:
-    """Markdown: per lever and held-out site, the image (and breast) AUC's mean over seeds
-    and its range, and the mean over seeds of each seed's worse direction."""
-    rows: dict[str, list[dict]] = {}
-    for r in map(json.loads, path.read_text().splitlines()):
-        rows.setdefault(r["lever"], []).append(r)
-    sites = sorted({s for rs in rows.values() for r in rs for s in r["leave_one_site_out"]})
-    head = ["lever", "seeds", *(f"site {s}: image mean (min-max) / breast mean"
-                                for s in sites), "worse direction, mean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for lever, rs in rows.items():
-        cells = [lever, str(len(rs))]
-        for s in sites:
-            img = np.array([r["leave_one_site_out"][s]["image_auc"] for r in rs])
-            br = np.array([r["leave_one_site_out"][s]["breast_auc"] for r in rs])
-            cells.append(f"{img.mean():.3f} ({img.min():.3f}-{img.max():.3f}) / {br.mean():.3f}")
-        worse = [min(r["leave_one_site_out"][s]["image_auc"] for s in sites) for r in rs]
-        cells.append(f"{np.mean(worse):.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,24 @@ def test_baselines_on_the_dev_pool() -> None:
     for name in ("metadata_logreg", "machine_rate", "bright_background", "age"):
         assert 0.3 < b[name]["auc"] < 0.8, name
         assert b[name]["sensitivity"] >= 0.9, name
+
+
+def test_baselines_command_prints_the_figures_as_json() -> None:
+    """`screen baselines`: compute_baselines's figures, as sorted JSON."""
+    import json
+
+    from click.testing import CliRunner
+
+    from trainer.study_commands import baselines
+
+    labels = DATA / "labels.csv"
+    if not labels.is_file():
+        pytest.skip(f"dev pool not found at {DATA}")
+    result = CliRunner().invoke(baselines, [str(labels), "--machine-column", "rsna_machine_id",
+                                            "--score-column", "age", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    want = compute_baselines(labels, 0.2, seed=1, machine_column="rsna_machine_id",
+                             score_columns=("age",))
+    assert result.output == json.dumps(want, indent=2, sort_keys=True) + "\n"
+    assert set(json.loads(result.output)["baselines"]) == {"majority", "metadata_logreg",
+                                                           "machine_rate", "age"}

@@ -181,3 +181,44 @@ def test_tap_model_pools_each_named_layer_by_average_and_max() -> None:
     np.testing.assert_allclose(np.asarray(taps.predict_on_batch(x))[:, 224:],
                                np.asarray(build_feature_model(64).predict_on_batch(x)),
                                atol=1e-5)
+
+
+@pytest.mark.train
+def test_features_command_caches_what_the_probe_panel_reads(tmp_path: Path) -> None:
+    """`screen features`: the pool's features (and mirrored ones with --flip) in an .npz that
+    load_feature_sets reads back in the pool's order, with the preprocessing recorded."""
+    import csv
+    import shutil
+
+    from click.testing import CliRunner
+
+    from trainer.dataset import discover, limit_samples
+    from trainer.features import load_feature_sets
+    from trainer.study_commands import features
+
+    labels = DATA / "labels.csv"
+    if not labels.is_file():
+        pytest.skip(f"dev pool not found at {DATA}")
+    with labels.open(newline="") as fh:
+        rows = {row["filename"]: row for row in csv.DictReader(fh)}
+    with (tmp_path / "labels.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["filename", "label", "patient_id"])
+        for s in limit_samples(discover(labels), 6, seed=0):
+            rel = s.path.relative_to(DATA).as_posix()
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s.path, tmp_path / rel)
+            writer.writerow([rel, rows[rel]["label"], rows[rel]["patient_id"]])
+    out = tmp_path / "f.npz"
+    result = CliRunner().invoke(features, [str(tmp_path / "labels.csv"), "--size", "64",
+                                           "--flip", "--intensity", "range", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    samples, feats, settings = load_feature_sets([out], tmp_path / "labels.csv")
+    assert result.output.endswith(f"wrote {out} ({len(samples)} images)\n")
+    assert set(feats) == {"plain", "flipped"} and feats["plain"].shape == (len(samples), 2560)
+    assert not np.allclose(feats["plain"], feats["flipped"])
+    assert json.loads(settings[0])["size"] == 64
+    assert json.loads(settings[0])["intensity"] == "range"
+    bad = CliRunner().invoke(features, [str(tmp_path / "labels.csv"), "--intensity", "gamma",
+                                        "--out", str(out)])
+    assert bad.exit_code == 2 and "'gamma' is not one of 'range', 'percentile'" in bad.output

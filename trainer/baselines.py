@@ -16,15 +16,13 @@ threshold that keeps validation sensitivity at 0.9.
 
 The columns are the caller's to name; nothing here knows a data set:
 
-    python -m trainer.baselines ../shared/data/mammo-3383/labels.csv \\
+    screen baselines ../shared/data/mammo-3383/labels.csv \\
         --machine-column rsna_machine_id --site-column rsna_site_id \\
         --score-column bright_background --score-column age
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,24 +106,3 @@ def _number(v: str) -> float:
         return float(v) if v else np.nan
     except ValueError:
         return np.nan
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("labels_csv", type=Path)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--machine-column", default=None)
-    parser.add_argument("--site-column", default=None)
-    parser.add_argument("--score-column", action="append", default=[],
-                        help="a column whose value is itself a baseline score (repeatable)")
-    args = parser.parse_args(argv)
-    print(json.dumps(compute_baselines(args.labels_csv, args.val_fraction, args.seed,
-                                       machine_column=args.machine_column,
-                                       site_column=args.site_column,
-                                       score_columns=args.score_column),
-                     indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()

@@ -9,9 +9,51 @@ Run standalone with ``python -m trainer.commands SOURCE --out DIR``.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
+
+from trainer.recipes import CNN, FINETUNE, PANEL_RECIPES, PROBE, RECIPES, SHIPPED, TOP, arch_help
+
+
+class IntensityChoice(click.Choice):
+    """``worker.imaging.preprocess.INTENSITY_MODES``, read when first needed (help of the command
+    itself, or parsing): importing it loads OpenCV, which `screen --help` should not pay."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> Sequence[str]:
+        from worker.imaging.preprocess import INTENSITY_MODES
+
+        return INTENSITY_MODES
+
+    @choices.setter
+    def choices(self, _: Sequence[str]) -> None:
+        pass
+
+
+def preprocessing_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--crop, --orient and --intensity: the worker's preprocessing settings a run uses."""
+    for option in (
+        click.option("--intensity", type=IntensityChoice(), default="percentile",
+                     show_default=True,
+                     help="Preprocessing: how grey levels are normalised within the breast."),
+        click.option("--orient", type=click.Choice(["none", "left"]), default="none",
+                     show_default=True,
+                     help="Preprocessing: 'left' mirrors images so the breast faces one way."),
+        click.option("--crop", is_flag=True,
+                     help="Preprocessing: crop to the breast before resizing."),
+    ):  # applied last to first, so that help lists them first to last
+        command = option(command)
+    return command
+
+
+def _lr(lr: float) -> str:
+    """A learning rate as help text writes it: 1e-3, 3e-4."""
+    return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def invocation(ctx: click.Context) -> str:
@@ -37,25 +79,17 @@ def invocation(ctx: click.Context) -> str:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               required=True, help="Run folder for best.keras, metrics.json and the plots.")
-@click.option("--arch", type=click.Choice(["lite0-probe", "lite0-ft", "lite0-top", "cnn",
-                                           "lite0"]),
-              default="lite0-top", show_default=True,
-              help="lite0-top (shipped): the frozen Lite0 front's maps computed once, the "
-                   "last --trainable-blocks blocks and an attention head trained on them; "
-                   "lite0-probe: frozen Lite0 ImageNet features + logistic "
-                   "regression, no epochs (--no-augment drops the mirrored copies); "
-                   "lite0-ft: Lite0 fine-tuned with in-graph augmentation, AdamW with "
-                   "warm-up and cosine decay, a fixed number of epochs, the last one kept; "
-                   "cnn: small CNN from scratch; lite0: Lite0 fine-tuned, the epoch with the "
-                   "best validation AUC kept.")
+@click.option("--arch", type=click.Choice(list(RECIPES)), default=SHIPPED.name,
+              show_default=True, help=arch_help())
 @click.option("--size", default=None, type=click.IntRange(64, 1024),
               help="Square input size in pixels (stored in the model's preprocessing) "
-                   "[default: 384 for lite0-top, else 256].")
+                   f"[default: {TOP.size} for {TOP.name}, else {CNN.size}].")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="[default: 20 for cnn and lite0, 4 for lite0-ft, 6 for lite0-top; "
-                   "lite0-probe has none]")
+              help=f"[default: {CNN.epochs} for cnn and lite0, {FINETUNE.epochs} for "
+                   f"{FINETUNE.name}, {TOP.epochs} for {TOP.name}; {PROBE.name} has none]")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
-              help="[default: 16 for lite0-probe and lite0-ft, else 32]")
+              help=f"[default: {PROBE.batch_size} for {PROBE.name} and {FINETUNE.name}, "
+                   f"else {CNN.batch_size}]")
 @click.option("--trainable-blocks", default=None, type=click.IntRange(0, 15),
               help="lite0-top: MBConv blocks trained, counted from the last [default: 1].")
 @click.option("--members", default=1, show_default=True, type=click.IntRange(1, 16),
@@ -67,7 +101,8 @@ def invocation(ctx: click.Context) -> str:
                    "left out.")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the cosine schedule "
-                   "[default: 1e-3 from scratch and lite0-top, 3e-4 fine-tuning lite0].")
+                   f"[default: {_lr(CNN.lr)} from scratch and {TOP.name}, {_lr(FINETUNE.lr)} "
+                   "fine-tuning lite0].")
 @click.option("--pooling", type=click.Choice(["avg", "max", "avg+max"]), default="avg",
               show_default=True, help="lite0-probe without --taps: which pooled features "
                                       "the head reads.")
@@ -77,12 +112,7 @@ def invocation(ctx: click.Context) -> str:
                    "e.g. block10_add,block14_add,block15_project_bn.")
 @click.option("--random-init", is_flag=True,
               help="lite0 without its ImageNet weights (for comparison).")
-@click.option("--crop", is_flag=True, help="Preprocessing: crop to the breast before resizing.")
-@click.option("--orient", type=click.Choice(["none", "left"]), default="none", show_default=True,
-              help="Preprocessing: 'left' mirrors images so the breast faces one way.")
-@click.option("--intensity", type=click.Choice(["range", "percentile", "equalise"]),
-              default="percentile", show_default=True,
-              help="Preprocessing: how grey levels are normalised within the breast.")
+@preprocessing_options
 @click.option("--val-fraction", default=0.2, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of patients (per class stratum) held out for validation.")
@@ -140,9 +170,7 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
         discover(source, patient_regex)
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
-    # Deferred: this pulls in Keras and its backend.
-    from trainer.train import TrainConfig
-    from trainer.train import train as run_training
+    from trainer.train_config import TrainConfig
 
     try:
         cfg = TrainConfig(
@@ -164,6 +192,9 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
     ctx.params["epochs"], ctx.params["batch_size"], ctx.params["lr"] = cfg.resolved()
     ctx.params["size"], ctx.params["trainable_blocks"] = cfg.size, cfg.trainable_blocks
     cfg.command = invocation(ctx)
+    # Deferred: this pulls in Keras and its backend.
+    from trainer.train import train as run_training
+
     try:
         result = run_training(cfg)
     except DatasetError as exc:  # layout, label and split problems: the user's to fix
@@ -177,9 +208,9 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--features", "feature_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Judge a linear probe on these cached frozen features (python -m "
-                   "trainer.features). Several files: their columns side by side.")
-@click.option("--finetune", "finetune_arch", type=click.Choice(["lite0", "cnn", "lite0-top"]),
+              help="Judge a linear probe on these cached frozen features (screen "
+                   "features). Several files: their columns side by side.")
+@click.option("--finetune", "finetune_arch", type=click.Choice(list(PANEL_RECIPES)),
               default=None,
               help="Judge network training instead: lite0 fine-tuned from ImageNet, the "
                    "small CNN from scratch (the control), or lite0-top: an attention head "
@@ -191,11 +222,13 @@ def train(source: Path, out_dir: Path, arch: str, size: int | None, epochs: int 
 @click.option("--size", default=256, show_default=True, type=click.IntRange(64, 1024),
               help="--finetune: input size.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="--finetune: epochs per fit [lite0, cnn: 4; lite0-top: 6].")
+              help=f"--finetune: epochs per fit [lite0, cnn: {FINETUNE.epochs}; "
+                   f"{TOP.name}: {TOP.epochs}].")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="--finetune: peak LR [lite0, cnn: 3e-4; lite0-top: 1e-3].")
-@click.option("--intensity", type=click.Choice(["range", "percentile", "equalise"]),
-              default="percentile", show_default=True, help="--finetune: preprocessing.")
+              help=f"--finetune: peak LR [lite0, cnn: {_lr(FINETUNE.lr)}; "
+                   f"{TOP.name}: {_lr(TOP.lr)}].")
+@click.option("--intensity", type=IntensityChoice(), default="percentile", show_default=True,
+              help="--finetune: preprocessing.")
 @click.option("--intensity-augment/--no-intensity-augment", default=True, show_default=True,
               help="--finetune: random gamma, contrast and noise while training.")
 @click.option("--bf16", is_flag=True, help="--finetune: mixed_bfloat16 (faster on AVX-512 BF16).")
@@ -247,66 +280,29 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
     """
     import json
 
-    import numpy as np
-
-    from trainer.dataset import DatasetError, discover
-    from trainer.panel import PanelData, format_panel, run_panel
+    from trainer.dataset import DatasetError
+    from trainer.panel import format_panel, run_panel
+    from trainer.panel_recipes import OptionError, network_panel, probe_panel
 
     if bool(feature_files) == bool(finetune_arch):
         raise click.UsageError("give either --features (a probe) or --finetune (a network)")
-    if members != 1 and finetune_arch != "lite0-top":
-        raise click.UsageError("--members is for --finetune lite0-top")
+    if members != 1 and (finetune_arch is None
+                         or "members" not in PANEL_RECIPES[finetune_arch][0].options):
+        raise click.UsageError(f"--members is for --finetune {TOP.name}")
     try:
         if feature_files:
-            from trainer.features import load_feature_sets
-            from trainer.probe import probe_fit_score
-
-            samples, feats, settings = load_feature_sets(feature_files, source)
-            if (flip_train or tta) and "flipped" not in feats:
-                raise click.ClickException("--flip-train and --tta need features extracted "
-                                           "with --flip")
-            data = PanelData.from_csv(source, samples, site_column, machine_column)
-            patients = np.array([s.patient_id or str(s.path) for s in samples])
-            fit_score = probe_fit_score(feats, data.y, patients, flip_train, tta)
-            recipe = {"kind": "linear probe on frozen features",
-                      "features": [str(f) for f in feature_files],
-                      "preprocessing": [json.loads(s) for s in settings],
-                      "flip_train": flip_train, "tta": tta}
+            data, fit_score, recipe = probe_panel(source, feature_files, site_column,
+                                                  machine_column, flip_train, tta)
         else:
-            from trainer.arrays import cached_arrays
-            from trainer.finetune import FinetuneConfig, finetune_fit_score
-            from worker.imaging.preprocess import PreprocessSettings
-
-            preprocess = PreprocessSettings(size=size, intensity=intensity)
-            samples = [s for s in discover(source) if s.split != "test"]
-            x, samples = cached_arrays(samples, preprocess, cache)
-            if machine_balanced and not machine_column:
-                raise click.UsageError("--machine-balanced needs --machine-column")
-            data = PanelData.from_csv(source, samples, site_column, machine_column)
-            log = out.with_suffix(".fits.jsonl") if out else None
-            if log is not None:
-                log.parent.mkdir(parents=True, exist_ok=True)
-            # Epochs and LR not given: the recipe's own defaults (its config's).
-            given = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
-            if finetune_arch == "lite0-top":
-                from trainer.top import TopConfig, build_front, cached_maps, top_fit_score
-
-                top = TopConfig(size=size, trainable_blocks=trainable_blocks, tta=tta,
-                                members=members,
-                                machine_balanced=machine_balanced, **given)
-                plain, mirrored = cached_maps(build_front(top), x, top, cache,
-                                              tag=preprocess.to_json())
-                fit_score = top_fit_score(top, plain, mirrored, data.y, log, data.machines)
-                recipe = {"kind": "top trained on cached maps", **top.to_dict(),
-                          "preprocessing": json.loads(preprocess.to_json())}
-            else:
-                cfg = FinetuneConfig(arch=finetune_arch or "lite0", size=size,
-                                     intensity_augment=intensity_augment, tta=tta,
-                                     mixed_bfloat16=bf16, machine_balanced=machine_balanced,
-                                     **given)
-                fit_score = finetune_fit_score(cfg, x, data.y, log, data.machines)
-                recipe = {"kind": "network training", **cfg.to_dict(),
-                          "preprocessing": json.loads(preprocess.to_json())}
+            data, fit_score, recipe = network_panel(
+                source, finetune_arch or "", size=size, intensity=intensity, cache=cache,
+                site_column=site_column, machine_column=machine_column,
+                machine_balanced=machine_balanced, tta=tta,
+                log=out.with_suffix(".fits.jsonl") if out else None, epochs=epochs, lr=lr,
+                trainable_blocks=trainable_blocks, members=members,
+                intensity_augment=intensity_augment, bf16=bf16)
+    except OptionError as exc:
+        raise click.UsageError(str(exc)) from exc
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))

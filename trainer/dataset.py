@@ -266,33 +266,6 @@ def split_by_patient(
     return train, val
 
 
-def kfold_by_patient(
-    samples: Sequence[Sample], k: int = 5, seed: int = 0
-) -> list[tuple[list[Sample], list[Sample]]]:
-    """``k`` (train, validation) folds; every patient is validated exactly once.
-
-    Stratified like :func:`split_by_patient`; ``test``-split images are held out.
-    """
-    if k < 2:
-        raise DatasetError(f"k must be at least 2, got {k}")
-    pool = [s for s in samples if s.split != "test"]
-    rng = np.random.default_rng(seed)
-    fold_of: dict[str, int] = {}
-    offset = 0
-    for keys in _strata(pool).values():
-        order = rng.permutation(len(keys))
-        for rank, i in enumerate(order):
-            # Continue the round-robin across strata so fold sizes stay even.
-            fold_of[keys[i]] = (rank + offset) % k
-        offset += len(keys)
-    folds = []
-    for fold in range(k):
-        val = [s for s in pool if fold_of[_group_key(s)] == fold]
-        train = [s for s in pool if fold_of[_group_key(s)] != fold]
-        folds.append((train, val))
-    return folds
-
-
 def read_predictions(csv_path: str | Path, base: str | Path) -> list[Sample]:
     """The labelled images of a run's ``val_predictions.csv`` (file names relative to
     ``base``, the training source's folder), in file order; [] when there is no such file."""

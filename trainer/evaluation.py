@@ -24,7 +24,6 @@ from worker.audit.metrics import (
 RULES = ("mean", "max")  # worker.scoring.model_metadata.AGGREGATION_RULES, in order of preference
 SENSITIVITY_POINTS = (0.80, 0.90, 0.95)
 RECALL_RATE_POINTS = (0.10,)
-DEFAULT_OPERATING_POINT = "sens90"
 
 
 def _combine(values: np.ndarray, rule: str) -> float:

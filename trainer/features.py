@@ -22,6 +22,7 @@ from keras import layers
 from trainer.arrays import preprocess_samples
 from trainer.dataset import DatasetError, Sample, discover
 from trainer.efficientnet_lite import grey_to_normalised_rgb, lite0_backbone
+from worker.imaging.preprocess import PreprocessSettings
 from worker.scoring.model_metadata import INPUT_NAME
 
 POOLINGS = ("avg", "max", "avg+max")
@@ -98,7 +99,8 @@ def select(features: np.ndarray, pooling: str) -> np.ndarray:
 def load_features(path: str | Path, source: str | Path
                   ) -> tuple[list[Sample], dict[str, np.ndarray], str]:
     """Samples in the cached features' row order, their arrays ("plain", and "flipped" when
-    extracted with ``--flip``), and the preprocessing JSON (what :func:`main` writes)."""
+    extracted with ``--flip``), and the preprocessing JSON (what :func:`extract_features`
+    writes)."""
     data = np.load(path)
     by_path = {str(s.path.resolve()): s for s in discover(source) if s.split != "test"}
     samples = [by_path[str(Path(p).resolve())] for p in data["paths"].tolist()]
@@ -122,47 +124,26 @@ def load_feature_sets(paths: Sequence[str | Path], source: str | Path,
     return samples, feats, [settings for _, _, settings in loaded]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Compute and cache the features of a labelled pool, for ``screen panel --features``."""
-    import argparse
-
-    from worker.imaging.preprocess import INTENSITY_MODES, PreprocessSettings
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("source", help="labels.csv or a labelled folder")
-    p.add_argument("--size", type=int, default=384)
-    p.add_argument("--crop", action="store_true")
-    p.add_argument("--orient", choices=("none", "left"), default="none")
-    p.add_argument("--intensity", choices=INTENSITY_MODES, default="percentile")
-    p.add_argument("--no-mask", action="store_true", help="keep what lies outside the breast")
-    p.add_argument("--flip", action="store_true", help="also the features of mirrored images")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--taps", default=None,
-                   help="comma-separated backbone layers to pool instead of the head "
-                        "(e.g. block10_add,block14_add); use the features with avg+max")
-    p.add_argument("--out", type=Path, required=True, help="an .npz file")
-    a = p.parse_args(argv)
-
-    settings = PreprocessSettings(size=a.size, crop=a.crop, orient=a.orient,
-                                  intensity=a.intensity, mask_background=not a.no_mask)
-    samples = [s for s in discover(a.source) if s.split != "test"]
+def extract_features(source: str | Path, settings: PreprocessSettings, out: Path,
+                     flip: bool = False, batch_size: int = 16,
+                     taps: Sequence[str] | None = None) -> int:
+    """Compute and cache (an .npz at ``out``) the features of a labelled pool's images, for
+    ``screen panel --features``; with ``flip`` also those of the mirrored images; with
+    ``taps`` the named backbone layers pooled instead of the head. Returns the image count."""
+    samples = [s for s in discover(source) if s.split != "test"]
     x, samples, failed = preprocess_samples(samples, settings, threads=2, verbose=2)
     if failed:
         print(f"{len(failed)} images failed to preprocess and are left out", flush=True)
-    model = (build_tap_model(a.size, a.taps.split(",")) if a.taps
-             else build_feature_model(a.size))
-    arrays = {"plain": extract(model, x, a.batch_size, label=" plain")}
-    if a.flip:
-        arrays["flipped"] = extract(model, x, a.batch_size, flip=True, label=" flipped")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
+    model = (build_tap_model(settings.size, taps) if taps
+             else build_feature_model(settings.size))
+    arrays = {"plain": extract(model, x, batch_size, label=" plain")}
+    if flip:
+        arrays["flipped"] = extract(model, x, batch_size, flip=True, label=" flipped")
+    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        a.out,
+        out,
         paths=np.array([str(s.path) for s in samples]),
         settings=np.array(settings.to_json()),
         **arrays,
     )
-    print(f"wrote {a.out} ({len(samples)} images)", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return len(samples)

@@ -26,7 +26,6 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from trainer.arrays import cached_arrays
 from trainer.fitting import (
     ArrayBatches,
     balanced_sample_weights,
@@ -34,23 +33,20 @@ from trainer.fitting import (
     cosine_schedule,
     predict,
 )
+from trainer.layers import RandomIntensity
 from trainer.model import build_augmentation, build_model
 from trainer.panel import FitScore, network_fit_score
+from trainer.recipes import FINETUNE
 from worker.scoring.model_metadata import INPUT_NAME
-
-# cached_arrays and predict now live in trainer.arrays and trainer.fitting; re-exported so
-# that code importing them from here (running jobs) keeps working.
-__all__ = ["FinetuneConfig", "RandomIntensity", "cached_arrays", "finetune_fit_score", "fit",
-           "predict", "training_wrapper"]
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     arch: str = "lite0"  # or "cnn" (from scratch, the control of the same cost)
-    size: int = 256
-    epochs: int = 4
-    batch_size: int = 16
-    lr: float = 3e-4
+    size: int = FINETUNE.size
+    epochs: int = FINETUNE.epochs
+    batch_size: int = FINETUNE.batch_size
+    lr: float = FINETUNE.lr
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     intensity_augment: bool = True
@@ -63,40 +59,6 @@ class FinetuneConfig:
 
 
 # --- augmentation in the graph -------------------------------------------------------------
-
-
-class RandomIntensity(layers.Layer):
-    """Training-only changes of the grey curve: gamma in [1/g, g], contrast about the image
-    mean by up to ``contrast``, and Gaussian noise of up to ``noise`` (in [0, 1] units).
-    Background (exact zeros after the v2 mask) stays zero. Identity at inference."""
-
-    def __init__(self, gamma: float = 1.5, contrast: float = 0.25, noise: float = 0.03,
-                 seed: int | None = None, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.gamma, self.contrast, self.noise = gamma, contrast, noise
-        self.seed_gen = keras.random.SeedGenerator(seed)
-
-    def call(self, x: keras.KerasTensor, training: bool | None = None) -> keras.KerasTensor:
-        if not training:
-            return x
-        n = ops.shape(x)[0]
-        shape = (n, 1, 1, 1)
-        log_g = keras.random.uniform(shape, -np.log(self.gamma), np.log(self.gamma),
-                                     seed=self.seed_gen)
-        tissue = ops.cast(x > 0, x.dtype)
-        y = ops.power(ops.maximum(x, 1e-6), ops.exp(log_g))
-        c = keras.random.uniform(shape, 1 - self.contrast, 1 + self.contrast,
-                                 seed=self.seed_gen)
-        mean = ops.sum(y * tissue, axis=(1, 2, 3), keepdims=True) / (
-            ops.sum(tissue, axis=(1, 2, 3), keepdims=True) + 1.0)
-        y = (y - mean) * c + mean
-        sigma = keras.random.uniform(shape, 0.0, self.noise, seed=self.seed_gen)
-        y = y + sigma * keras.random.normal(ops.shape(x), seed=self.seed_gen)
-        return ops.clip(y, 0.0, 1.0) * tissue
-
-    def get_config(self) -> dict[str, object]:
-        return {**super().get_config(), "gamma": self.gamma, "contrast": self.contrast,
-                "noise": self.noise}
 
 
 def training_wrapper(model: keras.Model, cfg: FinetuneConfig, seed: int) -> keras.Model:

@@ -7,8 +7,6 @@ alone; augmentation wraps it only for ``fit`` (see :func:`with_augmentation`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
 from keras import layers
 
@@ -83,7 +81,7 @@ def with_augmentation(model: keras.Model, augment: keras.Sequential) -> keras.Mo
     return keras.Model(inputs, model(augment(inputs)), name=f"{model.name}_train")
 
 
-ARCHES = ("cnn", "lite0")
+NETWORKS = ("cnn", "lite0")  # what build_model builds (recipes: trainer.recipes)
 
 
 def build_model(arch: str, size: int, weights: str | None = "pretrained") -> keras.Model:
@@ -95,17 +93,4 @@ def build_model(arch: str, size: int, weights: str | None = "pretrained") -> ker
         from trainer.efficientnet_lite import build_efficientnet_lite0
 
         return build_efficientnet_lite0(size, weights=weights)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHES}")
-
-
-def default_lr(arch: str, weights: str | None) -> float:
-    """Fine-tuning pretrained weights wants a gentler start than training from scratch."""
-    return 3e-4 if arch == "lite0" and weights else 1e-3
-
-
-def load_trained(path: str | Path) -> keras.Model:
-    """A saved ``best.keras`` of any recipe, read as the exporter, the bench and the trainer
-    all read it: the custom layers a recipe's model holds are registered first."""
-    import trainer.top  # noqa: F401  (AttentionPool, WithMirrorImages, MeanOfHalves)
-
-    return keras.saving.load_model(path, compile=False)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {NETWORKS}")

@@ -24,8 +24,6 @@ from trainer.logistic import L2_GRID, LinearProbe, choose_l2, fit_probe
 from trainer.panel import FitScore
 from worker.scoring.model_metadata import OUTPUT_NAME
 
-PROBE_ARCH = "lite0-probe"
-
 
 @dataclass(frozen=True)
 class ProbeFit:
