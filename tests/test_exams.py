@@ -20,7 +20,9 @@ from tests.conftest import REPO, make_mean_model, run_screen, watching, write_ma
 from worker.app import open_worker
 from worker.config import Config, load_config
 from worker.imaging.preprocess import PreprocessSettings
-from worker.records.store import ExamResult, ImageRecord, ImageStatus, Store, insert_events, utcnow
+from worker.records.clock import utcnow
+from worker.records.models import ExamResult, ImageRecord
+from worker.records.store import ImageStatus, Store, insert_events
 from worker.results.exams import (
     BREAST_COLUMNS,
     EXAM_COLUMNS,

@@ -11,7 +11,9 @@ from sqlalchemy import func, select
 
 from tests.conftest import REPO
 from worker.audit.outcome_labels import OUTCOME_LABELS, describe_vocabulary
-from worker.records.store import ImageRecord, ImageStatus, OutcomeChange, Store, utcnow
+from worker.records.clock import utcnow
+from worker.records.models import ImageRecord, OutcomeChange
+from worker.records.store import ImageStatus, Store
 from worker.results.listing import (
     OutcomeConflictError,
     OutcomeFileError,

@@ -21,16 +21,11 @@ from worker.app import run_process
 from worker.config import ConfigError, load_config
 from worker.imaging.dicom import DicomPolicy, decode_dicom
 from worker.records.connect import open_store
-from worker.records.pacs_queue import (
-    COMPREHENSIVE_3D_SR,
-    SECONDARY_CAPTURE,
-    ResultInstance,
-    ResultUids,
-    result_uid,
-)
+from worker.records.models import Base, ResultInstance
+from worker.records.pacs_queue import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, ResultUids, result_uid
 from worker.records.paths import path_from_db
 from worker.records.schema import head
-from worker.records.store import Base, Store
+from worker.records.store import Store
 from worker.results.pacs_build import capture_pixels, warm_up
 from worker.results.pacs_send import capture_picture
 

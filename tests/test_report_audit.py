@@ -19,7 +19,8 @@ from worker.audit.report import (
 )
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import audit_figure, draw_confusion
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus, Store
 from worker.results.listing import import_outcomes
 
 NASTY_NAME = "<script>alert(1)</script>.png"

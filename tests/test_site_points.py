@@ -190,7 +190,8 @@ def test_migration_0004_adds_the_table_to_an_older_database(tmp_path: Path) -> N
 def test_calibrate_and_history_on_postgresql(pg_url: str) -> None:
     from worker.audit.report import Level
     from worker.audit.site_points import Target, calibrate
-    from worker.records.store import ImageRecord, Outcome, Store
+    from worker.records.models import ImageRecord, Outcome
+    from worker.records.store import Store
 
     store = Store(pg_url)
     try:

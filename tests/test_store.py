@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from worker.records.models import ImageRecord
 from worker.records.paths import display_name, path_from_db, path_to_db
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.store import ImageStatus, Store
 
 
 def _row(**kw: object) -> ImageRecord:

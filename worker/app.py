@@ -23,8 +23,9 @@ from worker.processing.pipeline import FileResult, Pipeline, ensure_folder, ensu
 from worker.records.connect import open_store
 from worker.records.database_url import shown_url
 from worker.records.heartbeat import Heartbeat, running_workers
+from worker.records.models import Exam, ImageRecord
 from worker.records.pacs_queue import planner, queue_summary
-from worker.records.store import Exam, ImageRecord, Store
+from worker.records.store import Store
 from worker.results.exams import ExamBook, ExamScoring
 from worker.scoring.scorer import Scorer
 

@@ -21,7 +21,8 @@ import numpy as np
 from worker.audit.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
 from worker.audit.fitness import fitness_lines
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus, Store
 from worker.results.exams import one_per_instance, score_exam
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION, OperatingPoint
 

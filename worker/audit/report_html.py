@@ -23,7 +23,7 @@ from worker.audit.report import (
     fmt_value,
     period_text,
 )
-from worker.records.store import utcnow
+from worker.records.clock import utcnow
 
 DISCLAIMER = (
     "mammo-screen is a research tool, not a medical device. Its scores must not be used to "

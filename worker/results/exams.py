@@ -41,20 +41,10 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from worker.records.clock import utcnow
+from worker.records.models import BreastResult, Event, Exam, ExamResult, ImageRecord
 from worker.records.paths import display_name, path_from_db, path_to_db
-from worker.records.store import (
-    BreastResult,
-    Event,
-    EventKind,
-    Exam,
-    ExamResult,
-    ExamStatus,
-    ImageRecord,
-    ImageStatus,
-    Store,
-    event_row,
-    utcnow,
-)
+from worker.records.store import EventKind, ExamStatus, ImageStatus, Store, event_row
 from worker.scoring.model_metadata import ModelMetadata
 
 log = logging.getLogger("mammo_screen")

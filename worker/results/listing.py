@@ -13,7 +13,9 @@ from typing import Any
 from sqlalchemy import select
 
 from worker.audit.outcome_labels import OUTCOME_LABELS, describe_vocabulary
-from worker.records.store import ImageRecord, Outcome, OutcomeChange, Store, utcnow
+from worker.records.clock import utcnow
+from worker.records.models import ImageRecord, Outcome, OutcomeChange
+from worker.records.store import Store
 
 RESULT_COLUMNS = (
     "id",
@@ -282,7 +284,8 @@ class WaitingExams:
 def waiting_exams(store: Store, settle_seconds: float) -> WaitingExams:
     from sqlalchemy import func
 
-    from worker.records.store import Exam, ExamStatus
+    from worker.records.models import Exam
+    from worker.records.store import ExamStatus
 
     with store.read() as s:
         count, quiet_since = s.execute(

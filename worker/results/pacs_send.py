@@ -43,17 +43,18 @@ from worker.config import Config
 from worker.faults import crash_point
 from worker.imaging.dicom import DicomPolicy, decode_dicom
 from worker.imaging.reduction import LongSide
+from worker.records.clock import utcnow
 from worker.records.heatmaps import stored_heat
+from worker.records.models import BreastResult, ExamResult, ImageRecord, ResultInstance
 from worker.records.pacs_queue import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
     DeliveryState,
     InstanceKind,
-    ResultInstance,
     ResultUids,
 )
 from worker.records.paths import current_file, path_from_db, path_to_db
-from worker.records.store import BreastResult, ExamResult, ImageRecord, Store, utcnow
+from worker.records.store import Store
 from worker.results.exams import _safe_name, write_atomically
 from worker.results.pacs_build import (
     CAPTURE_LONG_SIDE,
