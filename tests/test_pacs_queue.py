@@ -15,7 +15,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from sqlalchemy import inspect, select, text
 
-from tests.conftest import make_mean_model, write_mammo_like
+from tests.conftest import make_mean_model, write_mammo_like, write_site_config
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from worker.app import run_process
 from worker.config import ConfigError, load_config
@@ -64,16 +64,12 @@ def peer() -> Iterator[Peer]:
 
 def site(folder: Path, port: int, extra: str = "", url: str = "sqlite:///screen.db") -> Path:
     make_mean_model(folder / "models" / "mean.onnx")
-    (folder / "inbox").mkdir(parents=True, exist_ok=True)
-    config = folder / "config.toml"
-    config.write_text(
-        "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
-        "outbox = 'outbox'\ncreate_missing = true\n"
+    return write_site_config(
+        folder,
         f"[database]\nurl = '{url}'\n"
         "[model]\npath = 'models/mean.onnx'\n[worker]\nsettle_seconds = 0.1\n"
         f"[send]\nhost = '127.0.0.1'\nport = {port}\ncalled_ae_title = 'PEER'\n"
-        f"results_dir = 'results'\ntimeout_seconds = 5\n{extra}")
-    return config
+        f"results_dir = 'results'\ntimeout_seconds = 5\n{extra}", outbox=True)
 
 
 def drop_study(inbox: Path, n: int, study: str | None = None, first: int = 0) -> str:

@@ -21,9 +21,10 @@ import numpy as np
 from worker.audit.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
 from worker.audit.fitness import fitness_lines
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
+from worker.records.clock import iso
 from worker.records.models import ImageRecord
 from worker.records.store import ImageStatus, Store
-from worker.results.exams import one_per_instance, score_exam
+from worker.results.aggregation import one_per_instance, score_exam
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION, OperatingPoint
 
 CLASSES = ("benign", "malignant")  # outcome vocabulary; index 1 is the positive class
@@ -354,10 +355,6 @@ def _before(images: list[ImageRecord], until: dt.datetime | None) -> list[ImageR
     return [r for r in images if until is None or r.received_at < until]
 
 
-def _iso(t: dt.datetime | None) -> str | None:
-    return None if t is None else t.isoformat() + "Z"
-
-
 def audit(
     store: Store,
     since: dt.datetime | None = None,
@@ -418,8 +415,8 @@ def audit(
             0, "no scored image has a known outcome yet (screen outcomes import FILE.csv)"
         )
     report = {
-        "since": _iso(since),
-        "until": _iso(until),
+        "since": iso(since),
+        "until": iso(until),
         "total": len(images),
         "by_status": dict(sorted(by_status.items())),
         "by_call": dict(sorted(by_call.items())),

@@ -36,7 +36,7 @@ from worker.audit.metrics import (
 from worker.audit.report import MIN_CASES, Level, audit_rows, resampling_groups, units_at
 from worker.records.models import SitePointRecord
 from worker.records.store import ImageStatus, Store
-from worker.results.exams import one_per_instance
+from worker.results.aggregation import one_per_instance
 from worker.scoring.model_metadata import ModelMetadata, ModelMetadataError, OperatingPoint
 
 if TYPE_CHECKING:

@@ -91,6 +91,11 @@ def event_row(
             "at": utcnow()}
 
 
+def exam_event(s: Session, exam_id: int, kind: EventKind, detail: str | None = None) -> None:
+    """An exam's event (no image), added to the session's transaction."""
+    s.add(Event(image_id=None, exam_id=exam_id, kind=kind, detail=detail, at=utcnow()))
+
+
 _INSERT_EVENTS = insert(Event.__table__)
 
 
