@@ -1,10 +1,10 @@
 """What the revisions that add a table share.
 
 A database made before Alembic is brought to the baseline by the pre-Alembic step
-(worker/records/schema.py, `Store._upgrade`), which first creates every missing table from
-the models, the tables of later revisions included, and is then stamped at the baseline and
-upgraded. A revision that adds a table therefore finds it there already on such a database,
-and makes it (and its indexes) only where it is missing.
+(`bring_up_to_date` in worker/records/schema.py, then `Store._upgrade`), which first creates
+every missing table from the models, those of later revisions included; it is then stamped at
+the baseline and upgraded. A revision that adds a table therefore finds it there already on
+such a database, and makes it (and its indexes) only where it is missing.
 """
 
 from __future__ import annotations
