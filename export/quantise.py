@@ -35,13 +35,14 @@ from export.bias_correction import BiasShift, correct_biases
 from trainer.dataset import DatasetError, Sample, discover, read_predictions
 from worker.audit.metrics import confusion_at, rates, roc_auc
 from worker.imaging.preprocess import preprocess_file
+from worker.scoring.model_file import ModelLoadError
 from worker.scoring.model_metadata import (
     KEY_MODEL_VERSION,
     ModelMetadata,
     ModelMetadataError,
     OperatingPoint,
 )
-from worker.scoring.scorer import ModelLoadError, Scorer
+from worker.scoring.scorer import Scorer
 
 INT8_SUFFIX = "-int8"
 # Rates compared at each operating point's threshold, float against int8.

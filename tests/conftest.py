@@ -137,6 +137,18 @@ def write_mammo_like(
     return path
 
 
+def write_site_config(folder: Path, rest: str, outbox: bool = False) -> Path:
+    """`folder`/config.toml for a site whose folders (inbox, processed, quarantine, and the
+    outbox when asked) sit in `folder`, made as needed; `rest`: the sections after [paths]."""
+    (folder / "inbox").mkdir(parents=True, exist_ok=True)
+    config = folder / "config.toml"
+    config.write_text(
+        "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
+        + ("outbox = 'outbox'\n" if outbox else "") + "create_missing = true\n" + rest
+    )
+    return config
+
+
 @pytest.fixture
 def mean_model(tmp_path: Path) -> Path:
     return make_mean_model(tmp_path / "models" / "mean.onnx")

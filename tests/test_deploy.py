@@ -142,8 +142,8 @@ def _writable(values: dict[str, list[str]]) -> list[Path]:
 
 @pytest.mark.parametrize("name", UNITS)
 def test_service_config_writes_only_where_the_unit_may(name: str) -> None:
-    from worker.app import sqlite_file
     from worker.config import load_config
+    from worker.records.database_url import sqlite_file
 
     cfg = load_config(SERVICE_CONFIG)
     assert not cfg.create_missing

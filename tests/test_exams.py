@@ -20,21 +20,13 @@ from tests.conftest import REPO, make_mean_model, run_screen, watching, write_ma
 from worker.app import open_worker
 from worker.config import Config, load_config
 from worker.imaging.preprocess import PreprocessSettings
-from worker.records.store import ExamResult, ImageRecord, ImageStatus, Store, insert_events, utcnow
-from worker.results.exams import (
-    BREAST_COLUMNS,
-    EXAM_COLUMNS,
-    SCHEMA_ID,
-    ExamBook,
-    Joining,
-    aggregate,
-    breast_rows,
-    exam_rows,
-    join_exams,
-    publish,
-    score_exam,
-    write_atomically,
-)
+from worker.records.clock import utcnow
+from worker.records.models import ExamResult, ImageRecord
+from worker.records.store import ImageStatus, Store, insert_events
+from worker.results.aggregation import aggregate, score_exam
+from worker.results.exams import ExamBook, Joining, join_exams
+from worker.results.listing import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
+from worker.results.outbox import SCHEMA_ID
 from worker.scoring.model_metadata import (
     DEFAULT_AGGREGATION,
     KEY_AGGREGATION,
@@ -350,34 +342,6 @@ def test_a_batch_joins_its_exams_in_decision_order(tmp_path: Path) -> None:
 
 
 # ---- the outbox ----------------------------------------------------------------------------
-
-
-def test_outbox_write_is_atomic_and_never_replaces_another_document(tmp_path: Path) -> None:
-    dest = tmp_path / "out" / "S1.001.json"
-    assert write_atomically(dest, b'{"a": 1}\n', "r1") == dest
-    assert write_atomically(dest, b'{"a": 1}\n', "r1") == dest  # a retry: same bytes, done
-    other = write_atomically(dest, b'{"a": 2}\n', "r7")
-    assert other.name == "S1.001.r7.json" and dest.read_bytes() == b'{"a": 1}\n'
-    with pytest.raises(FileExistsError):
-        write_atomically(dest, b'{"a": 3}\n', "r7")
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["S1.001.json", "S1.001.r7.json"]
-
-
-def test_a_document_written_meanwhile_by_another_worker_is_not_replaced(tmp_path: Path) -> None:
-    """Two workers racing on one owed document: the one that names its file second finds the
-    name taken and leaves the first file in place (same inode: a reader watching the folder
-    sees one document, not two), and its temp file is gone."""
-    dest = tmp_path / "S1.001.json"
-    dest.write_bytes(b'{"a": 1}\n')
-    before = dest.stat().st_ino
-    tmp = tmp_path / ".S1.001.json.99.tmp"
-    tmp.write_bytes(b'{"a": 1}\n')
-    assert publish(tmp, dest) is False
-    assert dest.stat().st_ino == before and not tmp.exists()
-    fresh = tmp_path / ".S2.001.json.99.tmp"
-    fresh.write_bytes(b'{"b": 2}\n')
-    assert publish(fresh, tmp_path / "S2.001.json") is True
-    assert (tmp_path / "S2.001.json").read_bytes() == b'{"b": 2}\n' and not fresh.exists()
 
 
 def test_document_owed_after_a_crash_is_written_by_the_next_step(workdir: Path) -> None:

@@ -21,8 +21,9 @@ from tests.conftest import REPO, make_mean_model, run_screen
 from worker.app import status as get_status
 from worker.config import ConfigError, load_config
 from worker.records.connect import open_store
-from worker.records.heartbeat import Heartbeat, WorkerRecord, running_workers
-from worker.records.store import Base, ImageRecord, Store
+from worker.records.heartbeat import Heartbeat, running_workers
+from worker.records.models import Base, ImageRecord, WorkerRecord
+from worker.records.store import Store
 
 
 def _screen(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:

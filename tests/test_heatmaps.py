@@ -18,8 +18,9 @@ from tests.attention_model import make_attention_model
 from tests.conftest import write_mammo_like
 from tests.test_faults import _screen
 from worker.records.heatmaps import heatmap_for, heatmap_row, insert_heatmaps
+from worker.records.models import HeatmapRecord, ImageRecord
 from worker.records.schema import head
-from worker.records.store import HeatmapRecord, ImageRecord, Store
+from worker.records.store import Store
 
 
 def _attention_workdir(workdir: Path) -> Path:
@@ -139,8 +140,7 @@ def test_a_database_of_the_previous_release_gains_the_table(empty_url: str) -> N
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    import worker.records.heartbeat  # noqa: F401  (its table is part of the schema)
-    from worker.records.store import Base
+    from worker.records.models import Base
 
     url = empty_url
     engine = create_engine(url)

@@ -17,8 +17,9 @@ from worker.audit.figures import operating_point_figures
 from worker.audit.units import AuditRow
 from worker.config import load_config
 from worker.imaging.preprocess import PreprocessSettings
+from worker.scoring.model_file import ModelLoadError
 from worker.scoring.model_metadata import ModelMetadata, OperatingPoint
-from worker.scoring.scorer import ModelLoadError, Scorer
+from worker.scoring.scorer import Scorer
 
 POINTS = {"sens90": 0.3, "sens80": 0.6, "recall10": 0.9}
 

@@ -12,7 +12,9 @@ from sqlalchemy import func, select
 from tests.conftest import REPO
 from worker.audit.outcome_labels import OUTCOME_LABELS, describe_vocabulary
 from worker.audit.outcomes import OutcomeConflictError, OutcomeFileError, import_outcomes
-from worker.records.store import ImageRecord, ImageStatus, OutcomeChange, Store, utcnow
+from worker.records.clock import utcnow
+from worker.records.models import ImageRecord, OutcomeChange
+from worker.records.store import ImageStatus, Store
 from worker.results.listing import outcome_history
 
 SHA = {name: name[0] * 64 for name in ("a.png", "b.png", "c.png")}

@@ -15,22 +15,17 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from sqlalchemy import inspect, select, text
 
-from tests.conftest import make_mean_model, write_mammo_like
+from tests.conftest import make_mean_model, write_mammo_like, write_site_config
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from worker.app import run_process
 from worker.config import ConfigError, load_config
 from worker.imaging.dicom import DicomPolicy, decode_dicom
 from worker.records.connect import open_store
-from worker.records.pacs_queue import (
-    COMPREHENSIVE_3D_SR,
-    SECONDARY_CAPTURE,
-    ResultInstance,
-    ResultUids,
-    result_uid,
-)
+from worker.records.models import Base, ResultInstance
+from worker.records.pacs_queue import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, ResultUids, result_uid
 from worker.records.paths import path_from_db
 from worker.records.schema import head
-from worker.records.store import Base, Store
+from worker.records.store import Store
 from worker.results.pacs_build import capture_pixels, warm_up
 from worker.results.pacs_send import capture_picture
 
@@ -69,16 +64,12 @@ def peer() -> Iterator[Peer]:
 
 def site(folder: Path, port: int, extra: str = "", url: str = "sqlite:///screen.db") -> Path:
     make_mean_model(folder / "models" / "mean.onnx")
-    (folder / "inbox").mkdir(parents=True, exist_ok=True)
-    config = folder / "config.toml"
-    config.write_text(
-        "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
-        "outbox = 'outbox'\ncreate_missing = true\n"
+    return write_site_config(
+        folder,
         f"[database]\nurl = '{url}'\n"
         "[model]\npath = 'models/mean.onnx'\n[worker]\nsettle_seconds = 0.1\n"
         f"[send]\nhost = '127.0.0.1'\nport = {port}\ncalled_ae_title = 'PEER'\n"
-        f"results_dir = 'results'\ntimeout_seconds = 5\n{extra}")
-    return config
+        f"results_dir = 'results'\ntimeout_seconds = 5\n{extra}", outbox=True)
 
 
 def drop_study(inbox: Path, n: int, study: str | None = None, first: int = 0) -> str:

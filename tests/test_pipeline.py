@@ -15,7 +15,8 @@ from sqlalchemy import select
 from tests.conftest import copy_into, dev_pool_images, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
-from worker.records.store import ImageRecord, ImageStatus
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus
 from worker.scoring.scorer import Scorer
 
 

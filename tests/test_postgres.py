@@ -69,7 +69,6 @@ def test_unreachable_postgres_is_one_line(workdir: Path, tmp_path: Path) -> None
 
 
 def test_schema_is_the_same_on_sqlite_and_postgres(tmp_path: Path, pg_url: str) -> None:
-    import worker.records.heartbeat  # noqa: F401  (its table is part of the schema)
     from worker.records.store import Store
 
     def shape(url: str) -> dict[str, set[str]]:

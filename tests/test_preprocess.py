@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import DATA, write_mammo_like
+from worker.imaging.errors import ImageError
 from worker.imaging.image_header import read_header
 from worker.imaging.preprocess import (
-    ImageError,
     PreprocessSettings,
     background_is_bright,
     breast_mask,

@@ -41,7 +41,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
 )
 
-from tests.conftest import REPO, make_mean_model, require_programs
+from tests.conftest import REPO, make_mean_model, require_programs, write_site_config
 from tests.test_faults import assert_exactly_once
 from worker.config import Config, ConfigError, load_config
 from worker.intake.receive import (
@@ -157,14 +157,7 @@ def _synthetic(
 
 
 def _write_config(folder: Path, extra: str = "") -> Path:
-    (folder / "inbox").mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    path.write_text(
-        "[paths]\ninbox = 'inbox'\nprocessed = 'processed'\nquarantine = 'quarantine'\n"
-        "create_missing = true\n"
-        f"[receive]\nae_title = '{AE_TITLE}'\nport = 0\n{extra}"
-    )
-    return path
+    return write_site_config(folder, f"[receive]\nae_title = '{AE_TITLE}'\nport = 0\n{extra}")
 
 
 @pytest.fixture

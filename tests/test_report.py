@@ -15,7 +15,8 @@ from tests.conftest import DATA, copy_into, dev_pool_images
 from worker.audit.report import build_report
 from worker.cli import cli
 from worker.config import Config
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus, Store
 
 
 def _run(workdir: Path, *args: str) -> str:

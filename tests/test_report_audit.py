@@ -16,7 +16,8 @@ from worker.audit.report_html import render_html
 from worker.audit.report_plots import audit_figure, draw_confusion
 from worker.audit.report_text import format_text
 from worker.audit.units import AuditRow, ResampledUnit, resampling_groups
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus, Store
 
 NASTY_NAME = "<script>alert(1)</script>.png"
 T0 = dt.datetime(2026, 3, 1)

@@ -185,7 +185,8 @@ def test_an_instance_sent_twice_is_one_image_of_its_breast(tmp_path: Path) -> No
     """As in worker/results/exams.py: the latest copy of a SOP instance counts in breasts and exams;
     image level keeps both copies, as it always has."""
     from worker.audit.outcomes import import_outcomes
-    from worker.records.store import ImageRecord, ImageStatus
+    from worker.records.models import ImageRecord
+    from worker.records.store import ImageStatus
 
     store = Store(f"sqlite:///{tmp_path / 'd.db'}")
     rows = [("a", "1.2.3", 0.9), ("b", "1.2.3", 0.2), ("c", None, 0.4)]  # a then b: same instance

@@ -15,7 +15,8 @@ from worker.audit.report import audit, reason_kind
 from worker.audit.report_html import render_html
 from worker.audit.report_plots import MIN_PER_BIN, audit_figure, calibration_bins
 from worker.audit.report_text import bootstrap_text, format_text
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus, Store
 from worker.scoring.levels import Level
 
 T0 = dt.datetime(2026, 3, 1)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from sqlalchemy import inspect, text
 
-import worker.records.heartbeat  # noqa: F401  (its table is part of the schema)
 from tests.conftest import REPO
 from tests.test_faults import _screen
 from worker.records.schema import MIGRATIONS, head, is_current, newest_revision
@@ -103,8 +102,8 @@ def test_a_new_database_is_stamped_as_alembic_stamps_it(tmp_path: Path) -> None:
     from alembic import command
     from sqlalchemy import create_engine
 
+    from worker.records.models import Base
     from worker.records.schema import _config
-    from worker.records.store import Base
 
     Store(f"sqlite:///{tmp_path / 'fast.db'}").dispose()
     engine = create_engine(f"sqlite:///{tmp_path / 'alembic.db'}")

@@ -189,7 +189,8 @@ def test_migration_0004_adds_the_table_to_an_older_database(tmp_path: Path) -> N
 
 def test_calibrate_and_history_on_postgresql(pg_url: str) -> None:
     from worker.audit.calibration import calibrate
-    from worker.records.store import ImageRecord, Outcome, Store
+    from worker.records.models import ImageRecord, Outcome
+    from worker.records.store import Store
     from worker.scoring.levels import Level
     from worker.scoring.site_points import Target
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from worker.records.models import ImageRecord
 from worker.records.paths import display_name, path_from_db, path_to_db
-from worker.records.store import ImageRecord, ImageStatus, Store
+from worker.records.store import ImageStatus, Store
 
 
 def _row(**kw: object) -> ImageRecord:
@@ -37,7 +38,7 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def test_one_open_row_per_path_and_content(any_url: str) -> None:
     """The exactly-once index, partial on both databases (on PostgreSQL its predicate is
-    added as the table is created: worker.records.store `_open_file_index_on_postgresql`)."""
+    added as the table is created: worker.records.models `_open_file_index_on_postgresql`)."""
     store = Store(any_url)
     with store.write() as s:
         s.add(_row())

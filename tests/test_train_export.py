@@ -240,7 +240,7 @@ def test_train_defaults_are_the_shipped_recipe() -> None:
 
     from tests.conftest import SHIPPED_MODEL
     from trainer.commands import train
-    from trainer.train import TrainConfig
+    from trainer.train_config import TrainConfig
     from worker.imaging.preprocess import PreprocessSettings
     from worker.scoring.scorer import Scorer
 

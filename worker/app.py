@@ -12,8 +12,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
 from worker.config import Config
 from worker.intake.inbox import SettleTracker, scan_inbox
 from worker.intake.lock import InboxLock
@@ -22,9 +20,10 @@ from worker.intake.watcher import InboxWatcher
 from worker.processing.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
 from worker.records.connect import open_store
 from worker.records.database_url import shown_url
-from worker.records.heartbeat import Heartbeat, running_workers
+from worker.records.heartbeat import Heartbeat
+from worker.records.overview import overview
 from worker.records.pacs_queue import planner, queue_summary
-from worker.records.store import Exam, ImageRecord, Store
+from worker.records.store import Store
 from worker.results.exams import ExamBook, ExamScoring
 from worker.scoring.scorer import Scorer
 
@@ -173,18 +172,7 @@ def status(config: Config) -> dict[str, Any]:
 
     store = open_store(config)
     try:
-        workers = running_workers(store, config.heartbeat_stale_seconds)
-        counts = store.counts_by_status()
-        with store.read() as s:
-            last = s.scalar(select(func.max(ImageRecord.received_at)))
-            owed = s.scalar(
-                select(func.count()).select_from(ImageRecord).where(ImageRecord.moved_at.is_(None))
-            )
-            exams = {
-                status: n
-                for status, n in s.execute(select(Exam.status, func.count()).group_by(Exam.status))
-            }
-            send = queue_summary(s)
+        seen = overview(store, config.heartbeat_stale_seconds)
         site_points = [p.to_json() for p in in_force(history(store)).values()]
     finally:
         store.dispose()
@@ -208,15 +196,15 @@ def status(config: Config) -> dict[str, Any]:
     return {
         "inbox": str(config.inbox),
         "backlog": backlog,
-        "unfinished_rows": owed,
-        "last_received": None if last is None else last.isoformat() + "Z",
-        "counts": counts,
-        "exams": exams,  # open (waiting for their study to settle) and scored
-        "send": {**send, "to": (f"{config.send.called_ae_title}@{config.send.host}:"
-                                f"{config.send.port}") if config.send.enabled else None},
+        "unfinished_rows": seen.unfinished_rows,
+        "last_received": seen.last_received,
+        "counts": seen.counts,
+        "exams": seen.exams,  # open (waiting for their study to settle) and scored
+        "send": {**seen.send, "to": (f"{config.send.called_ae_title}@{config.send.host}:"
+                                     f"{config.send.port}") if config.send.enabled else None},
         "model": model,  # the configured model, which a running worker may not be serving
         "site_points": site_points,  # in force, for any model version
-        "workers": workers,
+        "workers": seen.workers,
         "stale_after_seconds": config.heartbeat_stale_seconds,
         "database": shown_url(config.database_url),
         "now": dt.datetime.now(dt.UTC).isoformat(),

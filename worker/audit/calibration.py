@@ -25,8 +25,9 @@ from worker.audit.metrics import (
     threshold_for_specificity,
 )
 from worker.audit.units import audit_rows, resampling_groups, units_at
-from worker.records.store import ImageStatus, SitePointRecord, Store
-from worker.results.exams import one_per_instance
+from worker.records.models import SitePointRecord
+from worker.records.store import ImageStatus, Store
+from worker.results.aggregation import one_per_instance
 from worker.scoring.levels import Level
 from worker.scoring.site_points import FIGURES, SitePoint, Target
 

@@ -16,7 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.audit.outcome_labels import OUTCOME_LABELS, describe_vocabulary
-from worker.records.store import ImageRecord, Outcome, OutcomeChange, Store, utcnow
+from worker.records.clock import utcnow
+from worker.records.models import ImageRecord, Outcome, OutcomeChange
+from worker.records.store import Store
 
 _LABEL_OF = {
     word: label for label, aliases in OUTCOME_LABELS.items() for word in (label, *aliases)

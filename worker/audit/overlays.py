@@ -22,8 +22,9 @@ from worker.imaging.heatmap_geometry import preprocess_with_frame, to_original_f
 from worker.imaging.preprocess import decode_image
 from worker.imaging.reduction import LongSide
 from worker.records.heatmaps import heatmap_for, top_scored_with_heatmaps
+from worker.records.models import ImageRecord
 from worker.records.paths import current_file
-from worker.records.store import ImageRecord, Store
+from worker.records.store import Store
 
 if TYPE_CHECKING:
     from worker.scoring.scorer import Scorer

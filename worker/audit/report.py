@@ -20,8 +20,10 @@ import numpy as np
 from worker.audit.bootstrap import RESAMPLES, SEED
 from worker.audit.figures import level_figures, model_figures, operating_point_figures
 from worker.audit.units import AuditRow, audit_rows, units_at
-from worker.records.store import ImageRecord, ImageStatus, Store
-from worker.results.exams import one_per_instance
+from worker.records.clock import iso
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus, Store
+from worker.results.aggregation import one_per_instance
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import OperatingPoint
 
@@ -54,10 +56,6 @@ def _before(images: list[ImageRecord], until: dt.datetime | None) -> list[ImageR
     # Store.all_images filters `since` in SQL; `until` is applied here so the store's query
     # stays as it is.
     return [r for r in images if until is None or r.received_at < until]
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return None if t is None else t.isoformat() + "Z"
 
 
 def _add_levels(
@@ -155,8 +153,8 @@ def audit(
     scored = by_status.get(ImageStatus.SCORED, 0)
     with_outcome = sum(len(v) for v in per_version.values())
     report = {
-        "since": _iso(since),
-        "until": _iso(until),
+        "since": iso(since),
+        "until": iso(until),
         "total": len(images),
         "by_status": dict(sorted(by_status.items())),
         "by_call": dict(sorted(by_call.items())),

@@ -16,7 +16,7 @@ from typing import Any
 from worker.audit.fitness import fitness_html
 from worker.audit.report import Audit
 from worker.audit.report_text import FIGURE_ROWS, bootstrap_text, fmt_ci, fmt_value, period_text
-from worker.records.store import utcnow
+from worker.records.clock import utcnow
 from worker.scoring.levels import Level
 
 DISCLAIMER = (

@@ -7,8 +7,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
 
-from worker.records.store import ImageRecord, ImageStatus
-from worker.results.exams import score_exam
+from worker.records.models import ImageRecord
+from worker.records.store import ImageStatus
+from worker.results.aggregation import score_exam
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION
 

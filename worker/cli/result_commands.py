@@ -52,8 +52,16 @@ def results(
       screen results --level exam --format csv   # patient_id,study_uid,n_images,score,label
     """
     from worker.records.connect import open_store
-    from worker.results.exams import BREAST_COLUMNS, EXAM_COLUMNS, breast_rows, exam_rows
-    from worker.results.listing import describe_waiting, format_rows, result_rows, waiting_exams
+    from worker.results.listing import (
+        BREAST_COLUMNS,
+        EXAM_COLUMNS,
+        breast_rows,
+        describe_waiting,
+        exam_rows,
+        format_rows,
+        result_rows,
+        waiting_exams,
+    )
 
     if history and level == "image":
         raise click.UsageError("--history applies to --level breast or exam")

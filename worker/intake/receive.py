@@ -16,12 +16,10 @@ is acknowledged without a second copy; different content under the same UID gets
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import re
-import secrets
 import signal
 import threading
 import time
@@ -67,6 +65,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from worker.config import Config
 from worker.intake.stop_signals import install_stop_handlers
 from worker.processing.pipeline import ensure_inbox
+from worker.records.durable import temp_path, write_new
 
 log = logging.getLogger("mammo_screen")
 
@@ -178,67 +177,23 @@ class Refused:
 
 
 class InboxWriter:
-    """Puts bytes into the inbox under a final name atomically, never overwriting a file."""
+    """Puts bytes into the inbox under a final name atomically, never overwriting a file
+    (worker/records/durable.py)."""
 
     def __init__(self, inbox: Path) -> None:
         self.inbox = inbox
 
     def put(self, stem: str, data: bytes, dataset_start: int, transfer_syntax: str) -> Stored:
         """`data`: a whole DICOM file, its dataset from `dataset_start`, in `transfer_syntax`."""
-        tmp = self._write_temp(data)
-        try:
-            return self._publish(tmp, stem, (data, dataset_start, transfer_syntax))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-    def _write_temp(self, data: bytes) -> Path:
-        tmp = self.inbox / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)  # the bytes are on disk before the file has a name the watcher reads
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp
-
-    def _publish(self, tmp: Path, stem: str, instance: tuple[bytes, int, str]) -> Stored:
-        n = 0
-        while n < _MAX_SAME_UID:
-            final = self.inbox / (f"{stem}.dcm" if n == 0 else f"{stem}-{n}.dcm")
-            if self._link(tmp, final):
-                _fsync_dir(self.inbox)
-                return Stored(final, resend=False)
-            try:
-                if _same_instance(final, *instance):
-                    return Stored(final, resend=True)
-            except FileNotFoundError:
-                continue  # the worker just took it away: the name is free again
-            n += 1
-        raise OSError(errno.EEXIST, f"{_MAX_SAME_UID} different files already named {stem}")
-
-    @staticmethod
-    def _link(tmp: Path, final: Path) -> bool:
-        """Give `tmp` the name `final` unless that name exists; False if it does."""
-        try:
-            os.link(tmp, final)  # atomic and refuses to replace an existing name
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-        # A filesystem without hard links: check, then rename (atomic for the content; only
-        # another writer choosing the same name in between could be overwritten).
-        if os.path.lexists(final):
-            return False
-        os.rename(tmp, final)
-        return True
+        names = (self.inbox / (f"{stem}.dcm" if n == 0 else f"{stem}-{n}.dcm")
+                 for n in range(_MAX_SAME_UID))
+        placed = write_new(data, temp_path(self.inbox, TEMP_PREFIX, TEMP_SUFFIX), names,
+                           lambda final: _same_instance(final, data, dataset_start,
+                                                        transfer_syntax))
+        if placed is None:
+            raise OSError(errno.EEXIST, f"{_MAX_SAME_UID} different files already named {stem}")
+        final, written = placed
+        return Stored(final, resend=not written)
 
 
 def _same_instance(existing: Path, data: bytes, dataset_start: int, transfer_syntax: str) -> bool:
@@ -253,14 +208,6 @@ def _same_instance(existing: Path, data: bytes, dataset_start: int, transfer_syn
     with existing.open("rb") as fh:
         fh.seek(offset)
         return fh.read() == memoryview(data)[dataset_start:]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _status(status: StoreStatus, comment: str | None = None) -> Dataset:

@@ -53,19 +53,18 @@ from worker.imaging.errors import ImageError
 from worker.imaging.heatmap_geometry import Frame, preprocess_with_frame, to_original_frame
 from worker.imaging.identity import IdentityReader
 from worker.imaging.preprocess import PreprocessSettings
-from worker.records.heartbeat import WorkerRecord
+from worker.records.clock import utcnow
 from worker.records.heatmaps import heatmap_row, insert_heatmaps
+from worker.records.models import ImageRecord, WorkerRecord
 from worker.records.paths import display_name, path_from_db, path_to_db
 from worker.records.store import (
     FILES_LOCK,
     FINAL_STATUSES,
     EventKind,
-    ImageRecord,
     ImageStatus,
     Store,
     event_row,
     insert_events,
-    utcnow,
 )
 from worker.results.exams import Joining, join_exams
 from worker.scoring.scorer import Scorer

@@ -26,13 +26,14 @@ from contextlib import contextmanager
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Float, Integer, String, Text, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Mapped, mapped_column
 
 from worker.config import Config
+from worker.records.clock import iso, utcnow
+from worker.records.models import WorkerRecord
 from worker.records.paths import path_to_db
-from worker.records.store import Base, Store, utcnow
+from worker.records.store import Store
 
 log = logging.getLogger("mammo_screen")
 
@@ -41,27 +42,6 @@ class WorkerState(StrEnum):
     LIVE = "live"
     STALE = "stale"  # no beat for heartbeat_stale_seconds: killed, hung, or its machine is down
     STOPPED = "stopped"
-
-
-class WorkerRecord(Base):
-    """One worker process's life: a new table, so databases from older releases gain it through
-    `create_all` without any change to the existing tables."""
-
-    __tablename__ = "workers"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    pid: Mapped[int] = mapped_column(Integer)
-    host: Mapped[str] = mapped_column(String(255))
-    command: Mapped[str] = mapped_column(String(16))  # watch | process
-    inbox: Mapped[str] = mapped_column(Text, index=True)
-    model_path: Mapped[str] = mapped_column(Text)
-    model_version: Mapped[str] = mapped_column(String(128))
-    config_path: Mapped[str | None] = mapped_column(Text, default=None)
-    beat_seconds: Mapped[float] = mapped_column(Float)
-    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    last_beat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    stopped_at: Mapped[dt.datetime | None] = mapped_column(default=None, index=True)
-    stop_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Heartbeat:
@@ -172,10 +152,6 @@ class Heartbeat:
         self.worker_id = None
 
 
-def _iso(value: dt.datetime) -> str:
-    return value.isoformat() + "Z"
-
-
 def running_workers(store: Store, stale_after_seconds: float) -> list[dict[str, Any]]:
     """Workers not marked stopped, oldest first, each `live` or `stale` by its last beat."""
     now = utcnow()
@@ -202,8 +178,8 @@ def running_workers(store: Store, stale_after_seconds: float) -> list[dict[str, 
                 "model_path": r.model_path,
                 "model_version": r.model_version,
                 "config_path": r.config_path,
-                "started_at": _iso(r.started_at),
-                "last_beat_at": _iso(r.last_beat_at),
+                "started_at": iso(r.started_at),
+                "last_beat_at": iso(r.last_beat_at),
                 "seconds_since_beat": round(age, 1),
             }
         )

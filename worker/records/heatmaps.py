@@ -16,7 +16,8 @@ import numpy as np
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from worker.records.store import HeatmapRecord, ImageRecord, Store
+from worker.records.models import HeatmapRecord, ImageRecord
+from worker.records.store import Store
 
 _DTYPE = np.dtype("<f2")
 _INSERT = insert(HeatmapRecord.__table__)

@@ -26,16 +26,16 @@ the source file, so building again gives the same bytes too.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String, Text, event, func, select
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
-from worker.records.store import Base, ExamResult, ImageRecord, utcnow
+from worker.records.clock import iso, utcnow
+from worker.records.models import ExamResult, ImageRecord, ResultInstance
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -55,36 +55,6 @@ WAITING = (DeliveryState.PLANNED.value, DeliveryState.READY.value)
 class InstanceKind(StrEnum):
     REPORT = "sr"  # the exam's TID 1500 measurement report
     CAPTURE = "sc"  # one image's Secondary Capture
-
-
-class ResultInstance(Base):
-    """One DICOM instance to deliver to the PACS."""
-
-    __tablename__ = "result_instances"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    exam_result_id: Mapped[int] = mapped_column(ForeignKey("exam_results.id"), index=True)
-    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), default=None)
-    kind: Mapped[str] = mapped_column(String(8))  # InstanceKind
-    study_uid: Mapped[str] = mapped_column(String(64))
-    series_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    # A report that replaces an earlier one of the same exam (a rescoring): that one's UID.
-    supersedes_uid: Mapped[str | None] = mapped_column(String(64), default=None)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # DeliveryState
-    path: Mapped[str | None] = mapped_column(Text, default=None)  # the built file
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    built_at: Mapped[dt.datetime | None] = mapped_column(default=None)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(default=None)
-    sent_to: Mapped[str | None] = mapped_column(Text, default=None)  # AE@host:port
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    # A worker's hold on the row while it builds or sends it (several workers, PostgreSQL).
-    claimed_until: Mapped[dt.datetime | None] = mapped_column(default=None)
-    status_code: Mapped[int | None] = mapped_column(Integer, default=None)  # the PACS's answer
-    last_error: Mapped[str | None] = mapped_column(Text, default=None)
-    first_failed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 def result_uid(prefix: str, study_uid: str, model_version: str, seq: int, role: str) -> str:
@@ -191,4 +161,4 @@ def queue_summary(s: Session) -> dict[str, Any]:
 def _failure(row: ResultInstance) -> dict[str, Any]:
     return {"sop_instance_uid": row.sop_instance_uid, "kind": row.kind, "state": row.state,
             "attempts": row.attempts, "status_code": row.status_code, "error": row.last_error,
-            "since": None if row.first_failed_at is None else row.first_failed_at.isoformat() + "Z"}
+            "since": iso(row.first_failed_at)}

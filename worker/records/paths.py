@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from worker.records.store import ImageRecord
+    from worker.records.models import ImageRecord
 
 _PREFIX = "b64:"
 

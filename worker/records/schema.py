@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, inspect, text
 from sqlalchemy.engine import Connection
 
-import worker.records.pacs_queue  # noqa: F401  (its table is one of the models)
-from worker.records.store import Base
+from worker.records.models import Base
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig

@@ -9,9 +9,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from worker.records.store import OutcomeChange, Store, utcnow
+from worker.records.clock import iso, utcnow
+from worker.records.models import BreastResult, ExamResult, OutcomeChange
+from worker.records.paths import path_from_db
+from worker.records.store import Store
 
 RESULT_COLUMNS = (
     "id",
@@ -37,10 +41,6 @@ RESULT_COLUMNS = (
 )
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat() + "Z"
-
-
 def result_rows(store: Store, since: dt.datetime | None = None) -> list[dict[str, Any]]:
     outcomes = store.outcomes()
     rows = []
@@ -56,8 +56,8 @@ def result_rows(store: Store, since: dt.datetime | None = None) -> list[dict[str
                 "label": r.label,
                 "threshold": r.threshold,
                 "model_version": r.model_version,
-                "received_at": _iso(r.received_at),
-                "scored_at": _iso(r.scored_at),
+                "received_at": iso(r.received_at),
+                "scored_at": iso(r.scored_at),
                 "error": r.error,
                 "duplicate_of": r.duplicate_of,
                 "final_path": r.final_path,
@@ -97,7 +97,7 @@ def outcome_history(store: Store, sha256: str) -> list[dict[str, Any]]:
                 "label": c.label,
                 "previous_label": c.previous_label,
                 "source": c.source,
-                "at": _iso(c.at),
+                "at": iso(c.at),
             }
             for c in changes
         ]
@@ -115,7 +115,8 @@ class WaitingExams:
 def waiting_exams(store: Store, settle_seconds: float) -> WaitingExams:
     from sqlalchemy import func
 
-    from worker.records.store import Exam, ExamStatus
+    from worker.records.models import Exam
+    from worker.records.store import ExamStatus
 
     with store.read() as s:
         count, quiet_since = s.execute(
@@ -136,3 +137,88 @@ def describe_waiting(waiting: WaitingExams, now: dt.datetime | None = None) -> s
             f"([worker] study_settle_seconds = {waiting.settle_seconds:g}); the next is scored "
             f"{when} by a running `screen watch` or the next `screen process` "
             "(`screen process --settle-now` scores them all now)")
+
+
+# ---- breasts and exams (screen results --level breast|exam) --------------------------------
+
+BREAST_COLUMNS = ("patient_id", "study_uid", "laterality", "n_images", "score", "label")
+EXAM_COLUMNS = ("patient_id", "study_uid", "n_images", "score", "label")
+
+
+def _latest_results(s: Session) -> list[ExamResult]:
+    latest = (
+        select(ExamResult.exam_id, func.max(ExamResult.seq).label("seq"))
+        .group_by(ExamResult.exam_id)
+        .subquery()
+    )
+    return list(
+        s.scalars(
+            select(ExamResult)
+            .join(
+                latest,
+                (ExamResult.exam_id == latest.c.exam_id) & (ExamResult.seq == latest.c.seq),
+            )
+            .order_by(ExamResult.exam_id)
+        )
+    )
+
+
+def _results(s: Session, history: bool, since: dt.datetime | None) -> list[ExamResult]:
+    if history:
+        results = list(s.scalars(select(ExamResult).order_by(ExamResult.id)))
+    else:
+        results = _latest_results(s)
+    return [r for r in results if since is None or r.scored_at >= since]
+
+
+def exam_rows(
+    store: Store, history: bool = False, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """One row per exam (its latest scoring), or per scoring with `history`; `since`
+    keeps scorings made at or after that time."""
+    with store.read() as s:
+        results = _results(s, history, since)
+        return [
+            {
+                "patient_id": r.patient_id,
+                "study_uid": r.study_uid,
+                "n_images": r.n_images,
+                "score": r.score,
+                "label": r.label,
+                "exam_id": r.exam_id,
+                "seq": r.seq,
+                "scored_at": iso(r.scored_at),
+                "model_version": r.model_version,
+                "threshold": r.threshold,
+                "outbox": None if r.outbox_path is None else path_from_db(r.outbox_path).name,
+            }
+            for r in results
+        ]
+
+
+def breast_rows(
+    store: Store, history: bool = False, since: dt.datetime | None = None
+) -> list[dict[str, Any]]:
+    """One row per breast of each exam's latest scoring (or of every scoring)."""
+    with store.read() as s:
+        results = _results(s, history, since)
+        by_id = {r.id: r for r in results}
+        breasts = s.scalars(
+            select(BreastResult)
+            .where(BreastResult.exam_result_id.in_(list(by_id)))
+            .order_by(BreastResult.exam_result_id, BreastResult.laterality)
+        )
+        return [
+            {
+                "patient_id": by_id[b.exam_result_id].patient_id,
+                "study_uid": by_id[b.exam_result_id].study_uid,
+                "laterality": b.laterality,
+                "n_images": b.n_images,
+                "score": b.score,
+                "label": b.label,
+                "exam_id": by_id[b.exam_result_id].exam_id,
+                "seq": by_id[b.exam_result_id].seq,
+                "scored_at": iso(by_id[b.exam_result_id].scored_at),
+            }
+            for b in breasts
+        ]

@@ -43,18 +43,20 @@ from worker.config import Config
 from worker.faults import crash_point
 from worker.imaging.dicom import DicomPolicy, decode_dicom
 from worker.imaging.reduction import LongSide
+from worker.records.clock import utcnow
+from worker.records.durable import write_atomically
 from worker.records.heatmaps import stored_heat
+from worker.records.models import BreastResult, ExamResult, ImageRecord, ResultInstance
 from worker.records.pacs_queue import (
     COMPREHENSIVE_3D_SR,
     SECONDARY_CAPTURE,
     DeliveryState,
     InstanceKind,
-    ResultInstance,
     ResultUids,
 )
 from worker.records.paths import current_file, path_from_db, path_to_db
-from worker.records.store import BreastResult, ExamResult, ImageRecord, Store, utcnow
-from worker.results.exams import _safe_name, write_atomically
+from worker.records.store import Store
+from worker.results.outbox import safe_name
 from worker.results.pacs_build import (
     CAPTURE_LONG_SIDE,
     CaptureInput,
@@ -221,7 +223,7 @@ class Outbound:
                 assert row is not None
                 dataset = (self._report(s, row) if row.kind == InstanceKind.REPORT.value
                            else self._capture(s, row))
-                dest = (self.settings.results_dir / _safe_name(row.study_uid)
+                dest = (self.settings.results_dir / safe_name(row.study_uid)
                         / f"{row.kind}-{row.sop_instance_uid}.dcm")
         except Exception as exc:  # the source is gone or unreadable, or it cannot be made
             self._record(row_id, Outcome(DeliveryState.FAILED,

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from worker.records.connect import open_store
-from worker.records.store import SitePointRecord, Store
+from worker.records.models import SitePointRecord
+from worker.records.store import Store
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import ModelMetadata, ModelMetadataError, OperatingPoint
 

@@ -3,7 +3,7 @@ transaction (and, on PostgreSQL, its schema lock)."""
 
 from alembic import context
 
-from worker.records.store import Base
+from worker.records.models import Base
 
 connection = context.config.attributes["connection"]
 # render_as_batch: SQLite alters a table by copying it, which batch mode does.

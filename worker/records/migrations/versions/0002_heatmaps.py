@@ -1,9 +1,5 @@
 """Heatmaps: one small attention map per scored image (table `heatmaps`).
 
-The pre-Alembic step creates every missing table from the models before stamping the
-baseline, so a database made before Alembic may have this table already: it is created only
-where it is missing.
-
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-06
@@ -12,6 +8,8 @@ Create Date: 2026-12-06
 import sqlalchemy as sa
 from alembic import op
 
+from worker.records.migrations.tables import create_table_if_missing
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -19,9 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if sa.inspect(op.get_bind()).has_table("heatmaps"):
-        return
-    op.create_table(
+    create_table_if_missing(
         "heatmaps",
         sa.Column("image_id", sa.Integer(), sa.ForeignKey("images.id"), nullable=False),
         sa.Column("model_version", sa.String(length=128), nullable=False),

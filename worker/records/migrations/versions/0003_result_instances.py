@@ -8,6 +8,8 @@ Create Date: 2026-12-06
 import sqlalchemy as sa
 from alembic import op
 
+from worker.records.migrations.tables import create_table_if_missing
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -15,11 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if sa.inspect(op.get_bind()).has_table("result_instances"):
-        # A database from before Alembic: its pre-Alembic step (worker/records/schema.py) made every
-        # missing table from the models, this one included, before stamping the baseline.
-        return
-    op.create_table(
+    create_table_if_missing(
         "result_instances",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("exam_result_id", sa.Integer(), sa.ForeignKey("exam_results.id"),
@@ -43,10 +41,9 @@ def upgrade() -> None:
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("first_failed_at", sa.DateTime(), nullable=True),
+        indexes={"ix_result_instances_exam_result_id": ["exam_result_id"],
+                 "ix_result_instances_state": ["state"]},
     )
-    op.create_index("ix_result_instances_exam_result_id", "result_instances",
-                    ["exam_result_id"])
-    op.create_index("ix_result_instances_state", "result_instances", ["state"])
 
 
 def downgrade() -> None:

@@ -8,6 +8,8 @@ Create Date: 2026-12-06
 import sqlalchemy as sa
 from alembic import op
 
+from worker.records.migrations.tables import create_table_if_missing
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -15,11 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # A database from before Alembic gets every model's table (site_points included) from
-    # the pre-Alembic step, then this revision: nothing left to make.
-    if sa.inspect(op.get_bind()).has_table("site_points"):
-        return
-    op.create_table(
+    create_table_if_missing(
         "site_points",
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("name", sa.String(64), nullable=False),
@@ -33,8 +31,8 @@ def upgrade() -> None:
         sa.Column("figures", sa.Text(), nullable=False),
         sa.Column("created_by", sa.String(128), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
+        indexes={"ix_site_points_name": ["name"]},
     )
-    op.create_index("ix_site_points_name", "site_points", ["name"])
 
 
 def downgrade() -> None:
