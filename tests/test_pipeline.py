@@ -15,6 +15,7 @@ from sqlalchemy import select
 from tests.conftest import copy_into, dev_pool_images, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
+from worker.processing.decision import Decision
 from worker.records.store import ImageRecord, ImageStatus
 from worker.scoring.scorer import Scorer
 
@@ -73,7 +74,7 @@ def test_restart_after_commit_before_move_moves_without_rescoring(config: Config
     data = path.read_bytes()
     record = worker.pipeline._receive(path, data)
     worker.pipeline._commit_decisions(
-        {record.id: {"status": ImageStatus.SCORED, "score": 0.7, "label": "malignant"}}
+        {record.id: Decision(ImageStatus.SCORED, score=0.7, label="malignant")}
     )
     worker.close()
     assert path.exists()  # "crashed" before the move
@@ -208,8 +209,8 @@ def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
     path = write_mammo_like(config.inbox / "a.png", seed=1)
     worker = open_worker(config)
     record = worker.pipeline._receive(path, path.read_bytes())
-    worker.pipeline._commit_decisions({record.id: {"status": ImageStatus.SCORED, "score": 0.2,
-                                                   "label": "benign"}})
+    worker.pipeline._commit_decisions({record.id: Decision(ImageStatus.SCORED, score=0.2,
+                                                           label="benign")})
     write_mammo_like(path, seed=2)  # replaced under us, after reading and scoring
     worker.pipeline.reconcile()
     assert path.exists()  # the new content was not moved under the old row
@@ -316,7 +317,7 @@ def test_onnx_runtime_scores_in_its_own_thread_before_the_caller_finishes(
     second = worker.pipeline.begin([b])
     assert second.scoring is not None
     decided = second.scoring.result(timeout=120)  # batch 1 not finished yet
-    assert [d["status"] for d in decided.values()] == [ImageStatus.SCORED]
+    assert [d.status for d in decided.values()] == [ImageStatus.SCORED]
     assert [r[1] for r in _rows(config)] == [ImageStatus.RECEIVED, ImageStatus.RECEIVED]
     worker.pipeline.finish(first)
     worker.pipeline.finish(second)

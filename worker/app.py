@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from worker.config import Config
+from worker.intake.folders import ensure_folder, ensure_folders
 from worker.intake.inbox import SettleTracker, scan_inbox
 from worker.intake.lock import InboxLock
 from worker.intake.stop_signals import install_stop_handlers
 from worker.intake.watcher import InboxWatcher
-from worker.processing.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
+from worker.processing.pipeline import FileResult, Pipeline
 from worker.records.connect import open_store
 from worker.records.database_url import shown_url
 from worker.records.heartbeat import Heartbeat, running_workers

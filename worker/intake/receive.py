@@ -65,8 +65,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from worker.config import Config
+from worker.intake.folders import ensure_inbox
 from worker.intake.stop_signals import install_stop_handlers
-from worker.processing.pipeline import ensure_inbox
 
 log = logging.getLogger("mammo_screen")
 
