@@ -226,6 +226,31 @@ def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
     assert not path.exists() and (config.processed / "a.png").exists()
 
 
+def test_file_gone_before_its_move_is_recorded_missing_without_a_final_path(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decided, then deleted from the inbox before its move (and not at its destination):
+    the move is recorded as done, with a `missing` event and no final path."""
+    path = write_mammo_like(config.inbox / "a.png")
+    worker = open_worker(config)
+    record = worker.pipeline._receive(path, path.read_bytes())
+    worker.pipeline._commit_decisions({record.id: Decision(ImageStatus.SCORED, score=0.2,
+                                                           label="benign")})
+    path.unlink()
+    with caplog.at_level(logging.INFO, logger="mammo_screen"):
+        assert worker.pipeline.reconcile() == 1
+    with worker.store.read() as s:
+        row = s.scalars(select(ImageRecord)).one()
+        events = list(s.execute(__import__("sqlalchemy").text(
+            "SELECT kind, detail FROM events WHERE image_id = 1 ORDER BY id")))
+    assert worker.pipeline.reconcile() == 0  # nothing owed any more
+    worker.close()
+    assert row.status == ImageStatus.SCORED and row.moved_at is not None
+    assert row.final_path is None and not (config.processed / "a.png").exists()
+    assert tuple(events[-1]) == ("missing", "file gone before it could be moved")
+    assert f"missing file=a.png id={record.id} (not moved)" in caplog.text
+
+
 def test_file_deleted_while_it_waits_leaves_no_row(config: Config) -> None:
     path = write_mammo_like(config.inbox / "a.png")
     worker = open_worker(config)
