@@ -28,7 +28,7 @@ from worker.imaging.dicom import read_dicom
 from worker.imaging.errors import ImageError
 from worker.imaging.preprocess import PreprocessSettings, preprocess_bytes, preprocess_file
 from worker.imaging.reduction import Reduction, reduce_to
-from worker.processing.pipeline import KEEP_BYTES, _load, _preprocess
+from worker.processing.reading import KEEP_BYTES, load_file, preprocess_loaded
 from worker.scoring.scorer import Scorer
 
 
@@ -144,15 +144,15 @@ def test_a_large_file_is_hashed_streaming_and_decoded_from_the_file(tmp_path: Pa
     grey = _grey(dev_pool_images(1)[0])
     path = full_size_dicom(grey, "uncompressed", tmp_path, "big")
     assert path.stat().st_size > KEEP_BYTES
-    loaded = _load(path)
+    loaded = load_file(path)
     assert loaded.data is None  # type: ignore[union-attr]  # not held from hashing to decoding
     settings = PreprocessSettings(size=384)
-    x, _ = _preprocess(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
+    x, _ = preprocess_loaded(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
     assert np.array_equal(x, preprocess_bytes(path.read_bytes(), settings))
     # Rewritten after its receipt: its pixels are not the hashed content's; quarantined.
     os.utime(path, ns=(0, 0))
     with pytest.raises(ImageError, match="changed after it was received"):
-        _preprocess(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
+        preprocess_loaded(path, loaded.fingerprint, settings, None)  # type: ignore[union-attr,arg-type]
 
 
 def test_libjpeg_scales_a_large_jpeg_while_decoding(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from tests.conftest import copy_into, dev_pool_images, write_mammo_like
 from worker.app import open_worker
 from worker.config import Config
+from worker.processing.decision import Decision
 from worker.records.models import ImageRecord
 from worker.records.store import ImageStatus
 from worker.scoring.scorer import Scorer
@@ -74,7 +75,7 @@ def test_restart_after_commit_before_move_moves_without_rescoring(config: Config
     data = path.read_bytes()
     record = worker.pipeline._receive(path, data)
     worker.pipeline._commit_decisions(
-        {record.id: {"status": ImageStatus.SCORED, "score": 0.7, "label": "malignant"}}
+        {record.id: Decision(ImageStatus.SCORED, score=0.7, label="malignant")}
     )
     worker.close()
     assert path.exists()  # "crashed" before the move
@@ -209,8 +210,8 @@ def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
     path = write_mammo_like(config.inbox / "a.png", seed=1)
     worker = open_worker(config)
     record = worker.pipeline._receive(path, path.read_bytes())
-    worker.pipeline._commit_decisions({record.id: {"status": ImageStatus.SCORED, "score": 0.2,
-                                                   "label": "benign"}})
+    worker.pipeline._commit_decisions({record.id: Decision(ImageStatus.SCORED, score=0.2,
+                                                           label="benign")})
     write_mammo_like(path, seed=2)  # replaced under us, after reading and scoring
     worker.pipeline.reconcile()
     assert path.exists()  # the new content was not moved under the old row
@@ -224,6 +225,31 @@ def test_file_replaced_before_its_move_is_not_moved_and_new_content_is_scored(
     assert rows[0].sha256 != rows[1].sha256 and rows[0].final_path is None
     assert "replaced" in kinds
     assert not path.exists() and (config.processed / "a.png").exists()
+
+
+def test_file_gone_before_its_move_is_recorded_missing_without_a_final_path(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decided, then deleted from the inbox before its move (and not at its destination):
+    the move is recorded as done, with a `missing` event and no final path."""
+    path = write_mammo_like(config.inbox / "a.png")
+    worker = open_worker(config)
+    record = worker.pipeline._receive(path, path.read_bytes())
+    worker.pipeline._commit_decisions({record.id: Decision(ImageStatus.SCORED, score=0.2,
+                                                           label="benign")})
+    path.unlink()
+    with caplog.at_level(logging.INFO, logger="mammo_screen"):
+        assert worker.pipeline.reconcile() == 1
+    with worker.store.read() as s:
+        row = s.scalars(select(ImageRecord)).one()
+        events = list(s.execute(__import__("sqlalchemy").text(
+            "SELECT kind, detail FROM events WHERE image_id = 1 ORDER BY id")))
+    assert worker.pipeline.reconcile() == 0  # nothing owed any more
+    worker.close()
+    assert row.status == ImageStatus.SCORED and row.moved_at is not None
+    assert row.final_path is None and not (config.processed / "a.png").exists()
+    assert tuple(events[-1]) == ("missing", "file gone before it could be moved")
+    assert f"missing file=a.png id={record.id} (not moved)" in caplog.text
 
 
 def test_file_deleted_while_it_waits_leaves_no_row(config: Config) -> None:
@@ -317,7 +343,7 @@ def test_onnx_runtime_scores_in_its_own_thread_before_the_caller_finishes(
     second = worker.pipeline.begin([b])
     assert second.scoring is not None
     decided = second.scoring.result(timeout=120)  # batch 1 not finished yet
-    assert [d["status"] for d in decided.values()] == [ImageStatus.SCORED]
+    assert [d.status for d in decided.values()] == [ImageStatus.SCORED]
     assert [r[1] for r in _rows(config)] == [ImageStatus.RECEIVED, ImageStatus.RECEIVED]
     worker.pipeline.finish(first)
     worker.pipeline.finish(second)

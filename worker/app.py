@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Config
+from worker.intake.folders import ensure_folder, ensure_folders
 from worker.intake.inbox import SettleTracker, scan_inbox
 from worker.intake.lock import InboxLock
 from worker.intake.stop_signals import install_stop_handlers
 from worker.intake.watcher import InboxWatcher
-from worker.processing.pipeline import FileResult, Pipeline, ensure_folder, ensure_folders
+from worker.processing.pipeline import Pipeline
+from worker.processing.placement import FileResult
 from worker.records.connect import open_store
 from worker.records.database_url import shown_url
 from worker.records.heartbeat import Heartbeat

@@ -137,9 +137,9 @@ class SettleTracker:
 
 def look_at_inbox(config: Config) -> Future[SettleTracker]:
     """Take the first look at the inbox in a thread, now: the files found start their settle
-    wait while the worker imports the rest and loads its model (about 0.8 s), instead of
-    after. The tracker goes to the worker's InboxWatcher, whose own first scan then finds
-    them already waiting. Only reads: an inbox that is missing or unreadable gives an empty
+    wait while the worker imports the rest and loads its model, instead of after. The
+    tracker goes to the worker's InboxWatcher, whose own first scan then finds them already
+    waiting. Only reads: an inbox that is missing or unreadable gives an empty
     tracker here, and its one-line error comes from the worker's folder checks."""
     return run_in_thread(
         "inbox-look", _first_look, config.inbox, config.recursive, config.settle_seconds

@@ -63,8 +63,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from worker.config import Config
+from worker.intake.folders import ensure_inbox
 from worker.intake.stop_signals import install_stop_handlers
-from worker.processing.pipeline import ensure_inbox
 from worker.records.durable import temp_path, write_new
 
 log = logging.getLogger("mammo_screen")

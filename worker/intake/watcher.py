@@ -25,15 +25,15 @@ from watchdog.observers.polling import PollingObserver
 
 from worker.config import Config
 from worker.intake.inbox import SettleTracker, is_ignored_name, scan_inbox
-from worker.processing.pipeline import Batch, FileResult, Pipeline
+from worker.processing.pipeline import Batch, Pipeline
+from worker.processing.placement import FileResult
 from worker.results.exams import ExamBook, ExamScoring
 
 log = logging.getLogger("mammo_screen")
 
 # Batches begun ahead of the one being finished: each holds at most batch_size files' bytes
 # and tensors, so memory stays bounded whatever the backlog. One is enough to keep ONNX
-# Runtime busy while this thread commits and moves: two or three measured no faster (300
-# files, int8, 2 cores).
+# Runtime busy while this thread commits and moves (more were no faster: bench/README.md).
 LOOKAHEAD = 1
 
 
@@ -59,9 +59,9 @@ class _Handler(FileSystemEventHandler):
 def _pair_moves_quickly() -> None:
     """watchdog's inotify observer holds every event behind an unpaired "moved from" for 0.5 s
     (to pair it with its "moved to"), and each file the worker moves out of the inbox is such
-    an event: new files waited behind it (watch latency p50 0.18 s, p95 0.51 s; with 0.02 s:
-    0.02-0.03 and 0.09-0.15 s). A rename's two events come from the kernel together, and an
-    unpaired one is harmless here: its "moved to" half is a hint like any other."""
+    an event: new files would wait behind it (bench/README.md, watch latency). A rename's two
+    events come from the kernel together, and an unpaired one is harmless here: its "moved
+    to" half is a hint like any other."""
     try:
         from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
     except ImportError:  # not Linux: other observers have no such queue
@@ -115,8 +115,7 @@ class InboxWatcher:
     def _idle_wait(self, longest: float) -> float:
         """How long a pass with nothing to do waits before the next look: until the first
         waiting file can have settled, at most `longest` or half the settle time. A fixed
-        poll made a file wait up to one more poll (0.1 s at settle_seconds 0.2) after it had
-        settled."""
+        poll would make a file wait up to one more poll after it has settled."""
         wait = min(longest, self.config.settle_seconds / 2)
         due = self.tracker.next_due()
         if due:  # None: nothing waits; 0: one has settled and was left (a retry): keep the poll
@@ -129,10 +128,8 @@ class InboxWatcher:
     def _drain_hints(self) -> None:
         # A file sends several events (created, modified, closed) and its folder a "modified"
         # for each: each path is looked at once per pass, so a burst of N files costs a scan
-        # of the inbox per pass, not per event (300 files: 7 of the main thread's 18 s went to
-        # scans). The folder's events stay hints: a scan on them finds a file whose own events
-        # are still queued (before `_pair_moves_quickly`, dropping them raised the latency p50
-        # from 0.13-0.17 s to 0.38-0.41 s).
+        # of the inbox per pass, not per event. The folder's events stay hints: a scan on
+        # them finds a file whose own events are still queued behind the worker's own moves.
         paths: dict[Path, None] = {}
         while True:
             try:
