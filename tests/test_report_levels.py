@@ -182,8 +182,8 @@ def test_levels_without_identity_are_left_out_with_a_note(tmp_path: Path) -> Non
 
 
 def test_an_instance_sent_twice_is_one_image_of_its_breast(tmp_path: Path) -> None:
-    """As in worker/results/exams.py: the latest copy of a SOP instance counts in breasts and exams;
-    image level keeps both copies, as it always has."""
+    """As in worker/results/aggregation.py: the latest copy of a SOP instance counts in
+    breasts and exams; image level keeps both copies, as it always has."""
     from worker.audit.outcomes import import_outcomes
     from worker.records.models import ImageRecord
     from worker.records.store import ImageStatus

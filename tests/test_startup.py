@@ -20,7 +20,7 @@ from tests.conftest import REPO, write_mammo_like
 from tests.dicom_files import dicom_bytes, mammo_like
 from worker.config import Config
 
-# SQLAlchemy's PostgreSQL dialect: only for a PostgreSQL database (worker.records.store).
+# SQLAlchemy's PostgreSQL dialect: only for a PostgreSQL database (worker.records.models).
 LAZY = ("pydicom", "alembic", "sqlalchemy.dialects.postgresql")
 
 # `screen ARGS` in this process, then the lazy modules it imported, as JSON on stdout.

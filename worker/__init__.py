@@ -12,12 +12,10 @@ Read it in the order a file travels:
 - :mod:`worker.audit`: the audit against biopsy outcomes, site operating points, fitness.
 - :mod:`worker.records`: the database (models, store, schema, migrations) and durable writes.
 
-Imports run one way, from the top of this list's dependants down: ``intake`` may use
-``processing`` and everything below it; ``processing`` uses ``results``, ``scoring``,
-``imaging`` and ``records``; ``audit`` uses ``results``, ``scoring``, ``imaging`` and
-``records``; ``results`` uses ``scoring``, ``imaging`` and ``records``; ``scoring`` uses
-``imaging`` and ``records``; ``imaging`` and ``records`` use no other wing.
-``tests/test_structure.py`` holds the code to it.
+Imports run downward only. ``records`` and ``imaging`` import no other wing; ``scoring``
+imports those two; ``results`` imports ``scoring`` and what it may; ``audit`` and
+``processing`` each import ``results`` and everything below it (not each other); ``intake``
+imports ``processing`` and everything below it. ``tests/test_structure.py`` holds the code to it.
 
 On top sit the command line (:mod:`worker.cli`, a package of one module per job) and the
 Python API it is a thin layer over (:mod:`worker.app`); no wing imports them. Beside every

@@ -60,7 +60,7 @@ class Worker:
     def inbox_lock(self) -> AbstractContextManager[object]:
         """SQLite: one worker per inbox (its database lives on one machine, and its WAL
         cannot be shared over a network filesystem). PostgreSQL: any number of workers,
-        each file claimed by one of them (see Pipeline._receive_batch)."""
+        each file claimed by one of them (worker/processing/claims.py)."""
         if self.store.is_sqlite:
             return InboxLock(self.config.inbox)
         return nullcontext()

@@ -69,7 +69,7 @@ def _add_levels(
     """Each version's breast and exam figures, added to its image-level figures in
     `models`; the units of each (version, level)."""
     # One DICOM instance received twice with other bytes is one image of its breast and exam
-    # (worker/results/exams.py's rule); at image level both copies stay, as they always have.
+    # (worker/results/aggregation.py's rule); at image level both copies stay, as they always have.
     once = {r.id for r in one_per_instance([r for r in images if r.status == ImageStatus.SCORED])}
     units: dict[tuple[str, Level], list[AuditRow]] = {}
     for m in models:

@@ -8,7 +8,7 @@ stale once its last beat is older than `heartbeat_stale_seconds`. With SQLite, a
 takes the inbox lock closes the rows still open for that inbox: the lock proves their owners are
 gone. With PostgreSQL (several workers, no inbox lock) it closes only those whose last beat is
 older than `heartbeat_stale_seconds`: that is also the lease of their claims on files
-(worker/processing/pipeline.py), which other workers then take over.
+(worker/processing/claims.py), which other workers then take over.
 
 The beat comes from the loop, not from a timer thread, so that a worker whose loop is stuck
 stops beating too.
@@ -93,7 +93,7 @@ class Heartbeat:
             ]
             if not self.store.is_sqlite:
                 # No inbox lock: other workers share it. Only those whose lease has run out
-                # are gone (their claims are taken over; see Pipeline._claimable).
+                # are gone (their claims are taken over: worker/processing/claims.py).
                 cutoff = now - dt.timedelta(seconds=self.config.heartbeat_stale_seconds)
                 gone.append(WorkerRecord.last_beat_at < cutoff)
             # With SQLite we hold the inbox lock: whoever left these rows open is gone.
