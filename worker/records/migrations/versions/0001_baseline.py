@@ -5,16 +5,10 @@ outcome_changes, workers, exams, exam_results, breast_results. A new database ge
 the models (create_all) and is stamped here; a database made before Alembic is brought to it by
 the pre-Alembic step (worker/records/store.py `Store._upgrade`: missing tables, missing nullable
 columns) and then stamped. So this revision itself changes nothing; later ones will.
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-29
 """
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,9 +1,4 @@
-"""Heatmaps: one small attention map per scored image (table `heatmaps`).
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-12-06
-"""
+"""Heatmaps: one small attention map per scored image (table `heatmaps`)."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -12,8 +7,6 @@ from worker.records.migrations.tables import create_table_if_missing
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

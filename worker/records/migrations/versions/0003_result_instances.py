@@ -1,9 +1,4 @@
-"""The delivery queue of DICOM results sent to a PACS (worker/records/pacs_queue.py).
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-12-06
-"""
+"""The delivery queue of DICOM results sent to a PACS (worker/records/pacs_queue.py)."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -12,8 +7,6 @@ from worker.records.migrations.tables import create_table_if_missing
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,9 +1,4 @@
-"""Site operating points (`screen calibrate`): one row per calibration, kept as history.
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-06
-"""
+"""Site operating points (`screen calibrate`): one row per calibration, kept as history."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -12,8 +7,6 @@ from worker.records.migrations.tables import create_table_if_missing
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
