@@ -164,3 +164,31 @@ def test_end_to_end_report_agrees_with_results(workdir: Path, config: Config) ->
     # a period with nothing in it: zeros, no figures, still exit 0
     empty = json.loads(_run(workdir, "report", "--format", "json", "--until", "2000-01-01"))
     assert empty["total"] == 0 and empty["models"] == []
+
+
+def test_report_says_what_it_leaves_out_when_the_model_cannot_be_used(
+        workdir: Path, config: Config) -> None:
+    """The audit reads the database; the model's file only adds its operating points, rule
+    and fitness verdict. A configured point the model lacks, or the file gone, is one line
+    on stderr, and the report is still made."""
+    copy_into(dev_pool_images(4), config.inbox)
+    _run(workdir, "process", "--timeout", "20")
+    toml = workdir / "config.toml"
+    toml.write_text(toml.read_text().replace("[model]\n", "[model]\noperating_point = 'nosuch'\n"))
+
+    def report() -> tuple[dict, str]:
+        result = CliRunner().invoke(cli, ["--config", str(toml), "report", "--format", "json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout), result.stderr
+
+    rep, said = report()
+    assert said.startswith("configured operating point not used: ") and "nosuch" in said
+    assert rep["fitness"]["operating_point"] == "default" and rep["scored"] == 4
+    toml.write_text(toml.read_text().replace("operating_point = 'nosuch'\n", ""))
+    config.model_path.unlink()
+    rep, said = report()
+    # (the first try's line, "configured operating point not used: model file not found",
+    # comes before it, as it always has)
+    assert said.splitlines()[-1].startswith(
+        "operating points not shown, breast and exam rule the default, no fitness verdict: ")
+    assert "fitness" not in rep and rep["scored"] == 4

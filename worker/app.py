@@ -27,10 +27,13 @@ from worker.records.overview import overview
 from worker.records.pacs_queue import planner, queue_summary
 from worker.records.store import Store
 from worker.results.exams import ExamBook, ExamScoring
+from worker.scoring.model_file import ModelLoadError
 from worker.scoring.scorer import Scorer
 
 if TYPE_CHECKING:
+    from worker.audit.report import Audit
     from worker.results.pacs_send import Outbound
+    from worker.scoring.model_metadata import ModelMetadata
 
 log = logging.getLogger("mammo_screen")
 
@@ -211,3 +214,55 @@ def status(config: Config) -> dict[str, Any]:
         "database": shown_url(config.database_url),
         "now": dt.datetime.now(dt.UTC).isoformat(),
     }
+
+
+def audit_site(config: Config, store: Store, since: dt.datetime | None,
+               until: dt.datetime | None, warn: Callable[[str], None]) -> Audit:
+    """`screen report`'s audit of a period: figures at each model version's operating points
+    (the configured model's own and every site point in force), breast and exam figures by
+    the configured model's rule, the site points' history and the fitness verdict. What
+    cannot be had (the model file, a site point of another model) is said through ``warn``
+    and left out."""
+    from worker.audit.fitness import Criteria, assess
+    from worker.audit.report import audit
+    from worker.scoring.levels import Level
+    from worker.scoring.site_points import history, in_force
+
+    recorded = history(store)
+    points: dict[str, dict] = {}
+    rules: dict[str, dict] = {}
+    chosen = _configured_model(config, warn)
+    if chosen is not None:
+        meta, name, threshold = chosen
+        points[meta.model_version] = dict(meta.points)
+        rules[meta.model_version] = meta.aggregation
+    for (point, version), p in in_force(recorded).items():
+        points.setdefault(version, {})[point] = p.as_operating_point()
+    result = audit(store, since, until, operating_points=points, aggregation=rules)
+    result.report["site_points"] = [p.to_json() for p in recorded]
+    if chosen is not None:
+        criteria = Criteria.from_config(config.fitness)
+        level = Level(criteria.level)
+        version = chosen[0].model_version
+        rows = (result.rows.get(version, []) if level is Level.IMAGE
+                else result.units.get((version, level), []))
+        result.report["fitness"] = assess(rows, threshold, criteria, version, name)
+    return result
+
+
+def _configured_model(config: Config, warn: Callable[[str], None]
+                      ) -> tuple[ModelMetadata, str, float] | None:
+    """The configured model's metadata, operating point and threshold; None (said) when its
+    file cannot be read. A configured site point of another model falls back to the model's
+    own point (said, not fatal)."""
+    try:
+        try:
+            scorer = Scorer.for_config(config)
+        except ModelLoadError as exc:
+            warn(f"configured operating point not used: {exc}")
+            scorer = Scorer(config.model_path, config.model_sha256)
+    except ModelLoadError as exc:
+        warn(f"operating points not shown, breast and exam rule the default, no "
+             f"fitness verdict: {exc}")
+        return None
+    return scorer.metadata, scorer.operating_point, scorer.threshold

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import getpass
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from worker.cli.group import config_for, parse_since, since_option, store_options, user_errors
-from worker.scoring.model_file import ModelLoadError
 
 if TYPE_CHECKING:
-    from worker.audit.report import Audit
-    from worker.config import Config
-    from worker.records.store import Store
+    pass
 
 
 @click.command()
@@ -65,7 +61,7 @@ def report(
     Example:
       screen report --since 2026-01-01 --until 2026-04-01 --html audit.html
     """
-    from worker.audit.report import audit
+    from worker.app import audit_site
     from worker.audit.report_text import format_report
     from worker.records.connect import open_store
 
@@ -73,11 +69,8 @@ def report(
     config = config_for(ctx)
     store = open_store(config)  # first: a wrong database is the one line the operator sees
     try:
-        # The operating points (the model's and the site's), the breast and exam rule, and
-        # the site points' history and fitness verdict added to the audit.
-        points, rules, add_site_figures = report_extras(config, store)
-        result = audit(store, since_dt, until_dt, operating_points=points, aggregation=rules)
-        add_site_figures(result)
+        result = audit_site(config, store, since_dt, until_dt,
+                            warn=lambda line: click.echo(line, err=True))
         if html_out:
             from worker.audit.overlays import overlays_html
             from worker.imaging.dicom import DicomPolicy
@@ -219,46 +212,3 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
         return
     click.echo("\n".join(format_point(point)))
     click.echo(f'select it with [model] operating_point = "{point.name}"', err=True)
-
-
-def report_extras(config: Config, store: Store) -> tuple[dict, dict, Callable[[Audit], None]]:
-    """For `screen report`: each model version's operating points (the configured model's
-    own and every site point in force), the configured model's breast and exam rule, and a
-    step that adds the site points' history and the fitness verdict to an audit."""
-    from worker.audit.fitness import Criteria, assess
-    from worker.scoring.levels import Level
-    from worker.scoring.scorer import Scorer
-    from worker.scoring.site_points import history, in_force
-
-    recorded = history(store)
-    points: dict[str, dict] = {}
-    rules: dict[str, dict] = {}
-    chosen = None
-    try:
-        try:
-            scorer = Scorer.for_config(config)
-        except ModelLoadError as exc:  # e.g. a site point of another model: said, not fatal
-            click.echo(f"configured operating point not used: {exc}", err=True)
-            scorer = Scorer(config.model_path, config.model_sha256)
-        meta = scorer.metadata
-        points[meta.model_version] = dict(meta.points)
-        rules[meta.model_version] = meta.aggregation
-        chosen = (meta.model_version, scorer.operating_point, scorer.threshold)
-    except ModelLoadError as exc:
-        click.echo(f"operating points not shown, breast and exam rule the default, no "
-                   f"fitness verdict: {exc}", err=True)
-    for (name, version), p in in_force(recorded).items():
-        points.setdefault(version, {})[name] = p.as_operating_point()
-
-    def add(audit: Audit) -> None:
-        audit.report["site_points"] = [p.to_json() for p in recorded]
-        if chosen is None:
-            return
-        version, name, threshold = chosen
-        criteria = Criteria.from_config(config.fitness)
-        level = Level(criteria.level)
-        rows = (audit.rows.get(version, []) if level is Level.IMAGE
-                else audit.units.get((version, level), []))
-        audit.report["fitness"] = assess(rows, threshold, criteria, version, name)
-
-    return points, rules, add
