@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -16,7 +15,7 @@ from worker.config import Config
 from worker.intake.folders import ensure_folder, ensure_folders
 from worker.intake.inbox import SettleTracker, scan_inbox
 from worker.intake.lock import InboxLock
-from worker.intake.stop_signals import install_stop_handlers
+from worker.intake.stop_signals import stopping_on_signals
 from worker.intake.watcher import InboxWatcher
 from worker.processing.pipeline import Pipeline
 from worker.processing.placement import FileResult
@@ -103,13 +102,11 @@ def run_watch(config: Config, polling: bool | None = None,
               loading: Future[Scorer] | None = None,
               looked: Future[SettleTracker] | None = None) -> None:
     worker = open_worker(config, polling, loading, looked)
-    previous = install_stop_handlers(worker.watcher.stop)
     try:
-        with worker.inbox_lock(), worker.heartbeat("watch").running(), sending(worker):
+        with (stopping_on_signals(worker.watcher.stop), worker.inbox_lock(),
+              worker.heartbeat("watch").running(), sending(worker)):
             worker.watcher.watch()
     finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
         worker.close()
 
 
@@ -150,9 +147,9 @@ def run_process(
 ) -> ProcessSummary:
     """Handle the inbox now, then score settled exams (every open one with `settle_now`)."""
     worker = open_worker(config, loading=loading, looked=looked)
-    previous = install_stop_handlers(worker.watcher.stop)
     try:
-        with worker.inbox_lock(), worker.heartbeat("process").running():
+        with (stopping_on_signals(worker.watcher.stop), worker.inbox_lock(),
+              worker.heartbeat("process").running()):
             files = worker.watcher.run_once(
                 timeout=timeout, progress=progress, settle_now=settle_now
             )
@@ -164,8 +161,6 @@ def run_process(
             return ProcessSummary(files, worker.watcher.exams_scored, worker.exams.waiting(),
                                   sent, queue)
     finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
         worker.close()
 
 

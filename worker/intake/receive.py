@@ -20,7 +20,6 @@ import errno
 import logging
 import os
 import re
-import signal
 import threading
 import time
 import zlib
@@ -64,7 +63,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from worker.config import Config
 from worker.intake.folders import ensure_inbox
-from worker.intake.stop_signals import install_stop_handlers
+from worker.intake.stop_signals import stopping_on_signals
 from worker.records.durable import temp_path, write_new
 
 log = logging.getLogger("mammo_screen")
@@ -432,11 +431,9 @@ def run_receive(config: Config) -> None:
     stop = threading.Event()
     receiver = Receiver(config)
     receiver.start()
-    previous = install_stop_handlers(stop.set, doing="stopping the receiver")
     try:
-        while not stop.wait(0.5):
-            pass
+        with stopping_on_signals(stop.set, doing="stopping the receiver"):
+            while not stop.wait(0.5):
+                pass
     finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
         receiver.stop()
