@@ -52,6 +52,7 @@ def results(
       screen results --level exam --format csv   # patient_id,study_uid,n_images,score,label
     """
     from worker.records.connect import open_store
+    from worker.results.exams import waiting_exams
     from worker.results.listing import (
         BREAST_COLUMNS,
         EXAM_COLUMNS,
@@ -60,7 +61,6 @@ def results(
         exam_rows,
         format_rows,
         result_rows,
-        waiting_exams,
     )
 
     if history and level == "image":

@@ -146,6 +146,26 @@ class ExamScoring:
     outbox_path: Path | None
 
 
+@dataclass(frozen=True)
+class WaitingExams:
+    """Open exams: their studies have not yet been quiet for [worker] study_settle_seconds."""
+
+    count: int
+    next_due: dt.datetime | None  # naive UTC: when the earliest of them may be scored
+    settle_seconds: float
+
+
+def waiting_exams(store: Store, settle_seconds: float) -> WaitingExams:
+    """How many exams are open, and when the earliest may be scored."""
+    with store.read() as s:
+        count, quiet_since = s.execute(
+            select(func.count(), func.min(Exam.last_image_at)).where(
+                Exam.status == ExamStatus.OPEN.value)).one()
+    due = None if quiet_since is None else quiet_since + dt.timedelta(seconds=settle_seconds)
+    return WaitingExams(count or 0, due, settle_seconds)
+
+
+
 class ExamBook:
     """Scores exams whose study has settled and writes their outbox documents."""
 
@@ -179,15 +199,7 @@ class ExamBook:
             return list(s.scalars(q))
 
     def waiting(self) -> int:
-        with self.store.read() as s:
-            return (
-                s.scalar(
-                    select(func.count())
-                    .select_from(Exam)
-                    .where(Exam.status == ExamStatus.OPEN.value)
-                )
-                or 0
-            )
+        return waiting_exams(self.store, self.settle_seconds).count
 
     def step(self, settle_now: bool = False) -> list[ExamScoring]:
         """Finish owed documents, then score every due exam and write its document."""

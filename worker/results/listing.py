@@ -6,7 +6,6 @@ import csv
 import datetime as dt
 import io
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,6 +15,7 @@ from worker.records.clock import iso, utcnow
 from worker.records.models import BreastResult, ExamResult, OutcomeChange
 from worker.records.paths import path_from_db
 from worker.records.store import Store
+from worker.results.exams import WaitingExams
 
 RESULT_COLUMNS = (
     "id",
@@ -103,35 +103,12 @@ def outcome_history(store: Store, sha256: str) -> list[dict[str, Any]]:
         ]
 
 
-@dataclass(frozen=True)
-class WaitingExams:
-    """Open exams: their studies have not yet been quiet for [worker] study_settle_seconds."""
-
-    count: int
-    next_due: dt.datetime | None  # naive UTC: when the earliest of them may be scored
-    settle_seconds: float
-
-
-def waiting_exams(store: Store, settle_seconds: float) -> WaitingExams:
-    from sqlalchemy import func
-
-    from worker.records.models import Exam
-    from worker.records.store import ExamStatus
-
-    with store.read() as s:
-        count, quiet_since = s.execute(
-            select(func.count(), func.min(Exam.last_image_at)).where(
-                Exam.status == ExamStatus.OPEN.value)).one()
-    due = None if quiet_since is None else quiet_since + dt.timedelta(seconds=settle_seconds)
-    return WaitingExams(count or 0, due, settle_seconds)
-
-
 def describe_waiting(waiting: WaitingExams, now: dt.datetime | None = None) -> str | None:
     """One line for `screen results --level breast|exam`, whose rows hold only scored exams."""
     if not waiting.count or waiting.next_due is None:
         return None
     left = (waiting.next_due - (now or utcnow())).total_seconds()
-    at = waiting.next_due.replace(microsecond=0).isoformat() + "Z"
+    at = iso(waiting.next_due.replace(microsecond=0))
     when = f"in {left:.0f} s ({at})" if left > 0 else f"now (due since {at})"
     return (f"{waiting.count} exam(s) not listed: waiting for their study to settle "
             f"([worker] study_settle_seconds = {waiting.settle_seconds:g}); the next is scored "

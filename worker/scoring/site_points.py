@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from worker.records.clock import iso
 from worker.records.connect import open_store
 from worker.records.models import SitePointRecord
 from worker.records.store import Store
@@ -69,7 +70,7 @@ class SitePoint:
                 "level": self.level.value, "target": self.target.value,
                 "target_value": self.target_value, "threshold": self.threshold,
                 "women": self.women, "units": self.units, **self.figures,
-                "created_by": self.created_by, "created_at": self.created_at.isoformat() + "Z"}
+                "created_by": self.created_by, "created_at": iso(self.created_at)}
 
     def as_operating_point(self) -> OperatingPoint:
         return OperatingPoint(
