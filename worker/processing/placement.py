@@ -236,9 +236,8 @@ class Placer:
 
 
 def _move_event(rid: int, placement: Placement, dest: Path) -> dict[str, Any]:
-    if placement == Placement.MOVED:
-        return event_row(EventKind.MOVED, display_name(dest), image_id=rid)
-    return event_row(placement.event_kind, _NOT_MOVED_DETAIL[placement], image_id=rid)
+    detail = display_name(dest) if placement == Placement.MOVED else _NOT_MOVED_DETAIL[placement]
+    return event_row(placement.event_kind, detail, image_id=rid)
 
 
 def _visible(row: ImageRecord) -> bool:
