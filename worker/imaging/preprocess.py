@@ -339,7 +339,7 @@ def decode_for(
 
     reduction = reduction_for(settings)
     if isinstance(source, Path):
-        if dicom_format.is_dicom_file(source) and source.stat().st_size > 0:
+        if dicom_format.is_dicom_file(source):
             return dicom_format.decode_dicom(source, settings.max_pixels, dicom, reduction).pixels
         source = source.read_bytes()
     return decode_image(source, settings.max_pixels, dicom, reduction)
