@@ -19,7 +19,7 @@ from worker.imaging.dicom import DicomPolicy
 from worker.imaging.errors import ImageError
 from worker.imaging.heatmap import overlay_png
 from worker.imaging.heatmap_geometry import preprocess_with_frame, to_original_frame
-from worker.imaging.preprocess import decode_image
+from worker.imaging.preprocess import decode_source
 from worker.imaging.reduction import LongSide
 from worker.records.heatmaps import heatmap_for, top_scored_with_heatmaps
 from worker.records.models import ImageRecord
@@ -58,7 +58,7 @@ def _decoded(path: Path, dicom: DicomPolicy | None, max_pixels: int, max_side: i
     """The picture to draw on, brought down to at most `max_side` on its stored values
     before its grey levels are touched (a full-size mammogram is never held as floats)."""
     try:
-        return decode_image(path.read_bytes(), max_pixels, dicom, LongSide(max_side))
+        return decode_source(path, max_pixels, dicom, LongSide(max_side))
     except OSError as exc:
         raise OverlayError(f"cannot read {path}: {exc.strerror}") from exc
     except ImageError as exc:

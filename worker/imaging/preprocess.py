@@ -332,17 +332,27 @@ def decode_for(
     source: bytes | Path, settings: PreprocessSettings, dicom: DicomPolicy | None = None
 ) -> np.ndarray:
     """The decoded picture as :func:`preprocess_array` takes it (a large one already brought
-    down, see worker.imaging.reduction), from a file's bytes or from the file itself. A DICOM
-    file is parsed from the file, so that a full-size image is in memory once (its Pixel Data), not
-    twice."""
+    down, see worker.imaging.reduction), from a file's bytes or from the file itself
+    (:func:`decode_source`)."""
+    return decode_source(source, settings.max_pixels, dicom, reduction_for(settings))
+
+
+def decode_source(
+    source: bytes | Path,
+    max_pixels: int,
+    dicom: DicomPolicy | None = None,
+    reduction: Reduction | LongSide | None = None,
+) -> np.ndarray:
+    """:func:`decode_image` of a file's bytes or of the file itself: a DICOM file is parsed
+    from the file, so that a full-size image is in memory once (its Pixel Data), not twice;
+    another file is read whole (raises OSError when it cannot be)."""
     from worker.imaging import dicom as dicom_format
 
-    reduction = reduction_for(settings)
     if isinstance(source, Path):
         if dicom_format.is_dicom_file(source):
-            return dicom_format.decode_dicom(source, settings.max_pixels, dicom, reduction).pixels
+            return dicom_format.decode_dicom(source, max_pixels, dicom, reduction).pixels
         source = source.read_bytes()
-    return decode_image(source, settings.max_pixels, dicom, reduction)
+    return decode_image(source, max_pixels, dicom, reduction)
 
 
 def preprocess_bytes(
