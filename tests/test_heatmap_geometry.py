@@ -47,8 +47,8 @@ def _attended(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     ("shape", "spot", "right", "settings"),
     [
-        ((600, 400), (150, 60), False, _settings()),  # padded, portrait
-        ((400, 640), (300, 120), False, _settings()),  # padded, landscape
+        ((600, 400), (150, 60), False, _settings(pad_square=True)),  # padded, portrait
+        ((400, 640), (300, 120), False, _settings(pad_square=True)),  # padded, landscape
         ((600, 400), (450, 100), False, _settings(pad_square=False)),
         ((600, 400), (200, 330), True, _settings(orient="left")),
         ((600, 400), (420, 40), False, _settings(crop=True)),
