@@ -56,14 +56,15 @@ def make_files(pictures: list[Path], cache: Path) -> dict[str, list[Path]]:
     return out
 
 
-def score_gaps(scorer: Scorer, files: list[Path], reference: list[Path]) -> tuple[float, float]:
-    """(mean, largest) |score difference| between each file and its reference file."""
+def score_gaps(scorer: Scorer, files: list[Path], reference: list[Path],
+               scores: dict[Path, float]) -> tuple[float, float]:
+    """(mean, largest) |score difference| between each file and its reference file. Each
+    file is scored once in a run: `scores` keeps what has been scored."""
     settings = scorer.metadata.preprocess
-    gaps = [
-        abs(float(scorer.score_batch([preprocess_file(a, settings)])[0])
-            - float(scorer.score_batch([preprocess_file(b, settings)])[0]))
-        for a, b in zip(files, reference, strict=True)
-    ]
+    for path in (*files, *reference):
+        if path not in scores:
+            scores[path] = float(scorer.score_batch([preprocess_file(path, settings)])[0])
+    gaps = [abs(scores[a] - scores[b]) for a, b in zip(files, reference, strict=True)]
     return statistics.mean(gaps), max(gaps)
 
 
@@ -86,12 +87,13 @@ def main() -> None:
           f"{'vs uncompressed':>16s} {'vs 640 px JPEG':>15s}")
     runs: list[tuple[str, list[Path]]] = [("dev-pool JPEG", pictures)]
     runs += [(s, files[s]) for s in (a.syntax or FULL_SIZE_SYNTAXES)]
+    scores: dict[Path, float] = {}
     for name, paths in runs:
         t = time.perf_counter()
         r = screen_process(paths, len(paths), a.model, 4, 0, 1)
-        same = score_gaps(scorer, paths, files["uncompressed"]) if name != "dev-pool JPEG" \
-            else (0.0, 0.0)
-        train = score_gaps(scorer, paths, pictures)
+        same = score_gaps(scorer, paths, files["uncompressed"], scores) \
+            if name != "dev-pool JPEG" else (0.0, 0.0)
+        train = score_gaps(scorer, paths, pictures, scores)
         print(f"{name:18s} {r['files_per_s']:8.2f} {r['files_per_s'] / bare:6.3f} "
               f"{r['peak_rss_mb']:7.0f} MB {same[0]:7.4f} / {same[1]:.4f} "
               f"{train[0]:6.4f} / {train[1]:.4f}   ({time.perf_counter() - t:.0f} s)",

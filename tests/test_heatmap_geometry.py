@@ -10,11 +10,11 @@ import pytest
 from worker.imaging.heatmap_geometry import (
     MAX_SIDE,
     Frame,
-    frame_of,
+    preprocess_array_with_frame,
     preprocess_with_frame,
     to_original_frame,
 )
-from worker.imaging.preprocess import PreprocessSettings, preprocess_array, preprocess_bytes
+from worker.imaging.preprocess import PreprocessSettings, preprocess_bytes
 
 CELLS = 12
 
@@ -47,8 +47,8 @@ def _attended(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     ("shape", "spot", "right", "settings"),
     [
-        ((600, 400), (150, 60), False, _settings()),  # padded, portrait
-        ((400, 640), (300, 120), False, _settings()),  # padded, landscape
+        ((600, 400), (150, 60), False, _settings(pad_square=True)),  # padded, portrait
+        ((400, 640), (300, 120), False, _settings(pad_square=True)),  # padded, landscape
         ((600, 400), (450, 100), False, _settings(pad_square=False)),
         ((600, 400), (200, 330), True, _settings(orient="left")),
         ((600, 400), (420, 40), False, _settings(crop=True)),
@@ -60,8 +60,7 @@ def _attended(x: np.ndarray) -> np.ndarray:
 def test_the_attended_cell_lands_on_the_spot(shape: tuple[int, int], spot: tuple[int, int],
                                              right: bool, settings: PreprocessSettings) -> None:
     img = _picture(*shape, spot, right)
-    x = preprocess_array(img, settings)
-    frame = frame_of(img, settings)
+    x, frame = preprocess_array_with_frame(img, settings)
     assert frame.mirrored == (settings.orient == "left" and right)
     heat = to_original_frame(_attended(x), frame, settings)
     assert max(heat.shape) <= MAX_SIDE

@@ -1,6 +1,11 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from tests.conftest import write_mammo_like
+from tests.test_faults import _screen
+from tests.test_heatmaps import _attention_workdir
 from worker.imaging.heatmap import normalise_map, overlay_rgb
 
 
@@ -29,3 +34,18 @@ def test_normalise_map_and_bad_shapes():
         normalise_map(np.zeros(5))
     with pytest.raises(ValueError):
         overlay_rgb(np.zeros((4, 4, 3)), np.zeros((2, 2)))
+
+
+def test_the_html_audit_draws_no_image_over_the_configured_max_pixels(workdir: Path) -> None:
+    """`screen report --html` honours ``worker.max_pixels`` as `screen heatmap` does."""
+    _attention_workdir(workdir)
+    write_mammo_like(workdir / "inbox" / "a.png", size=(120, 80), seed=1)
+    assert _screen(workdir, "process", "--timeout", "10").returncode == 0
+    config = workdir / "config.toml"
+    config.write_text(config.read_text() + "max_pixels = 5000\n")  # under [worker]
+    page = workdir / "audit.html"
+    proc = _screen(workdir, "report", "--html", str(page))
+    assert proc.returncode == 0, proc.stderr
+    section = page.read_text().split("Where the model looked", 1)[1]
+    assert "image too large: 80x120 pixels, over max_pixels=5000" in section
+    assert '<img src="data:image/png' not in section

@@ -19,7 +19,7 @@ from worker.imaging.dicom import DicomPolicy
 from worker.imaging.errors import ImageError
 from worker.imaging.heatmap import overlay_png
 from worker.imaging.heatmap_geometry import preprocess_with_frame, to_original_frame
-from worker.imaging.preprocess import decode_image
+from worker.imaging.preprocess import PreprocessSettings, decode_source
 from worker.imaging.reduction import LongSide
 from worker.records.heatmaps import heatmap_for, top_scored_with_heatmaps
 from worker.records.models import ImageRecord
@@ -27,6 +27,8 @@ from worker.records.paths import current_file
 from worker.records.store import Store
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from worker.scoring.scorer import Scorer
 
 REPORT_IMAGES = 8  # thumbnails in the HTML audit
@@ -58,11 +60,22 @@ def _decoded(path: Path, dicom: DicomPolicy | None, max_pixels: int, max_side: i
     """The picture to draw on, brought down to at most `max_side` on its stored values
     before its grey levels are touched (a full-size mammogram is never held as floats)."""
     try:
-        return decode_image(path.read_bytes(), max_pixels, dicom, LongSide(max_side))
+        return decode_source(path, max_pixels, dicom, LongSide(max_side))
     except OSError as exc:
         raise OverlayError(f"cannot read {path}: {exc.strerror}") from exc
     except ImageError as exc:
         raise OverlayError(f"{path}: {exc}") from exc
+
+
+def _drawn_over_file(record: ImageRecord, heat: np.ndarray, dicom: DicomPolicy | None,
+                     max_pixels: int, max_side: int, missing: str) -> tuple[Path, bytes]:
+    """PNG bytes of `heat` drawn over the record's file where the worker left it, and that
+    file's path; `missing` begins the message when the file is not there."""
+    path = current_file(record)
+    if not path.is_file():
+        raise OverlayError(f"{missing} {path}")
+    img = _decoded(path, dicom, max_pixels, max_side)
+    return path, overlay_png(img, heat, max_side)
 
 
 def overlay_of_file(scorer: Scorer, path: Path, dicom: DicomPolicy | None = None,
@@ -90,7 +103,8 @@ def overlay_of_file(scorer: Scorer, path: Path, dicom: DicomPolicy | None = None
 
 
 def overlay_of_image(store: Store, image_id: int, dicom: DicomPolicy | None = None,
-                     max_side: int = 1024, max_pixels: int = 100_000_000) -> Overlay:
+                     max_side: int = 1024,
+                     max_pixels: int = PreprocessSettings.max_pixels) -> Overlay:
     """Draw an image's stored heatmap over its file."""
     with store.read() as s:
         record = s.get(ImageRecord, image_id)
@@ -101,18 +115,17 @@ def overlay_of_image(store: Store, image_id: int, dicom: DicomPolicy | None = No
         raise OverlayError(f"image #{image_id} ({record.filename}, {record.status}) has no "
                            "heatmap: not scored, or scored by a model without the attention "
                            "output")
-    path = current_file(record)
-    if not path.is_file():
-        raise OverlayError(f"image #{image_id}: its file is no longer at {path}")
-    img = _decoded(path, dicom, max_pixels, max_side)
-    return Overlay(overlay_png(img, heat.heat, max_side), record.score, record.label,
-                   heat.model_version, path)
+    path, png = _drawn_over_file(record, heat.heat, dicom, max_pixels, max_side,
+                                 f"image #{image_id}: its file is no longer at")
+    return Overlay(png, record.score, record.label, heat.model_version, path)
 
 
 def overlays_html(store: Store, dicom: DicomPolicy | None = None, n: int = REPORT_IMAGES,
-                  since: Any = None, until: Any = None) -> str:
+                  since: Any = None, until: Any = None,
+                  max_pixels: int = PreprocessSettings.max_pixels) -> str:
     """The HTML audit's section: the ``n`` top-scored images of the period with their
-    heatmaps, as inline PNG thumbnails ("" when no image has a heatmap)."""
+    heatmaps, as inline PNG thumbnails ("" when no image has a heatmap). `max_pixels`: the
+    largest image drawn (the worker's ``max_pixels``)."""
     from worker.audit.report_html import _png_img
 
     found = top_scored_with_heatmaps(store, n, since, until)
@@ -122,13 +135,10 @@ def overlays_html(store: Store, dicom: DicomPolicy | None = None, n: int = REPOR
     for record, heat in found:
         caption = (f"#{record.id} {escape(record.filename)}<br>score {record.score:.4f} "
                    f"({escape(record.label or '')})")
-        path = current_file(record)
         try:
-            if not path.is_file():
-                raise OverlayError(f"file no longer at {path}")
-            picture = _png_img(overlay_png(_decoded(path, dicom, 100_000_000, THUMBNAIL_SIDE),
-                                          heat.heat, THUMBNAIL_SIDE),
-                               f"heatmap of image {record.id}")
+            _, png = _drawn_over_file(record, heat.heat, dicom, max_pixels, THUMBNAIL_SIDE,
+                                      "file no longer at")
+            picture = _png_img(png, f"heatmap of image {record.id}")
         except OverlayError as exc:
             picture = f'<div class="caveat">{escape(str(exc))}</div>'
         figures.append(f'<figure style="margin:0; max-width:{THUMBNAIL_SIDE}px">{picture}'

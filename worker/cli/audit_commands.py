@@ -76,7 +76,7 @@ def report(
             from worker.imaging.dicom import DicomPolicy
 
             overlays = overlays_html(store, DicomPolicy.for_config(config), since=since_dt,
-                                     until=until_dt)
+                                     until=until_dt, max_pixels=config.max_pixels)
     finally:
         store.dispose()
     click.echo(format_report(result.report, fmt))

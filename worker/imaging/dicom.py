@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from worker.config import Config
 
 # Where the "DICM" magic sits in a DICOM Part 10 file: after a 128-byte preamble.
-_MAGIC_OFFSET = 128
-_MAGIC = b"DICM"
+MAGIC_OFFSET = 128
+MAGIC = b"DICM"
 # SOP classes whose images are raw detector data (PS3.4 B.5): DX, mammography, intra-oral.
 _FOR_PROCESSING_SOP_CLASSES = frozenset(
     {
@@ -92,7 +92,7 @@ def is_dicom(data: bytes) -> bool:
     (identifying attributes), little endian, with an explicit VR or a plausible implicit
     length. The pixel decoder confirms by reading it.
     """
-    if data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] == _MAGIC:
+    if data[MAGIC_OFFSET : MAGIC_OFFSET + 4] == MAGIC:
         return True
     return _is_bare_dataset(data)
 
@@ -109,11 +109,16 @@ def _is_bare_dataset(data: bytes) -> bool:
     return length < min(len(data), 1024)
 
 
+def file_head(path: str | Path) -> bytes:
+    """A file's first 132 bytes, where DICOM's marker ends (raises OSError)."""
+    with open(path, "rb") as fh:
+        return fh.read(MAGIC_OFFSET + 4)
+
+
 def is_dicom_file(path: str | Path) -> bool:
     """Whether the file's first bytes are DICOM (for folder discovery; reads 132 bytes)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(_MAGIC_OFFSET + 4)
+        head = file_head(path)
     except OSError:
         return False
     return is_dicom(head)
@@ -128,7 +133,7 @@ def _dcmread(data: bytes | Path, stop_before_pixels: bool) -> Dataset:
     import pydicom
 
     head = data if isinstance(data, bytes) else _head(data)
-    force = head[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] != _MAGIC  # bare data set: no preamble
+    force = head[MAGIC_OFFSET : MAGIC_OFFSET + 4] != MAGIC  # bare data set: no preamble
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         return pydicom.dcmread(source, force=force, stop_before_pixels=stop_before_pixels)
@@ -138,8 +143,7 @@ def _dcmread(data: bytes | Path, stop_before_pixels: bool) -> Dataset:
 
 def _head(path: Path) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            return fh.read(_MAGIC_OFFSET + 4)
+        return file_head(path)
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror}") from exc
 

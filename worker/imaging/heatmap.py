@@ -48,22 +48,19 @@ def overlay_rgb(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.4) -> np.nd
 
 
 def display_picture(img: np.ndarray, max_side: int) -> np.ndarray:
-    """A decoded picture as the model saw its grey levels (its own range, dark background),
-    shrunk to at most ``max_side`` pixels a side: float32 in [0, 1]."""
+    """A decoded picture as the model saw its grey levels (its own range, dark background):
+    float32 in [0, 1]. The picture is already at most ``max_side`` pixels a side: it was
+    brought down while decoding (worker.imaging.reduction.LongSide), on its stored values."""
     from worker.imaging.preprocess import normalise_polarity, to_unit_float
 
     if max_side < 16:
         raise ValueError(f"max_side must be at least 16, got {max_side}")
-    rows, cols = img.shape[:2]
-    scale = min(1.0, max_side / max(rows, cols))
-    if scale < 1.0:
-        size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-        img = cv2.resize(img.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     return normalise_polarity(to_unit_float(img))
 
 
 def overlay_png(img: np.ndarray, heat: np.ndarray, max_side: int = 1024) -> bytes:
-    """PNG bytes of :func:`overlay_rgb` over :func:`display_picture` of a decoded picture."""
+    """PNG bytes of :func:`overlay_rgb` over :func:`display_picture` of a decoded picture
+    (decoded with ``LongSide(max_side)``)."""
     rgb = overlay_rgb(display_picture(img, max_side), heat)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:

@@ -22,15 +22,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from worker.imaging.preprocess import (
-    PreprocessSettings,
-    breast_bbox,
-    breast_on_right,
-    decode_for,
-    normalise_polarity,
-    preprocess_array,
-    to_unit_float,
-)
+from worker.imaging.preprocess import PreprocessSettings, decode_for, preprocess_with_geometry
 
 if TYPE_CHECKING:
     from worker.imaging.dicom import DicomPolicy
@@ -57,20 +49,13 @@ class Frame:
         return self.crop if self.crop is not None else (0, self.height, 0, self.width)
 
 
-def frame_of(img: np.ndarray, settings: PreprocessSettings) -> Frame:
-    """The geometry :func:`worker.imaging.preprocess.preprocess_array` gives ``img``
-    (decoded), found with its own functions; only its size when neither ``orient`` nor
-    ``crop`` is set."""
+def preprocess_array_with_frame(img: np.ndarray, settings: PreprocessSettings
+                                ) -> tuple[np.ndarray, Frame]:
+    """:func:`worker.imaging.preprocess.preprocess_array` of a decoded picture and the frame
+    it gave the picture (found in the same pass)."""
+    x, mirrored, crop = preprocess_with_geometry(img, settings)
     h, w = img.shape[:2]
-    if settings.orient == "none" and not settings.crop:
-        return Frame(h, w)
-    x = to_unit_float(img)
-    if settings.polarity == "auto":
-        x = normalise_polarity(x, settings.corner_fraction)
-    mirrored = settings.orient == "left" and breast_on_right(x)
-    if mirrored:
-        x = x[:, ::-1]
-    return Frame(h, w, mirrored, breast_bbox(x) if settings.crop else None)
+    return x, Frame(h, w, mirrored, crop)
 
 
 def preprocess_with_frame(
@@ -79,8 +64,7 @@ def preprocess_with_frame(
     """:func:`worker.imaging.preprocess.preprocess_bytes` (the same two calls) and the frame: that
     of the decoded picture, which for a large image is already brought down (its shape, not
     its pixel count, is what places the map)."""
-    img = decode_for(source, settings, dicom)
-    return preprocess_array(img, settings), frame_of(img, settings)
+    return preprocess_array_with_frame(decode_for(source, settings, dicom), settings)
 
 
 def to_original_frame(attention: np.ndarray, frame: Frame, settings: PreprocessSettings

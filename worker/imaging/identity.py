@@ -29,11 +29,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from worker.config import PATTERN_FIELDS, compile_pattern
+from worker.imaging.dicom import MAGIC, MAGIC_OFFSET, file_head
 
 log = logging.getLogger("mammo_screen")
-
-DICOM_MAGIC_OFFSET = 128
-DICOM_MAGIC = b"DICM"
 
 # The fields a pattern or a sidecar may provide (SOP Instance UID is DICOM's alone).
 SIDECAR_FIELDS = PATTERN_FIELDS
@@ -100,11 +98,10 @@ def is_dicom(data: bytes | Path) -> bool:
     """A DICOM Part 10 file, from its bytes or (reading 132 bytes) its path."""
     if isinstance(data, Path):
         try:
-            with open(data, "rb") as fh:
-                data = fh.read(DICOM_MAGIC_OFFSET + 4)
+            data = file_head(data)
         except OSError:
             return False
-    return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC
+    return data[MAGIC_OFFSET : MAGIC_OFFSET + 4] == MAGIC
 
 
 def _text(value: object) -> str | None:

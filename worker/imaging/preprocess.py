@@ -295,13 +295,26 @@ def reduction_for(settings: PreprocessSettings) -> Reduction | None:
 
 def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """A decoded grey image (any dtype) -> float32 array of shape (size, size, 1) in [0, 1]."""
+    return preprocess_with_geometry(img, settings)[0]
+
+
+def preprocess_with_geometry(
+    img: np.ndarray, settings: PreprocessSettings
+) -> tuple[np.ndarray, bool, tuple[int, int, int, int] | None]:
+    """:func:`preprocess_array`'s result and the geometry it gave the picture: whether
+    ``orient`` mirrored it, and the crop box (top, bottom, left, right) in the mirrored
+    picture (None without ``crop``). One pass, so that the map's geometry
+    (worker.imaging.heatmap_geometry) is the one the model's input was made with."""
     x = to_unit_float(img)
     if settings.polarity == "auto":
         x = normalise_polarity(x, settings.corner_fraction)
-    if settings.orient == "left" and breast_on_right(x):
+    mirrored = settings.orient == "left" and breast_on_right(x)
+    if mirrored:
         x = np.ascontiguousarray(x[:, ::-1])
+    box = None
     if settings.crop:
-        top, bottom, left, right = breast_bbox(x)
+        box = breast_bbox(x)
+        top, bottom, left, right = box
         x = x[top:bottom, left:right]
     if settings.pad_square:
         x = pad_to_square(x)
@@ -312,24 +325,34 @@ def preprocess_array(img: np.ndarray, settings: PreprocessSettings) -> np.ndarra
     # At model size: the mask and the levels cost little there, and resizing is linear, so
     # normalising after it gives the same invariances as before it.
     x = normalise_intensity(x, settings)
-    return np.clip(x, 0.0, 1.0)[:, :, np.newaxis].astype(np.float32, copy=False)
+    return np.clip(x, 0.0, 1.0)[:, :, np.newaxis].astype(np.float32, copy=False), mirrored, box
 
 
 def decode_for(
     source: bytes | Path, settings: PreprocessSettings, dicom: DicomPolicy | None = None
 ) -> np.ndarray:
     """The decoded picture as :func:`preprocess_array` takes it (a large one already brought
-    down, see worker.imaging.reduction), from a file's bytes or from the file itself. A DICOM
-    file is parsed from the file, so that a full-size image is in memory once (its Pixel Data), not
-    twice."""
+    down, see worker.imaging.reduction), from a file's bytes or from the file itself
+    (:func:`decode_source`)."""
+    return decode_source(source, settings.max_pixels, dicom, reduction_for(settings))
+
+
+def decode_source(
+    source: bytes | Path,
+    max_pixels: int,
+    dicom: DicomPolicy | None = None,
+    reduction: Reduction | LongSide | None = None,
+) -> np.ndarray:
+    """:func:`decode_image` of a file's bytes or of the file itself: a DICOM file is parsed
+    from the file, so that a full-size image is in memory once (its Pixel Data), not twice;
+    another file is read whole (raises OSError when it cannot be)."""
     from worker.imaging import dicom as dicom_format
 
-    reduction = reduction_for(settings)
     if isinstance(source, Path):
-        if dicom_format.is_dicom_file(source) and source.stat().st_size > 0:
-            return dicom_format.decode_dicom(source, settings.max_pixels, dicom, reduction).pixels
+        if dicom_format.is_dicom_file(source):
+            return dicom_format.decode_dicom(source, max_pixels, dicom, reduction).pixels
         source = source.read_bytes()
-    return decode_image(source, settings.max_pixels, dicom, reduction)
+    return decode_image(source, max_pixels, dicom, reduction)
 
 
 def preprocess_bytes(

@@ -46,8 +46,7 @@ class Reduction:
         if min(rows, cols) < 2 * self.size:
             return None
         if self.pad_square:  # the longer side becomes the model's side; padding follows
-            scale = self.size / max(rows, cols)
-            return max(1, round(rows * scale)), max(1, round(cols * scale))
+            return LongSide(self.size).target(rows, cols)
         return self.size, self.size
 
     def decoder_scale(self, rows: int, cols: int, largest: int = 8) -> int:
