@@ -24,10 +24,9 @@ from worker.audit.metrics import (
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
-from worker.audit.units import audit_rows, resampling_groups, units_at
+from worker.audit.units import UNIT_LEVELS, audit_rows, resampling_groups, unit_rows, units_at
 from worker.records.models import SitePointRecord
-from worker.records.store import ImageStatus, Store
-from worker.results.aggregation import one_per_instance
+from worker.records.store import Store
 from worker.scoring.levels import Level
 from worker.scoring.site_points import FIGURES, SitePoint, Target
 
@@ -53,10 +52,12 @@ def threshold_for(target: Target, value: float, y: np.ndarray, s: np.ndarray) ->
 
 def site_units(store: Store, model_version: str, level: Level,
                aggregation: dict[str, str] | None) -> list:
-    """The units of ``level`` with a known outcome scored by ``model_version`` (as the
-    report counts them: duplicates out, one image per DICOM instance)."""
-    images = [r for r in one_per_instance(store.all_images()) if r.status == ImageStatus.SCORED]
+    """The units of ``level`` with a known outcome scored by ``model_version``, gathered as
+    the report gathers them (worker.audit.units.unit_rows)."""
+    images = store.all_images()
     rows = [r for r in audit_rows(images, store.outcomes()) if r.model_version == model_version]
+    if level in UNIT_LEVELS:
+        rows = unit_rows(rows, images)
     return units_at(rows, level, aggregation)
 
 

@@ -9,7 +9,7 @@ from enum import StrEnum
 
 from worker.records.models import ImageRecord
 from worker.records.store import ImageStatus
-from worker.results.aggregation import score_exam
+from worker.results.aggregation import one_per_instance, score_exam
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION
 
@@ -68,6 +68,16 @@ def audit_rows(images: list[ImageRecord], outcomes: dict[str, str]) -> list[Audi
             )
         )
     return rows
+
+
+def unit_rows(rows: list[AuditRow], images: list[ImageRecord]) -> list[AuditRow]:
+    """The image rows that enter breasts and exams: one per DICOM instance, its latest scored
+    copy (worker/results/aggregation.py's rule: an instance received twice with other bytes is
+    one image of its breast and exam). Image level keeps every row, both copies included, as it
+    always has. ``images`` are the records the rows came from; only the scored ones compete,
+    so a later duplicate (the same bytes again) never hides the image it repeats."""
+    once = {r.id for r in one_per_instance([r for r in images if r.status == ImageStatus.SCORED])}
+    return [r for r in rows if r.image_id in once]
 
 
 def _unit(members: list[AuditRow], score: float, name: str, side: str | None) -> AuditRow:
