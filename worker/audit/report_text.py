@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from worker.audit.fitness import fitness_lines
-
 
 def fmt_value(value: Any) -> str:
     if value is None:
@@ -96,6 +94,19 @@ def figures_block(m: dict[str, Any]) -> list[str]:
         f"  intervals: {bootstrap_text(b)}",
         *(f"  CAVEAT: {c}" for c in m["caveats"]),
     ]
+
+
+def fitness_lines(f: dict[str, Any]) -> list[str]:
+    """The fitness verdict (worker.audit.fitness) as text lines."""
+    lines = [f"FITNESS of model {f['model_version']} for this site: {f['verdict'].upper()} "
+             f"({f['level']} level, {f['positives']} malignant and {f['negatives']} benign; "
+             f"operating point {f['operating_point']}, threshold {f['threshold']:.4f}; "
+             "criteria from [fitness], declared before looking)"]
+    for c in f["criteria"]:
+        shown = (f"{c['value']}" if c["name"] == "cancers"
+                 else f"{fmt_value(c['value'])} (95% CI {fmt_ci(c['ci'])})")
+        lines.append(f"  [{c['status']}] {c['rule']}: {shown}")
+    return lines
 
 
 def format_text(report: dict[str, Any]) -> str:
