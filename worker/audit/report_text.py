@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from worker.scoring.site_points import women
+
 
 def fmt_value(value: Any) -> str:
     if value is None:
@@ -147,8 +149,8 @@ def format_text(report: dict[str, Any]) -> str:
     if report.get("site_points"):
         lines += ["", "site points recorded (screen calibrate), oldest first:"]
         lines += [f"  {p['name']} for model {p['model_version']}: threshold {p['threshold']:.4f}, "
-                  f"{p['target']} {p['target_value']:g} at {p['level']} level on {p['women']} "
-                  f"{'women' if p['unit'] == 'patient' else p['unit'] + ' group(s)'}, "
+                  f"{p['target']} {p['target_value']:g} at {p['level']} level on "
+                  f"{women(p['women'], p['unit'])}, "
                   f"{p['created_at']} by {p['created_by']}"
                   for p in report["site_points"]]
     if report.get("fitness"):
