@@ -38,6 +38,13 @@ class Audit:
     # (model version, breast or exam level) -> its units, for the plots of those levels.
     units: dict[tuple[str, Level], list[AuditRow]] = field(default_factory=dict)
 
+    def units_of(self, version: str, level: Level) -> list[AuditRow]:
+        """The units of ``version`` at ``level`` with a known outcome: its rows at image
+        level; none when it has no such units."""
+        if level is Level.IMAGE:
+            return self.rows.get(version, [])
+        return self.units.get((version, level), [])
+
 
 def reason_kind(reason: str) -> str:
     """A quarantine reason without its file's details, to count files by kind: the text

@@ -196,7 +196,7 @@ def _version_sections(audit: Audit, m: dict[str, Any]) -> str:
     version = m["model_version"]
     out = _model_section(m, figure_png(audit, [version]))
     for level, lm in m["levels"].items():
-        out += _model_section(lm, figure_png(audit, [version], level=Level(level)))
+        out += _model_section(lm, figure_png(audit, [version], levels=(Level(level),)))
     out += "".join(
         f'<p class="small level-note">Model {escape(version)}: {escape(note)} (level left '
         "out).</p>"
