@@ -24,7 +24,14 @@ from worker.audit.metrics import (
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
-from worker.audit.units import UNIT_LEVELS, audit_rows, resampling_groups, unit_rows, units_at
+from worker.audit.units import (
+    UNIT_LEVELS,
+    audit_rows,
+    resampling_groups,
+    truth_and_scores,
+    unit_rows,
+    units_at,
+)
 from worker.records.models import SitePointRecord
 from worker.records.store import Store
 from worker.scoring.levels import Level
@@ -69,8 +76,7 @@ def choose(units: list, target: Target, value: float, level: Level,
     if not 0.0 < value < 1.0:
         raise CalibrationError(f"the target {target.value} must be between 0 and 1, "
                                f"got {value:g}")
-    y = np.array([u.truth for u in units], dtype=bool)
-    s = np.array([u.score for u in units], dtype=np.float64)
+    y, s = truth_and_scores(units)
     pos, neg = int(y.sum()), int((~y).sum())
     if pos < min_cases or neg < min_cases:
         raise CalibrationError(
@@ -86,11 +92,11 @@ def choose(units: list, target: Target, value: float, level: Level,
         raise CalibrationError(
             f"too few women to calibrate at {level.value} level: no interval for "
             f"{', '.join(missing)} from {boot.groups} {unit.value} group(s)")
-    c = confusion_of_calls(y, called)
+    achieved = rates(confusion_of_calls(y, called))
     figures: dict[str, Any] = {"positives": pos, "negatives": neg, "unit": unit.value,
                                "resamples": resamples, "seed": seed}
     for k in FIGURES:
-        figures[k] = rates(c)[k]
+        figures[k] = achieved[k]
         figures[f"{k}_ci"] = list(boot.cis[k])  # type: ignore[arg-type]
     return threshold, boot.groups, figures
 

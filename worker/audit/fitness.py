@@ -22,11 +22,9 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
-
 from worker.audit.bootstrap import RESAMPLES, SEED, bootstrap_cis
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
-from worker.audit.units import resampling_groups
+from worker.audit.units import resampling_groups, truth_and_scores
 
 
 class Status(StrEnum):
@@ -80,8 +78,7 @@ def assess(rows: list, threshold: float, criteria: Criteria, model_version: str,
            ) -> dict[str, Any]:
     """The verdict on ``rows`` (the units of ``criteria.level`` with a known outcome,
     worker.audit.units.AuditRow) at ``threshold``, as a JSON-ready dict."""
-    y = np.array([r.truth for r in rows], dtype=bool)
-    s = np.array([r.score for r in rows], dtype=np.float64)
+    y, s = truth_and_scores(rows)
     called = s >= threshold
     pos, neg = int(y.sum()), int((~y).sum())
     cis: dict[str, Any] = {}

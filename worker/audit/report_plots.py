@@ -18,6 +18,7 @@ from worker.audit.figures import MIN_CASES
 from worker.audit.metrics import roc_curve
 from worker.audit.report import Audit
 from worker.audit.report_text import fmt_ci, fmt_value
+from worker.audit.units import truth_and_scores
 from worker.scoring.levels import Level
 
 CALIBRATION_BINS = 10
@@ -158,8 +159,7 @@ def audit_figure(
     subfigs = np.atleast_1d(fig.subfigures(len(models), 1))
     for sub, m in zip(subfigs, models, strict=True):
         rows = audit.units_of(m["model_version"], Level(m["level"]))
-        y = np.array([r.truth for r in rows], dtype=bool)
-        s = np.array([r.score for r in rows], dtype=np.float64)
+        y, s = truth_and_scores(rows)
         axes = sub.subplots(1, 4)
         draw_confusion(axes[0], m)
         draw_roc(axes[1], m, y, s)
