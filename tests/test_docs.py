@@ -60,7 +60,8 @@ def undocumented_cli(group: click.Group) -> list[str]:
 
 def test_every_command_option_and_argument_is_documented() -> None:
     names = {path for path, _ in _all_commands(cli, "screen")}
-    assert {"screen watch", "screen train", "screen export", "screen outcomes import"} <= names
+    assert {"screen watch", "screen process", "screen results", "screen outcomes import",
+            "screen report", "screen status", "screen train", "screen export"} <= names
     missing = undocumented_cli(cli)
     assert not missing, "undocumented in the CLI (docs/cli.md is generated from the help):\n" + (
         "\n".join(missing))

@@ -164,6 +164,42 @@ def test_calibrate_refuses_too_few_outcomes_and_mistakes_in_one_line(tmp_path: P
         store.dispose()
 
 
+def test_calibration_gathers_the_units_the_audit_counts(tmp_path: Path) -> None:
+    """A scored instance received again with the same bytes (a later duplicate row, same SOP
+    UID) stays in; one sent again with other bytes is two images at image level and one of
+    its breast and exam: calibration sees, at each level, what the report audits."""
+    from worker.audit.calibration import site_units
+    from worker.audit.outcomes import import_outcomes
+    from worker.audit.report import audit
+    from worker.records.models import ImageRecord
+    from worker.records.store import ImageStatus, Store
+    from worker.scoring.levels import Level
+
+    store = Store(f"sqlite:///{tmp_path / 'd.db'}")
+    rows = [("a", "a", "1.2.1", ImageStatus.SCORED, 0.9, "S1"),
+            ("a-again", "a", "1.2.1", ImageStatus.DUPLICATE, 0.9, "S1"),  # same bytes
+            ("b", "b", "1.2.2", ImageStatus.SCORED, 0.3, "S2"),
+            ("b-recoded", "b2", "1.2.2", ImageStatus.SCORED, 0.4, "S2")]  # other bytes
+    with store.write() as s:
+        for name, sha, sop, status, score, study in rows:
+            s.add(ImageRecord(filename=name, source_path=f"/in/{name}", sha256=sha,
+                              size_bytes=1, status=status, score=score, threshold=0.5,
+                              model_version="v", attempts=1, patient_id=study, study_uid=study,
+                              laterality="L", sop_instance_uid=sop))
+    (tmp_path / "o.csv").write_text("sha256,label\na,malignant\nb,benign\nb2,benign\n")
+    import_outcomes(store, tmp_path / "o.csv")
+    try:
+        a = audit(store, resamples=20)
+        assert [r.filename for r in site_units(store, "v", Level.IMAGE, None)] == [
+            r.filename for r in a.rows["v"]] == ["a", "b", "b-recoded"]
+        for level in (Level.BREAST, Level.EXAM):
+            units = site_units(store, "v", level, None)
+            assert units == a.units[("v", level)]
+            assert [u.n_images for u in units] == [1, 1]  # a; b-recoded, the latest copy
+    finally:
+        store.dispose()
+
+
 def test_threshold_for_specificity_is_the_lowest_that_reaches_it() -> None:
     y = np.array([0, 0, 0, 0, 1, 1], bool)
     s = np.array([0.1, 0.2, 0.3, 0.4, 0.35, 0.9])

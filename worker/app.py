@@ -239,9 +239,8 @@ def audit_site(config: Config, store: Store, since: dt.datetime | None,
         criteria = Criteria.from_config(config.fitness)
         level = Level(criteria.level)
         version = chosen[0].model_version
-        rows = (result.rows.get(version, []) if level is Level.IMAGE
-                else result.units.get((version, level), []))
-        result.report["fitness"] = assess(rows, threshold, criteria, version, name)
+        result.report["fitness"] = assess(result.units_of(version, level), threshold,
+                                          criteria, version, name)
     return result
 
 

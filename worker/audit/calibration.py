@@ -24,10 +24,16 @@ from worker.audit.metrics import (
     threshold_for_sensitivity,
     threshold_for_specificity,
 )
-from worker.audit.units import audit_rows, resampling_groups, units_at
+from worker.audit.units import (
+    UNIT_LEVELS,
+    audit_rows,
+    resampling_groups,
+    truth_and_scores,
+    unit_rows,
+    units_at,
+)
 from worker.records.models import SitePointRecord
-from worker.records.store import ImageStatus, Store
-from worker.results.aggregation import one_per_instance
+from worker.records.store import Store
 from worker.scoring.levels import Level
 from worker.scoring.site_points import FIGURES, SitePoint, Target
 
@@ -53,10 +59,12 @@ def threshold_for(target: Target, value: float, y: np.ndarray, s: np.ndarray) ->
 
 def site_units(store: Store, model_version: str, level: Level,
                aggregation: dict[str, str] | None) -> list:
-    """The units of ``level`` with a known outcome scored by ``model_version`` (as the
-    report counts them: duplicates out, one image per DICOM instance)."""
-    images = [r for r in one_per_instance(store.all_images()) if r.status == ImageStatus.SCORED]
+    """The units of ``level`` with a known outcome scored by ``model_version``, gathered as
+    the report gathers them (worker.audit.units.unit_rows)."""
+    images = store.all_images()
     rows = [r for r in audit_rows(images, store.outcomes()) if r.model_version == model_version]
+    if level in UNIT_LEVELS:
+        rows = unit_rows(rows, images)
     return units_at(rows, level, aggregation)
 
 
@@ -68,8 +76,7 @@ def choose(units: list, target: Target, value: float, level: Level,
     if not 0.0 < value < 1.0:
         raise CalibrationError(f"the target {target.value} must be between 0 and 1, "
                                f"got {value:g}")
-    y = np.array([u.truth for u in units], dtype=bool)
-    s = np.array([u.score for u in units], dtype=np.float64)
+    y, s = truth_and_scores(units)
     pos, neg = int(y.sum()), int((~y).sum())
     if pos < min_cases or neg < min_cases:
         raise CalibrationError(
@@ -85,11 +92,11 @@ def choose(units: list, target: Target, value: float, level: Level,
         raise CalibrationError(
             f"too few women to calibrate at {level.value} level: no interval for "
             f"{', '.join(missing)} from {boot.groups} {unit.value} group(s)")
-    c = confusion_of_calls(y, called)
+    achieved = rates(confusion_of_calls(y, called))
     figures: dict[str, Any] = {"positives": pos, "negatives": neg, "unit": unit.value,
                                "resamples": resamples, "seed": seed}
     for k in FIGURES:
-        figures[k] = rates(c)[k]
+        figures[k] = achieved[k]
         figures[f"{k}_ci"] = list(boot.cis[k])  # type: ignore[arg-type]
     return threshold, boot.groups, figures
 

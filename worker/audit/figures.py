@@ -9,7 +9,14 @@ import numpy as np
 
 from worker.audit.bootstrap import CI_FIGURES, LEVEL, RESAMPLES, SEED, bootstrap_cis
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
-from worker.audit.units import CLASSES, UNIT_LEVELS, AuditRow, resampling_groups, units_at
+from worker.audit.units import (
+    CLASSES,
+    UNIT_LEVELS,
+    AuditRow,
+    resampling_groups,
+    truth_and_scores,
+    units_at,
+)
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION, OperatingPoint
 
@@ -61,8 +68,7 @@ def model_figures(
 ) -> dict[str, Any]:
     """Every figure for one model version at one level, each with its 95% bootstrap
     interval. `rows` are the units of that level (`units_at`)."""
-    y = np.array([r.truth for r in rows], dtype=bool)
-    s = np.array([r.score for r in rows], dtype=np.float64)
+    y, s = truth_and_scores(rows)
     called = np.array([r.called for r in rows], dtype=bool)
     c = confusion_of_calls(y, called)
     groups, unit = resampling_groups(rows)
@@ -147,8 +153,7 @@ def operating_point_figures(
     """What each of a model's operating points implies in the period: the recall rate over
     every scored image, sensitivity and specificity over those with a known outcome, beside
     the figures the point had on validation data."""
-    y = np.array([r.truth for r in rows], dtype=bool)
-    s = np.array([r.score for r in rows], dtype=np.float64)
+    y, s = truth_and_scores(rows)
     out = []
     for name, p in sorted(points.items(), key=lambda kv: kv[1].threshold):
         c = confusion_of_calls(y, s >= p.threshold)

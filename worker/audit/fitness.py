@@ -22,11 +22,9 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
-
 from worker.audit.bootstrap import RESAMPLES, SEED, bootstrap_cis
 from worker.audit.metrics import confusion_of_calls, rates, roc_auc
-from worker.audit.units import resampling_groups
+from worker.audit.units import resampling_groups, truth_and_scores
 
 
 class Status(StrEnum):
@@ -80,8 +78,7 @@ def assess(rows: list, threshold: float, criteria: Criteria, model_version: str,
            ) -> dict[str, Any]:
     """The verdict on ``rows`` (the units of ``criteria.level`` with a known outcome,
     worker.audit.units.AuditRow) at ``threshold``, as a JSON-ready dict."""
-    y = np.array([r.truth for r in rows], dtype=bool)
-    s = np.array([r.score for r in rows], dtype=np.float64)
+    y, s = truth_and_scores(rows)
     called = s >= threshold
     pos, neg = int(y.sum()), int((~y).sum())
     cis: dict[str, Any] = {}
@@ -119,45 +116,3 @@ def assess(rows: list, threshold: float, criteria: Criteria, model_version: str,
             "threshold": threshold, "positives": pos, "negatives": neg,
             "criteria": items, "declared": asdict(criteria)}
 
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def _fmt_ci(ci: list[float] | None) -> str:
-    return "n/a" if ci is None else f"{ci[0]:.3f} to {ci[1]:.3f}"
-
-
-def fitness_lines(f: dict[str, Any]) -> list[str]:
-    """The verdict as text lines."""
-    lines = [f"FITNESS of model {f['model_version']} for this site: {f['verdict'].upper()} "
-             f"({f['level']} level, {f['positives']} malignant and {f['negatives']} benign; "
-             f"operating point {f['operating_point']}, threshold {f['threshold']:.4f}; "
-             "criteria from [fitness], declared before looking)"]
-    for c in f["criteria"]:
-        shown = (f"{c['value']}" if c["name"] == "cancers"
-                 else f"{_fmt(c['value'])} (95% CI {_fmt_ci(c['ci'])})")
-        lines.append(f"  [{c['status']}] {c['rule']}: {shown}")
-    return lines
-
-
-def fitness_html(f: dict[str, Any] | None) -> str:
-    """The verdict as an HTML section (every string escaped); "" without one."""
-    if not f:
-        return ""
-    from html import escape
-
-    rows = "".join(
-        f'<tr><td class="name">{escape(c["rule"])}</td>'
-        f'<td>{escape(str(c["value"]) if c["name"] == "cancers" else _fmt(c["value"]))}</td>'
-        f'<td>{_fmt_ci(c["ci"])}</td>'
-        f'<td class="status">{escape(c["status"])}</td></tr>' for c in f["criteria"])
-    return (
-        f'<section class="fitness verdict-{escape(f["verdict"].replace(" ", "-"))}">'
-        f"<h2>Fit for this site? {escape(f['verdict'].upper())}</h2>"
-        f"<p>Model {escape(f['model_version'])}, {escape(f['level'])} level "
-        f"({f['positives']} malignant, {f['negatives']} benign), operating point "
-        f"{escape(f['operating_point'])} (threshold {f['threshold']:.4f}). The criteria were "
-        "declared before looking (config.toml [fitness]).</p>"
-        '<table><tr><th class="name">criterion</th><th>value</th><th>95% CI</th>'
-        f"<th>status</th></tr>{rows}</table></section>")

@@ -19,11 +19,10 @@ import numpy as np
 
 from worker.audit.bootstrap import RESAMPLES, SEED
 from worker.audit.figures import level_figures, model_figures, operating_point_figures
-from worker.audit.units import AuditRow, audit_rows, units_at
+from worker.audit.units import AuditRow, audit_rows, unit_rows, units_at
 from worker.records.clock import iso
 from worker.records.models import ImageRecord
 from worker.records.store import ImageStatus, Store
-from worker.results.aggregation import one_per_instance
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import OperatingPoint
 
@@ -38,6 +37,13 @@ class Audit:
     rows: dict[str, list[AuditRow]] = field(default_factory=dict)
     # (model version, breast or exam level) -> its units, for the plots of those levels.
     units: dict[tuple[str, Level], list[AuditRow]] = field(default_factory=dict)
+
+    def units_of(self, version: str, level: Level) -> list[AuditRow]:
+        """The units of ``version`` at ``level`` with a known outcome: its rows at image
+        level; none when it has no such units."""
+        if level is Level.IMAGE:
+            return self.rows.get(version, [])
+        return self.units.get((version, level), [])
 
 
 def reason_kind(reason: str) -> str:
@@ -68,15 +74,12 @@ def _add_levels(
 ) -> dict[tuple[str, Level], list[AuditRow]]:
     """Each version's breast and exam figures, added to its image-level figures in
     `models`; the units of each (version, level)."""
-    # One DICOM instance received twice with other bytes is one image of its breast and exam
-    # (worker/results/aggregation.py's rule); at image level both copies stay, as they always have.
-    once = {r.id for r in one_per_instance([r for r in images if r.status == ImageStatus.SCORED])}
     units: dict[tuple[str, Level], list[AuditRow]] = {}
     for m in models:
         version = m["model_version"]
         m["levels"], m["level_notes"], by_level = level_figures(
             version,
-            [r for r in per_version[version] if r.image_id in once],
+            unit_rows(per_version[version], images),
             (aggregation or {}).get(version),
             resamples,
             seed,

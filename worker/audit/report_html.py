@@ -13,7 +13,6 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from worker.audit.fitness import fitness_html
 from worker.audit.report import Audit
 from worker.audit.report_text import FIGURE_ROWS, bootstrap_text, fmt_ci, fmt_value, period_text
 from worker.records.clock import utcnow
@@ -169,6 +168,27 @@ figures on the data it was chosen on (validation, or the site's calibration).</p
 </section>"""
 
 
+def fitness_html(f: dict[str, Any] | None) -> str:
+    """The fitness verdict (worker.audit.fitness) as a section (every string escaped); ""
+    without one."""
+    if not f:
+        return ""
+    rows = "".join(
+        f'<tr><td class="name">{escape(c["rule"])}</td>'
+        f'<td>{escape(fmt_value(c["value"]))}</td>'
+        f'<td>{fmt_ci(c["ci"])}</td>'
+        f'<td class="status">{escape(c["status"])}</td></tr>' for c in f["criteria"])
+    return (
+        f'<section class="fitness verdict-{escape(f["verdict"].replace(" ", "-"))}">'
+        f"<h2>Fit for this site? {escape(f['verdict'].upper())}</h2>"
+        f"<p>Model {escape(f['model_version'])}, {escape(f['level'])} level "
+        f"({f['positives']} malignant, {f['negatives']} benign), operating point "
+        f"{escape(f['operating_point'])} (threshold {f['threshold']:.4f}). The criteria were "
+        "declared before looking (config.toml [fitness]).</p>"
+        '<table><tr><th class="name">criterion</th><th>value</th><th>95% CI</th>'
+        f"<th>status</th></tr>{rows}</table></section>")
+
+
 def _version_sections(audit: Audit, m: dict[str, Any]) -> str:
     """A version's image-level section, then one per breast and exam level (or a note)."""
     from worker.audit.report_plots import figure_png
@@ -176,7 +196,7 @@ def _version_sections(audit: Audit, m: dict[str, Any]) -> str:
     version = m["model_version"]
     out = _model_section(m, figure_png(audit, [version]))
     for level, lm in m["levels"].items():
-        out += _model_section(lm, figure_png(audit, [version], level=Level(level)))
+        out += _model_section(lm, figure_png(audit, [version], levels=(Level(level),)))
     out += "".join(
         f'<p class="small level-note">Model {escape(version)}: {escape(note)} (level left '
         "out).</p>"

@@ -18,7 +18,7 @@ from worker.audit.figures import MIN_CASES
 from worker.audit.metrics import roc_curve
 from worker.audit.report import Audit
 from worker.audit.report_text import fmt_ci, fmt_value
-from worker.audit.units import AuditRow
+from worker.audit.units import truth_and_scores
 from worker.scoring.levels import Level
 
 CALIBRATION_BINS = 10
@@ -140,16 +140,15 @@ def draw_distribution(ax: Any, m: dict[str, Any], y: np.ndarray, s: np.ndarray) 
 
 
 def audit_figure(
-    audit: Audit, versions: list[str] | None = None, level: Level = Level.IMAGE,
-    levels: tuple[Level, ...] | None = None,
+    audit: Audit, versions: list[str] | None = None, levels: tuple[Level, ...] = (Level.IMAGE,),
 ) -> Any:
     """A matplotlib Figure: one row of four panels per model version (all by default) and
-    level (`level`, or each of `levels`; versions without units at a level are left out)."""
+    each of `levels` (versions without units at a level are left out)."""
     plt = _pyplot()
     models = [
         m if lv is Level.IMAGE else m["levels"][lv.value]
         for m in audit.report["models"]
-        for lv in (levels or (level,))
+        for lv in levels
         if (versions is None or m["model_version"] in versions)
         and (lv is Level.IMAGE or lv.value in m["levels"])
     ]
@@ -159,13 +158,8 @@ def audit_figure(
         return fig
     subfigs = np.atleast_1d(fig.subfigures(len(models), 1))
     for sub, m in zip(subfigs, models, strict=True):
-        version = m["model_version"]
-        lv = Level(m["level"])
-        rows: list[AuditRow] = (
-            audit.rows[version] if lv is Level.IMAGE else audit.units[(version, lv)]
-        )
-        y = np.array([r.truth for r in rows], dtype=bool)
-        s = np.array([r.score for r in rows], dtype=np.float64)
+        rows = audit.units_of(m["model_version"], Level(m["level"]))
+        y, s = truth_and_scores(rows)
         axes = sub.subplots(1, 4)
         draw_confusion(axes[0], m)
         draw_roc(axes[1], m, y, s)
@@ -179,11 +173,11 @@ def audit_figure(
 
 
 def figure_png(
-    audit: Audit, versions: list[str] | None = None, dpi: int = 90, level: Level = Level.IMAGE,
-    levels: tuple[Level, ...] | None = None,
+    audit: Audit, versions: list[str] | None = None, dpi: int = 90,
+    levels: tuple[Level, ...] = (Level.IMAGE,),
 ) -> bytes:
     plt = _pyplot()
-    fig = audit_figure(audit, versions, level, levels)
+    fig = audit_figure(audit, versions, levels)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA)
     plt.close(fig)

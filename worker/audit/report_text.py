@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from worker.audit.fitness import fitness_lines
+from worker.scoring.site_points import women
 
 
 def fmt_value(value: Any) -> str:
@@ -98,6 +98,19 @@ def figures_block(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def fitness_lines(f: dict[str, Any]) -> list[str]:
+    """The fitness verdict (worker.audit.fitness) as text lines."""
+    lines = [f"FITNESS of model {f['model_version']} for this site: {f['verdict'].upper()} "
+             f"({f['level']} level, {f['positives']} malignant and {f['negatives']} benign; "
+             f"operating point {f['operating_point']}, threshold {f['threshold']:.4f}; "
+             "criteria from [fitness], declared before looking)"]
+    for c in f["criteria"]:
+        shown = (f"{c['value']}" if c["name"] == "cancers"
+                 else f"{fmt_value(c['value'])} (95% CI {fmt_ci(c['ci'])})")
+        lines.append(f"  [{c['status']}] {c['rule']}: {shown}")
+    return lines
+
+
 def format_text(report: dict[str, Any]) -> str:
     lines = [
         f"period: {period_text(report)} (UTC)",
@@ -136,8 +149,8 @@ def format_text(report: dict[str, Any]) -> str:
     if report.get("site_points"):
         lines += ["", "site points recorded (screen calibrate), oldest first:"]
         lines += [f"  {p['name']} for model {p['model_version']}: threshold {p['threshold']:.4f}, "
-                  f"{p['target']} {p['target_value']:g} at {p['level']} level on {p['women']} "
-                  f"{'women' if p['unit'] == 'patient' else p['unit'] + ' group(s)'}, "
+                  f"{p['target']} {p['target_value']:g} at {p['level']} level on "
+                  f"{women(p['women'], p['unit'])}, "
                   f"{p['created_at']} by {p['created_by']}"
                   for p in report["site_points"]]
     if report.get("fitness"):

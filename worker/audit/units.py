@@ -7,9 +7,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
 
+import numpy as np
+
 from worker.records.models import ImageRecord
 from worker.records.store import ImageStatus
-from worker.results.aggregation import score_exam
+from worker.results.aggregation import one_per_instance, score_exam
 from worker.scoring.levels import Level
 from worker.scoring.model_metadata import DEFAULT_AGGREGATION
 
@@ -68,6 +70,22 @@ def audit_rows(images: list[ImageRecord], outcomes: dict[str, str]) -> list[Audi
             )
         )
     return rows
+
+
+def unit_rows(rows: list[AuditRow], images: list[ImageRecord]) -> list[AuditRow]:
+    """The image rows that enter breasts and exams: one per DICOM instance, its latest scored
+    copy (worker/results/aggregation.py's rule: an instance received twice with other bytes is
+    one image of its breast and exam). Image level keeps every row, both copies included, as it
+    always has. ``images`` are the records the rows came from; only the scored ones compete,
+    so a later duplicate (the same bytes again) never hides the image it repeats."""
+    once = {r.id for r in one_per_instance([r for r in images if r.status == ImageStatus.SCORED])}
+    return [r for r in rows if r.image_id in once]
+
+
+def truth_and_scores(rows: list[AuditRow]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' truths (malignant: True) and scores, as the metrics take them."""
+    return (np.array([r.truth for r in rows], dtype=bool),
+            np.array([r.score for r in rows], dtype=np.float64))
 
 
 def _unit(members: list[AuditRow], score: float, name: str, side: str | None) -> AuditRow:

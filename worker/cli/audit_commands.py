@@ -8,14 +8,11 @@ from __future__ import annotations
 import getpass
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from worker.cli.group import config_for, parse_since, since_option, store_options, user_errors
-
-if TYPE_CHECKING:
-    pass
+from worker.scoring.levels import Level
 
 
 @click.command()
@@ -143,8 +140,7 @@ def heatmap(ctx: click.Context, image: str, out_path: Path, max_side: int,
                f"model {overlay.model_version}")
 
 
-_TARGETS = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
-            ("recall_rate", "recall-rate"))
+_TARGETS = ("sensitivity", "specificity", "recall_rate")  # Target's values, in option order
 
 
 def _who() -> str:
@@ -160,7 +156,7 @@ def _who() -> str:
 @click.option("--specificity", type=float, help="Target specificity, e.g. 0.85.")
 @click.option("--recall-rate", "recall_rate", type=float,
               help="Target share called malignant, e.g. 0.10.")
-@click.option("--level", type=click.Choice(["image", "breast", "exam"]), default="image",
+@click.option("--level", type=click.Choice([lv.value for lv in Level]), default="image",
               show_default=True, help="The unit the target and the figures count.")
 @click.option("--name", default="", help="The point's name (default e.g. site-sens90).")
 @click.option("--by", "created_by", default=None, help="Who calibrates (default: the user).")
@@ -187,12 +183,11 @@ def calibrate(ctx: click.Context, database: str | None, sensitivity: float | Non
     from worker.audit.calibration import CalibrationError, format_point
     from worker.audit.calibration import calibrate as choose_point
     from worker.records.connect import open_store
-    from worker.scoring.levels import Level
     from worker.scoring.scorer import Scorer
     from worker.scoring.site_points import Target
 
-    given = {t: v for (t, _), v in zip(_TARGETS, (sensitivity, specificity, recall_rate),
-                                       strict=True) if v is not None}
+    given = {t: v for t, v in zip(_TARGETS, (sensitivity, specificity, recall_rate), strict=True)
+             if v is not None}
     if len(given) != 1:
         raise click.ClickException(
             "give exactly one of --sensitivity, --specificity, --recall-rate")

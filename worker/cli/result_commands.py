@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from worker.cli.group import config_for, parse_since, since_option, store_options, user_errors
+from worker.scoring.levels import Level
 
 
 @click.command()
@@ -18,7 +19,7 @@ from worker.cli.group import config_for, parse_since, since_option, store_option
 )
 @click.option(
     "--level",
-    type=click.Choice(["image", "breast", "exam"]),
+    type=click.Choice([lv.value for lv in Level]),
     default="image",
     show_default=True,
     help="One row per image, per breast, or per exam (study).",
