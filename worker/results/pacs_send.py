@@ -45,7 +45,7 @@ from worker.imaging.dicom import DicomPolicy, decode_dicom
 from worker.imaging.reduction import LongSide
 from worker.records.clock import utcnow
 from worker.records.durable import write_atomically
-from worker.records.heatmaps import stored_heat
+from worker.records.heatmaps import heatmap_in
 from worker.records.models import BreastResult, ExamResult, ImageRecord, ResultInstance
 from worker.records.pacs_queue import (
     COMPREHENSIVE_3D_SR,
@@ -111,8 +111,6 @@ class Outbound:
         # How long a worker holds a row it builds or sends before another may take it.
         self.lease = dt.timedelta(seconds=4 * self.settings.timeout_seconds + 30)
         self.wake = threading.Event()
-        # The model's attention map of an image, when one is stored (None: picture and text).
-        self.heatmap_of: Callable[[Session, int], np.ndarray | None] = stored_heat
 
     def _release_dead_holds(self) -> None:
         """SQLite has one worker per inbox (its lock, held by now): a hold on a row is then a
@@ -275,12 +273,14 @@ class Outbound:
         assert result is not None and image is not None
         source, display = capture_picture(current_file(image), self.max_pixels, self.policy)
         number = json.loads(result.image_ids).index(image.id) + 1
+        # The model's attention map of the image, when one is stored (None: picture and text).
+        found = heatmap_in(s, image.id)
         return build_capture(CaptureInput(
             source=source, display=display, image=_scored(image),
             model_version=result.model_version, software_version=self.software_version,
             threshold=result.threshold, scored_at=result.scored_at, series_uid=row.series_uid,
             sop_instance_uid=row.sop_instance_uid, series_number=9000 + 10 * result.seq + 2,
-            instance_number=number), heatmap=self.heatmap_of(s, image.id))
+            instance_number=number), heatmap=None if found is None else found.heat)
 
     # ---- sending ---------------------------------------------------------------------------
 
