@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session
 from worker.records.clock import iso, utcnow
 from worker.records.durable import write_atomically
 from worker.records.models import BreastResult, ExamResult, ImageRecord
-from worker.records.paths import display_name, path_from_db, path_to_db
+from worker.records.paths import display_name, path_from_db, path_to_db, safe_stem
 from worker.records.store import EventKind, Store, exam_event
 
 log = logging.getLogger("mammo_screen")
@@ -30,14 +29,9 @@ log = logging.getLogger("mammo_screen")
 SCHEMA_ID = "mammo-screen/exam-result/1"
 
 
-def safe_name(text: str) -> str:
-    """A file-name stem from a study UID (or any sender's text): never a path or a dot-file."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64].lstrip(".") or "exam"
-
-
 def document_path(outbox: Path, study_uid: str, seq: int) -> Path:
     """Where the document of an exam's `seq`-th scoring is planned."""
-    return outbox / f"{safe_name(study_uid)}.{seq:03d}.json"
+    return outbox / f"{safe_stem(study_uid, 'exam')}.{seq:03d}.json"
 
 
 def write_owed_documents(store: Store) -> int:

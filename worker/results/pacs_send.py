@@ -54,9 +54,8 @@ from worker.records.pacs_queue import (
     InstanceKind,
     ResultUids,
 )
-from worker.records.paths import current_file, path_from_db, path_to_db
+from worker.records.paths import current_file, path_from_db, path_to_db, safe_stem
 from worker.records.store import Store
-from worker.results.outbox import safe_name
 from worker.results.pacs_build import (
     CAPTURE_LONG_SIDE,
     CaptureInput,
@@ -221,7 +220,7 @@ class Outbound:
                 assert row is not None
                 dataset = (self._report(s, row) if row.kind == InstanceKind.REPORT.value
                            else self._capture(s, row))
-                dest = (self.settings.results_dir / safe_name(row.study_uid)
+                dest = (self.settings.results_dir / safe_stem(row.study_uid, "exam")
                         / f"{row.kind}-{row.sop_instance_uid}.dcm")
         except Exception as exc:  # the source is gone or unreadable, or it cannot be made
             self._record(row_id, Outcome(DeliveryState.FAILED,
