@@ -45,11 +45,9 @@ from tests.conftest import REPO, make_mean_model, require_programs, write_site_c
 from tests.test_faults import assert_exactly_once
 from worker.config import Config, ConfigError, load_config
 from worker.intake.receive import (
-    TEMP_PREFIX,
     Receiver,
     StoreStatus,
     dataset_problem,
-    remove_stale_temp_files,
     uid_stem,
 )
 from worker.records.paths import safe_stem
@@ -426,18 +424,6 @@ def test_safe_stem_is_the_one_cleaner_of_inbox_and_outbox_names() -> None:
     assert safe_stem("", "unnamed") == "unnamed"
     assert safe_stem("é", "exam") == "_"
     assert safe_stem("." + "9" * 100, "exam") == "9" * 63
-
-
-def test_stale_temporary_files_of_dead_receivers_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-abc.part"
-    theirs = tmp_path / f"{TEMP_PREFIX}{dead.pid}-abc.part"
-    other = tmp_path / "image.dcm"
-    for p in (mine, theirs, other):
-        p.write_bytes(b"x")
-    assert remove_stale_temp_files(tmp_path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
 
 
 @pytest.mark.parametrize(

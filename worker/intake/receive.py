@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 import zlib
@@ -63,7 +62,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from worker.config import Config
 from worker.intake.folders import ensure_inbox
 from worker.intake.stop_signals import stopping_on_signals
-from worker.records.durable import temp_path, write_new
+from worker.records.durable import remove_dead_temps, temp_path, write_new
 from worker.records.paths import safe_stem
 
 log = logging.getLogger("mammo_screen")
@@ -215,38 +214,6 @@ def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
     return ds
 
 
-def remove_stale_temp_files(inbox: Path) -> int:
-    """Delete temporary files left by receivers that died mid-write (their pid is gone)."""
-    removed = 0
-    try:
-        entries = list(os.scandir(inbox))
-    except OSError:
-        return 0
-    for entry in entries:
-        name = entry.name
-        if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
-            continue
-        pid_text = name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        try:
-            os.unlink(entry.path)
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Receiver:
     """The SCP: `start()` listens in background threads, `stop()` shuts it down.
 
@@ -278,7 +245,7 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         ensure_inbox(self.config)
-        stale = remove_stale_temp_files(self.config.inbox)
+        stale = remove_dead_temps(self.config.inbox, TEMP_PREFIX, TEMP_SUFFIX)
         if stale:
             log.info("removed stale temporary files=%d", stale)
         handlers: list[Any] = [
