@@ -73,11 +73,17 @@ def write_document(store: Store, result_id: int) -> Path | None:
     return dest
 
 
-def build_document(s: Session, row: ExamResult) -> dict[str, Any]:
-    """The outbox document of one exam scoring (schema `mammo-screen/exam-result/1`)."""
-    ids = json.loads(row.image_ids)
+def images_of(s: Session, result: ExamResult) -> list[ImageRecord]:
+    """The images one exam scoring combined, in id order."""
+    ids = json.loads(result.image_ids)
     images = list(s.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids))))
     images.sort(key=lambda r: r.id)
+    return images
+
+
+def build_document(s: Session, row: ExamResult) -> dict[str, Any]:
+    """The outbox document of one exam scoring (schema `mammo-screen/exam-result/1`)."""
+    images = images_of(s, row)
     breasts = list(
         s.scalars(
             select(BreastResult)

@@ -56,6 +56,7 @@ from worker.records.pacs_queue import (
 )
 from worker.records.paths import current_file, path_from_db, path_to_db, safe_stem
 from worker.records.store import Store
+from worker.results.outbox import images_of
 from worker.results.pacs_build import (
     CAPTURE_LONG_SIDE,
     CaptureInput,
@@ -237,15 +238,11 @@ class Outbound:
             fresh.built_at, fresh.claimed_until = self.clock(), None
             fresh.next_attempt_at = self.clock()
 
-    def _images(self, s: Session, result: ExamResult) -> list[ImageRecord]:
-        ids = json.loads(result.image_ids)
-        rows = s.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids)))
-        return sorted((r for r in rows if r.sop_instance_uid is not None), key=lambda r: r.id)
-
     def _report(self, s: Session, row: ResultInstance) -> Dataset:
         result = s.get(ExamResult, row.exam_result_id)
         assert result is not None
-        images = self._images(s, result)
+        # Only the DICOM images have a SOP Instance UID for the report to reference.
+        images = [r for r in images_of(s, result) if r.sop_instance_uid is not None]
         breasts = s.scalars(select(BreastResult).where(BreastResult.exam_result_id == result.id)
                             .order_by(BreastResult.laterality))
         earlier = None
