@@ -116,9 +116,7 @@ class Outbound:
         """SQLite has one worker per inbox (its lock, held by now): a hold on a row is then a
         dead worker's, not worth waiting out its lease for. PostgreSQL's wait for their lease."""
         if self.store.is_sqlite:
-            with self.store.write() as s:
-                s.execute(update(ResultInstance).where(ResultInstance.claimed_until.is_not(None))
-                          .values(claimed_until=None))
+            self._release(None)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -340,10 +338,12 @@ class Outbound:
                            error="no answer from the PACS (time-out or association aborted)")
         return classify(int(status.Status))
 
-    def _release(self, ids: list[int]) -> None:
+    def _release(self, ids: list[int] | None) -> None:
+        """Drop the hold on the rows `ids` (None: on every held row)."""
+        held = (ResultInstance.claimed_until.is_not(None) if ids is None
+                else ResultInstance.id.in_(ids))
         with self.store.write() as s:
-            s.execute(update(ResultInstance).where(ResultInstance.id.in_(ids))
-                      .values(claimed_until=None))
+            s.execute(update(ResultInstance).where(held).values(claimed_until=None))
 
 
 def capture_picture(path: Path, max_pixels: int, policy: DicomPolicy
