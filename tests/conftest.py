@@ -36,6 +36,21 @@ def run_screen(*args: str, config: Path | None = None, cwd: Path = REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def screen_env(**extra: str) -> dict[str, str]:
+    """The environment of a `screen` process under test: unbuffered, and with no fault point
+    (worker/faults.py) inherited from the test run, only one that `extra` names."""
+    env = {k: v for k, v in os.environ.items() if k != "MAMMO_SCREEN_CRASH_AT"}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_with_faults(config: Path, *args: str, crash_at: str | None = None, timeout: float = 300
+                    ) -> subprocess.CompletedProcess[str]:
+    """`screen --config CONFIG ARGS` as a real process, made to crash at `crash_at` when given
+    (``POINT`` or ``POINT:N``, see worker/faults.py)."""
+    env = screen_env(MAMMO_SCREEN_CRASH_AT=crash_at) if crash_at else screen_env()
+    return run_screen(*args, config=config, env=env, timeout=timeout)
+
+
 def require_programs(package: str, *programs: str) -> None:
     """For a test module that talks to real Debian programs (a DICOM client, a browser):
     `.ci/run` installs them, so under CI a missing one fails the run; elsewhere the module is

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from worker.records.durable import (
     link_new,
     place,
+    remove_dead_temps,
     temp_path,
     write_atomically,
     write_new,
@@ -140,3 +143,16 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):  # a temporary name is never reused
         write_temp(tmp, b"y")
     assert tmp.read_bytes() == b"x"
+
+
+def test_temporary_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = temp_path(tmp_path, ".receive-", ".part")  # this process's: alive
+    mine.write_bytes(b"x")
+    theirs = tmp_path / f".receive-{dead.pid}-abc.part"
+    other = tmp_path / "image.dcm"
+    for p in (theirs, other):
+        p.write_bytes(b"x")
+    assert remove_dead_temps(tmp_path, ".receive-", ".part") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])

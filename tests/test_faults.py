@@ -20,20 +20,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import REPO, run_screen, write_mammo_like
+from tests.conftest import REPO, run_with_faults, write_mammo_like
+from tests.conftest import screen_env as _env  # also imported from here by other tests
 from worker.faults import POINTS
 from worker.intake.lock import LOCK_NAME
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MAMMO_SCREEN_CRASH_AT"}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
 def _screen(workdir: Path, *args: str, crash_at: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = _env(MAMMO_SCREEN_CRASH_AT=crash_at) if crash_at else _env()
-    return run_screen(*args, config=workdir / "config.toml", env=env, timeout=timeout)
+    return run_with_faults(workdir / "config.toml", *args, crash_at=crash_at, timeout=timeout)
 
 
 def drop_files(inbox: Path, n: int, seed: int = 0, prefix: str = "img") -> list[str]:

@@ -6,7 +6,6 @@ must neither lose a result nor send one under a second UID."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import REPO, make_mean_model
+from tests.conftest import REPO, make_mean_model, run_with_faults, screen_env
 from tests.dicom_files import dicom_dataset, mammo_like, to_bytes
 from tests.orthanc import AE_TITLE, Orthanc, dciodvfy_errors, dciodvfy_program, free_port
 from worker.records.pacs_queue import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE
@@ -92,20 +91,8 @@ def into_inbox(site: Path, files: dict[str, bytes]) -> None:
         (site / "inbox" / name).write_bytes(data)
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MAMMO_SCREEN_CRASH_AT"}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def screen(config: Path, *args: str, crash_at: str | None = None, timeout: float = 300
-           ) -> subprocess.CompletedProcess[str]:
-    env = _env(MAMMO_SCREEN_CRASH_AT=crash_at) if crash_at else _env()
-    return subprocess.run([sys.executable, "-m", "worker", "--config", str(config), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def start(config: Path, *args: str, crash_at: str | None = None) -> subprocess.Popen[str]:
-    env = _env(MAMMO_SCREEN_CRASH_AT=crash_at) if crash_at else _env()
+    env = screen_env(MAMMO_SCREEN_CRASH_AT=crash_at) if crash_at else screen_env()
     log = (config.parent / f"{args[0]}.log").open("a")
     return subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config), *args],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -247,7 +234,7 @@ def test_study_routed_from_orthanc_comes_back_with_report_and_captures(
     assert codes == [0, 0], (site / "watch.log").read_text()
     assert took <= STUDY_SETTLE + 10, took
     check_results(server, site, study, tmp_path)
-    status = screen(config, "status")
+    status = run_with_faults(config, "status")
     assert f"results to PACS {AE_TITLE}@127.0.0.1:{server.dicom_port}: sent 5; 0 waiting" \
         in status.stdout, status.stdout
 
@@ -262,7 +249,7 @@ def test_pacs_down_for_the_whole_scoring_then_results_arrive(
     try:
         wait_for(lambda: len(_rows_or_empty(site)) == 4
                  and all(r[3] >= 2 for r in queue_rows(site)), 120, "failed attempts")
-        status = screen(config, "status")
+        status = run_with_faults(config, "status")
         assert "4 waiting (oldest failure: cannot reach the PACS" in status.stdout, status.stdout
         server.start()
         back = time.monotonic()
@@ -280,10 +267,10 @@ def test_worker_killed_while_sending_sends_nothing_twice(
     server, site, config = new_site(pacs, tmp_path)
     study = study_files(3, seed=2)
     into_inbox(site, {f"img{i}.dcm": data for i, data in enumerate(study)})
-    first = screen(config, "process", "--settle-now", crash_at=point)
+    first = run_with_faults(config, "process", "--settle-now", crash_at=point)
     assert first.returncode == 137, first.stderr
     assert {r[2] for r in queue_rows(site)} & {"planned", "ready"}  # died with work left
-    again = screen(config, "process")
+    again = run_with_faults(config, "process")
     assert again.returncode == 0, again.stderr
     assert "sent" in again.stdout and "0 waiting" in again.stdout, again.stdout
     check_results(server, site, study, tmp_path)
@@ -321,7 +308,7 @@ def test_real_full_size_mammograms_give_valid_results(
     path = case["lcc"]
     data = path.read_bytes()
     into_inbox(site, {path.name: data})
-    done = screen(config, "process", "--settle-now")
+    done = run_with_faults(config, "process", "--settle-now")
     assert done.returncode == 0 and "0 waiting" in done.stdout, done.stdout + done.stderr
     assert {r[2] for r in queue_rows(site)} == {"sent"}, queue_rows(site)
     study_uid = uid_of(data)

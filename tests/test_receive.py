@@ -45,13 +45,12 @@ from tests.conftest import REPO, make_mean_model, require_programs, write_site_c
 from tests.test_faults import assert_exactly_once
 from worker.config import Config, ConfigError, load_config
 from worker.intake.receive import (
-    TEMP_PREFIX,
     Receiver,
     StoreStatus,
     dataset_problem,
-    remove_stale_temp_files,
-    safe_stem,
+    uid_stem,
 )
+from worker.records.paths import safe_stem
 
 require_programs("dcmtk", "storescu", "echoscu")
 STORESCU = shutil.which("storescu")
@@ -404,25 +403,27 @@ def test_dataset_problem_names_what_is_wrong(tmp_path: Path) -> None:
     assert "inflate" in (dataset_problem(data, DeflatedExplicitVRLittleEndian, uid) or "")
 
 
-def test_safe_stem_keeps_names_inside_the_inbox_and_visible() -> None:
-    assert safe_stem("1.2.840.10008.99") == "1.2.840.10008.99"
-    assert safe_stem("1.2.3\x00") == "1.2.3"
-    assert safe_stem("../../etc/passwd") == "_.._etc_passwd"
-    assert not safe_stem(".1.2").startswith(".")  # a dot-file would be ignored by the watcher
-    assert safe_stem("") == "unnamed"
-    assert len(safe_stem("1" * 200)) == 64
+def test_uid_stem_keeps_names_inside_the_inbox_and_visible() -> None:
+    assert uid_stem("1.2.840.10008.99") == "1.2.840.10008.99"
+    assert uid_stem("1.2.3\x00") == "1.2.3"
+    assert uid_stem(" 1.2.3 \x00") == "1.2.3"
+    assert uid_stem("../../etc/passwd") == "_.._etc_passwd"
+    assert not uid_stem(".1.2").startswith(".")  # a dot-file would be ignored by the watcher
+    assert uid_stem("") == "unnamed"
+    assert uid_stem(" \x00") == "unnamed"
+    assert len(uid_stem("1" * 200)) == 64
 
 
-def test_stale_temporary_files_of_dead_receivers_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-abc.part"
-    theirs = tmp_path / f"{TEMP_PREFIX}{dead.pid}-abc.part"
-    other = tmp_path / "image.dcm"
-    for p in (mine, theirs, other):
-        p.write_bytes(b"x")
-    assert remove_stale_temp_files(tmp_path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
+def test_safe_stem_is_the_one_cleaner_of_inbox_and_outbox_names() -> None:
+    # The receiver's UIDs (fallback "unnamed") and the outbox's and PACS copies' study UIDs
+    # (fallback "exam"): no path, no dot-file, 64 characters at most, padding kept as "_".
+    assert safe_stem("1.2.3\x00", "exam") == "1.2.3_"
+    assert safe_stem(" 1.2 ", "exam") == "_1.2_"
+    assert safe_stem("../a/b", "exam") == "_a_b"
+    assert safe_stem("..", "exam") == "exam"
+    assert safe_stem("", "unnamed") == "unnamed"
+    assert safe_stem("é", "exam") == "_"
+    assert safe_stem("." + "9" * 100, "exam") == "9" * 63
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import re
 import threading
 import time
 import zlib
@@ -64,7 +62,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from worker.config import Config
 from worker.intake.folders import ensure_inbox
 from worker.intake.stop_signals import stopping_on_signals
-from worker.records.durable import temp_path, write_new
+from worker.records.durable import remove_dead_temps, temp_path, write_new
+from worker.records.paths import safe_stem
 
 log = logging.getLogger("mammo_screen")
 
@@ -105,7 +104,6 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
 TEMP_PREFIX = ".receive-"
 TEMP_SUFFIX = ".part"
 _MAX_SAME_UID = 10_000
-_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 
 
 class StoreStatus(IntEnum):
@@ -120,11 +118,10 @@ class ReceiverStartError(RuntimeError):
     """The receiver cannot listen (address in use, no such address, no permission)."""
 
 
-def safe_stem(uid: str) -> str:
+def uid_stem(uid: str) -> str:
     """A file-name stem from a UID: UIDs are digits and dots, but a sender's value is not to be
-    trusted with a path. Never a dot-file (the watcher would ignore it), never a path."""
-    stem = _UNSAFE.sub("_", uid.strip().rstrip("\x00").strip())[:64].lstrip(".")
-    return stem or "unnamed"
+    trusted with a path (its padding, spaces or a NUL, is dropped first)."""
+    return safe_stem(uid.strip().rstrip("\x00").strip(), "unnamed")
 
 
 def dataset_problem(data: bytes, transfer_syntax: str, sop_instance_uid: str) -> str | None:
@@ -217,38 +214,6 @@ def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
     return ds
 
 
-def remove_stale_temp_files(inbox: Path) -> int:
-    """Delete temporary files left by receivers that died mid-write (their pid is gone)."""
-    removed = 0
-    try:
-        entries = list(os.scandir(inbox))
-    except OSError:
-        return 0
-    for entry in entries:
-        name = entry.name
-        if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
-            continue
-        pid_text = name[len(TEMP_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        try:
-            os.unlink(entry.path)
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Receiver:
     """The SCP: `start()` listens in background threads, `stop()` shuts it down.
 
@@ -280,7 +245,7 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         ensure_inbox(self.config)
-        stale = remove_stale_temp_files(self.config.inbox)
+        stale = remove_dead_temps(self.config.inbox, TEMP_PREFIX, TEMP_SUFFIX)
         if stale:
             log.info("removed stale temporary files=%d", stale)
         handlers: list[Any] = [
@@ -372,7 +337,7 @@ class Receiver:
             return Refused(StoreStatus.CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}")
         try:
             ts = str(event.context.transfer_syntax)
-            return self.writer.put(safe_stem(uid), data, dataset_start, ts)
+            return self.writer.put(uid_stem(uid), data, dataset_start, ts)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             return Refused(StoreStatus.OUT_OF_RESOURCES, f"cannot write to the inbox: {reason}")

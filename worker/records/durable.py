@@ -34,6 +34,39 @@ def temp_path(folder: Path, prefix: str, suffix: str) -> Path:
     return folder / f"{prefix}{os.getpid()}-{secrets.token_hex(6)}{suffix}"
 
 
+def remove_dead_temps(folder: Path, prefix: str, suffix: str) -> int:
+    """Delete the temporary files (:func:`temp_path`'s names with `prefix` and `suffix`) that
+    writers left in `folder` when they died mid-write (their pid is gone); returns how many."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid_text = name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_temp(path: Path, data: bytes) -> None:
     """Create `path` (never an existing file), write all of `data` and fsync it; on any failure
     nothing is left at `path`."""

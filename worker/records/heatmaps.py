@@ -66,12 +66,6 @@ def heatmap_in(s: Session, image_id: int) -> StoredHeatmap | None:
     return StoredHeatmap(image_id, record.model_version, decode(record))
 
 
-def stored_heat(s: Session, image_id: int) -> np.ndarray | None:
-    """Just the map's array (what a picture is drawn with), or None."""
-    found = heatmap_in(s, image_id)
-    return None if found is None else found.heat
-
-
 def top_scored_with_heatmaps(store: Store, n: int, since: Any = None, until: Any = None
                              ) -> list[tuple[ImageRecord, StoredHeatmap]]:
     """The ``n`` highest-scored images (received in the period) that have a map."""

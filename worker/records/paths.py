@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from worker.records.models import ImageRecord
 
 _PREFIX = "b64:"
+_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 
 
 def path_to_db(path: Path | str) -> str:
@@ -42,3 +44,10 @@ def current_file(record: ImageRecord) -> Path:
     if record.moved_at is not None and record.final_path:
         return path_from_db(record.final_path)
     return path_from_db(record.source_path)
+
+
+def safe_stem(text: str, fallback: str) -> str:
+    """A file-name stem from a sender's text (a UID, a study UID): never a path, never a
+    dot-file (the watcher ignores those), at most 64 characters; ``fallback`` when nothing is
+    left."""
+    return _UNSAFE.sub("_", text)[:64].lstrip(".") or fallback

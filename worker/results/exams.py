@@ -203,12 +203,13 @@ class ExamBook:
 
     def step(self, settle_now: bool = False) -> list[ExamScoring]:
         """Finish owed documents, then score every due exam and write its document."""
-        self.write_owed_documents()
+        write_owed_documents(self.store)
         out = []
         for exam_id in self.due(settle_now):
             scoring = self.score(exam_id)
             if scoring is not None:
-                out.append(self._write_document(scoring))
+                path = write_document(self.store, scoring.result_id)
+                out.append(dataclasses.replace(scoring, outbox_path=path))
         return out
 
     def score(self, exam_id: int) -> ExamScoring | None:
@@ -281,12 +282,3 @@ class ExamBook:
             scoring.label,
         )
         return scoring
-
-    # ---- the outbox (worker/results/outbox.py) -------------------------------------------
-
-    def write_owed_documents(self) -> int:
-        return write_owed_documents(self.store)
-
-    def _write_document(self, scoring: ExamScoring) -> ExamScoring:
-        path = write_document(self.store, scoring.result_id)
-        return dataclasses.replace(scoring, outbox_path=path)

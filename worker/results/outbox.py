@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session
 from worker.records.clock import iso, utcnow
 from worker.records.durable import write_atomically
 from worker.records.models import BreastResult, ExamResult, ImageRecord
-from worker.records.paths import display_name, path_from_db, path_to_db
+from worker.records.paths import display_name, path_from_db, path_to_db, safe_stem
 from worker.records.store import EventKind, Store, exam_event
 
 log = logging.getLogger("mammo_screen")
@@ -30,14 +29,9 @@ log = logging.getLogger("mammo_screen")
 SCHEMA_ID = "mammo-screen/exam-result/1"
 
 
-def safe_name(text: str) -> str:
-    """A file-name stem from a study UID (or any sender's text): never a path or a dot-file."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64].lstrip(".") or "exam"
-
-
 def document_path(outbox: Path, study_uid: str, seq: int) -> Path:
     """Where the document of an exam's `seq`-th scoring is planned."""
-    return outbox / f"{safe_name(study_uid)}.{seq:03d}.json"
+    return outbox / f"{safe_stem(study_uid, 'exam')}.{seq:03d}.json"
 
 
 def write_owed_documents(store: Store) -> int:
@@ -79,11 +73,17 @@ def write_document(store: Store, result_id: int) -> Path | None:
     return dest
 
 
-def build_document(s: Session, row: ExamResult) -> dict[str, Any]:
-    """The outbox document of one exam scoring (schema `mammo-screen/exam-result/1`)."""
-    ids = json.loads(row.image_ids)
+def images_of(s: Session, result: ExamResult) -> list[ImageRecord]:
+    """The images one exam scoring combined, in id order."""
+    ids = json.loads(result.image_ids)
     images = list(s.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids))))
     images.sort(key=lambda r: r.id)
+    return images
+
+
+def build_document(s: Session, row: ExamResult) -> dict[str, Any]:
+    """The outbox document of one exam scoring (schema `mammo-screen/exam-result/1`)."""
+    images = images_of(s, row)
     breasts = list(
         s.scalars(
             select(BreastResult)

@@ -26,6 +26,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from worker.imaging.heatmap import overlay_rgb
+from worker.records.pacs_queue import SECONDARY_CAPTURE
 
 MANUFACTURER = "mammo-screen"
 DISCLAIMER = ("RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE. mammo-screen is a research tool, "
@@ -50,7 +51,6 @@ BREAST = Code("76752008", "SCT", "Breast")
 LATERALITY = {"L": Code("7771000", "SCT", "Left"), "R": Code("24028007", "SCT", "Right")}
 BOTH_SIDES = Code("51440002", "SCT", "Right and left")
 SOURCE_IMAGE = Code("121322", "DCM", "Source image for image processing operation")
-SECONDARY_CAPTURE_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 # Archives often hold something other than a person's name in PatientName (CBIS-DDSM: the
 # case name); highdicom warns about each copy on stderr. The results copy it as it is.
@@ -282,7 +282,7 @@ def warm_up() -> None:
     """Build a tiny report and capture once: highdicom reads its tables of the standard on
     first use (about a second), which the first exam's results should not wait for."""
     source = Dataset()
-    source.SOPClassUID, source.SOPInstanceUID = SECONDARY_CAPTURE_CLASS, "1.2.3.4"
+    source.SOPClassUID, source.SOPInstanceUID = SECONDARY_CAPTURE, "1.2.3.4"
     source.StudyInstanceUID, source.SeriesInstanceUID = "1.2.3", "1.2.3.5"
     source.Modality, source.Rows, source.Columns = "MG", 8, 8
     when = dt.datetime(2000, 1, 1)

@@ -45,7 +45,7 @@ from worker.imaging.dicom import DicomPolicy, decode_dicom
 from worker.imaging.reduction import LongSide
 from worker.records.clock import utcnow
 from worker.records.durable import write_atomically
-from worker.records.heatmaps import stored_heat
+from worker.records.heatmaps import heatmap_in
 from worker.records.models import BreastResult, ExamResult, ImageRecord, ResultInstance
 from worker.records.pacs_queue import (
     COMPREHENSIVE_3D_SR,
@@ -54,9 +54,9 @@ from worker.records.pacs_queue import (
     InstanceKind,
     ResultUids,
 )
-from worker.records.paths import current_file, path_from_db, path_to_db
+from worker.records.paths import current_file, path_from_db, path_to_db, safe_stem
 from worker.records.store import Store
-from worker.results.outbox import safe_name
+from worker.results.outbox import images_of
 from worker.results.pacs_build import (
     CAPTURE_LONG_SIDE,
     CaptureInput,
@@ -111,16 +111,12 @@ class Outbound:
         # How long a worker holds a row it builds or sends before another may take it.
         self.lease = dt.timedelta(seconds=4 * self.settings.timeout_seconds + 30)
         self.wake = threading.Event()
-        # The model's attention map of an image, when one is stored (None: picture and text).
-        self.heatmap_of: Callable[[Session, int], np.ndarray | None] = stored_heat
 
     def _release_dead_holds(self) -> None:
         """SQLite has one worker per inbox (its lock, held by now): a hold on a row is then a
         dead worker's, not worth waiting out its lease for. PostgreSQL's wait for their lease."""
         if self.store.is_sqlite:
-            with self.store.write() as s:
-                s.execute(update(ResultInstance).where(ResultInstance.claimed_until.is_not(None))
-                          .values(claimed_until=None))
+            self._release(None)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -223,7 +219,7 @@ class Outbound:
                 assert row is not None
                 dataset = (self._report(s, row) if row.kind == InstanceKind.REPORT.value
                            else self._capture(s, row))
-                dest = (self.settings.results_dir / safe_name(row.study_uid)
+                dest = (self.settings.results_dir / safe_stem(row.study_uid, "exam")
                         / f"{row.kind}-{row.sop_instance_uid}.dcm")
         except Exception as exc:  # the source is gone or unreadable, or it cannot be made
             self._record(row_id, Outcome(DeliveryState.FAILED,
@@ -240,15 +236,11 @@ class Outbound:
             fresh.built_at, fresh.claimed_until = self.clock(), None
             fresh.next_attempt_at = self.clock()
 
-    def _images(self, s: Session, result: ExamResult) -> list[ImageRecord]:
-        ids = json.loads(result.image_ids)
-        rows = s.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids)))
-        return sorted((r for r in rows if r.sop_instance_uid is not None), key=lambda r: r.id)
-
     def _report(self, s: Session, row: ResultInstance) -> Dataset:
         result = s.get(ExamResult, row.exam_result_id)
         assert result is not None
-        images = self._images(s, result)
+        # Only the DICOM images have a SOP Instance UID for the report to reference.
+        images = [r for r in images_of(s, result) if r.sop_instance_uid is not None]
         breasts = s.scalars(select(BreastResult).where(BreastResult.exam_result_id == result.id)
                             .order_by(BreastResult.laterality))
         earlier = None
@@ -275,12 +267,14 @@ class Outbound:
         assert result is not None and image is not None
         source, display = capture_picture(current_file(image), self.max_pixels, self.policy)
         number = json.loads(result.image_ids).index(image.id) + 1
+        # The model's attention map of the image, when one is stored (None: picture and text).
+        found = heatmap_in(s, image.id)
         return build_capture(CaptureInput(
             source=source, display=display, image=_scored(image),
             model_version=result.model_version, software_version=self.software_version,
             threshold=result.threshold, scored_at=result.scored_at, series_uid=row.series_uid,
             sop_instance_uid=row.sop_instance_uid, series_number=9000 + 10 * result.seq + 2,
-            instance_number=number), heatmap=self.heatmap_of(s, image.id))
+            instance_number=number), heatmap=None if found is None else found.heat)
 
     # ---- sending ---------------------------------------------------------------------------
 
@@ -344,10 +338,12 @@ class Outbound:
                            error="no answer from the PACS (time-out or association aborted)")
         return classify(int(status.Status))
 
-    def _release(self, ids: list[int]) -> None:
+    def _release(self, ids: list[int] | None) -> None:
+        """Drop the hold on the rows `ids` (None: on every held row)."""
+        held = (ResultInstance.claimed_until.is_not(None) if ids is None
+                else ResultInstance.id.in_(ids))
         with self.store.write() as s:
-            s.execute(update(ResultInstance).where(ResultInstance.id.in_(ids))
-                      .values(claimed_until=None))
+            s.execute(update(ResultInstance).where(held).values(claimed_until=None))
 
 
 def capture_picture(path: Path, max_pixels: int, policy: DicomPolicy
