@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import REPO, run_with_faults, write_mammo_like
-from tests.conftest import screen_env as _env  # also imported from here by other tests
+from tests.conftest import REPO, run_with_faults, screen_env, write_mammo_like
 from worker.faults import POINTS
 from worker.intake.lock import LOCK_NAME
 
@@ -107,7 +106,7 @@ def _kill_loop(workdir: Path, names_batches: int, kills: int, files_per_batch: i
                                 prefix=f"k{k}_")
         proc = subprocess.Popen([sys.executable, "-m", "worker", "--config",
                                  str(workdir / "config.toml"), "watch"],
-                                cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                                cwd=REPO, env=screen_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(1.0, 3.5))  # start-up is ~1-2 s: kill before, during, after
         proc.send_signal(signal.SIGKILL)
@@ -149,7 +148,7 @@ def test_poison_file_that_kills_the_worker_is_quarantined(workdir: Path) -> None
 def test_second_worker_on_the_same_inbox_refuses(workdir: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "worker", "--config",
                              str(workdir / "config.toml"), "watch"],
-                            cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=screen_env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while not (workdir / "inbox" / LOCK_NAME).exists() and time.monotonic() < deadline:
@@ -268,7 +267,7 @@ def _peak_rss_mb(workdir: Path) -> tuple[int, float]:
                "sys.exit(r.returncode)")
     proc = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "worker",
                            "--config", str(workdir / "config.toml"), "process", "--batch-size",
-                           "16"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           "16"], cwd=REPO, env=screen_env(), capture_output=True, text=True,
                           timeout=1800)
     return proc.returncode, int(proc.stdout.strip().splitlines()[-1]) / 1024
 

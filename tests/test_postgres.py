@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import ProgrammingError
 
-from tests.conftest import REPO
-from tests.test_faults import _env, _screen, assert_exactly_once, drop_files
+from tests.conftest import REPO, screen_env
+from tests.test_faults import _screen, assert_exactly_once, drop_files
 from worker.intake.lock import InboxBusyError, InboxLock
 
 
@@ -98,7 +98,7 @@ def test_sqlite_keeps_one_worker_per_inbox_and_says_why(tmp_path: Path) -> None:
 def _start(workdir: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "worker", "--config",
                              str(workdir / "config.toml"), "watch"],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            cwd=REPO, env=screen_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
