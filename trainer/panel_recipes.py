@@ -19,10 +19,6 @@ from trainer.recipes import PANEL_RECIPES, TOP
 Judged = tuple[PanelData, FitScore, dict[str, Any]]
 
 
-class OptionError(ValueError):
-    """Options that do not go together (the CLI's usage error)."""
-
-
 def probe_panel(source: Path, feature_files: Sequence[Path], site_column: str | None,
                 machine_column: str | None, flip_train: bool, tta: bool) -> Judged:
     """A linear probe on the cached features (:mod:`trainer.features`), several files' columns
@@ -59,8 +55,6 @@ def network_panel(source: Path, name: str, *, size: int, intensity: str, cache: 
     preprocess = PreprocessSettings(size=size, intensity=intensity)
     samples = [s for s in discover(source) if s.split != "test"]
     x, samples = cached_arrays(samples, preprocess, cache)
-    if machine_balanced and not machine_column:
-        raise OptionError("--machine-balanced needs --machine-column")
     data = PanelData.from_csv(source, samples, site_column, machine_column)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
