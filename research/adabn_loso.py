@@ -33,9 +33,10 @@ sys.path.insert(0, str(REPO))
 
 import keras  # noqa: E402
 
-from research.top_levers import load_pool, summary  # noqa: E402
+from research.top_levers import summary  # noqa: E402
 from trainer.adapt import adapt_batch_norm  # noqa: E402
 from trainer.panel import leave_one_site_out  # noqa: E402
+from trainer.panel_recipes import load_pool  # noqa: E402
 from trainer.top import TopConfig, build_front, cached_maps, fit, maps_paths, score  # noqa: E402
 from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 

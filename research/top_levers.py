@@ -11,7 +11,8 @@ recipe: :mod:`trainer.top` trains what ships, and these plug into its extension 
   reversed, a target the features should not carry (e.g. the machine); the fitted top keeps
   the score output alone.
 
-Also what the lever scripts share: :func:`load_pool` and :func:`summary`.
+Also what the lever scripts share: :func:`summary` (their pool:
+:func:`trainer.panel_recipes.load_pool`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from trainer.arrays import cached_arrays
-from trainer.dataset import discover
 from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
 from trainer.layers import RandomIntensity
-from trainer.panel import FitScore, PanelData
+from trainer.panel import FitScore
 from trainer.top import (
     MapBatches,
     TopConfig,
@@ -42,7 +41,6 @@ from trainer.top import (
     top_fit_score,
 )
 from trainer.top import fit as fit_shipped
-from worker.imaging.preprocess import PreprocessSettings
 from worker.scoring.model_metadata import OUTPUT_NAME
 
 
@@ -231,14 +229,6 @@ def lever_fit_score(cfg: LeverConfig, plain: np.ndarray, mirrored: np.ndarray, y
 
 
 # --- what the lever scripts share ---------------------------------------------------------
-
-
-def load_pool(labels_csv: str | Path, site_column: str, machine_column: str, cache: Path,
-              preprocess: PreprocessSettings) -> tuple[np.ndarray, PanelData]:
-    """The pool's images (uint8, preprocessed once and cached) and their panel data."""
-    samples = [s for s in discover(labels_csv) if s.split != "test"]
-    x, samples = cached_arrays(samples, preprocess, cache)
-    return x, PanelData.from_csv(labels_csv, samples, site_column, machine_column)
 
 
 def summary(path: Path) -> str:

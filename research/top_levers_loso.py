@@ -35,11 +35,11 @@ from research.top_levers import (  # noqa: E402
     auxiliary_codes,
     intensity_view_maps,
     lever_fit_score,
-    load_pool,
     summary,
 )
 from trainer.dataset import read_columns  # noqa: E402
 from trainer.panel import leave_one_site_out  # noqa: E402
+from trainer.panel_recipes import load_pool  # noqa: E402
 from trainer.top import build_front, cached_maps  # noqa: E402
 from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
