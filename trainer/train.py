@@ -210,9 +210,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     src = Path(cfg.source)
     base = src.parent if src.is_file() else src
     metrics: dict[str, Any] = {
-        **{k: v for k, v in chosen.items() if k != "validation"},
+        **chosen,
         "preprocess": asdict(settings),
-        "validation": chosen["validation"],
         "best_epoch": fitted.best_epoch,
         "epochs_run": len({int(row["epoch"]) for row in fitted.history}),
         "split": {
