@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
+from trainer.fitting import balanced_sample_weights, compile_and_fit
 from trainer.layers import RandomIntensity
 from trainer.panel import FitScore
 from trainer.top import (
@@ -39,6 +39,7 @@ from trainer.top import (
     maps_paths,
     mirror,
     top_fit_score,
+    top_optimizer,
 )
 from trainer.top import fit as fit_shipped
 from worker.scoring.model_metadata import OUTPUT_NAME
@@ -183,12 +184,9 @@ def fit_lever_member(cfg: LeverConfig, plain: np.ndarray, mirrored: np.ndarray,
     data = LeverBatches([plain, mirrored, *views], rows, y,
                         balanced_sample_weights(y, sample_weight), cfg.batch_size, seed,
                         auxiliary, adversary_weights)
-    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
-                               alpha=0.01)
     loss = keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
     logs = compile_and_fit(
-        top, data, cfg.epochs,
-        keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=cfg.ema),
+        top, data, cfg.epochs, top_optimizer(cfg, len(data), use_ema=cfg.ema),
         [loss, keras.losses.SparseCategoricalCrossentropy()] if classes else loss,
         verbose=verbose, loss_weights=[1.0, cfg.auxiliary_weight] if classes else None)
     if classes:  # the score alone is kept
