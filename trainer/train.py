@@ -38,6 +38,7 @@ from trainer.dataset import (
     discover,
     limit_samples,
     read_columns,
+    source_folder,
     split_by_patient,
     split_strategy,
 )
@@ -207,8 +208,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     threshold = chosen["threshold"]
 
     # 5. The record.
-    src = Path(cfg.source)
-    base = src.parent if src.is_file() else src
+    base = source_folder(cfg.source)
     metrics: dict[str, Any] = {
         **chosen,
         "preprocess": asdict(settings),
