@@ -11,7 +11,7 @@ recipe: :mod:`trainer.top` trains what ships, and these plug into its extension 
   reversed, a target the features should not carry (e.g. the machine); the fitted top keeps
   the score output alone.
 
-Also what the lever scripts share: :func:`summary` (their pool:
+Also what the lever scripts share: :func:`fits_done` and :func:`summary` (their pool:
 :func:`trainer.panel_recipes.load_pool`).
 """
 
@@ -227,6 +227,14 @@ def lever_fit_score(cfg: LeverConfig, plain: np.ndarray, mirrored: np.ndarray, y
 
 
 # --- what the lever scripts share ---------------------------------------------------------
+
+
+def fits_done(path: Path) -> set[tuple[str, int]]:
+    """(lever, seed) of the fits already appended to ``path`` (JSON lines), so that a rerun
+    skips them; none when there is no such file."""
+    if not path.is_file():
+        return set()
+    return {(r["lever"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
 def summary(path: Path) -> str:
