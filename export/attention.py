@@ -99,7 +99,7 @@ def _map_shape(model: Any, softmax: Any) -> tuple[int, int]:
 
 def has_mirror_pass(graph: Any) -> bool:
     """Whether the graph scores each image with its mirror image in one batch: the input
-    concatenated along the batch axis with a copy of itself (trainer.top.WithMirrorImages)."""
+    concatenated along the batch axis with a copy of itself (trainer.layers.WithMirrorImages)."""
     for node in graph.node:
         if node.op_type != "Concat" or len(node.input) != 2 or node.input[0] != INPUT_NAME:
             continue

@@ -70,6 +70,8 @@ from worker.audit.metrics import summary
 from worker.imaging.preprocess import PreprocessSettings
 
 BEST_MODEL = "best.keras"
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
