@@ -29,13 +29,13 @@ It is idempotent (a model that has the output already is left as it is) and need
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
+from export.onnx_file import save_atomically
 from worker.scoring.model_metadata import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME
 
 _PREFIX = "attention_out/"
@@ -99,7 +99,7 @@ def _map_shape(model: Any, softmax: Any) -> tuple[int, int]:
 
 def has_mirror_pass(graph: Any) -> bool:
     """Whether the graph scores each image with its mirror image in one batch: the input
-    concatenated along the batch axis with a copy of itself (trainer.top.WithMirrorImages)."""
+    concatenated along the batch axis with a copy of itself (trainer.layers.WithMirrorImages)."""
     for node in graph.node:
         if node.op_type != "Concat" or len(node.input) != 2 or node.input[0] != INPUT_NAME:
             continue
@@ -247,9 +247,7 @@ def add_attention_to_file(src: str | Path, out: str | Path | None = None) -> boo
     changed = add_attention_checked(model)
     if not changed and dest == src:
         return False
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    os.replace(tmp, dest)
+    save_atomically(model, dest)
     return changed
 
 

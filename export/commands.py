@@ -86,12 +86,13 @@ def export(keras_model: Path, out_path: Path, metrics_path: Path | None, parity_
         read_run_metrics,
         validation_image_paths,
     )
+    from trainer.dataset import source_folder
 
     try:
         run = read_run_metrics(metrics_path)
         source = images_source or Path(run.get("training", {}).get("source", ""))
-        base = source.parent if source.is_file() else source
-        paths = validation_image_paths(metrics_path.parent, base, parity_images)
+        paths = validation_image_paths(metrics_path.parent, source_folder(source),
+                                       parity_images)
         report = export_to_onnx(keras_model, out_path, parity_images=paths, tolerance=tolerance,
                                 opset=opset, **metadata_from_run(run))
     except ExportError as exc:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from export.onnx_file import save_atomically
 from trainer.dataset import read_predictions
 from worker.imaging.preprocess import PreprocessSettings, preprocess_file
 from worker.scoring.model_file import file_sha256
@@ -235,9 +236,7 @@ def _save_checked(proto: Any, meta: ModelMetadata, out: Path) -> None:
                         "P(malignant) from one preprocessed mammogram")
     onnx.checker.check_model(proto)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, tmp)
-    os.replace(tmp, out)  # never leave a half-written model where a worker may load it
+    save_atomically(proto, out)
 
 
 def _parity(model: Any, out: Path, parity_images: Sequence[str | Path] | np.ndarray,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from export.bias_correction import BiasShift, correct_biases
-from trainer.dataset import DatasetError, Sample, discover, read_predictions
+from trainer.dataset import DatasetError, Sample, discover, read_predictions, source_folder
 from worker.audit.metrics import confusion_at, rates, roc_auc
 from worker.imaging.preprocess import preprocess_file
 from worker.scoring.model_file import ModelLoadError
@@ -203,8 +203,8 @@ def check_accuracy(report: QuantiseReport, max_auc_drop: float,
 
 
 # Images per calibration run. ONNX Runtime's calibration session (the model plus a ReduceMin
-# and ReduceMax on every tensor) holds a batch's activations at once: 16 images of the shipped
-# model took 5.4 GB at 8 a run and 0.8 GB at 1, with the same ranges (min and max over all).
+# and ReduceMax on every tensor) holds a batch's activations at once, and the ranges (min and
+# max over all images) do not depend on the batch: one image a run keeps the memory low.
 CALIBRATION_BATCH = 1
 
 
@@ -355,19 +355,14 @@ def quantise(
     return report
 
 
-def _folder(source: Path) -> Path:
-    """The folder a labelled source's file names are relative to."""
-    return source.parent if source.is_file() else source
-
-
 def run_validation(predictions: Path, run: dict, images_source: Path) -> list[Sample]:
     """The run's validation split ([] without its predictions file). Its file names are
     relative to the source the run was trained on (metrics.json `training.source`), which may
     be a folder while `--images` names a labels CSV elsewhere, or the reverse: they are looked
     up there first, then beside `images_source`; a split found in neither is one line."""
     trained = run.get("training", {}).get("source")
-    bases = [_folder(Path(trained))] if trained else []
-    bases += [b for b in [_folder(images_source)] if b not in bases]
+    bases = [source_folder(trained)] if trained else []
+    bases += [b for b in [source_folder(images_source)] if b not in bases]
     samples: list[Sample] = []
     for base in bases:
         samples = read_predictions(predictions, base)

@@ -33,9 +33,10 @@ sys.path.insert(0, str(REPO))
 
 import keras  # noqa: E402
 
-from research.top_levers import load_pool, summary  # noqa: E402
+from research.top_levers import fits_done, summary  # noqa: E402
 from trainer.adapt import adapt_batch_norm  # noqa: E402
 from trainer.panel import leave_one_site_out  # noqa: E402
+from trainer.panel_recipes import load_pool  # noqa: E402
 from trainer.top import TopConfig, build_front, cached_maps, fit, maps_paths, score  # noqa: E402
 from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
@@ -50,15 +51,16 @@ def site_adapted_maps(x: np.ndarray, sites: np.ndarray, cache: Path, tag: str, l
     plain = mirrored = None
     for site in sorted(set(sites.tolist()) - {""}):
         rows = np.where(sites == site)[0]
+        site_x = x[rows]
         front = build_front(BASE)
         site_tag = f"{tag}:adabn:{site}:{limit}"
-        paths = maps_paths(BASE, x[rows], site_tag, cache, ("plain", "mirrored"))
+        paths = maps_paths(BASE, site_x, site_tag, cache, ("plain", "mirrored"))
         if not all(path.is_file() for path in paths or []):  # else cached: no need to adapt
             started = time.time()
-            n = adapt_batch_norm(front, x[rows], limit=limit, seed=0)
+            n = adapt_batch_norm(front, site_x, limit=limit, seed=0)
             print(f"site {site}: {n} BN layers re-estimated on {min(limit, len(rows))} of "
                   f"its {len(rows)} images in {time.time() - started:.0f}s", flush=True)
-        p, m = cached_maps(front, x[rows], BASE, cache, tag=site_tag)
+        p, m = cached_maps(front, site_x, BASE, cache, tag=site_tag)
         if plain is None:
             plain = np.zeros((len(x), *p.shape[1:]), np.float16)
             mirrored = np.zeros_like(plain)
@@ -90,9 +92,7 @@ def main() -> None:
             "adabn_both": (adapted, adapted)}
     y = data.y
 
-    done = set()
-    if a.out.is_file():
-        done = {(r["lever"], r["seed"]) for r in map(json.loads, a.out.read_text().splitlines())}
+    done = fits_done(a.out)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     # `shipped` and `adabn_target` train the same top (same maps, same seed): it is fitted
     # once, and its scores of the adapted maps are kept for `adabn_target`.

@@ -11,7 +11,8 @@ recipe: :mod:`trainer.top` trains what ships, and these plug into its extension 
   reversed, a target the features should not carry (e.g. the machine); the fitted top keeps
   the score output alone.
 
-Also what the lever scripts share: :func:`load_pool` and :func:`summary`.
+Also what the lever scripts share: :func:`fits_done` and :func:`summary` (their pool:
+:func:`trainer.panel_recipes.load_pool`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from trainer.arrays import cached_arrays
-from trainer.dataset import discover
-from trainer.fitting import balanced_sample_weights, compile_and_fit, cosine_schedule
+from trainer.fitting import balanced_sample_weights, compile_and_fit
 from trainer.layers import RandomIntensity
-from trainer.panel import FitScore, PanelData
+from trainer.panel import FitScore
 from trainer.top import (
     MapBatches,
     TopConfig,
@@ -40,9 +39,9 @@ from trainer.top import (
     maps_paths,
     mirror,
     top_fit_score,
+    top_optimizer,
 )
 from trainer.top import fit as fit_shipped
-from worker.imaging.preprocess import PreprocessSettings
 from worker.scoring.model_metadata import OUTPUT_NAME
 
 
@@ -185,12 +184,9 @@ def fit_lever_member(cfg: LeverConfig, plain: np.ndarray, mirrored: np.ndarray,
     data = LeverBatches([plain, mirrored, *views], rows, y,
                         balanced_sample_weights(y, sample_weight), cfg.batch_size, seed,
                         auxiliary, adversary_weights)
-    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
-                               alpha=0.01)
     loss = keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
     logs = compile_and_fit(
-        top, data, cfg.epochs,
-        keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=cfg.ema),
+        top, data, cfg.epochs, top_optimizer(cfg, len(data), use_ema=cfg.ema),
         [loss, keras.losses.SparseCategoricalCrossentropy()] if classes else loss,
         verbose=verbose, loss_weights=[1.0, cfg.auxiliary_weight] if classes else None)
     if classes:  # the score alone is kept
@@ -233,12 +229,12 @@ def lever_fit_score(cfg: LeverConfig, plain: np.ndarray, mirrored: np.ndarray, y
 # --- what the lever scripts share ---------------------------------------------------------
 
 
-def load_pool(labels_csv: str | Path, site_column: str, machine_column: str, cache: Path,
-              preprocess: PreprocessSettings) -> tuple[np.ndarray, PanelData]:
-    """The pool's images (uint8, preprocessed once and cached) and their panel data."""
-    samples = [s for s in discover(labels_csv) if s.split != "test"]
-    x, samples = cached_arrays(samples, preprocess, cache)
-    return x, PanelData.from_csv(labels_csv, samples, site_column, machine_column)
+def fits_done(path: Path) -> set[tuple[str, int]]:
+    """(lever, seed) of the fits already appended to ``path`` (JSON lines), so that a rerun
+    skips them; none when there is no such file."""
+    if not path.is_file():
+        return set()
+    return {(r["lever"], r["seed"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
 def summary(path: Path) -> str:

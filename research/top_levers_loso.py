@@ -33,13 +33,14 @@ sys.path.insert(0, str(REPO))
 from research.top_levers import (  # noqa: E402
     LeverConfig,
     auxiliary_codes,
+    fits_done,
     intensity_view_maps,
     lever_fit_score,
-    load_pool,
     summary,
 )
 from trainer.dataset import read_columns  # noqa: E402
 from trainer.panel import leave_one_site_out  # noqa: E402
+from trainer.panel_recipes import load_pool  # noqa: E402
 from trainer.top import build_front, cached_maps  # noqa: E402
 from worker.imaging.preprocess import PreprocessSettings  # noqa: E402
 
@@ -108,9 +109,7 @@ def main() -> None:
     views = (intensity_view_maps(front, x, replace(BASE, intensity_views=most_views), a.cache,
                                  tag=tag) if most_views else [])
 
-    done = set()
-    if a.out.is_file():
-        done = {(r["lever"], r["seed"]) for r in map(json.loads, a.out.read_text().splitlines())}
+    done = fits_done(a.out)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         cfg = LEVERS[name]

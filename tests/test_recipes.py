@@ -29,6 +29,10 @@ def test_train_config_fills_in_each_recipes_defaults() -> None:
     for recipe in RECIPES.values():
         cfg = TrainConfig("labels.csv", "run", arch=recipe.name)
         assert cfg.size == recipe.size
+        assert cfg.trainable_blocks == recipe.trainable_blocks
+        # TrainConfig takes a recipe's trainable_blocks as they are: only those taking
+        # the option may train any.
+        assert recipe.trainable_blocks == 0 or "trainable_blocks" in recipe.options
         assert cfg.resolved() == (recipe.epochs, recipe.batch_size, recipe.lr)
     top = TrainConfig("labels.csv", "run")
     assert (top.size, top.trainable_blocks, top.resolved()) == (384, 1, (6, 32, 1e-3))

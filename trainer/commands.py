@@ -282,13 +282,15 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
 
     from trainer.dataset import DatasetError
     from trainer.panel import format_panel, run_panel
-    from trainer.panel_recipes import OptionError, network_panel, probe_panel
+    from trainer.panel_recipes import network_panel, probe_panel
 
     if bool(feature_files) == bool(finetune_arch):
         raise click.UsageError("give either --features (a probe) or --finetune (a network)")
     if members != 1 and (finetune_arch is None
                          or "members" not in PANEL_RECIPES[finetune_arch][0].options):
         raise click.UsageError(f"--members is for --finetune {TOP.name}")
+    if finetune_arch and machine_balanced and not machine_column:
+        raise click.UsageError("--machine-balanced needs --machine-column")
     try:
         if feature_files:
             data, fit_score, recipe = probe_panel(source, feature_files, site_column,
@@ -301,8 +303,6 @@ def panel(source: Path, feature_files: tuple[Path, ...], finetune_arch: str | No
                 log=out.with_suffix(".fits.jsonl") if out else None, epochs=epochs, lr=lr,
                 trainable_blocks=trainable_blocks, members=members,
                 intensity_augment=intensity_augment, bf16=bf16)
-    except OptionError as exc:
-        raise click.UsageError(str(exc)) from exc
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
     label = name or (finetune_arch or "+".join(f.stem for f in feature_files))

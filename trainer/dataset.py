@@ -266,6 +266,13 @@ def split_by_patient(
     return train, val
 
 
+def source_folder(source: str | Path) -> Path:
+    """The folder a labelled source's file names are relative to: a labels CSV's own folder,
+    or the folder itself."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
+
+
 def read_predictions(csv_path: str | Path, base: str | Path) -> list[Sample]:
     """The labelled images of a run's ``val_predictions.csv`` (file names relative to
     ``base``, the training source's folder), in file order; [] when there is no such file."""

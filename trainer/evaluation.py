@@ -20,8 +20,9 @@ from worker.audit.metrics import (
     threshold_for_recall_rate,
     threshold_for_sensitivity,
 )
+from worker.scoring.model_metadata import AGGREGATION_RULES
 
-RULES = ("mean", "max")  # worker.scoring.model_metadata.AGGREGATION_RULES, in order of preference
+RULES = AGGREGATION_RULES  # the worker's, in order of preference
 SENSITIVITY_POINTS = (0.80, 0.90, 0.95)
 RECALL_RATE_POINTS = (0.10,)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,11 +16,10 @@ from trainer.dataset import DatasetError, discover
 from trainer.panel import FitScore, PanelData
 from trainer.recipes import PANEL_RECIPES, TOP
 
+if TYPE_CHECKING:
+    from worker.imaging.preprocess import PreprocessSettings
+
 Judged = tuple[PanelData, FitScore, dict[str, Any]]
-
-
-class OptionError(ValueError):
-    """Options that do not go together (the CLI's usage error)."""
 
 
 def probe_panel(source: Path, feature_files: Sequence[Path], site_column: str | None,
@@ -43,6 +42,17 @@ def probe_panel(source: Path, feature_files: Sequence[Path], site_column: str | 
     return data, fit_score, recipe
 
 
+def load_pool(source: str | Path, site_column: str | None, machine_column: str | None,
+              cache: Path, preprocess: PreprocessSettings) -> tuple[np.ndarray, PanelData]:
+    """The pool's images (uint8, preprocessed once and cached; the test split left out) and
+    their panel data."""
+    from trainer.arrays import cached_arrays
+
+    samples = [s for s in discover(source) if s.split != "test"]
+    x, samples = cached_arrays(samples, preprocess, cache)
+    return x, PanelData.from_csv(source, samples, site_column, machine_column)
+
+
 def network_panel(source: Path, name: str, *, size: int, intensity: str, cache: Path,
                   site_column: str | None, machine_column: str | None,
                   machine_balanced: bool, tta: bool, log: Path | None,
@@ -52,16 +62,11 @@ def network_panel(source: Path, name: str, *, size: int, intensity: str, cache: 
     """The network recipe ``name`` (a key of :data:`~trainer.recipes.PANEL_RECIPES`) on the
     pool's images, preprocessed once (cached in ``cache``); each fit's test scores appended
     to ``log``. ``epochs`` and ``lr`` None: the recipe's own."""
-    from trainer.arrays import cached_arrays
     from worker.imaging.preprocess import PreprocessSettings
 
     recipe, network = PANEL_RECIPES[name]
     preprocess = PreprocessSettings(size=size, intensity=intensity)
-    samples = [s for s in discover(source) if s.split != "test"]
-    x, samples = cached_arrays(samples, preprocess, cache)
-    if machine_balanced and not machine_column:
-        raise OptionError("--machine-balanced needs --machine-column")
-    data = PanelData.from_csv(source, samples, site_column, machine_column)
+    x, data = load_pool(source, site_column, machine_column, cache, preprocess)
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
     given = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}

@@ -1,5 +1,5 @@
 """The training recipes, each named once: what `screen train --arch` offers, what
-:class:`trainer.train.TrainConfig` defaults and checks, which builder fits it, and what
+:class:`trainer.train_config.TrainConfig` defaults and checks, which builder fits it, and what
 `screen panel --finetune` can judge.
 
 Standard library only: `screen --help` reads the choices from here without Keras. A
@@ -71,6 +71,7 @@ SHIPPED = TOP
 # FinetuneConfig arch; None: the recipe has one network).
 PANEL_RECIPES: dict[str, tuple[Recipe, str | None]] = {
     "lite0": (FINETUNE, "lite0"), "cnn": (FINETUNE, "cnn"), TOP.name: (TOP, None)}
+
 
 def recipe(name: str) -> Recipe:
     """The recipe called ``name``; ValueError naming the others when there is none."""

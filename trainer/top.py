@@ -274,12 +274,19 @@ def fit_member(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np
     top = build_top(cfg, plain.shape[1:], seed=seed, name=name)
     data = MapBatches([plain, mirrored], rows, y, balanced_sample_weights(y, sample_weight),
                       cfg.batch_size, seed)
-    schedule = cosine_schedule(cfg.lr, cfg.epochs * len(data), warmup_fraction=0.1,
-                               alpha=0.01)
-    logs = compile_and_fit(top, data, cfg.epochs,
-                           keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+    logs = compile_and_fit(top, data, cfg.epochs, top_optimizer(cfg, len(data)),
                            keras.losses.BinaryCrossentropy(), verbose=verbose)
     return top, logs
+
+
+def top_optimizer(cfg: TopConfig, steps_per_epoch: int, use_ema: bool = False
+                  ) -> keras.optimizers.Optimizer:
+    """The recipe's optimiser over ``cfg.epochs`` of ``steps_per_epoch``: AdamW, cosine decay
+    of ``cfg.lr`` after a 10% warm-up (``use_ema``: keep an exponential moving average of the
+    weights, which is what scores)."""
+    schedule = cosine_schedule(cfg.lr, cfg.epochs * steps_per_epoch, warmup_fraction=0.1,
+                               alpha=0.01)
+    return keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=use_ema)
 
 
 def fit(cfg: TopConfig, plain: np.ndarray, mirrored: np.ndarray, rows: np.ndarray,

@@ -38,6 +38,7 @@ from trainer.dataset import (
     discover,
     limit_samples,
     read_columns,
+    source_folder,
     split_by_patient,
     split_strategy,
 )
@@ -69,6 +70,8 @@ from worker.audit.metrics import summary
 from worker.imaging.preprocess import PreprocessSettings
 
 BEST_MODEL = "best.keras"
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -207,12 +210,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     threshold = chosen["threshold"]
 
     # 5. The record.
-    src = Path(cfg.source)
-    base = src.parent if src.is_file() else src
+    base = source_folder(cfg.source)
     metrics: dict[str, Any] = {
-        **{k: v for k, v in chosen.items() if k != "validation"},
+        **chosen,
         "preprocess": asdict(settings),
-        "validation": chosen["validation"],
         "best_epoch": fitted.best_epoch,
         "epochs_run": len({int(row["epoch"]) for row in fitted.history}),
         "split": {

@@ -57,9 +57,8 @@ class TrainConfig:
             raise ValueError("--machine-balanced-by is for --arch "
                              + " and ".join(taking("machine_column")))
         self.size = self.size or own.size
-        if self.trainable_blocks is None and "trainable_blocks" in own.options:
+        if self.trainable_blocks is None:  # recipes without the option have 0
             self.trainable_blocks = own.trainable_blocks
-        self.trainable_blocks = self.trainable_blocks or 0
 
     @property
     def recipe(self) -> Recipe:
